@@ -42,9 +42,7 @@ def rest_expiry(username: str) -> int | None:
     return None
 
 
-def mint_credentials(
-    secret: str | bytes, user_id: str, ttl: int, now: float
-) -> tuple[str, str]:
+def mint_credentials(secret: str | bytes, user_id: str, ttl: int, now: float) -> tuple[str, str]:
     """Mint ``(username, password)`` valid for ``ttl`` seconds from ``now``."""
     username = f"{int(now) + ttl}:{user_id}" if user_id else str(int(now) + ttl)
     return username, rest_password(secret, username)

@@ -92,8 +92,9 @@ def _encode_type(method: int, message_class: int) -> int:
 
 
 def _decode_type(message_type: int) -> tuple[int, MessageClass]:
-    method = (message_type & 0x000F) | ((message_type & 0x00E0) >> 1) | ((message_type & 0x3E00) >> 2)
-    klass = ((message_type & 0x0010) >> 4) | ((message_type & 0x0100) >> 7)
+    t = message_type
+    method = (t & 0x000F) | ((t & 0x00E0) >> 1) | ((t & 0x3E00) >> 2)
+    klass = ((t & 0x0010) >> 4) | ((t & 0x0100) >> 7)
     return method, MessageClass(klass)
 
 
