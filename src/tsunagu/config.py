@@ -1,0 +1,650 @@
+"""Server configuration: one frozen :class:`Config`, read from a TOML file and flags.
+
+Every field can be set in a TOML file given with ``-c/--config`` (keys are the field names;
+dashes and underscores are interchangeable) and with a command-line flag named after the
+field. Flags win over the file; a repeatable flag given on the command line replaces the
+file's list for that field rather than extending it, so the command line always shows the
+whole effective value. Long option names follow coturn where coturn has the option.
+
+Everything is validated up front: a bad key, type or value raises :class:`ConfigError`, whose
+message is one line naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import ipaddress
+import math
+import re
+import sys
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, NoReturn, TypeVar
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "IPAddress",
+    "build_parser",
+    "config_from_args",
+    "load_config",
+    "parse_alternate_server",
+    "parse_config",
+    "parse_external_ip",
+    "parse_ip_range",
+    "parse_user",
+]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_T = TypeVar("_T")
+_Check = Callable[[str, Any], Any]
+
+
+class ConfigError(ValueError):
+    """An invalid configuration. ``str()`` is a single line naming the offending key."""
+
+    def __init__(self, message: str) -> None:
+        # The CLI prints this verbatim as the only line of output; keep it one line whatever
+        # the offending value contained.
+        super().__init__(" ".join(message.split()))
+
+
+def _fail(key: str, requirement: str, value: Any = None, *, show: bool = True) -> NoReturn:
+    got = f", got {value!r}" if show else ""
+    raise ConfigError(f"config: {key}: {requirement}{got}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Value parsers, public so that the runtime interprets the strings exactly as validated here.
+# ---------------------------------------------------------------------------------------------
+
+
+def _ip(text: str) -> IPAddress:
+    return ipaddress.ip_address(text.strip())
+
+
+def parse_ip_range(text: str) -> tuple[IPAddress, IPAddress]:
+    """Parse ``"ip"``, ``"cidr"`` or ``"ip1-ip2"`` into an inclusive ``(first, last)`` pair.
+
+    Raises ValueError for anything else, for a CIDR with host bits set, for a range whose
+    ends differ in family, and for a range that runs backwards.
+    """
+    text = text.strip()
+    if "/" in text:
+        try:
+            net = ipaddress.ip_network(text, strict=True)
+        except ValueError as exc:
+            if "host bits set" in str(exc):
+                loose = ipaddress.ip_network(text, strict=False)
+                raise ValueError(f"{text!r} has host bits set; did you mean {loose}?") from None
+            raise
+        return net[0], net[-1]
+    if "-" in text:
+        low_text, _, high_text = text.partition("-")
+        low, high = _ip(low_text), _ip(high_text)
+        if low.version != high.version:
+            raise ValueError(f"{text!r} mixes IPv4 and IPv6")
+        if int(low) > int(high):
+            raise ValueError(f"{text!r} runs backwards")
+        return low, high
+    address = _ip(text)
+    return address, address
+
+
+def parse_external_ip(text: str) -> tuple[IPAddress, IPAddress | None]:
+    """Parse ``"public"`` or ``"public/private"`` (same family) into ``(public, private)``."""
+    public_text, sep, private_text = text.strip().partition("/")
+    public = _ip(public_text)
+    private = _ip(private_text) if sep else None
+    if private is not None and private.version != public.version:
+        raise ValueError(f"{text!r} maps between IPv4 and IPv6")
+    if public.is_unspecified or (private is not None and private.is_unspecified):
+        raise ValueError(f"{text!r} uses a wildcard address")
+    return public, private
+
+
+def parse_alternate_server(text: str) -> tuple[IPAddress, int]:
+    """Parse ``"ip:port"`` (IPv4) or ``"[ipv6]:port"`` into ``(address, port)``."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"{text!r} is not [ipv6]:port")
+        address = _ip(host)
+        if address.version != 6:
+            raise ValueError(f"{text!r}: brackets are for IPv6 addresses")
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"{text!r} has no port")
+        address = _ip(host)
+        if address.version != 4:
+            raise ValueError(f"{text!r}: write IPv6 addresses as [ipv6]:port")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{text!r} has no valid port")
+    if address.is_unspecified:
+        raise ValueError(f"{text!r} uses a wildcard address")
+    return address, int(port_text)
+
+
+def parse_user(text: str) -> tuple[str, str]:
+    """Split a static user entry ``"name:password"`` at the first colon."""
+    name, sep, password = text.partition(":")
+    if not sep or not name or not password:
+        raise ValueError("expected name:password")
+    return name, password
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-field checks. Each takes (key, value) and returns the normalised value or calls _fail.
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_int(low: int, high: int | None = None, note: str = "") -> _Check:
+    allowed = f"an integer {low}-{high}" if high is not None else f"an integer >= {low}"
+    allowed += note
+
+    def check(key: str, value: Any) -> int:
+        if type(value) is not int or value < low or (high is not None and value > high):
+            _fail(key, f"must be {allowed}", value)
+        return value
+
+    return check
+
+
+def _check_float(low: float, *, inclusive: bool) -> _Check:
+    allowed = f"a number {'>=' if inclusive else '>'} {low:g}"
+
+    def check(key: str, value: Any) -> float:
+        if type(value) not in (int, float) or not math.isfinite(value):
+            _fail(key, f"must be {allowed}", value)
+        if value < low or (value == low and not inclusive):
+            _fail(key, f"must be {allowed}", value)
+        return float(value)
+
+    return check
+
+
+def _check_bool(key: str, value: Any) -> bool:
+    if type(value) is not bool:
+        _fail(key, "must be true or false", value)
+    return value
+
+
+def _check_text(max_chars: int | None = None, *, secret: bool = False) -> _Check:
+    allowed = "a non-empty string without control characters"
+    if max_chars is not None:
+        allowed += f", at most {max_chars} characters"
+
+    def check(key: str, value: Any) -> str:
+        if (
+            not isinstance(value, str)
+            or not value
+            or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value)
+            or (max_chars is not None and len(value) > max_chars)
+        ):
+            _fail(key, f"must be {allowed}", value, show=not secret)
+        return value
+
+    return check
+
+
+def _optional(check: _Check) -> _Check:
+    def optional(key: str, value: Any) -> Any:
+        return None if value is None else check(key, value)
+
+    return optional
+
+
+def _check_choice(*choices: str) -> _Check:
+    def check(key: str, value: Any) -> str:
+        if value not in choices:
+            _fail(key, "must be one of " + ", ".join(repr(c) for c in choices), value)
+        return str(value)
+
+    return check
+
+
+def _check_ip(*, wildcard: bool) -> _Check:
+    def check(key: str, value: Any) -> str:
+        try:
+            address = _ip(value)
+        except (ValueError, AttributeError):
+            _fail(key, "must be an IPv4 or IPv6 address", value)
+        if address.is_unspecified and not wildcard:
+            _fail(key, "must be a specific address, not a wildcard", value)
+        return str(address)
+
+    return check
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
+
+
+def _check_host(key: str, value: Any) -> str:
+    if isinstance(value, str):
+        bare = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+        try:
+            return str(_ip(bare))
+        except ValueError:
+            pass
+        labels = value.split(".")
+        if len(value) <= 253 and all(_HOST_LABEL.match(label) for label in labels):
+            return value
+    _fail(key, "must be an IP address or a DNS host name", value)
+
+
+def _check_each(item: _Check, *, what: str, secret: bool = False) -> _Check:
+    """Validate a list of strings item by item; a single string is taken as a one-item list."""
+
+    def check(key: str, value: Any) -> tuple[str, ...]:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            _fail(key, f"must be a list of strings ({what})", value, show=not secret)
+        out: list[str] = []
+        for entry in value:
+            normalised = item(key, entry)
+            if normalised not in out:
+                out.append(normalised)
+        return tuple(out)
+
+    return check
+
+
+def _entry(parse: Callable[[str], Any], what: str) -> _Check:
+    def check(key: str, value: str) -> str:
+        try:
+            parse(value)
+        except ValueError as exc:
+            _fail(key, f"each entry must be {what} ({exc})", value, show=False)
+        return value.strip()
+
+    return check
+
+
+def _ip_entry(*, wildcard: bool) -> _Check:
+    single = _check_ip(wildcard=wildcard)
+
+    def check(key: str, value: str) -> str:
+        return str(single(key, value))
+
+    return check
+
+
+def _range_entry(key: str, value: str) -> str:
+    try:
+        first, last = parse_ip_range(value)
+    except ValueError as exc:
+        _fail(key, f"each entry must be an IP, a CIDR network or ip1-ip2 ({exc})", show=False)
+    if "/" in value:
+        return str(ipaddress.ip_network(value.strip()))
+    return str(first) if first == last and "-" not in value else f"{first}-{last}"
+
+
+def _user_entry(key: str, value: str) -> str:
+    try:
+        name, _ = parse_user(value)
+    except ValueError:
+        # Never echo the entry: it holds a password.
+        _fail(key, "each entry must be name:password with both parts non-empty", show=False)
+    _check_text(508)(key, name)
+    return value
+
+
+def _secret_entry(key: str, value: str) -> str:
+    return str(_check_text(secret=True)(key, value))
+
+
+# ---------------------------------------------------------------------------------------------
+# The configuration itself.
+# ---------------------------------------------------------------------------------------------
+
+
+def _opt(
+    default: _T,
+    check: _Check,
+    help: str,
+    *,
+    short: str | None = None,
+    flag: str | None = None,
+    metavar: str | None = None,
+) -> _T:
+    meta = {"check": check, "help": help, "short": short, "flag": flag, "metavar": metavar}
+    return field(default=default, metadata=meta)
+
+
+_PORT = _check_int(1, 65535)
+_POSITIVE = _check_int(1)
+_QUOTA = _check_int(0, note=" (0 = unlimited)")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Effective server configuration. Build it with :func:`load_config` or :func:`parse_config`."""
+
+    listening_ips: tuple[str, ...] = _opt(
+        (),
+        _check_each(_ip_entry(wildcard=True), what="IP addresses"),
+        "address to listen on for STUN/TURN (repeatable; default: all IPv4 and IPv6)",
+        short="-L",
+        flag="--listening-ip",
+        metavar="IP",
+    )
+    listening_port: int = _opt(3478, _PORT, "STUN/TURN port for UDP and TCP", short="-p")
+    tls_listening_port: int = _opt(5349, _PORT, "STUN/TURN port for TLS")
+    relay_ips: tuple[str, ...] = _opt(
+        (),
+        _check_each(_ip_entry(wildcard=False), what="IP addresses"),
+        "address to open relayed transport addresses on (repeatable; default: the listening "
+        "address the client came in on)",
+        short="-E",
+        flag="--relay-ip",
+        metavar="IP",
+    )
+    external_ips: tuple[str, ...] = _opt(
+        (),
+        _check_each(_entry(parse_external_ip, "public or public/private"), what="public[/private]"),
+        "public address to advertise, or public/private mapping behind a 1:1 NAT (repeatable)",
+        short="-X",
+        flag="--external-ip",
+        metavar="PUBLIC[/PRIVATE]",
+    )
+    min_port: int = _opt(49152, _PORT, "lowest relay port")
+    max_port: int = _opt(65535, _PORT, "highest relay port")
+    realm: str = _opt(
+        "tsunagu",
+        _check_text(127),
+        "realm of the long-term credentials",
+        short="-r",
+        metavar="REALM",
+    )
+    users: tuple[str, ...] = _opt(
+        (),
+        _check_each(_user_entry, what="name:password", secret=True),
+        "static long-term user (repeatable)",
+        short="-u",
+        flag="--user",
+        metavar="NAME:PASSWORD",
+    )
+    use_auth_secret: bool = _opt(False, _check_bool, "accept TURN REST API credentials")
+    static_auth_secrets: tuple[str, ...] = _opt(
+        (),
+        _check_each(_secret_entry, what="secrets", secret=True),
+        "shared secret for TURN REST API credentials (repeatable, to rotate secrets)",
+        flag="--static-auth-secret",
+        metavar="SECRET",
+    )
+    rest_check_on_refresh: bool = _opt(
+        True, _check_bool, "refuse a Refresh once the REST credential has expired"
+    )
+    allowed_peer_ips: tuple[str, ...] = _opt(
+        (),
+        _check_each(_range_entry, what="ip, cidr or ip1-ip2"),
+        "peer addresses to allow even if denied by default (repeatable: ip, cidr, ip1-ip2)",
+        flag="--allowed-peer-ip",
+        metavar="RANGE",
+    )
+    denied_peer_ips: tuple[str, ...] = _opt(
+        (),
+        _check_each(_range_entry, what="ip, cidr or ip1-ip2"),
+        "additional peer addresses to deny (repeatable: ip, cidr, ip1-ip2)",
+        flag="--denied-peer-ip",
+        metavar="RANGE",
+    )
+    cert: str | None = _opt(
+        None,
+        _optional(_check_text()),
+        "PEM certificate (chain) for TLS; default: a generated self-signed one",
+        metavar="FILE",
+    )
+    pkey: str | None = _opt(
+        None,
+        _optional(_check_text()),
+        "PEM private key for --cert; default: the key inside the --cert file",
+        metavar="FILE",
+    )
+    stun_only: bool = _opt(False, _check_bool, "answer STUN only, no TURN", short="-S")
+    no_stun: bool = _opt(False, _check_bool, "answer TURN only, no plain STUN Binding")
+    no_udp: bool = _opt(False, _check_bool, "do not listen on UDP")
+    no_tcp: bool = _opt(False, _check_bool, "do not listen on plain TCP")
+    no_tls: bool = _opt(False, _check_bool, "do not listen on TLS")
+    user_quota: int = _opt(0, _QUOTA, "allocations per user")
+    total_quota: int = _opt(0, _QUOTA, "allocations in total")
+    max_allocate_lifetime: int = _opt(3600, _POSITIVE, "longest allocation lifetime, seconds")
+    channel_lifetime: int = _opt(600, _POSITIVE, "channel binding lifetime, seconds")
+    permission_lifetime: int = _opt(300, _POSITIVE, "permission lifetime, seconds")
+    stale_nonce: int = _opt(600, _POSITIVE, "seconds before a nonce goes stale")
+    software_attribute: bool = _opt(
+        False, _check_bool, "send a SOFTWARE attribute (off: it tells attackers the version)"
+    )
+    stun_backward_compatibility: bool = _opt(
+        False, _check_bool, "also send MAPPED-ADDRESS for RFC 3489 clients"
+    )
+    alternate_servers: tuple[str, ...] = _opt(
+        (),
+        _check_each(_entry(parse_alternate_server, "ip:port or [ipv6]:port"), what="ip:port"),
+        "server to redirect Allocate requests to (repeatable: ip:port or [ipv6]:port)",
+        flag="--alternate-server",
+        metavar="ADDR",
+    )
+    unauth_rate: float = _opt(
+        20.0, _check_float(0, inclusive=False), "401 responses per second per source IP"
+    )
+    drain_timeout: float = _opt(
+        30.0, _check_float(0, inclusive=True), "seconds to let allocations drain on shutdown"
+    )
+    log_file: str | None = _opt(
+        None, _optional(_check_text()), "log to FILE instead of stderr", short="-l", metavar="FILE"
+    )
+    verbose: bool = _opt(False, _check_bool, "log more", short="-v")
+    no_turn: bool = _opt(False, _check_bool, "do not run the STUN/TURN listeners")
+    no_web: bool = _opt(False, _check_bool, "do not serve signaling and the web page")
+    web_ip: str = _opt(
+        "127.0.0.1", _check_ip(wildcard=True), "address of the web server", metavar="IP"
+    )
+    web_port: int = _opt(8080, _PORT, "port of the web server")
+    public_host: str | None = _opt(
+        None,
+        _optional(_check_host),
+        "host name or IP put into the TURN URIs handed to browsers (default: first external "
+        "IP, else first specific listening IP, else the host the browser used)",
+        metavar="HOST",
+    )
+    ice_transport_policy: str = _opt(
+        "all",
+        _check_choice("all", "relay"),
+        "ICE transport policy for the web app",
+        metavar="{all,relay}",
+    )
+    room_capacity: int = _opt(8, _POSITIVE, "people per room")
+    credential_ttl: int = _opt(
+        86400, _POSITIVE, "lifetime of minted TURN REST credentials, seconds"
+    )
+    workers: int = _opt(1, _POSITIVE, "worker processes")
+
+    def __repr__(self) -> str:
+        # A Config ends up in logs and tracebacks; passwords and secrets must not.
+        parts = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in _SECRET_FIELDS and value:
+                parts.append(f"{f.name}=<{len(value)} redacted>")
+            else:
+                parts.append(f"{f.name}={value!r}")
+        return f"Config({', '.join(parts)})"
+
+
+_SECRET_FIELDS = frozenset({"users", "static_auth_secrets"})
+
+
+_FIELDS = {f.name: f for f in fields(Config)}
+
+
+def _cross_check(values: dict[str, Any]) -> None:
+    """Rules that involve more than one field; each error names the field to change."""
+    if values["min_port"] > values["max_port"]:
+        _fail(
+            "max_port",
+            f"must be an integer 1-65535 and >= min_port ({values['min_port']})",
+            values["max_port"],
+        )
+    if values["pkey"] is not None and values["cert"] is None:
+        _fail("pkey", "needs cert as well", values["pkey"])
+    if values["use_auth_secret"] and not values["static_auth_secrets"]:
+        _fail("static_auth_secrets", "at least one secret is needed with use_auth_secret", ())
+    if values["stun_only"] and values["no_stun"]:
+        _fail("no_stun", "cannot be combined with stun_only (nothing would be answered)", True)
+    if not values["no_turn"] and values["no_udp"] and values["no_tcp"] and values["no_tls"]:
+        _fail("no_tls", "with no_udp and no_tcp leaves no STUN/TURN listener; use no_turn", True)
+    if values["no_turn"] and values["no_web"]:
+        _fail("no_web", "with no_turn leaves nothing to serve", True)
+    names = [parse_user(entry)[0] for entry in values["users"]]
+    for name in names:
+        if names.count(name) > 1:
+            _fail("users", "each user name may appear only once", name)
+    wild = {v for v in values["listening_ips"] if ipaddress.ip_address(v).is_unspecified}
+    for address in values["listening_ips"]:
+        version = ipaddress.ip_address(address).version
+        if address not in wild and any(ipaddress.ip_address(w).version == version for w in wild):
+            _fail(
+                "listening_ips",
+                "a wildcard address already covers every address of its family",
+                address,
+            )
+
+
+def _normalise_keys(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for raw_key, value in mapping.items():
+        if not isinstance(raw_key, str):
+            raise ConfigError(f"config: {raw_key!r}: keys must be strings")
+        key = raw_key.replace("-", "_")
+        if key not in _FIELDS:
+            close = difflib.get_close_matches(key, list(_FIELDS), n=3, cutoff=0.6)
+            hint = f" (did you mean: {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"config: {raw_key}: unknown key{hint}")
+        if key in out:
+            raise ConfigError(f"config: {key}: given twice (with dashes and with underscores)")
+        out[key] = value
+    return out
+
+
+def parse_config(mapping: Mapping[str, Any]) -> Config:
+    """Validate ``mapping`` (field name -> value, as TOML would give it) into a Config.
+
+    Missing keys take their defaults. Lists may be given as lists or tuples, or a single string
+    for a one-item list.
+    """
+    given = _normalise_keys(mapping)
+    values: dict[str, Any] = {}
+    for name, f in _FIELDS.items():
+        check: _Check = f.metadata["check"]
+        values[name] = check(name, given[name]) if name in given else f.default
+    _cross_check(values)
+    return Config(**values)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+# ---------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that reports usage errors as ConfigError instead of exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"config: {message} (see {self.prog} --help)")
+
+
+def _flag_name(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def build_parser(prog: str | None = None, *, add_help: bool = True) -> argparse.ArgumentParser:
+    """The argument parser for all configuration flags plus ``-c/--config FILE``.
+
+    Only options actually given appear in the parsed namespace, so that absent flags do not
+    override the file. Usage errors raise ConfigError.
+    """
+    parser = _Parser(
+        prog=prog,
+        add_help=add_help,
+        allow_abbrev=False,
+        description="Options may also be set in a TOML file given with -c; flags win.",
+    )
+    parser.add_argument("-c", "--config", metavar="FILE", help="TOML configuration file")
+    for name, f in _FIELDS.items():
+        meta = f.metadata
+        names = [meta["short"]] if meta["short"] else []
+        names.append(meta["flag"] or _flag_name(name))
+        default = f.default
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
+        if isinstance(default, bool):
+            if name.startswith("no_"):
+                # "--no-no-stun" would be absurd; these stay one-way switches.
+                kwargs["action"] = "store_true"
+            else:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            shown = "on" if default else "off"
+        elif isinstance(default, tuple):
+            kwargs["action"] = "append"
+            kwargs["metavar"] = meta["metavar"] or "VALUE"
+            shown = "none"
+        else:
+            kwargs["metavar"] = meta["metavar"] or (
+                "N" if isinstance(default, int | float) else "X"
+            )
+            shown = "none" if default is None else str(default)
+        text = meta["help"]
+        kwargs["help"] = text if "default:" in text else f"{text} (default: {shown})"
+        parser.add_argument(*names, **kwargs)
+    return parser
+
+
+def _from_flag(name: str, raw: Any) -> Any:
+    """Convert a flag's string to the field's type; the field check reports what is wrong."""
+    default = _FIELDS[name].default
+    if isinstance(raw, str) and not isinstance(default, bool):
+        try:
+            if isinstance(default, int):
+                return int(raw, 10)
+            if isinstance(default, float):
+                return float(raw)
+        except ValueError:
+            return raw
+    return raw
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"config: {path}: cannot read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config: {path}: invalid TOML: {exc}") from None
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Build a Config from a namespace parsed by :func:`build_parser` (file first, flags win).
+
+    Attributes that are not configuration fields (a subcommand name, say) are ignored.
+    """
+    given = vars(args)
+    merged: dict[str, Any] = {}
+    if given.get("config") is not None:
+        merged.update(_normalise_keys(_read_file(given["config"])))
+    for name, raw in given.items():
+        if name in _FIELDS:
+            merged[name] = _from_flag(name, raw)
+    return parse_config(merged)
+
+
+def load_config(argv: Sequence[str] | None = None, *, prog: str = "tsunagu serve") -> Config:
+    """Parse ``argv`` (default ``sys.argv[1:]``): ``-c FILE`` plus flags, flags winning."""
+    args = build_parser(prog).parse_args(list(sys.argv[1:] if argv is None else argv))
+    return config_from_args(args)

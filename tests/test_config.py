@@ -1,0 +1,514 @@
+"""Configuration: defaults, file and flag sources, precedence, and validation errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tsunagu.config import (
+    Config,
+    ConfigError,
+    build_parser,
+    load_config,
+    parse_alternate_server,
+    parse_config,
+    parse_external_ip,
+    parse_ip_range,
+    parse_user,
+)
+
+CONTRACT_FIELDS = [
+    "listening_ips",
+    "listening_port",
+    "tls_listening_port",
+    "relay_ips",
+    "external_ips",
+    "min_port",
+    "max_port",
+    "realm",
+    "users",
+    "use_auth_secret",
+    "static_auth_secrets",
+    "rest_check_on_refresh",
+    "allowed_peer_ips",
+    "denied_peer_ips",
+    "cert",
+    "pkey",
+    "stun_only",
+    "no_stun",
+    "no_udp",
+    "no_tcp",
+    "no_tls",
+    "user_quota",
+    "total_quota",
+    "max_allocate_lifetime",
+    "channel_lifetime",
+    "permission_lifetime",
+    "stale_nonce",
+    "software_attribute",
+    "stun_backward_compatibility",
+    "alternate_servers",
+    "unauth_rate",
+    "drain_timeout",
+    "log_file",
+    "verbose",
+    "no_turn",
+    "no_web",
+    "web_ip",
+    "web_port",
+    "public_host",
+    "ice_transport_policy",
+    "room_capacity",
+    "credential_ttl",
+    "workers",
+]
+
+
+def write_toml(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "tsunagu.toml"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def config_error(call: Any, *args: Any) -> str:
+    with pytest.raises(ConfigError) as info:
+        call(*args)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("config: "), message
+    return message
+
+
+# --- shape and defaults ---------------------------------------------------------------------
+
+
+def test_fields_match_the_contract() -> None:
+    assert [f.name for f in dataclasses.fields(Config)] == CONTRACT_FIELDS
+
+
+def test_config_is_frozen_and_slotted() -> None:
+    config = Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.listening_port = 1  # type: ignore[misc]
+    assert not hasattr(config, "__dict__")
+    assert "listening_port" in Config.__slots__
+
+
+def test_defaults() -> None:
+    config = load_config([])
+    assert config == Config() == parse_config({})
+    assert config.listening_ips == ()
+    assert (config.listening_port, config.tls_listening_port) == (3478, 5349)
+    assert (config.min_port, config.max_port) == (49152, 65535)
+    assert config.realm == "tsunagu"
+    assert config.rest_check_on_refresh is True
+    assert config.software_attribute is False
+    assert config.unauth_rate == 20.0 and config.drain_timeout == 30.0
+    assert (config.web_ip, config.web_port) == ("127.0.0.1", 8080)
+    assert config.ice_transport_policy == "all"
+    assert (config.room_capacity, config.credential_ttl, config.workers) == (8, 86400, 1)
+
+
+# --- every field from both sources ----------------------------------------------------------
+
+# (field, TOML literal, flag arguments, expected value)
+EVERY_FIELD: list[tuple[str, str, list[str], Any]] = [
+    (
+        "listening_ips",
+        '["127.0.0.1", "::1"]',
+        ["-L", "127.0.0.1", "-L", "::1"],
+        ("127.0.0.1", "::1"),
+    ),
+    ("listening_port", "3479", ["-p", "3479"], 3479),
+    ("tls_listening_port", "5350", ["--tls-listening-port", "5350"], 5350),
+    ("relay_ips", '["192.0.2.7"]', ["-E", "192.0.2.7"], ("192.0.2.7",)),
+    (
+        "external_ips",
+        '["203.0.113.5/10.0.0.5"]',
+        ["-X", "203.0.113.5/10.0.0.5"],
+        ("203.0.113.5/10.0.0.5",),
+    ),
+    ("min_port", "50000", ["--min-port", "50000"], 50000),
+    ("max_port", "60000", ["--max-port", "60000"], 60000),
+    ("realm", '"example.org"', ["-r", "example.org"], "example.org"),
+    (
+        "users",
+        '["alice:pw1", "bob:p:w"]',
+        ["-u", "alice:pw1", "--user", "bob:p:w"],
+        ("alice:pw1", "bob:p:w"),
+    ),
+    (
+        "static_auth_secrets",
+        '["s1", "s2"]',
+        ["--static-auth-secret", "s1", "--static-auth-secret", "s2"],
+        ("s1", "s2"),
+    ),
+    ("rest_check_on_refresh", "false", ["--no-rest-check-on-refresh"], False),
+    ("allowed_peer_ips", '["10.1.2.3"]', ["--allowed-peer-ip", "10.1.2.3"], ("10.1.2.3",)),
+    (
+        "denied_peer_ips",
+        '["198.51.100.0/24", "192.0.2.1-192.0.2.9"]',
+        ["--denied-peer-ip", "198.51.100.0/24", "--denied-peer-ip", "192.0.2.1-192.0.2.9"],
+        ("198.51.100.0/24", "192.0.2.1-192.0.2.9"),
+    ),
+    (
+        "cert",
+        '"/etc/tsunagu/cert.pem"',
+        ["--cert", "/etc/tsunagu/cert.pem"],
+        "/etc/tsunagu/cert.pem",
+    ),
+    ("stun_only", "true", ["-S"], True),
+    ("no_stun", "true", ["--no-stun"], True),
+    ("no_udp", "true", ["--no-udp"], True),
+    ("no_tcp", "true", ["--no-tcp"], True),
+    ("no_tls", "true", ["--no-tls"], True),
+    ("user_quota", "5", ["--user-quota", "5"], 5),
+    ("total_quota", "100", ["--total-quota", "100"], 100),
+    ("max_allocate_lifetime", "1800", ["--max-allocate-lifetime", "1800"], 1800),
+    ("channel_lifetime", "700", ["--channel-lifetime", "700"], 700),
+    ("permission_lifetime", "400", ["--permission-lifetime", "400"], 400),
+    ("stale_nonce", "60", ["--stale-nonce", "60"], 60),
+    ("software_attribute", "true", ["--software-attribute"], True),
+    ("stun_backward_compatibility", "true", ["--stun-backward-compatibility"], True),
+    (
+        "alternate_servers",
+        '["192.0.2.1:3478", "[2001:db8::1]:3478"]',
+        ["--alternate-server", "192.0.2.1:3478", "--alternate-server", "[2001:db8::1]:3478"],
+        ("192.0.2.1:3478", "[2001:db8::1]:3478"),
+    ),
+    ("unauth_rate", "2.5", ["--unauth-rate", "2.5"], 2.5),
+    ("drain_timeout", "0", ["--drain-timeout", "0"], 0.0),
+    ("log_file", '"/var/log/tsunagu.log"', ["-l", "/var/log/tsunagu.log"], "/var/log/tsunagu.log"),
+    ("verbose", "true", ["-v"], True),
+    ("no_turn", "true", ["--no-turn"], True),
+    ("no_web", "true", ["--no-web"], True),
+    ("web_ip", '"0.0.0.0"', ["--web-ip", "0.0.0.0"], "0.0.0.0"),
+    ("web_port", "8443", ["--web-port", "8443"], 8443),
+    (
+        "public_host",
+        '"turn.example.org"',
+        ["--public-host", "turn.example.org"],
+        "turn.example.org",
+    ),
+    ("ice_transport_policy", '"relay"', ["--ice-transport-policy", "relay"], "relay"),
+    ("room_capacity", "4", ["--room-capacity", "4"], 4),
+    ("credential_ttl", "3600", ["--credential-ttl", "3600"], 3600),
+    ("workers", "2", ["--workers", "2"], 2),
+]
+
+
+def test_every_field_is_exercised() -> None:
+    covered = {row[0] for row in EVERY_FIELD} | {"use_auth_secret", "pkey"}
+    assert covered == set(CONTRACT_FIELDS)
+
+
+@pytest.mark.parametrize(("name", "toml_value", "flags", "expected"), EVERY_FIELD)
+def test_every_field_from_file_and_from_flags(
+    tmp_path: Path, name: str, toml_value: str, flags: list[str], expected: Any
+) -> None:
+    assert getattr(Config(), name) != expected, "pick a non-default value"
+    from_file = load_config(["-c", write_toml(tmp_path, f"{name} = {toml_value}\n")])
+    from_flags = load_config(flags)
+    assert getattr(from_file, name) == expected
+    assert getattr(from_flags, name) == expected
+    assert from_file == from_flags
+    assert type(getattr(from_flags, name)) is type(expected)
+
+
+def test_auth_secret_and_key_pair_from_file_and_flags(tmp_path: Path) -> None:
+    text = 'use-auth-secret = true\nstatic-auth-secrets = ["s"]\ncert = "c.pem"\npkey = "k.pem"\n'
+    from_file = load_config(["-c", write_toml(tmp_path, text)])
+    from_flags = load_config(
+        ["--use-auth-secret", "--static-auth-secret", "s", "--cert", "c.pem", "--pkey", "k.pem"]
+    )
+    assert from_file == from_flags
+    assert from_file.use_auth_secret is True and from_file.pkey == "k.pem"
+
+
+# --- precedence -----------------------------------------------------------------------------
+
+
+def test_flags_win_over_the_file(tmp_path: Path) -> None:
+    path = write_toml(
+        tmp_path,
+        'listening-port = 4000\nrealm = "file"\nverbose = true\n'
+        'listening_ips = ["127.0.0.1", "::1"]\nworkers = 3\n',
+    )
+    config = load_config(["-c", path, "-p", "4001", "--no-verbose", "-L", "127.0.0.2"])
+    assert config.listening_port == 4001
+    assert config.verbose is False
+    # A repeatable flag replaces the file's list instead of extending it.
+    assert config.listening_ips == ("127.0.0.2",)
+    # Untouched keys keep the file's values.
+    assert config.realm == "file" and config.workers == 3
+
+
+def test_file_may_switch_a_default_on_and_a_flag_back_off(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, "rest_check_on_refresh = false\n")
+    assert load_config(["-c", path]).rest_check_on_refresh is False
+    assert load_config(["-c", path, "--rest-check-on-refresh"]).rest_check_on_refresh is True
+
+
+def test_flag_order_is_kept_and_duplicates_dropped() -> None:
+    config = load_config(["-L", "::1", "-L", "127.0.0.1", "-L", "0:0::1"])
+    assert config.listening_ips == ("::1", "127.0.0.1")
+
+
+def test_single_string_is_a_one_item_list() -> None:
+    assert parse_config({"relay_ips": "192.0.2.1"}).relay_ips == ("192.0.2.1",)
+
+
+# --- normalisation and helpers --------------------------------------------------------------
+
+
+def test_addresses_are_normalised() -> None:
+    config = parse_config(
+        {
+            "listening_ips": ["2001:DB8:0:0::1"],
+            "denied_peer_ips": ["2001:db8:0::/32", " 10.0.0.1 - 10.0.0.5 ", "192.0.2.9"],
+            "public_host": "[2001:db8::7]",
+            "web_ip": "2001:DB8::A",
+        }
+    )
+    assert config.listening_ips == ("2001:db8::1",)
+    assert config.denied_peer_ips == ("2001:db8::/32", "10.0.0.1-10.0.0.5", "192.0.2.9")
+    assert config.public_host == "2001:db8::7"
+    assert config.web_ip == "2001:db8::a"
+
+
+def test_parse_ip_range_forms() -> None:
+    a = ipaddress.ip_address
+    assert parse_ip_range("10.0.0.0/8") == (a("10.0.0.0"), a("10.255.255.255"))
+    assert parse_ip_range("fe80::/10")[1] == a("febf:ffff:ffff:ffff:ffff:ffff:ffff:ffff")
+    assert parse_ip_range("1.2.3.4") == (a("1.2.3.4"), a("1.2.3.4"))
+    assert parse_ip_range("1.2.3.4-1.2.4.0") == (a("1.2.3.4"), a("1.2.4.0"))
+    for bad in ["1.2.3.4-::1", "1.2.3.9-1.2.3.1", "10.0.0.1/8", "10.0.0.0/33", "nope", ""]:
+        with pytest.raises(ValueError):
+            parse_ip_range(bad)
+
+
+def test_parse_external_ip_and_alternate_server() -> None:
+    a = ipaddress.ip_address
+    assert parse_external_ip("203.0.113.1") == (a("203.0.113.1"), None)
+    assert parse_external_ip("203.0.113.1/10.0.0.1") == (a("203.0.113.1"), a("10.0.0.1"))
+    assert parse_alternate_server("[::1]:3478") == (a("::1"), 3478)
+    assert parse_alternate_server("192.0.2.1:1") == (a("192.0.2.1"), 1)
+    assert parse_user("name:pass:word") == ("name", "pass:word")
+    for bad in ["::1:3478", "[192.0.2.1]:3478", "192.0.2.1", "192.0.2.1:0", "[::1]3478"]:
+        with pytest.raises(ValueError):
+            parse_alternate_server(bad)
+
+
+# --- rejections -----------------------------------------------------------------------------
+
+BAD_VALUES: list[tuple[dict[str, Any], str]] = [
+    ({"listening_port": 0}, "listening_port"),
+    ({"listening_port": 65536}, "listening_port"),
+    ({"listening_port": "3478"}, "listening_port"),
+    ({"listening_port": True}, "listening_port"),
+    ({"listening_port": 3478.0}, "listening_port"),
+    ({"tls_listening_port": -1}, "tls_listening_port"),
+    ({"web_port": 70000}, "web_port"),
+    ({"min_port": 0}, "min_port"),
+    ({"max_port": 70000}, "max_port"),
+    ({"min_port": 60000, "max_port": 50000}, "max_port"),
+    ({"listening_ips": ["localhost"]}, "listening_ips"),
+    ({"listening_ips": ["1.2.3"]}, "listening_ips"),
+    ({"listening_ips": [1]}, "listening_ips"),
+    ({"listening_ips": {"a": 1}}, "listening_ips"),
+    ({"listening_ips": ["0.0.0.0", "127.0.0.1"]}, "listening_ips"),
+    ({"relay_ips": ["0.0.0.0"]}, "relay_ips"),
+    ({"relay_ips": ["300.1.1.1"]}, "relay_ips"),
+    ({"web_ip": "example.org"}, "web_ip"),
+    ({"external_ips": ["203.0.113.1/fd00::1"]}, "external_ips"),
+    ({"external_ips": ["203.0.113.1/"]}, "external_ips"),
+    ({"external_ips": ["0.0.0.0"]}, "external_ips"),
+    ({"external_ips": ["host.example"]}, "external_ips"),
+    ({"allowed_peer_ips": ["10.0.0.1/8"]}, "allowed_peer_ips"),
+    ({"denied_peer_ips": ["10.0.0.9-10.0.0.1"]}, "denied_peer_ips"),
+    ({"denied_peer_ips": ["10.0.0.1-::1"]}, "denied_peer_ips"),
+    ({"denied_peer_ips": ["10.0.0.0/40"]}, "denied_peer_ips"),
+    ({"alternate_servers": ["192.0.2.1"]}, "alternate_servers"),
+    ({"alternate_servers": ["2001:db8::1:3478"]}, "alternate_servers"),
+    ({"ice_transport_policy": "public"}, "ice_transport_policy"),
+    ({"ice_transport_policy": "RELAY"}, "ice_transport_policy"),
+    ({"max_allocate_lifetime": 0}, "max_allocate_lifetime"),
+    ({"channel_lifetime": -5}, "channel_lifetime"),
+    ({"permission_lifetime": 0}, "permission_lifetime"),
+    ({"stale_nonce": 0}, "stale_nonce"),
+    ({"credential_ttl": 0}, "credential_ttl"),
+    ({"workers": 0}, "workers"),
+    ({"room_capacity": 0}, "room_capacity"),
+    ({"user_quota": -1}, "user_quota"),
+    ({"total_quota": "lots"}, "total_quota"),
+    ({"unauth_rate": 0}, "unauth_rate"),
+    ({"unauth_rate": float("inf")}, "unauth_rate"),
+    ({"drain_timeout": -1.0}, "drain_timeout"),
+    ({"drain_timeout": float("nan")}, "drain_timeout"),
+    ({"verbose": "yes"}, "verbose"),
+    ({"verbose": 1}, "verbose"),
+    ({"realm": ""}, "realm"),
+    ({"realm": "x" * 128}, "realm"),
+    ({"realm": "a\nb"}, "realm"),
+    ({"users": ["nopassword"]}, "users"),
+    ({"users": [":pw"]}, "users"),
+    ({"users": ["alice:a", "alice:b"]}, "users"),
+    ({"static_auth_secrets": [""]}, "static_auth_secrets"),
+    ({"use_auth_secret": True}, "static_auth_secrets"),
+    ({"pkey": "key.pem"}, "pkey"),
+    ({"cert": ""}, "cert"),
+    ({"log_file": 3}, "log_file"),
+    ({"public_host": "bad host"}, "public_host"),
+    ({"public_host": "-x.example"}, "public_host"),
+    ({"stun_only": True, "no_stun": True}, "no_stun"),
+    ({"no_udp": True, "no_tcp": True, "no_tls": True}, "no_tls"),
+    ({"no_turn": True, "no_web": True}, "no_web"),
+]
+
+
+@pytest.mark.parametrize(("mapping", "key"), BAD_VALUES)
+def test_bad_values_name_the_key(mapping: dict[str, Any], key: str) -> None:
+    message = config_error(parse_config, mapping)
+    assert message.startswith(f"config: {key}: "), message
+
+
+def test_message_says_what_is_allowed_and_what_was_given() -> None:
+    message = config_error(parse_config, {"max_port": 70000})
+    assert message == "config: max_port: must be an integer 1-65535, got 70000"
+    message = config_error(parse_config, {"min_port": 60000, "max_port": 50000})
+    assert (
+        message == "config: max_port: must be an integer 1-65535 and >= min_port (60000), got 50000"
+    )
+
+
+def test_cidr_with_host_bits_suggests_the_network() -> None:
+    message = config_error(parse_config, {"denied_peer_ips": ["10.0.0.1/8"]})
+    assert "10.0.0.0/8" in message
+
+
+def test_transport_switches_that_leave_something_running_are_fine() -> None:
+    assert (
+        parse_config({"no_udp": True, "no_tcp": True, "no_tls": True, "no_turn": True}).no_web
+        is False
+    )
+    assert parse_config({"stun_only": True, "no_udp": True}).stun_only is True
+
+
+def test_wildcards_of_both_families_together_are_fine() -> None:
+    config = parse_config({"listening_ips": ["0.0.0.0", "::"]})
+    assert config.listening_ips == ("0.0.0.0", "::")
+    assert parse_config({"listening_ips": ["0.0.0.0", "::1"]}).listening_ips == ("0.0.0.0", "::1")
+
+
+@pytest.mark.parametrize(
+    "mapping",
+    [
+        {"users": ["alice"]},
+        {"users": ["alice:s3cr3t-pass", "alice:s3cr3t-pass2"]},
+        {"static_auth_secrets": ["s3cr3t-pass", 7]},
+        {"users": "s3cr3t-pass\n"},
+    ],
+)
+def test_secrets_never_appear_in_errors(mapping: dict[str, Any]) -> None:
+    message = config_error(parse_config, mapping)
+    assert "s3cr3t" not in message
+
+
+def test_secrets_never_appear_in_repr() -> None:
+    config = parse_config(
+        {"users": ["alice:s3cr3t-a"], "static_auth_secrets": ["s3cr3t-b"], "use_auth_secret": True}
+    )
+    text = repr(config)
+    assert "s3cr3t" not in text
+    assert "users=<1 redacted>" in text and "realm='tsunagu'" in text
+
+
+def test_unknown_key_lists_close_matches() -> None:
+    message = config_error(parse_config, {"max-prot": 5})
+    assert message.startswith("config: max-prot: unknown key")
+    assert "max_port" in message
+    assert config_error(parse_config, {"zzzz": 1}) == "config: zzzz: unknown key"
+
+
+def test_key_given_with_dashes_and_underscores_is_rejected() -> None:
+    message = config_error(parse_config, {"min-port": 50000, "min_port": 50001})
+    assert message.startswith("config: min_port:")
+
+
+def test_unknown_key_in_file(tmp_path: Path) -> None:
+    message = config_error(load_config, ["-c", write_toml(tmp_path, "listening-ip = ['::1']\n")])
+    assert "listening-ip: unknown key" in message and "listening_ips" in message
+
+
+def test_table_in_file_is_rejected(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, "[server]\nrealm = 'x'\n")
+    assert config_error(load_config, ["-c", path]).startswith("config: server: unknown key")
+    path = write_toml(tmp_path, "[realm]\nname = 'x'\n")
+    assert config_error(load_config, ["-c", path]).startswith("config: realm: must be")
+
+
+def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
+    missing = str(tmp_path / "missing.toml")
+    message = config_error(load_config, ["-c", missing])
+    assert missing in message and "cannot read" in message
+    message = config_error(load_config, ["-c", write_toml(tmp_path, "realm = \n")])
+    assert "invalid TOML" in message
+    message = config_error(
+        load_config, ["-c", write_toml(tmp_path, "min_port = 1\nmin_port = 2\n")]
+    )
+    assert "invalid TOML" in message
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["-p"], "--listening-port"),
+        (["--listening"], "unrecognized arguments"),  # no abbreviations
+        (["--no-no-stun"], "unrecognized arguments"),
+        (["--max-port", "many"], "config: max_port: must be an integer 1-65535, got 'many'"),
+        (["--unauth-rate", "fast"], "config: unauth_rate: must be a number > 0, got 'fast'"),
+        (["--unauth-rate", "nan"], "config: unauth_rate:"),
+        (["-p", "0x10"], "config: listening_port:"),
+    ],
+)
+def test_bad_flags_raise_config_error(argv: list[str], needle: str) -> None:
+    assert needle in config_error(load_config, argv)
+
+
+def test_help_lists_every_field_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        load_config(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    flags = {
+        "listening_ips": "--listening-ip",
+        "relay_ips": "--relay-ip",
+        "external_ips": "--external-ip",
+        "users": "--user",
+        "static_auth_secrets": "--static-auth-secret",
+        "allowed_peer_ips": "--allowed-peer-ip",
+        "denied_peer_ips": "--denied-peer-ip",
+        "alternate_servers": "--alternate-server",
+    }
+    for name in CONTRACT_FIELDS:
+        flag = flags.get(name, "--" + name.replace("_", "-"))
+        assert re.search(rf"{re.escape(flag)}\b", out), flag
+
+
+def test_parser_only_reports_given_options() -> None:
+    args = build_parser().parse_args(["-p", "1"])
+    assert vars(args) == {"config": None, "listening_port": "1"}
+
+
+def test_readme_toml_example_is_valid(repo_root: Path) -> None:
+    readme = (repo_root / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```toml\n(.*?)```", readme, flags=re.S)
+    assert blocks, "README.md should show a TOML example"
+    for block in blocks:
+        parse_config(tomllib.loads(block))
