@@ -1,0 +1,33 @@
+"""The TURN server core (RFC 8656, RFC 6156): pure state machine, no I/O."""
+
+from .allocation import Allocation, FiveTuple, RelaySocket
+from .events import AllocationCreated, AllocationEnded, Event
+from .policy import PeerPolicy
+from .server import (
+    CredentialStore,
+    Forward,
+    RandomSource,
+    RelayBinder,
+    TurnServer,
+    TurnSettings,
+    data_indication,
+    long_term_key,
+)
+
+__all__ = [
+    "Allocation",
+    "AllocationCreated",
+    "AllocationEnded",
+    "CredentialStore",
+    "Event",
+    "FiveTuple",
+    "Forward",
+    "PeerPolicy",
+    "RandomSource",
+    "RelayBinder",
+    "RelaySocket",
+    "TurnServer",
+    "TurnSettings",
+    "data_indication",
+    "long_term_key",
+]

@@ -1,0 +1,110 @@
+"""Which peers a relay may talk to: the defence against TURN as an SSRF proxy.
+
+A TURN server relays to any address a client names. Left open, it lets anyone on the
+internet reach the server's loopback, its private network and the cloud metadata service
+(the CVE-2020-26262 class). By default every non-global range is denied; an operator opens
+ranges with ``allowed`` (an enterprise allows its internal network) and closes more with
+``denied``. An allowed range wins over a denied one, the default or the operator's.
+
+IPv4-mapped and IPv4-compatible IPv6 forms (``::ffff:127.0.0.1``) and NAT64/6to4
+embeddings are judged by the IPv4 address they carry, so the v6 spelling of a denied v4
+address is denied too.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+__all__ = ["DEFAULT_DENIED", "PeerPolicy", "parse_range"]
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+DEFAULT_DENIED: tuple[str, ...] = (
+    "0.0.0.0/8",  # "this network": 0.0.0.0 reaches the local host on Linux
+    "10.0.0.0/8",
+    "100.64.0.0/10",  # carrier-grade NAT
+    "127.0.0.0/8",
+    "169.254.0.0/16",  # link-local, and the cloud metadata service 169.254.169.254
+    "172.16.0.0/12",
+    "192.0.0.0/24",
+    "192.0.2.0/24",
+    "192.168.0.0/16",
+    "198.18.0.0/15",
+    "198.51.100.0/24",
+    "203.0.113.0/24",
+    "224.0.0.0/4",  # multicast
+    "240.0.0.0/4",  # reserved, and broadcast
+    "::/128",
+    "::1/128",
+    "64:ff9b:1::/48",
+    "100::/64",
+    "2001:db8::/32",
+    "fc00::/7",  # unique local
+    "fe80::/10",  # link-local
+    "fec0::/10",
+    "ff00::/8",  # multicast
+)
+
+
+def parse_range(text: str) -> list[IPNetwork]:
+    """Parse ``ip``, ``cidr`` or ``ip1-ip2`` (coturn's form) into networks."""
+    text = text.strip()
+    if "-" in text:
+        first_text, last_text = (part.strip() for part in text.split("-", 1))
+        first, last = ipaddress.ip_address(first_text), ipaddress.ip_address(last_text)
+        if first.version != last.version or int(first) > int(last):
+            raise ValueError(f"bad address range {text!r}")
+        return list(ipaddress.summarize_address_range(first, last))
+    return [ipaddress.ip_network(text, strict=False)]
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    packed = address.packed
+    if packed[:12] == bytes(12) and int(address) > 1:  # IPv4-compatible ::a.b.c.d
+        return ipaddress.IPv4Address(packed[12:])
+    if packed[:12] == bytes.fromhex("0064ff9b0000000000000000"):  # NAT64 64:ff9b::/96
+        return ipaddress.IPv4Address(packed[12:])
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class PeerPolicy:
+    """Decides whether a peer IP may be relayed to. Build with :meth:`create`."""
+
+    allowed: tuple[IPNetwork, ...]
+    denied: tuple[IPNetwork, ...]
+
+    @classmethod
+    def create(
+        cls, allowed: Iterable[str] = (), denied: Iterable[str] = (), *, defaults: bool = True
+    ) -> PeerPolicy:
+        deny = [*DEFAULT_DENIED] if defaults else []
+        return cls(
+            allowed=tuple(net for text in allowed for net in parse_range(text)),
+            denied=tuple(net for text in (*deny, *denied) for net in parse_range(text)),
+        )
+
+    def _matches(self, address: IPAddress, networks: tuple[IPNetwork, ...]) -> bool:
+        return any(address.version == net.version and address in net for net in networks)
+
+    def permits(self, ip: str) -> bool:
+        """True when relaying to ``ip`` is allowed."""
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        candidates: list[IPAddress] = [address]
+        if isinstance(address, ipaddress.IPv6Address):
+            embedded = _embedded_ipv4(address)
+            if embedded is not None:
+                candidates.append(embedded)
+        if any(self._matches(candidate, self.allowed) for candidate in candidates):
+            return True
+        return not any(self._matches(candidate, self.denied) for candidate in candidates)

@@ -1,0 +1,858 @@
+"""The TURN server state machine (RFC 8656, RFC 6156, RFC 8489 authentication).
+
+Sans-I/O: :meth:`TurnServer.receive` takes the bytes a client sent, the 5-tuple they came on
+and the current time, and returns what to do: bytes to send back to that client
+(``bytes``), a payload to send from a relay socket to a peer (:class:`Forward`), or nothing.
+Events (:class:`~.events.AllocationCreated`, :class:`~.events.AllocationEnded`) queue up for
+:meth:`next_event`. Time moves only through ``now`` arguments; the transport arms one
+timer at :meth:`get_timer` and calls :meth:`handle_timer`.
+
+Two things are injected because they are I/O the core cannot avoid deciding about: a
+:class:`CredentialStore` that answers "what is the key of this user?" and a
+:class:`RelayBinder` that binds relay sockets on the ports the core picks. Randomness comes
+from an injected :class:`RandomSource`.
+
+How it works, in order, for a request:
+
+1. Parse strictly; drop anything malformed, or with a wrong FINGERPRINT.
+2. A retransmission (same 5-tuple and transaction id) gets the cached answer again.
+3. Unknown comprehension-required attributes: 420 with UNKNOWN-ATTRIBUTES.
+4. Binding is answered without authentication. Every TURN request goes through the
+   long-term credential mechanism (RFC 8489 §9.2): 401 with REALM and NONCE, 438 for a
+   stale nonce. Unauthenticated answers are rate-limited per source IP, so the server can
+   not be used to amplify traffic towards a spoofed address.
+5. The method's handler follows the numbered steps of its RFC section.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
+
+from ..stun.attributes import (
+    FAMILY_IPV4,
+    FAMILY_IPV6,
+    PASSWORD_ALGORITHM_MD5,
+    PASSWORD_ALGORITHM_SHA256,
+    TRANSPORT_UDP,
+    AdditionalAddressFamily,
+    Address,
+    AddressErrorCode,
+    AlternateServer,
+    Attribute,
+    AttributeError_,
+    ChannelNumber,
+    Data,
+    DontFragment,
+    ErrorCode,
+    EvenPort,
+    Lifetime,
+    MappedAddress,
+    Nonce,
+    PasswordAlgorithm,
+    PasswordAlgorithms,
+    Realm,
+    RequestedAddressFamily,
+    RequestedTransport,
+    ReservationToken,
+    Software,
+    UnknownAttributes,
+    Userhash,
+    Username,
+    XorMappedAddress,
+    XorPeerAddress,
+    XorRelayedAddress,
+)
+from ..stun.message import (
+    Message,
+    MessageClass,
+    Method,
+    StunError,
+    encode_message,
+    parse_message,
+)
+from .allocation import Allocation, FiveTuple, RelaySocket
+from .errors import (
+    AddressFamilyNotSupported,
+    AllocationMismatch,
+    AllocationQuotaReached,
+    BadRequest,
+    Forbidden,
+    InsufficientCapacity,
+    PeerAddressFamilyMismatch,
+    StaleNonce,
+    TryAlternate,
+    TurnError,
+    Unauthorized,
+    UnknownAttribute,
+    UnsupportedTransportProtocol,
+    WrongCredentials,
+)
+from .events import AllocationCreated, AllocationEnded, Event
+from .nonce import NonceManager, NonceStatus
+from .policy import PeerPolicy
+
+__all__ = [
+    "CredentialStore",
+    "Forward",
+    "RandomSource",
+    "RelayBinder",
+    "TurnServer",
+    "TurnSettings",
+    "data_indication",
+    "long_term_key",
+]
+
+OFFERED_ALGORITHMS = PasswordAlgorithms(
+    ((PASSWORD_ALGORITHM_MD5, b""), (PASSWORD_ALGORITHM_SHA256, b""))
+)
+_FAMILY_TO_VERSION = {FAMILY_IPV4: 4, FAMILY_IPV6: 6}
+_VERSION_TO_FAMILY = {4: FAMILY_IPV4, 6: FAMILY_IPV6}
+_CHANNEL_MIN, _CHANNEL_MAX = 0x4000, 0x4FFF
+_MAX_PERMISSIONS = 1000
+_MAX_FAILED_BINDS = 32
+_RESPONSE_CACHE_LIMIT = 100_000
+_BUCKET_LIMIT = 100_000
+
+# Timer kinds in the expiry heap.
+_ALLOCATION, _PERMISSION, _CHANNEL, _RESERVATION = range(4)
+
+
+def long_term_key(username: str, realm: str, password: str, algorithm: int) -> bytes:
+    """The long-term credential key (RFC 8489 §9.2.2): hash of ``user:realm:password``.
+
+    Passwords are taken as given (OpaqueString profile of RFC 8265 is the identity on the
+    ASCII and normalised input users actually configure).
+    """
+    text = f"{username}:{realm}:{password}".encode()
+    if algorithm == PASSWORD_ALGORITHM_SHA256:
+        return hashlib.sha256(text).digest()
+    return hashlib.md5(text, usedforsecurity=False).digest()
+
+
+class CredentialStore(Protocol):
+    """Where the core gets keys. Implementations live in :mod:`tsunagu.auth`."""
+
+    def get_keys(
+        self, username: str, realm: str, algorithm: int, now: float, *, existing: bool
+    ) -> tuple[bytes, ...]:
+        """Candidate keys for ``username`` (none if unknown or expired).
+
+        More than one when secrets are being rotated: the integrity check picks the key that
+        matches. ``existing`` is True for requests on an allocation that already exists
+        (Refresh, CreatePermission, ChannelBind), where a store may choose to accept an
+        expired time-limited credential.
+        """
+        ...
+
+    def find_userhash(self, userhash: bytes, realm: str) -> str | None:
+        """The username whose SHA-256(username:realm) is ``userhash`` (RFC 8489 §14.4)."""
+        ...
+
+
+class RelayBinder(Protocol):
+    """Binds and releases relay sockets for the core."""
+
+    def bind(self, ip: str, port: int, *, dont_fragment: bool) -> RelaySocket | None:
+        """Bind a UDP relay socket on ``ip:port``; None if that port is taken."""
+        ...
+
+    def release(self, relay: RelaySocket) -> None:
+        """Close a relay socket the core no longer needs."""
+        ...
+
+
+class RandomSource(Protocol):
+    """What the core needs of randomness; :class:`random.SystemRandom` fits."""
+
+    def randrange(self, start: int, stop: int) -> int: ...
+
+    def randbytes(self, n: int) -> bytes: ...
+
+
+class Forward(NamedTuple):
+    """Send ``data`` from ``relay`` to ``peer``."""
+
+    relay: Any
+    data: bytes
+    peer: Address
+
+
+@dataclass(frozen=True, slots=True)
+class TurnSettings:
+    """Limits and behaviour of the server; every one has a safe default."""
+
+    realm: str = "tsunagu"
+    relay_ips: tuple[str, ...] = ()
+    """Explicit relay IPs; when empty the IP the client reached is used."""
+    fallback_relay_ips: tuple[str, ...] = ()
+    """Used for a family the client's listener does not have (IPv6 relay asked on IPv4)."""
+    external_ips: tuple[tuple[str, str | None], ...] = ()
+    """(public, private or None): advertise ``public`` for relays on ``private``."""
+    min_port: int = 49152
+    max_port: int = 65535
+    default_lifetime: int = 600
+    max_lifetime: int = 3600
+    permission_lifetime: int = 300
+    channel_lifetime: int = 600
+    nonce_lifetime: int = 600
+    reservation_lifetime: int = 30
+    response_cache_lifetime: float = 40.0
+    user_quota: int = 0
+    total_quota: int = 0
+    software: str | None = None
+    rfc3489_compat: bool = False
+    stun_only: bool = False
+    no_stun: bool = False
+    alternate_server: Address | None = None
+    unauth_rate: float = 20.0
+    security_features: bool = True
+    policy: PeerPolicy = field(default_factory=PeerPolicy.create)
+
+
+@dataclass(slots=True)
+class _Auth:
+    username: str
+    realm: str
+    key: bytes
+    sha256: bool
+
+
+def data_indication(transaction_id: bytes, peer: Address, payload: bytes) -> bytes:
+    """A Data indication (RFC 8656 §11.4) carrying ``payload`` from ``peer``."""
+    return encode_message(
+        Method.DATA,
+        MessageClass.INDICATION,
+        transaction_id,
+        (XorPeerAddress(peer[0], peer[1]), Data(payload)),
+    )
+
+
+class TurnServer:
+    """One TURN server's state: allocations, nonces, quotas, the expiry heap."""
+
+    def __init__(
+        self,
+        settings: TurnSettings,
+        credentials: CredentialStore,
+        binder: RelayBinder,
+        rng: RandomSource,
+    ) -> None:
+        self.settings = settings
+        self._credentials = credentials
+        self._binder = binder
+        self._rng = rng
+        self._nonces = NonceManager(
+            rng.randbytes(32), settings.nonce_lifetime, security_features=settings.security_features
+        )
+        self.allocations: dict[FiveTuple, Allocation] = {}
+        self._per_user: Counter[str] = Counter()
+        self._heap: list[tuple[float, int, int, Any, Any]] = []
+        self._sequence = 0
+        self._events: deque[Event] = deque()
+        self._cache: dict[tuple[FiveTuple, bytes], tuple[bytes, float]] = {}
+        self._reservations: dict[bytes, tuple[RelaySocket, float]] = {}
+        self._ports: dict[str, set[int]] = {}
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self.draining = False
+        self.drops: Counter[str] = Counter()
+        """Silent drops by cause; read by the metrics exporter."""
+        self.responses: Counter[int] = Counter()
+        """Responses sent by code (200 for success)."""
+        self._handlers: dict[int, Callable[[Message, FiveTuple, _Auth, float], bytes]] = {
+            Method.ALLOCATE: self._allocate,
+            Method.REFRESH: self._refresh,
+            Method.CREATE_PERMISSION: self._create_permission,
+            Method.CHANNEL_BIND: self._channel_bind,
+        }
+
+    # ------------------------------------------------------------------ public interface
+
+    def receive(self, data: bytes, five_tuple: FiveTuple, now: float) -> bytes | Forward | None:
+        """Handle one STUN message or ChannelData message from a client."""
+        if len(data) >= 4 and 0x40 <= data[0] <= 0x7F:
+            return self.receive_channel_data(data, five_tuple)
+        try:
+            message = parse_message(data, allow_rfc3489=self.settings.rfc3489_compat)
+        except StunError:
+            self.drops["malformed"] += 1
+            return None
+        if message.check_fingerprint() is False:
+            self.drops["bad fingerprint"] += 1
+            return None
+        klass = message.message_class
+        if klass is MessageClass.REQUEST:
+            return self._request(message, five_tuple, now)
+        if klass is MessageClass.INDICATION and message.method == Method.SEND:
+            return self._send_indication(message, five_tuple)
+        self.drops["unexpected message"] += 1
+        return None
+
+    def receive_channel_data(self, data: bytes, five_tuple: FiveTuple) -> Forward | None:
+        """ChannelData from a client (RFC 8656 §12.4). Transports inline this on UDP."""
+        allocation = self.allocations.get(five_tuple)
+        if allocation is None:
+            self.drops["no allocation"] += 1
+            return None
+        length = (data[2] << 8) | data[3]
+        if len(data) < 4 + length:
+            self.drops["short channel data"] += 1
+            return None
+        entry = allocation.channels.get((data[0] << 8) | data[1])
+        if entry is None or entry[1][0] not in allocation.permissions:
+            allocation.dropped += 1
+            self.drops["unbound channel"] += 1
+            return None
+        allocation.packets_to_peers += 1
+        allocation.bytes_to_peers += length
+        return Forward(entry[0], data[4 : 4 + length], entry[1])
+
+    def connection_closed(self, five_tuple: FiveTuple, now: float) -> None:
+        """A TCP/TLS client went away: its allocation dies with the connection."""
+        allocation = self.allocations.get(five_tuple)
+        if allocation is not None:
+            self._end(allocation, "connection closed", now)
+
+    def start_drain(self) -> None:
+        """Refuse new allocations (300 to the alternate server, else 508); keep the rest."""
+        self.draining = True
+
+    def shutdown(self, now: float) -> None:
+        """End every allocation (the drain timed out or the operator insisted)."""
+        for allocation in list(self.allocations.values()):
+            self._end(allocation, "shutdown", now)
+        for relay, _ in self._reservations.values():
+            self._release(relay)
+        self._reservations.clear()
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    def get_timer(self) -> float | None:
+        """When :meth:`handle_timer` must next be called, or None if nothing expires."""
+        return self._heap[0][0] if self._heap else None
+
+    def handle_timer(self, now: float) -> None:
+        """Expire allocations, permissions, channels and reservations that are due."""
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, _, kind, owner, key = heapq.heappop(heap)
+            if kind == _RESERVATION:
+                reserved = self._reservations.get(key)
+                if reserved is not None and reserved[1] <= now:
+                    del self._reservations[key]
+                    self._release(reserved[0])
+                continue
+            allocation: Allocation = owner
+            if allocation.ended:
+                continue
+            if kind == _ALLOCATION:
+                if allocation.expiry <= now:
+                    self._end(allocation, "expired", now)
+                else:
+                    self._schedule(allocation.expiry, _ALLOCATION, allocation)
+            elif kind == _PERMISSION:
+                expiry = allocation.permissions.get(key)
+                if expiry is None:
+                    continue
+                if expiry <= now:
+                    del allocation.permissions[key]
+                else:
+                    self._schedule(expiry, _PERMISSION, allocation, key)
+            else:
+                expiry = allocation.channel_expiry.get(key)
+                if expiry is None:
+                    continue
+                if expiry <= now:
+                    del allocation.channel_expiry[key]
+                    _, peer = allocation.channels.pop(key)
+                    allocation.peer_channels.pop(peer, None)
+                else:
+                    self._schedule(expiry, _CHANNEL, allocation, key)
+
+    # ------------------------------------------------------------------ requests
+
+    def _request(self, message: Message, five_tuple: FiveTuple, now: float) -> bytes | None:
+        cache_key = (five_tuple, message.transaction_id)
+        cached = self._cache.get(cache_key)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        if message.rfc3489:
+            return self._binding(message, five_tuple) if message.method == Method.BINDING else None
+        auth: _Auth | None = None
+        try:
+            unknown = message.unknown_required
+            if unknown:
+                raise UnknownAttribute(attributes=[UnknownAttributes(unknown)])
+            if message.method == Method.BINDING:
+                return None if self.settings.no_stun else self._binding(message, five_tuple)
+            handler = self._handlers.get(message.method)
+            if handler is None:
+                raise BadRequest("unknown method")
+            if self.settings.stun_only:
+                raise Forbidden("this server answers STUN only")
+            auth = self._authenticate(message, five_tuple, now)
+            response: bytes | None = handler(message, five_tuple, auth, now)
+            self.responses[200] += 1
+        except AttributeError_ as exc:
+            response = self._error(message, five_tuple, BadRequest(str(exc)), auth, now)
+        except TurnError as exc:
+            response = self._error(message, five_tuple, exc, auth, now)
+        if response is not None and auth is not None:
+            self._remember(cache_key, response, now)
+        return response
+
+    def _remember(self, cache_key: tuple[FiveTuple, bytes], response: bytes, now: float) -> None:
+        cache = self._cache
+        # Insertion order is expiry order: trim expired entries from the front.
+        while cache:
+            oldest = next(iter(cache))
+            if cache[oldest][1] > now and len(cache) < _RESPONSE_CACHE_LIMIT:
+                break
+            del cache[oldest]
+        cache[cache_key] = (response, now + self.settings.response_cache_lifetime)
+
+    def _allowed_unauthenticated(self, ip: str, now: float) -> bool:
+        """Token bucket per source IP for answers that carry no integrity."""
+        rate = self.settings.unauth_rate
+        tokens, last = self._buckets.get(ip, (2 * rate, now))
+        tokens = min(2 * rate, tokens + (now - last) * rate)
+        if tokens < 1:
+            self._buckets[ip] = (tokens, now)
+            return False
+        if len(self._buckets) >= _BUCKET_LIMIT and ip not in self._buckets:
+            self._buckets.clear()
+        self._buckets[ip] = (tokens - 1, now)
+        return True
+
+    def _error(
+        self,
+        message: Message,
+        five_tuple: FiveTuple,
+        error: TurnError,
+        auth: _Auth | None,
+        now: float,
+    ) -> bytes | None:
+        if auth is None and not self._allowed_unauthenticated(five_tuple.client[0], now):
+            self.drops["unauthenticated rate limit"] += 1
+            return None
+        self.responses[error.code] += 1
+        attributes: list[Attribute] = [ErrorCode(error.code, error.reason), *error.attributes]
+        if isinstance(error, Unauthorized | StaleNonce):
+            attributes.append(Realm(self.settings.realm))
+            attributes.append(Nonce(self._nonces.make(five_tuple.client[0], now)))
+            if self._nonces.security_features:
+                attributes.append(OFFERED_ALGORITHMS)
+        return self._encode(message, MessageClass.ERROR, attributes, auth)
+
+    def _encode(
+        self,
+        message: Message,
+        klass: MessageClass,
+        attributes: list[Attribute],
+        auth: _Auth | None,
+    ) -> bytes:
+        if self.settings.software is not None and auth is not None:
+            attributes.append(Software(self.settings.software))
+        return encode_message(
+            message.method,
+            klass,
+            message.transaction_id,
+            attributes,
+            integrity_key=auth.key if auth is not None and not auth.sha256 else None,
+            integrity_sha256_key=auth.key if auth is not None and auth.sha256 else None,
+            fingerprint=message.fingerprint_offset is not None,
+        )
+
+    def _binding(self, message: Message, five_tuple: FiveTuple) -> bytes:
+        """Binding (RFC 8489 §6.3.1): tell the client where its request came from."""
+        ip, port = five_tuple.client[0], five_tuple.client[1]
+        attributes: list[Attribute] = []
+        if message.rfc3489:
+            attributes.append(MappedAddress(ip, port))
+        else:
+            attributes.append(XorMappedAddress(ip, port))
+            if self.settings.rfc3489_compat:
+                attributes.append(MappedAddress(ip, port))
+        if self.settings.software is not None:
+            attributes.append(Software(self.settings.software))
+        self.responses[200] += 1
+        return encode_message(
+            message.method,
+            MessageClass.SUCCESS,
+            message.transaction_id,
+            attributes,
+            fingerprint=message.fingerprint_offset is not None,
+        )
+
+    def _authenticate(self, message: Message, five_tuple: FiveTuple, now: float) -> _Auth:
+        """The long-term credential mechanism, server side (RFC 8489 §9.2.4)."""
+        if not message.has_integrity:
+            raise Unauthorized()
+        realm = message.get(Realm)
+        nonce = message.get(Nonce)
+        username = message.get(Username)
+        userhash = message.get(Userhash)
+        if realm is None or nonce is None or (username is None and userhash is None):
+            raise BadRequest("USERNAME or USERHASH, REALM and NONCE are required")
+        status = self._nonces.check(nonce.value, five_tuple.client[0], now)
+        if status is not NonceStatus.VALID:
+            raise StaleNonce()
+        algorithm = PASSWORD_ALGORITHM_MD5
+        if self._nonces.security_features:
+            chosen = message.get(PasswordAlgorithm)
+            offered = message.get(PasswordAlgorithms)
+            if chosen is not None or offered is not None:
+                if chosen is None or offered != OFFERED_ALGORITHMS:
+                    raise BadRequest("PASSWORD-ALGORITHMS does not match what was offered")
+                if chosen.algorithm not in (PASSWORD_ALGORITHM_MD5, PASSWORD_ALGORITHM_SHA256):
+                    raise BadRequest("unsupported PASSWORD-ALGORITHM")
+                algorithm = chosen.algorithm
+        if realm.value != self.settings.realm:
+            raise Unauthorized()
+        if username is not None:
+            name: str | None = username.value
+        else:
+            assert userhash is not None
+            name = self._credentials.find_userhash(userhash.value, realm.value)
+        if name is None:
+            raise Unauthorized()
+        existing = five_tuple in self.allocations and message.method != Method.ALLOCATE
+        keys = self._credentials.get_keys(name, realm.value, algorithm, now, existing=existing)
+        sha256 = message.integrity_sha256_offset is not None
+        check = message.check_integrity_sha256 if sha256 else message.check_integrity
+        for key in keys:
+            if check(key):
+                return _Auth(name, realm.value, key, sha256)
+        raise Unauthorized()
+
+    def _allocation_for(self, five_tuple: FiveTuple, auth: _Auth) -> Allocation:
+        allocation = self.allocations.get(five_tuple)
+        if allocation is None:
+            raise AllocationMismatch("no allocation for this 5-tuple")
+        if allocation.username != auth.username:
+            raise WrongCredentials()
+        return allocation
+
+    # ------------------------------------------------------------------ Allocate
+
+    def _allocate(self, message: Message, five_tuple: FiveTuple, auth: _Auth, now: float) -> bytes:
+        """Allocate (RFC 8656 §7.2)."""
+        settings = self.settings
+        # 2. An existing allocation: a retransmission gets the same answer, anything else 437.
+        existing = self.allocations.get(five_tuple)
+        if existing is not None:
+            if existing.allocate_transaction_id == message.transaction_id:
+                return existing.allocate_response
+            raise AllocationMismatch("an allocation exists for this 5-tuple")
+        # 3. REQUESTED-TRANSPORT: UDP only.
+        transport = message.get(RequestedTransport)
+        if transport is None:
+            raise BadRequest("REQUESTED-TRANSPORT is required")
+        if transport.protocol != TRANSPORT_UDP:
+            raise UnsupportedTransportProtocol()
+        dont_fragment = message.has(DontFragment)
+        token = message.get(ReservationToken)
+        even_port = message.get(EvenPort)
+        requested_family = message.get(RequestedAddressFamily)
+        additional_family = message.get(AdditionalAddressFamily)
+        # 5-7. Attribute combinations the RFC forbids.
+        if token is not None and (even_port is not None or requested_family is not None):
+            raise BadRequest("RESERVATION-TOKEN excludes EVEN-PORT and REQUESTED-ADDRESS-FAMILY")
+        if requested_family is not None and additional_family is not None:
+            raise BadRequest("REQUESTED- and ADDITIONAL-ADDRESS-FAMILY are exclusive")
+        if requested_family is not None and requested_family.family not in _FAMILY_TO_VERSION:
+            raise AddressFamilyNotSupported()
+        if additional_family is not None and additional_family.family != FAMILY_IPV6:
+            raise BadRequest("ADDITIONAL-ADDRESS-FAMILY must be IPv6")
+        # 8. Quotas and draining.
+        if self.draining:
+            if settings.alternate_server is not None:
+                ip, port = settings.alternate_server
+                raise TryAlternate(attributes=[AlternateServer(ip, port)])
+            raise InsufficientCapacity("server is draining")
+        if settings.user_quota and self._per_user[auth.username] >= settings.user_quota:
+            raise AllocationQuotaReached()
+        if settings.total_quota and len(self.allocations) >= settings.total_quota:
+            raise InsufficientCapacity("total allocation quota reached")
+
+        relays: dict[int, RelaySocket] = {}
+        address_error: AddressErrorCode | None = None
+        reservation: bytes | None = None
+        try:
+            if token is not None:
+                reserved = self._reservations.pop(token.value, None)
+                if reserved is None:
+                    raise InsufficientCapacity("unknown or expired reservation token")
+                relay = reserved[0]
+                relays[6 if ":" in relay.address[0] else 4] = relay
+            else:
+                version = 4
+                if requested_family is not None:
+                    version = _FAMILY_TO_VERSION[requested_family.family]
+                relay_ip = self._relay_ip(five_tuple, version)
+                if relay_ip is None:
+                    raise AddressFamilyNotSupported()
+                relay, reservation = self._bind_relay(
+                    relay_ip,
+                    even=even_port is not None,
+                    reserve=even_port is not None and even_port.reserve,
+                    dont_fragment=dont_fragment,
+                    now=now,
+                )
+                relays[version] = relay
+                if additional_family is not None:
+                    ip6 = self._relay_ip(five_tuple, 6)
+                    if ip6 is None:
+                        address_error = AddressErrorCode(
+                            FAMILY_IPV6, 440, "Address Family not Supported"
+                        )
+                    else:
+                        try:
+                            relays[6], _ = self._bind_relay(
+                                ip6, even=False, reserve=False, dont_fragment=dont_fragment, now=now
+                            )
+                        except InsufficientCapacity:
+                            address_error = AddressErrorCode(
+                                FAMILY_IPV6, 508, "Insufficient Capacity"
+                            )
+        except TurnError:
+            for relay in relays.values():
+                self._release(relay)
+            raise
+
+        lifetime = self._lifetime(message)
+        advertised = {version: self._advertise(relay.address) for version, relay in relays.items()}
+        attributes: list[Attribute] = [
+            XorRelayedAddress(*advertised[version]) for version in sorted(advertised)
+        ]
+        if address_error is not None:
+            attributes.append(address_error)
+        attributes.append(Lifetime(lifetime))
+        if reservation is not None:
+            attributes.append(ReservationToken(reservation))
+        attributes.append(XorMappedAddress(five_tuple.client[0], five_tuple.client[1]))
+        response = self._encode(message, MessageClass.SUCCESS, attributes, auth)
+
+        allocation = Allocation(
+            five_tuple=five_tuple,
+            username=auth.username,
+            realm=auth.realm,
+            relays=relays,
+            relayed_addresses=advertised,
+            created=now,
+            expiry=now + lifetime,
+            allocate_transaction_id=message.transaction_id,
+            allocate_response=response,
+            dont_fragment=dont_fragment,
+        )
+        self.allocations[five_tuple] = allocation
+        self._per_user[auth.username] += 1
+        self._schedule(allocation.expiry, _ALLOCATION, allocation)
+        self._events.append(AllocationCreated(allocation))
+        return response
+
+    def _lifetime(self, message: Message) -> int:
+        settings = self.settings
+        requested = message.get(Lifetime)
+        if requested is None:
+            return settings.default_lifetime
+        return max(settings.default_lifetime, min(requested.value, settings.max_lifetime))
+
+    def _relay_ip(self, five_tuple: FiveTuple, version: int) -> str | None:
+        explicit = [ip for ip in self.settings.relay_ips if (":" in ip) == (version == 6)]
+        if explicit:
+            return explicit[0]
+        server_ip = five_tuple.server[0]
+        if (":" in server_ip) == (version == 6) and server_ip not in ("0.0.0.0", "::"):
+            return server_ip
+        for ip in self.settings.fallback_relay_ips:
+            if (":" in ip) == (version == 6):
+                return ip
+        return None
+
+    def _advertise(self, address: Address) -> Address:
+        ip = address[0]
+        for public, private in self.settings.external_ips:
+            if private == ip or (private is None and (":" in public) == (":" in ip)):
+                return (public, address[1])
+        return (address[0], address[1])
+
+    def _bind_relay(
+        self, ip: str, *, even: bool, reserve: bool, dont_fragment: bool, now: float
+    ) -> tuple[RelaySocket, bytes | None]:
+        """Pick a free port in the range and bind it; with ``reserve`` also hold port + 1."""
+        settings = self.settings
+        used = self._ports.setdefault(ip, set())
+        low, high = settings.min_port, settings.max_port
+        span = high - low + 1
+        start = self._rng.randrange(0, span)
+        failures = 0
+        for step in range(span):
+            port = low + (start + step) % span
+            if (even and port % 2) or port in used:
+                continue
+            if reserve and (port + 1 > high or port + 1 in used):
+                continue
+            relay = self._binder.bind(ip, port, dont_fragment=dont_fragment)
+            if relay is None:
+                failures += 1
+                if failures >= _MAX_FAILED_BINDS:
+                    break
+                continue
+            used.add(port)
+            if not reserve:
+                return relay, None
+            reserved = self._binder.bind(ip, port + 1, dont_fragment=dont_fragment)
+            if reserved is None:
+                self._release(relay)
+                failures += 1
+                if failures >= _MAX_FAILED_BINDS:
+                    break
+                continue
+            used.add(port + 1)
+            token = self._rng.randbytes(8)
+            expiry = now + settings.reservation_lifetime
+            self._reservations[token] = (reserved, expiry)
+            self._schedule(expiry, _RESERVATION, None, token)
+            return relay, token
+        raise InsufficientCapacity("no relay port available")
+
+    def _release(self, relay: RelaySocket) -> None:
+        ip, port = relay.address[0], relay.address[1]
+        self._ports.get(ip, set()).discard(port)
+        self._binder.release(relay)
+
+    # ------------------------------------------------------------------ Refresh
+
+    def _refresh(self, message: Message, five_tuple: FiveTuple, auth: _Auth, now: float) -> bytes:
+        """Refresh (RFC 8656 §7.3-7.4): extend the lifetime, or delete with lifetime 0."""
+        allocation = self._allocation_for(five_tuple, auth)
+        requested_family = message.get(RequestedAddressFamily)
+        if requested_family is not None:
+            version = _FAMILY_TO_VERSION.get(requested_family.family)
+            if version not in allocation.relays:
+                raise PeerAddressFamilyMismatch()
+        requested = message.get(Lifetime)
+        if requested is not None and requested.value == 0:
+            lifetime = 0
+        else:
+            lifetime = self._lifetime(message)
+        response = self._encode(message, MessageClass.SUCCESS, [Lifetime(lifetime)], auth)
+        if lifetime == 0:
+            self._end(allocation, "deleted", now)
+        else:
+            allocation.expiry = now + lifetime
+        return response
+
+    # ------------------------------------------------------------------ permissions, channels
+
+    def _check_peer(self, allocation: Allocation, peer: XorPeerAddress) -> Any:
+        """The relay socket for this peer's family, after the policy check (403, 443)."""
+        relay = allocation.relays.get(_FAMILY_TO_VERSION.get(peer.family, 0))
+        if relay is None:
+            raise PeerAddressFamilyMismatch()
+        if not self.settings.policy.permits(peer.ip):
+            raise Forbidden("peer address not allowed")
+        return relay
+
+    def _permit(self, allocation: Allocation, ip: str, now: float) -> None:
+        permissions = allocation.permissions
+        if ip not in permissions:
+            if len(permissions) >= _MAX_PERMISSIONS:
+                raise InsufficientCapacity("too many permissions")
+            self._schedule(now + self.settings.permission_lifetime, _PERMISSION, allocation, ip)
+            allocation.peers_seen.add(ip)
+        permissions[ip] = now + self.settings.permission_lifetime
+
+    def _create_permission(
+        self, message: Message, five_tuple: FiveTuple, auth: _Auth, now: float
+    ) -> bytes:
+        """CreatePermission (RFC 8656 §9.2): all peers are installed, or none."""
+        allocation = self._allocation_for(five_tuple, auth)
+        peers = message.get_all(XorPeerAddress)
+        if not peers:
+            raise BadRequest("XOR-PEER-ADDRESS is required")
+        for peer in peers:
+            self._check_peer(allocation, peer)
+        if len(allocation.permissions) + len(peers) > _MAX_PERMISSIONS:
+            raise InsufficientCapacity("too many permissions")
+        for peer in peers:
+            self._permit(allocation, peer.ip, now)
+        return self._encode(message, MessageClass.SUCCESS, [], auth)
+
+    def _channel_bind(
+        self, message: Message, five_tuple: FiveTuple, auth: _Auth, now: float
+    ) -> bytes:
+        """ChannelBind (RFC 8656 §11.2)."""
+        allocation = self._allocation_for(five_tuple, auth)
+        channel = message.get(ChannelNumber)
+        peer = message.get(XorPeerAddress)
+        if channel is None or peer is None:
+            raise BadRequest("CHANNEL-NUMBER and XOR-PEER-ADDRESS are required")
+        number = channel.number
+        if not _CHANNEL_MIN <= number <= _CHANNEL_MAX:
+            raise BadRequest("channel number out of range")
+        address = peer.address
+        bound = allocation.channels.get(number)
+        if bound is not None and bound[1] != address:
+            raise BadRequest("channel is bound to another peer")
+        other = allocation.peer_channels.get(address)
+        if other is not None and other != number:
+            raise BadRequest("peer is bound to another channel")
+        relay = self._check_peer(allocation, peer)
+        self._permit(allocation, peer.ip, now)
+        if bound is None:
+            allocation.channels[number] = (relay, address)
+            allocation.peer_channels[address] = number
+            self._schedule(now + self.settings.channel_lifetime, _CHANNEL, allocation, number)
+        allocation.channel_expiry[number] = now + self.settings.channel_lifetime
+        return self._encode(message, MessageClass.SUCCESS, [], auth)
+
+    def _send_indication(self, message: Message, five_tuple: FiveTuple) -> Forward | None:
+        """Send indication (RFC 8656 §10.2): unauthenticated, dropped when not permitted."""
+        allocation = self.allocations.get(five_tuple)
+        if allocation is None:
+            self.drops["no allocation"] += 1
+            return None
+        try:
+            peer = message.get(XorPeerAddress)
+            data = message.get(Data)
+        except AttributeError_:
+            peer = data = None
+        if peer is None or data is None:
+            self.drops["malformed send"] += 1
+            return None
+        relay = allocation.relays.get(_FAMILY_TO_VERSION.get(peer.family, 0))
+        if relay is None or peer.ip not in allocation.permissions:
+            allocation.dropped += 1
+            self.drops["no permission"] += 1
+            return None
+        allocation.packets_to_peers += 1
+        allocation.bytes_to_peers += len(data.value)
+        return Forward(relay, data.value, peer.address)
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _schedule(self, deadline: float, kind: int, owner: Any, key: Any = None) -> None:
+        self._sequence += 1
+        heapq.heappush(self._heap, (deadline, self._sequence, kind, owner, key))
+
+    def _end(self, allocation: Allocation, reason: str, now: float) -> None:
+        if allocation.ended:
+            return
+        allocation.ended = True
+        del self.allocations[allocation.five_tuple]
+        self._per_user[allocation.username] -= 1
+        if self._per_user[allocation.username] <= 0:
+            del self._per_user[allocation.username]
+        for relay in allocation.relays.values():
+            self._release(relay)
+        allocation.permissions.clear()
+        allocation.channels.clear()
+        allocation.peer_channels.clear()
+        self._events.append(AllocationEnded(allocation, reason, now))
