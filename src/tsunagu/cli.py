@@ -1,0 +1,221 @@
+"""The ``tsunagu`` command: ``tsunagu <command> [options]``.
+
+Each command is a function ``(argv, prog) -> exit status`` named by a ``"module:function"``
+string in :data:`COMMANDS`, imported only when that command runs. A new command, in its own
+module, needs one line here and keeps the start-up of the others cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import sys
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from tsunagu import __version__
+from tsunagu.config import Config, ConfigError, load_config
+
+__all__ = ["COMMANDS", "Command", "main"]
+
+CommandFunction = Callable[[list[str], str], int]
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    name: str
+    summary: str
+    target: str  # "package.module:function"
+
+    def load(self) -> CommandFunction:
+        module_name, _, function_name = self.target.partition(":")
+        function = getattr(importlib.import_module(module_name), function_name)
+        return cast(CommandFunction, function)
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("serve", "run the STUN/TURN server and the web app", "tsunagu.cli:serve_command"),
+    Command(
+        "credential",
+        "mint TURN REST API credentials, as a web backend would",
+        "tsunagu.cli:credential_command",
+    ),
+    Command("version", "print the version", "tsunagu.cli:version_command"),
+)
+
+
+def _error(message: str) -> None:
+    sys.stderr.write(message.rstrip("\n") + "\n")
+
+
+def _exit_status(exc: SystemExit) -> int:
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code
+    _error(str(exc.code))
+    return 1
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    width = max(len(c.name) for c in COMMANDS)
+    listing = "\n".join(f"  {c.name:<{width}}  {c.summary}" for c in COMMANDS)
+    parser = argparse.ArgumentParser(
+        prog="tsunagu",
+        description="Self-hosted WebRTC connectivity: STUN/TURN, signaling and video rooms.",
+        epilog=f"commands:\n{listing}\n\nRun 'tsunagu COMMAND --help' for a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument("--version", action="version", version=f"tsunagu {__version__}")
+    parser.add_argument(
+        "command",
+        metavar="COMMAND",
+        choices=[c.name for c in COMMANDS],
+        help="one of the commands below, followed by its options",
+    )
+    parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``tsunagu`` command line; return the process exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    parser = _top_parser()
+    if not args:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        parsed = parser.parse_args(args)
+        command = next(c for c in COMMANDS if c.name == parsed.command)
+        return command.load()(list(parsed.args), f"tsunagu {command.name}")
+    except SystemExit as exc:
+        # argparse exits for --help and usage errors; callers of main() get a status instead.
+        return _exit_status(exc)
+
+
+# --- serve ----------------------------------------------------------------------------------
+
+ServeFunction = Callable[[Config], Coroutine[Any, Any, int]]
+
+
+def _runtime_serve() -> ServeFunction:
+    # Imported here so that the other commands never load the network stack.
+    runtime = importlib.import_module("tsunagu.transport.runtime")
+    return cast(ServeFunction, runtime.serve)
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def serve_command(argv: list[str], prog: str) -> int:
+    """``tsunagu serve``: load the configuration and run everything until stopped."""
+    try:
+        config = load_config(argv, prog=prog)
+    except ConfigError as exc:
+        _error(str(exc))
+        return 2
+    serve = _runtime_serve()
+    try:
+        # A Runner with a loop factory rather than a global event loop policy: uvloop's
+        # install() is deprecated, and this leaves the process-wide policy alone.
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return int(runner.run(serve(config)))
+    except ConfigError as exc:
+        # Problems only found while starting up (an unusable certificate, say).
+        _error(str(exc))
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+# --- credential -----------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _read_secret(path: str) -> str:
+    if path == "-":
+        text = sys.stdin.readline()
+    else:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.readline()
+    return text.rstrip("\r\n")
+
+
+def credential_command(argv: list[str], prog: str) -> int:
+    """``tsunagu credential``: print a TURN REST API username and password."""
+    from tsunagu.auth.rest import mint_credentials
+
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        allow_abbrev=False,
+        description=(
+            "Mint a time-limited TURN credential from a secret shared with the server "
+            "(--use-auth-secret --static-auth-secret): username = '<expiry>:<user>', "
+            "password = base64(HMAC-SHA1(secret, username))."
+        ),
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--secret", help="the shared secret (visible to other local users)")
+    source.add_argument(
+        "--secret-file",
+        metavar="FILE",
+        help="read the secret from the first line of FILE (- = stdin)",
+    )
+    parser.add_argument("--user", default="", metavar="ID", help="user id after the expiry")
+    parser.add_argument(
+        "--ttl",
+        type=_positive_int,
+        default=Config().credential_ttl,
+        metavar="SECONDS",
+        help="validity in seconds (default: %(default)s)",
+    )
+    parser.add_argument("--json", action="store_true", help="print a JSON object instead")
+    args = parser.parse_args(argv)
+
+    if args.secret_file is not None:
+        try:
+            secret = _read_secret(args.secret_file)
+        except OSError as exc:
+            _error(f"{prog}: cannot read {args.secret_file}: {exc.strerror or exc}")
+            return 2
+    else:
+        secret = args.secret
+    if not secret:
+        _error(f"{prog}: the secret is empty")
+        return 2
+    username, password = mint_credentials(secret, args.user, args.ttl, time.time())
+    if args.json:
+        payload = {"username": username, "password": password, "ttl": args.ttl}
+        sys.stdout.write(json.dumps(payload) + "\n")
+    else:
+        sys.stdout.write(f"username: {username}\npassword: {password}\n")
+    return 0
+
+
+# --- version --------------------------------------------------------------------------------
+
+
+def version_command(argv: list[str], prog: str) -> int:
+    """``tsunagu version``."""
+    argparse.ArgumentParser(prog=prog, description="Print the version.").parse_args(argv)
+    sys.stdout.write(f"tsunagu {__version__}\n")
+    return 0
