@@ -1,0 +1,432 @@
+"""Rooms, peers and the routing of signaling messages between them.
+
+Pure: no I/O and no clock. The WebSocket server feeds :class:`Hub` with what happens
+(a connection opened, a frame arrived, a connection ended, time passed) together with the
+current time, and carries out the :class:`Send` and :class:`Close` actions it returns.
+
+Rules enforced here:
+
+- A room is created by its first join and removed when its last peer is gone. The first
+  joiner's password (if any) becomes the room's password.
+- A room holds at most ``Limits.capacity`` peers.
+- A message naming a peer is delivered to that peer only, and only inside the sender's room;
+  any other target is refused with ``unknown-peer``, so rooms cannot see each other.
+- Every connection has a token bucket for all messages and a smaller one for chat. Each
+  refused message adds to a misbehaviour score that decays with time; past
+  ``Limits.strike_limit`` the connection is closed with 1008 (policy violation).
+- A connection that ends without a close handshake (network loss, missed heartbeats) leaves
+  its peer "away" for ``Limits.resume_grace`` seconds: messages for it are kept, and a new
+  connection presenting the peer's id and token takes over without the others noticing more
+  than an ICE restart. After the grace period the peer is announced as left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from tsunagu.signaling import messages as m
+from tsunagu.signaling.messages import ErrorCode, MessageError
+
+__all__ = ["Limits", "Send", "Close", "Action", "TokenBucket", "Hub", "POLICY_VIOLATION"]
+
+NORMAL_CLOSURE: Final = 1000
+POLICY_VIOLATION: Final = 1008
+
+# How much each refusal adds to the misbehaviour score. A target that just left is a normal
+# race (candidates still in flight), so it weighs little; a malformed message weighs a full point.
+_STRIKE_WEIGHT: Final[Mapping[ErrorCode, float]] = {
+    ErrorCode.UNKNOWN_PEER: 0.2,
+    ErrorCode.ROOM_FULL: 0.5,
+    ErrorCode.PASSWORD_REQUIRED: 0.5,
+    ErrorCode.BAD_PASSWORD: 2.0,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Tunables of the hub; the defaults suit rooms of up to a dozen people."""
+
+    capacity: int = 8
+    rate: float = 40.0
+    """Sustained messages per second per connection (trickle ICE is bursty, hence ``burst``)."""
+    burst: float = 200.0
+    chat_rate: float = 1.0
+    chat_burst: float = 10.0
+    strike_limit: float = 10.0
+    strike_decay: float = 0.2
+    """Misbehaviour points forgiven per second."""
+    resume_grace: float = 5.0
+    join_timeout: float = 30.0
+    outbox_bytes: int = 512 * 1024
+    """Bound on what is kept for an away peer; past it the peer is dropped."""
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    conn: int
+    message: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    conn: int
+    code: int
+    reason: str
+
+
+Action = Send | Close
+
+
+class TokenBucket:
+    """Classic token bucket; time is passed in and may not go backwards."""
+
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.stamp = now
+
+    def take(self, now: float, cost: float = 1.0) -> bool:
+        elapsed = max(0.0, now - self.stamp)
+        self.stamp = max(self.stamp, now)
+        self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
+        if self.tokens >= cost:
+            self.tokens -= cost
+            return True
+        return False
+
+
+@dataclass(slots=True, eq=False)
+class _Peer:
+    id: str
+    name: str
+    room: str
+    token: str
+    conn: int | None
+    away_since: float | None = None
+    outbox: list[dict[str, Any]] = field(default_factory=list)
+    outbox_size: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class _Room:
+    name: str
+    password_digest: bytes | None
+    peers: dict[str, _Peer] = field(default_factory=dict)
+
+
+@dataclass(slots=True, eq=False)
+class _Conn:
+    id: int
+    opened: float
+    bucket: TokenBucket
+    chat_bucket: TokenBucket
+    extras: dict[str, Any]
+    peer: _Peer | None = None
+    score: float = 0.0
+    score_stamp: float = 0.0
+    closed: bool = False
+
+
+def _digest(password: str) -> bytes:
+    return hashlib.sha256(password.encode()).digest()
+
+
+def _size(message: dict[str, Any]) -> int:
+    return 64 + sum(len(v) for v in message.values() if isinstance(v, str))
+
+
+class Hub:
+    """All rooms of one server and the connections that joined them."""
+
+    def __init__(
+        self, limits: Limits | None = None, *, new_token: Callable[[int], str] | None = None
+    ) -> None:
+        self.limits = limits or Limits()
+        self._new_token = new_token or secrets.token_urlsafe
+        self._rooms: dict[str, _Room] = {}
+        self._conns: dict[int, _Conn] = {}
+        self._peers: dict[str, _Peer] = {}
+
+    # --- introspection (for tests, metrics and the admin side) -----------------------------
+
+    def room_names(self) -> list[str]:
+        return sorted(self._rooms)
+
+    def room_peers(self, room: str) -> list[tuple[str, str]]:
+        """``(id, name)`` of every peer in ``room``, in join order; empty if no such room."""
+        found = self._rooms.get(room)
+        return [] if found is None else [(p.id, p.name) for p in found.peers.values()]
+
+    def peer_of(self, conn: int) -> str | None:
+        c = self._conns.get(conn)
+        return None if c is None or c.peer is None else c.peer.id
+
+    def is_away(self, peer_id: str) -> bool:
+        peer = self._peers.get(peer_id)
+        return peer is not None and peer.away_since is not None
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._conns)
+
+    # --- events ----------------------------------------------------------------------------
+
+    def connect(self, conn: int, now: float, extras: Mapping[str, Any] | None = None) -> None:
+        """A WebSocket opened; ``extras`` are merged into the ``joined`` it will receive."""
+        lim = self.limits
+        self._conns[conn] = _Conn(
+            id=conn,
+            opened=now,
+            bucket=TokenBucket(lim.rate, lim.burst, now),
+            chat_bucket=TokenBucket(lim.chat_rate, lim.chat_burst, now),
+            extras=dict(extras or {}),
+            score_stamp=now,
+        )
+
+    def receive(self, conn: int, data: str | bytes, now: float) -> list[Action]:
+        """One frame arrived on ``conn``."""
+        c = self._conns.get(conn)
+        if c is None or c.closed:
+            return []
+        if not c.bucket.take(now):
+            return self._refuse(
+                c,
+                MessageError(ErrorCode.RATE_LIMITED, "too many messages; slow down"),
+                now,
+            )
+        try:
+            msg = m.parse(data)
+            return self._dispatch(c, msg, now)
+        except MessageError as exc:
+            return self._refuse(c, exc, now)
+
+    def disconnect(self, conn: int, now: float, *, graceful: bool) -> list[Action]:
+        """``conn`` ended. ``graceful`` means a close handshake (the user left on purpose)."""
+        c = self._conns.pop(conn, None)
+        if c is None or c.peer is None or c.peer.conn != conn:
+            return []
+        peer = c.peer
+        if graceful or c.closed:
+            return self._remove(peer, "left")
+        peer.conn = None
+        peer.away_since = now
+        return []
+
+    def tick(self, now: float) -> list[Action]:
+        """Expire away peers and connections that never joined; call about once a second."""
+        actions: list[Action] = []
+        grace = self.limits.resume_grace
+        for peer in list(self._peers.values()):
+            if peer.away_since is not None and now - peer.away_since >= grace:
+                actions += self._remove(peer, "timeout")
+        deadline = self.limits.join_timeout
+        for c in list(self._conns.values()):
+            if c.peer is None and not c.closed and now - c.opened >= deadline:
+                c.closed = True
+                actions.append(Close(c.id, POLICY_VIOLATION, "join timeout"))
+        return actions
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _refuse(self, c: _Conn, exc: MessageError, now: float) -> list[Action]:
+        actions: list[Action] = [
+            Send(c.id, m.error(exc.code, exc.message, ref=exc.ref, field=exc.field))
+        ]
+        decay = max(0.0, now - c.score_stamp) * self.limits.strike_decay
+        c.score = max(0.0, c.score - decay) + _STRIKE_WEIGHT.get(exc.code, 1.0)
+        c.score_stamp = max(c.score_stamp, now)
+        if c.score >= self.limits.strike_limit:
+            actions += self._kick(c, f"policy violation: {exc.code}")
+        return actions
+
+    def _kick(self, c: _Conn, reason: str) -> list[Action]:
+        c.closed = True
+        actions: list[Action] = []
+        if c.peer is not None and c.peer.conn == c.id:
+            actions += self._remove(c.peer, "left")
+        actions.append(Close(c.id, POLICY_VIOLATION, reason))
+        return actions
+
+    def _dispatch(self, c: _Conn, msg: m.ClientMessage, now: float) -> list[Action]:
+        if isinstance(msg, m.Join):
+            return self._join(c, msg, now)
+        if isinstance(msg, m.Ping):
+            return [Send(c.id, m.pong())]
+        peer = c.peer
+        kind = type(msg).__name__.lower()
+        if peer is None:
+            raise MessageError(ErrorCode.NOT_JOINED, f"{kind}: join a room first", ref=kind)
+        if msg.room is not None and msg.room != peer.room:
+            raise MessageError(
+                ErrorCode.WRONG_ROOM,
+                f"{kind}: this connection is in room {peer.room!r}, not {msg.room!r}",
+                ref=kind,
+                field="room",
+            )
+        if isinstance(msg, m.Leave):
+            c.closed = True
+            return self._remove(peer, "left") + [Close(c.id, NORMAL_CLOSURE, "left")]
+        if isinstance(msg, m.Chat):
+            return self._chat(c, peer, msg, now)
+        target = self._target(peer, msg.to, kind)
+        return self._deliver(target, m.relay(msg, peer.id))
+
+    def _target(self, peer: _Peer, to: str, kind: str) -> _Peer:
+        room = self._rooms[peer.room]
+        target = room.peers.get(to)
+        if target is None or target is peer:
+            # Same answer whether the id exists elsewhere or nowhere: rooms stay opaque.
+            raise MessageError(
+                ErrorCode.UNKNOWN_PEER, f"{kind}: no peer {to!r} in this room", ref=kind, field="to"
+            )
+        return target
+
+    def _chat(self, c: _Conn, peer: _Peer, msg: m.Chat, now: float) -> list[Action]:
+        if not c.chat_bucket.take(now):
+            raise MessageError(
+                ErrorCode.RATE_LIMITED, "chat: too many chat messages; slow down", ref="chat"
+            )
+        if msg.to is not None:
+            target = self._target(peer, msg.to, "chat")
+            out = m.chat(peer.id, peer.name, msg.text, now, private=True)
+            return self._deliver(target, out) + [Send(c.id, out)]
+        out = m.chat(peer.id, peer.name, msg.text, now, private=False)
+        actions: list[Action] = []
+        for other in self._rooms[peer.room].peers.values():
+            actions += self._deliver(other, out)
+        return actions
+
+    def _deliver(self, peer: _Peer, message: dict[str, Any]) -> list[Action]:
+        if peer.conn is not None:
+            return [Send(peer.conn, message)]
+        peer.outbox.append(message)
+        peer.outbox_size += _size(message)
+        if peer.outbox_size > self.limits.outbox_bytes:
+            return self._remove(peer, "timeout")
+        return []
+
+    def _join(self, c: _Conn, msg: m.Join, now: float) -> list[Action]:
+        if c.peer is not None:
+            raise MessageError(
+                ErrorCode.ALREADY_JOINED,
+                f"join: this connection already joined room {c.peer.room!r}",
+                ref="join",
+            )
+        if msg.resume is not None:
+            resumed = self._resume(c, msg)
+            if resumed is not None:
+                return resumed
+        room = self._rooms.get(msg.room)
+        if room is None:
+            room = _Room(msg.room, None if msg.password is None else _digest(msg.password))
+        elif room.password_digest is not None:
+            if msg.password is None:
+                raise MessageError(
+                    ErrorCode.PASSWORD_REQUIRED,
+                    f"join: room {msg.room!r} needs a password",
+                    ref="join",
+                    field="password",
+                )
+            if not hmac.compare_digest(room.password_digest, _digest(msg.password)):
+                raise MessageError(
+                    ErrorCode.BAD_PASSWORD,
+                    f"join: wrong password for room {msg.room!r}",
+                    ref="join",
+                    field="password",
+                )
+        if len(room.peers) >= self.limits.capacity:
+            raise MessageError(
+                ErrorCode.ROOM_FULL,
+                f"join: room {msg.room!r} is full ({self.limits.capacity} people)",
+                ref="join",
+            )
+        peer_id = self._fresh_id()
+        peer = _Peer(peer_id, msg.name, msg.room, self._new_token(24), c.id)
+        others = list(room.peers.values())
+        self._rooms[room.name] = room
+        room.peers[peer_id] = peer
+        self._peers[peer_id] = peer
+        c.peer = peer
+        actions: list[Action] = [Send(c.id, self._joined(c, peer, room, resumed=False))]
+        announce = m.peer_joined(peer_id, peer.name)
+        for other in others:
+            actions += self._deliver(other, announce)
+        return actions
+
+    def _resume(self, c: _Conn, msg: m.Join) -> list[Action] | None:
+        assert msg.resume is not None
+        peer = self._peers.get(msg.resume.id)
+        if (
+            peer is None
+            or peer.room != msg.room
+            or not hmac.compare_digest(peer.token.encode(), msg.resume.token.encode())
+        ):
+            return None
+        actions: list[Action] = []
+        if peer.conn is not None:
+            # The client gave up on a connection the server still thinks is alive.
+            old = self._conns.get(peer.conn)
+            if old is not None:
+                old.closed = True
+                old.peer = None
+            actions.append(Close(peer.conn, NORMAL_CLOSURE, "replaced by a new connection"))
+        peer.conn = c.id
+        peer.away_since = None
+        c.peer = peer
+        room = self._rooms[peer.room]
+        actions.append(Send(c.id, self._joined(c, peer, room, resumed=True)))
+        actions += [Send(c.id, queued) for queued in peer.outbox]
+        peer.outbox = []
+        peer.outbox_size = 0
+        return actions
+
+    def _joined(self, c: _Conn, peer: _Peer, room: _Room, *, resumed: bool) -> dict[str, Any]:
+        return m.joined(
+            room=room.name,
+            peer_id=peer.id,
+            token=peer.token,
+            name=peer.name,
+            peers=[m.peer_info(p.id, p.name) for p in room.peers.values() if p is not peer],
+            capacity=self.limits.capacity,
+            resumed=resumed,
+            extras=c.extras,
+        )
+
+    def _fresh_id(self) -> str:
+        for _ in range(100):
+            candidate = self._new_token(6)
+            if candidate not in self._peers and m.is_peer_id(candidate):
+                return candidate
+        raise RuntimeError("cannot draw a fresh peer id")
+
+    def _remove(self, peer: _Peer, reason: str) -> list[Action]:
+        """Take ``peer`` out of its room and tell the others; drop the room when empty."""
+        if self._peers.pop(peer.id, None) is None:
+            return []
+        if peer.conn is not None:
+            c = self._conns.get(peer.conn)
+            if c is not None and c.peer is peer:
+                c.peer = None
+                c.closed = True
+        peer.conn = None
+        peer.outbox = []
+        room = self._rooms.get(peer.room)
+        if room is None:
+            return []
+        room.peers.pop(peer.id, None)
+        if not room.peers:
+            del self._rooms[room.name]
+            return []
+        actions: list[Action] = []
+        notice = m.peer_left(peer.id, reason)
+        for other in list(room.peers.values()):
+            actions += self._deliver(other, notice)
+        return actions

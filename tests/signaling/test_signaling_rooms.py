@@ -1,0 +1,383 @@
+"""Room logic, routing and abuse handling of the Hub, driven with plain function calls."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any
+
+from tsunagu.signaling.rooms import Action, Close, Hub, Limits, Send, TokenBucket
+
+
+def make_hub(**limits: Any) -> Hub:
+    counter = itertools.count(1)
+    return Hub(Limits(**limits), new_token=lambda n: f"t{next(counter)}")
+
+
+def sends(actions: list[Action], conn: int | None = None) -> list[dict[str, Any]]:
+    return [a.message for a in actions if isinstance(a, Send) and (conn is None or a.conn == conn)]
+
+
+def closes(actions: list[Action]) -> list[Close]:
+    return [a for a in actions if isinstance(a, Close)]
+
+
+def join(
+    hub: Hub, conn: int, room: str = "alpha", name: str = "", now: float = 0.0, **extra: Any
+) -> list[Action]:
+    hub.connect(conn, now, {"iceServers": [], "extra": conn})
+    msg = {"type": "join", "v": 1, "room": room, "name": name or f"user{conn}", **extra}
+    return hub.receive(conn, json.dumps(msg), now)
+
+
+def send(hub: Hub, conn: int, now: float = 0.0, **msg: Any) -> list[Action]:
+    return hub.receive(conn, json.dumps(msg), now)
+
+
+def joined_id(actions: list[Action], conn: int) -> str:
+    (msg,) = [x for x in sends(actions, conn) if x["type"] == "joined"]
+    return str(msg["id"])
+
+
+def test_first_join_creates_room_and_second_sees_first() -> None:
+    hub = make_hub()
+    a = join(hub, 1, name="Ada")
+    (joined,) = sends(a, 1)
+    assert joined["type"] == "joined" and joined["v"] == 1
+    assert joined["room"] == "alpha" and joined["peers"] == [] and joined["resumed"] is False
+    assert joined["extra"] == 1 and joined["iceServers"] == [] and joined["capacity"] == 8
+    ada = joined["id"]
+    b = join(hub, 2, name="Bo")
+    bo = joined_id(b, 2)
+    assert sends(b, 2)[0]["peers"] == [{"id": ada, "name": "Ada"}]
+    assert sends(b, 1) == [{"type": "peer-joined", "id": bo, "name": "Bo"}]
+    assert hub.room_peers("alpha") == [(ada, "Ada"), (bo, "Bo")]
+
+
+def test_offer_answer_candidate_go_only_to_the_named_peer() -> None:
+    hub = make_hub()
+    ids = [joined_id(join(hub, c), c) for c in (1, 2, 3)]
+    out = send(hub, 1, type="offer", to=ids[1], sdp="v=0 offer")
+    assert out == [Send(2, {"type": "offer", "from": ids[0], "sdp": "v=0 offer"})]
+    out = send(hub, 2, type="answer", to=ids[0], sdp="v=0 answer")
+    assert out == [Send(1, {"type": "answer", "from": ids[1], "sdp": "v=0 answer"})]
+    cand = {"candidate": "candidate:1 1 udp 1 192.0.2.1 9 typ host", "sdpMid": "0"}
+    out = send(hub, 3, type="candidate", to=ids[0], candidate=cand)
+    assert [a.conn for a in out if isinstance(a, Send)] == [1]
+    assert sends(out)[0]["candidate"]["sdpMid"] == "0"
+    assert sends(out)[0]["candidate"]["sdpMLineIndex"] is None
+    out = send(hub, 3, type="candidate", to=ids[0], candidate=None)
+    assert out == [Send(1, {"type": "candidate", "from": ids[2], "candidate": None})]
+
+
+def test_cross_room_target_is_refused_and_reveals_nothing() -> None:
+    hub = make_hub()
+    a = joined_id(join(hub, 1, room="alpha"), 1)
+    join(hub, 2, room="beta")
+    # conn 2 (room beta) names a peer of room alpha.
+    out = send(hub, 2, type="offer", to=a, sdp="v=0")
+    assert [x.conn for x in out] == [2]
+    (err,) = sends(out)
+    assert err["type"] == "error" and err["code"] == "unknown-peer" and err["field"] == "to"
+    nowhere = sends(send(hub, 2, type="offer", to="nosuchpeer", sdp="v=0"))[0]
+    assert nowhere["message"].replace("nosuchpeer", a) == err["message"]
+    # A room field naming another room is refused too.
+    out = send(hub, 2, type="chat", text="hi", room="alpha")
+    assert [x.conn for x in out] == [2] and sends(out)[0]["code"] == "wrong-room"
+
+
+def test_sending_to_self_is_refused() -> None:
+    hub = make_hub()
+    me = joined_id(join(hub, 1), 1)
+    assert sends(send(hub, 1, type="offer", to=me, sdp="v=0"))[0]["code"] == "unknown-peer"
+
+
+def test_messages_before_join_are_refused() -> None:
+    hub = make_hub()
+    hub.connect(1, 0.0)
+    (err,) = sends(send(hub, 1, type="offer", to="abc", sdp="v=0"))
+    assert err["code"] == "not-joined" and err["ref"] == "offer"
+    assert sends(send(hub, 1, type="ping")) == [{"type": "pong"}]
+
+
+def test_join_twice_is_refused() -> None:
+    hub = make_hub()
+    join(hub, 1)
+    err = sends(send(hub, 1, type="join", v=1, room="beta", name="x"))[0]
+    assert err["code"] == "already-joined"
+    assert hub.room_names() == ["alpha"]
+
+
+def test_capacity() -> None:
+    hub = make_hub(capacity=2)
+    join(hub, 1)
+    join(hub, 2)
+    out = join(hub, 3)
+    assert sends(out, 3)[0]["code"] == "room-full"
+    assert [x.conn for x in out] == [3]
+    assert len(hub.room_peers("alpha")) == 2
+    # Another room is not affected by this one being full.
+    assert sends(join(hub, 4, room="beta"), 4)[0]["type"] == "joined"
+
+
+def test_password() -> None:
+    hub = make_hub()
+    join(hub, 1, password="s3cret")
+    assert sends(join(hub, 2), 2)[0]["code"] == "password-required"
+    assert sends(join(hub, 3, password="nope"), 3)[0]["code"] == "bad-password"
+    assert sends(join(hub, 4, password="s3cret"), 4)[0]["type"] == "joined"
+    # The password belongs to the room's life: once empty and gone, the name is free again.
+    for conn in (1, 4):
+        hub.disconnect(conn, 1.0, graceful=True)
+    assert hub.room_names() == []
+    assert sends(join(hub, 5), 5)[0]["type"] == "joined"
+
+
+def test_room_disappears_when_empty_and_leave_is_announced() -> None:
+    hub = make_hub()
+    a = joined_id(join(hub, 1), 1)
+    join(hub, 2)
+    out = send(hub, 1, type="leave")
+    assert Send(2, {"type": "peer-left", "id": a, "reason": "left"}) in out
+    assert Close(1, 1000, "left") in out
+    assert [p for p, _ in hub.room_peers("alpha")] != [a]
+    assert hub.disconnect(1, 0.0, graceful=False) == []
+    assert hub.disconnect(2, 0.0, graceful=True) == []
+    assert hub.room_names() == []
+
+
+def test_chat_reaches_the_room_only() -> None:
+    hub = make_hub()
+    a = joined_id(join(hub, 1, name="Ada"), 1)
+    b = joined_id(join(hub, 2), 2)
+    join(hub, 3, room="beta")
+    out = send(hub, 1, now=12.5, type="chat", text="hello")
+    assert sorted(x.conn for x in out) == [1, 2]
+    assert sends(out, 2)[0] == {
+        "type": "chat",
+        "from": a,
+        "name": "Ada",
+        "text": "hello",
+        "ts": 12500,
+    }
+    private = send(hub, 1, type="chat", text="psst", to=b)
+    assert sorted(x.conn for x in private) == [1, 2]
+    assert sends(private, 2)[0]["private"] is True
+
+
+def test_flood_is_rate_limited_then_closed_with_1008() -> None:
+    hub = make_hub(rate=10.0, burst=20.0)
+    join(hub, 1)
+    b = joined_id(join(hub, 2), 2)
+    delivered = 0
+    errors: list[dict[str, Any]] = []
+    closed: list[Close] = []
+    for _ in range(100):
+        out = send(hub, 1, now=0.5, type="candidate", to=b, candidate=None)
+        delivered += len([x for x in sends(out, 2) if x["type"] == "candidate"])
+        errors += [x for x in sends(out, 1) if x["type"] == "error"]
+        closed += closes(out)
+        if closed:
+            break
+    # The bucket started full (20), the join took one, and by t=0.5 it had refilled to the
+    # brim (capped at the burst size): exactly 20 candidates get through.
+    assert delivered == 20
+    assert errors and {e["code"] for e in errors} == {"rate-limited"}
+    assert closed == [Close(1, 1008, "policy violation: rate-limited")]
+    assert len(errors) == 10
+    # The flooder is gone from the room and the other peer was told.
+    assert [name for _, name in hub.room_peers("alpha")] == ["user2"]
+    assert send(hub, 1, now=9.0, type="ping") == []
+
+
+def test_chat_has_its_own_tighter_limit() -> None:
+    hub = make_hub(chat_rate=1.0, chat_burst=3.0)
+    join(hub, 1)
+    join(hub, 2)
+    codes = []
+    for _ in range(5):
+        out = send(hub, 1, now=1.0, type="chat", text="spam")
+        codes.append("error" if sends(out, 1)[0]["type"] == "error" else "ok")
+    assert codes == ["ok", "ok", "ok", "error", "error"]
+
+
+def test_garbage_gets_errors_then_1008_and_other_rooms_are_untouched() -> None:
+    hub = make_hub()
+    join(hub, 1, room="alpha")
+    join(hub, 2, room="alpha")
+    join(hub, 9, room="beta")
+    seen_by_others: list[Action] = []
+    for i, frame in enumerate(
+        [
+            "not json",
+            '{"type": "explode"}',
+            "{}",
+            '{"type": "offer", "to": "x"}',
+            b"\x00\x01",
+            "x" * (70 * 1024),
+            '{"type": "offer", "to": "nobody", "sdp": "v=0"}',
+        ]
+        * 3
+    ):
+        out = hub.receive(1, frame, float(i) * 0.01)
+        seen_by_others += [x for x in out if x.conn != 1]
+        if closes(out):
+            break
+    assert closes(out) == [Close(1, 1008, closes(out)[0].reason)]
+    assert closes(out)[0].reason.startswith("policy violation")
+    # The only thing anybody else ever heard: that the misbehaving peer left its room.
+    assert [x.conn for x in seen_by_others] == [2]
+    assert sends(seen_by_others)[0]["type"] == "peer-left"
+    assert hub.room_peers("beta") == [(hub.peer_of(9), "user9")]
+
+
+def test_misbehaviour_is_forgiven_over_time() -> None:
+    hub = make_hub(strike_limit=3.0, strike_decay=1.0)
+    join(hub, 1)
+    for i in range(10):
+        out = hub.receive(1, "junk", float(i) * 2)
+        assert not closes(out)
+    assert closes(hub.receive(1, "junk", 20.0)) == []
+    closes_at_once = [closes(hub.receive(1, "junk", 20.0)) for _ in range(3)]
+    assert closes_at_once[-1] or closes_at_once[-2]
+
+
+def test_unknown_peer_races_are_tolerated() -> None:
+    hub = make_hub()
+    join(hub, 1)
+    b = joined_id(join(hub, 2), 2)
+    hub.disconnect(2, 0.0, graceful=True)
+    # Trickled candidates still in flight to a peer that just left are not abuse.
+    for _ in range(20):
+        out = send(hub, 1, type="candidate", to=b, candidate=None)
+        assert not closes(out)
+        assert sends(out)[0]["code"] == "unknown-peer"
+
+
+def test_vanished_peer_is_announced_after_grace() -> None:
+    hub = make_hub(resume_grace=4.0)
+    join(hub, 1)
+    b = joined_id(join(hub, 2), 2)
+    assert hub.disconnect(2, 10.0, graceful=False) == []
+    assert hub.is_away(b)
+    assert hub.tick(13.9) == []
+    assert hub.tick(14.0) == [Send(1, {"type": "peer-left", "id": b, "reason": "timeout"})]
+    assert hub.room_peers("alpha") == [(hub.peer_of(1), "user1")]
+
+
+def test_resume_keeps_identity_and_delivers_what_was_missed() -> None:
+    hub = make_hub(resume_grace=5.0)
+    a = joined_id(join(hub, 1), 1)
+    first = join(hub, 2, name="Bo")
+    bo = sends(first, 2)[0]
+    hub.disconnect(2, 1.0, graceful=False)
+    # While Bo is away, Ada's ICE restart offer and a newcomer are queued for Bo.
+    assert send(hub, 1, now=2.0, type="offer", to=bo["id"], sdp="v=0 restart") == []
+    c = joined_id(join(hub, 3, now=2.5), 3)
+    hub.connect(4, 3.0, {"iceServers": ["fresh"]})
+    out = send(
+        hub,
+        4,
+        now=3.0,
+        type="join",
+        v=1,
+        room="alpha",
+        name="Bo",
+        resume={"id": bo["id"], "token": bo["token"]},
+    )
+    msgs = sends(out, 4)
+    assert msgs[0]["type"] == "joined" and msgs[0]["resumed"] is True
+    assert msgs[0]["id"] == bo["id"] and msgs[0]["iceServers"] == ["fresh"]
+    assert {p["id"] for p in msgs[0]["peers"]} == {a, c}
+    assert msgs[1] == {"type": "offer", "from": a, "sdp": "v=0 restart"}
+    assert msgs[2] == {"type": "peer-joined", "id": c, "name": "user3"}
+    assert [x.conn for x in out] == [4, 4, 4]  # the others notice nothing
+    assert hub.tick(100.0) == []
+    assert not hub.is_away(bo["id"])
+    out = send(hub, 1, now=100.0, type="offer", to=bo["id"], sdp="v=0")
+    assert [x.conn for x in out] == [4]
+
+
+def test_resume_replaces_a_connection_the_server_thinks_alive() -> None:
+    hub = make_hub()
+    join(hub, 1)
+    bo = sends(join(hub, 2), 2)[0]
+    hub.connect(3, 1.0)
+    out = send(
+        hub,
+        3,
+        now=1.0,
+        type="join",
+        v=1,
+        room="alpha",
+        name="x",
+        resume={"id": bo["id"], "token": bo["token"]},
+    )
+    assert Close(2, 1000, "replaced by a new connection") in out
+    assert sends(out, 3)[0]["resumed"] is True
+    # The old connection ending later does not take the peer with it.
+    assert hub.disconnect(2, 2.0, graceful=False) == []
+    assert hub.peer_of(3) == bo["id"]
+
+
+def test_resume_with_wrong_token_or_room_is_a_fresh_join() -> None:
+    hub = make_hub()
+    join(hub, 1, room="alpha")
+    bo = sends(join(hub, 2, room="alpha"), 2)[0]
+    hub.connect(3, 1.0)
+    out = send(
+        hub,
+        3,
+        now=1.0,
+        type="join",
+        v=1,
+        room="alpha",
+        name="x",
+        resume={"id": bo["id"], "token": "forged"},
+    )
+    assert sends(out, 3)[0]["resumed"] is False and sends(out, 3)[0]["id"] != bo["id"]
+    hub.connect(4, 1.0)
+    out = send(
+        hub,
+        4,
+        now=1.0,
+        type="join",
+        v=1,
+        room="beta",
+        name="x",
+        resume={"id": bo["id"], "token": bo["token"]},
+    )
+    assert sends(out, 4)[0]["room"] == "beta" and sends(out, 4)[0]["id"] != bo["id"]
+    assert hub.peer_of(2) == bo["id"]
+
+
+def test_away_peer_outbox_is_bounded() -> None:
+    hub = make_hub(outbox_bytes=10_000, rate=1e6, burst=1e6)
+    join(hub, 1)
+    b = joined_id(join(hub, 2), 2)
+    hub.disconnect(2, 0.0, graceful=False)
+    out: list[Action] = []
+    for _ in range(5):
+        out = send(hub, 1, type="offer", to=b, sdp="v" * 3000)
+        if out:
+            break
+    assert sends(out) and sends(out)[0]["type"] in ("peer-left", "error")
+    assert not hub.is_away(b)
+    assert [p for p, _ in hub.room_peers("alpha")] == [hub.peer_of(1)]
+
+
+def test_connection_that_never_joins_is_closed() -> None:
+    hub = make_hub(join_timeout=10.0)
+    hub.connect(1, 0.0)
+    join(hub, 2)
+    assert hub.tick(9.0) == []
+    assert hub.tick(10.0) == [Close(1, 1008, "join timeout")]
+    assert hub.tick(11.0) == []
+
+
+def test_token_bucket_survives_clock_going_backwards() -> None:
+    bucket = TokenBucket(rate=1.0, burst=2.0, now=100.0)
+    assert bucket.take(100.0) and bucket.take(100.0)
+    assert not bucket.take(50.0)
+    assert not bucket.take(100.5)
+    assert bucket.take(101.0)
