@@ -1,0 +1,268 @@
+"""The aiohttp application: WebSocket signaling, pages and the TURN REST endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import WSMsgType
+from aiohttp.test_utils import TestClient, TestServer
+
+from tsunagu.auth.rest import rest_password
+from tsunagu.config import parse_config
+from tsunagu.signaling.server import create_app
+
+pytestmark = pytest.mark.timeout(30)
+
+SECRET = "shared-secret"
+WAIT = 5.0
+
+MakeClient = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+@pytest.fixture
+async def make_client() -> AsyncIterator[MakeClient]:
+    clients: list[TestClient[Any, Any]] = []
+
+    async def make(**kwargs: Any) -> TestClient[Any, Any]:
+        config = parse_config(kwargs.pop("config", {}))
+        kwargs.setdefault("turn_secret", SECRET)
+        app = create_app(config, **kwargs)
+        client: TestClient[Any, Any] = TestClient(TestServer(app, host="127.0.0.1"))
+        await client.start_server()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.close()
+
+
+async def recv(ws: aiohttp.ClientWebSocketResponse, kind: str | None = None) -> dict[str, Any]:
+    """Next JSON message (of ``kind`` if given), bounded in time."""
+    async with asyncio.timeout(WAIT):
+        while True:
+            msg = await ws.receive()
+            assert msg.type is WSMsgType.TEXT, (msg.type, msg.data, msg.extra)
+            data: dict[str, Any] = json.loads(msg.data)
+            if kind is None or data["type"] == kind:
+                return data
+
+
+async def closed(ws: aiohttp.ClientWebSocketResponse) -> list[dict[str, Any]]:
+    """Read until the server closes; return what came before the close."""
+    seen: list[dict[str, Any]] = []
+    async with asyncio.timeout(WAIT):
+        while True:
+            msg = await ws.receive()
+            if msg.type is WSMsgType.TEXT:
+                seen.append(json.loads(msg.data))
+            elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                return seen
+
+
+async def enter(
+    client: TestClient[Any, Any], room: str, name: str, **extra: Any
+) -> tuple[aiohttp.ClientWebSocketResponse, dict[str, Any]]:
+    ws = await client.ws_connect("/ws", autoping=extra.pop("autoping", True))
+    await ws.send_json({"type": "join", "v": 1, "room": room, "name": name, **extra})
+    return ws, await recv(ws)
+
+
+async def test_two_clients_exchange_offer_answer_and_candidates(make_client: MakeClient) -> None:
+    client = await make_client()
+    a, ja = await enter(client, "standup", "Ada")
+    assert ja["type"] == "joined" and ja["peers"] == [] and ja["v"] == 1
+    turn = ja["iceServers"][1]
+    assert turn["urls"][0] == "turn:127.0.0.1:3478?transport=udp"
+    assert turn["credential"] == rest_password(SECRET, turn["username"])
+    assert ja["turn"]["password"] == turn["credential"]
+
+    b, jb = await enter(client, "standup", "Bo")
+    assert jb["peers"] == [{"id": ja["id"], "name": "Ada"}]
+    assert await recv(a) == {"type": "peer-joined", "id": jb["id"], "name": "Bo"}
+
+    await b.send_json({"type": "offer", "to": ja["id"], "sdp": "v=0 offer", "from": "forged"})
+    assert await recv(a) == {"type": "offer", "from": jb["id"], "sdp": "v=0 offer"}
+    await a.send_json({"type": "answer", "to": jb["id"], "sdp": "v=0 answer"})
+    assert await recv(b) == {"type": "answer", "from": ja["id"], "sdp": "v=0 answer"}
+    cand = {"candidate": "candidate:1 1 udp 9 192.0.2.1 9 typ host", "sdpMid": "0"}
+    await a.send_json({"type": "candidate", "to": jb["id"], "candidate": cand})
+    got = await recv(b)
+    assert got["from"] == ja["id"] and got["candidate"]["candidate"] == cand["candidate"]
+    await a.send_json({"type": "candidate", "to": jb["id"], "candidate": None})
+    assert (await recv(b))["candidate"] is None
+
+    await a.send_json({"type": "chat", "text": "hello"})
+    for ws in (a, b):
+        chat = await recv(ws, "chat")
+        assert chat["text"] == "hello" and chat["name"] == "Ada"
+
+    await a.close()  # a close handshake: announced at once
+    left = await recv(b)
+    assert left == {"type": "peer-left", "id": ja["id"], "reason": "left"}
+    await b.close()
+
+
+async def test_hostile_client_gets_errors_then_1008_other_room_unaffected(
+    make_client: MakeClient,
+) -> None:
+    client = await make_client()
+    victim, jv = await enter(client, "alpha", "Victim")
+    bystander, _ = await enter(client, "beta", "Bystander")
+    hostile, jh = await enter(client, "beta", "Hostile")
+    await recv(bystander, "peer-joined")
+
+    await hostile.send_json({"type": "offer", "to": jv["id"], "sdp": "v=0 evil"})
+    err = await recv(hostile)
+    assert err["type"] == "error" and err["code"] == "unknown-peer"
+    await hostile.send_json({"type": "chat", "text": "x", "room": "alpha"})
+    assert (await recv(hostile))["code"] == "wrong-room"
+    await hostile.send_str("x" * (70 * 1024))
+    err = await recv(hostile)
+    assert err["code"] == "too-large" and "65536" in err["message"]
+    await hostile.send_bytes(b"\x00binary")
+    assert (await recv(hostile))["code"] == "bad-message"
+    for _ in range(20):
+        if hostile.closed:
+            break
+        await hostile.send_str('{"type": "self-destruct"}')
+    seen = await closed(hostile)
+    assert seen and {m["code"] for m in seen} == {"unknown-type"}
+    assert hostile.close_code == 1008
+
+    # The room next door heard nothing; the hostile one's own room heard it leave.
+    left = await recv(bystander)
+    assert left == {"type": "peer-left", "id": jh["id"], "reason": "left"}
+    await bystander.send_json({"type": "ping"})
+    assert await recv(bystander) == {"type": "pong"}
+    await victim.send_json({"type": "ping"})
+    assert await recv(victim) == {"type": "pong"}
+    for ws in (victim, bystander):
+        await ws.close()
+
+
+async def test_flood_closes_with_1008(make_client: MakeClient) -> None:
+    client = await make_client()
+    ws, joined = await enter(client, "flood", "F")
+    for _ in range(600):
+        if ws.closed:
+            break
+        await ws.send_json({"type": "ping"})
+    seen = await closed(ws)
+    assert "rate-limited" in {m.get("code") for m in seen}
+    assert ws.close_code == 1008
+
+
+async def test_frame_beyond_hard_cap_is_closed(make_client: MakeClient) -> None:
+    client = await make_client()
+    ws, _ = await enter(client, "big", "B")
+    await ws.send_str("x" * (2 * 1024 * 1024))
+    await closed(ws)
+    assert ws.close_code == 1009
+
+
+async def test_vanished_peer_is_announced_by_heartbeat(make_client: MakeClient) -> None:
+    client = await make_client(heartbeat=0.3, resume_grace=0.3)
+    a, _ = await enter(client, "hb", "Alive")
+    # autoping off: this client never answers the server's pings, like a dead network.
+    ghost, jg = await enter(client, "hb", "Ghost", autoping=False)
+    await recv(a, "peer-joined")
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    left = await recv(a, "peer-left")
+    assert left == {"type": "peer-left", "id": jg["id"], "reason": "timeout"}
+    assert 0.3 <= loop.time() - start < 3.0
+    await a.close()
+    await ghost.close()
+
+
+async def test_dropped_peer_resumes_without_others_noticing(make_client: MakeClient) -> None:
+    client = await make_client(heartbeat=5.0, resume_grace=3.0)
+    a, ja = await enter(client, "resume", "Ada")
+    b, jb = await enter(client, "resume", "Bo")
+    await recv(a, "peer-joined")
+    # The TCP connection dies without a close handshake.
+    assert b._response.connection is not None
+    transport = b._response.connection.transport
+    assert transport is not None
+    transport.abort()
+    await asyncio.sleep(0.2)
+    await a.send_json({"type": "offer", "to": jb["id"], "sdp": "v=0 ice-restart"})
+    b2, jb2 = await enter(client, "resume", "Bo", resume={"id": jb["id"], "token": jb["token"]})
+    assert jb2["resumed"] is True and jb2["id"] == jb["id"]
+    assert await recv(b2) == {"type": "offer", "from": ja["id"], "sdp": "v=0 ice-restart"}
+    await a.send_json({"type": "ping"})
+    assert await recv(a) == {"type": "pong"}  # no peer-left/peer-joined in between
+    await b2.close()
+    assert (await recv(a))["type"] == "peer-left"
+    await a.close()
+
+
+async def test_room_capacity_and_password_over_the_wire(make_client: MakeClient) -> None:
+    client = await make_client(config={"room_capacity": 2})
+    a, _ = await enter(client, "tiny", "A", password="pw")
+    ws, err = await enter(client, "tiny", "B")
+    assert err["code"] == "password-required"
+    await ws.send_json({"type": "join", "v": 1, "room": "tiny", "name": "B", "password": "pw"})
+    assert (await recv(ws))["type"] == "joined"
+    c, err = await enter(client, "tiny", "C", password="pw")
+    assert err["code"] == "room-full"
+    for w in (a, ws, c):
+        await w.close()
+
+
+async def test_pages_and_redirects(make_client: MakeClient) -> None:
+    client = await make_client()
+    landing = await client.get("/")
+    assert landing.status == 200 and "text/html" in landing.headers["Content-Type"]
+    assert "'self'" in landing.headers["Content-Security-Policy"]
+    room = await client.get("/r/weekly-sync")
+    assert room.status == 200 and "room.js" in await room.text()
+    redirect = await client.get("/r/Weekly-Sync?name=Ada", allow_redirects=False)
+    assert redirect.status == 302 and redirect.headers["Location"] == "/r/weekly-sync?name=Ada"
+    assert (await client.get("/r/bad%20name")).status == 404
+    assert (await client.get("/static/js/room.js")).status == 200
+    assert (await client.get("/static/../signaling/server.py")).status in (403, 404)
+    health = await (await client.get("/healthz")).json()
+    assert health["ok"] is True
+
+
+async def test_turn_credentials_endpoint(make_client: MakeClient) -> None:
+    now = 1_700_000_000.0
+    client = await make_client(now=lambda: now, config={"credential_ttl": 600})
+    resp = await client.get("/api/turn-credentials?service=turn&username=alice")
+    assert resp.status == 200
+    body = await resp.json()
+    assert body == {
+        "username": f"{int(now) + 600}:alice",
+        "password": rest_password(SECRET, f"{int(now) + 600}:alice"),
+        "ttl": 600,
+        "uris": [
+            "turn:127.0.0.1:3478?transport=udp",
+            "turn:127.0.0.1:3478?transport=tcp",
+            "turns:127.0.0.1:5349?transport=tcp",
+        ],
+    }
+    assert resp.headers["Cache-Control"] == "no-store"
+    bad = await client.get("/api/turn-credentials?service=stun")
+    assert bad.status == 400 and "service" in (await bad.json())["error"]
+    bad = await client.get("/api/turn-credentials?username=a:b")
+    assert bad.status == 400
+    hosted = await client.get(
+        "/api/turn-credentials?username=x", headers={"Host": "meet.example:443"}
+    )
+    assert (await hosted.json())["uris"][0] == "turn:meet.example:3478?transport=udp"
+
+
+async def test_no_secret_means_no_turn(make_client: MakeClient) -> None:
+    client = await make_client(turn_secret=None)
+    resp = await client.get("/api/turn-credentials?service=turn")
+    assert resp.status == 404
+    ws, joined = await enter(client, "x", "X")
+    assert joined["iceServers"] == [{"urls": ["stun:127.0.0.1:3478"]}]
+    await ws.close()
