@@ -163,6 +163,11 @@ class _AddressAttribute(Attribute):
 class _XorAddressAttribute(_AddressAttribute):
     @staticmethod
     def _mask(length: int, transaction_id: bytes) -> bytes:
+        # The mask is the 128 bits after the length field: the magic cookie and a 96-bit id,
+        # or, in a message without the cookie, its whole 128-bit RFC 3489 id. The encoder and
+        # the parser then agree whichever id length they are given.
+        if len(transaction_id) == 16:
+            return transaction_id[:length]
         return (_COOKIE_BYTES + transaction_id)[:length]
 
     @classmethod
@@ -269,6 +274,20 @@ class _FamilyAttribute(Attribute):
         return bytes((self.family, 0, 0, 0))
 
 
+def _decode_error_code(value: bytes, name: str) -> tuple[int, str]:
+    """The code and reason of ERROR-CODE and ADDRESS-ERROR-CODE (RFC 8489 §14.8)."""
+    if len(value) < 4 or len(value) > 4 + 763:
+        raise AttributeError_(f"{name} has a bad length")
+    klass, number = value[2] & 0x07, value[3]
+    if not 3 <= klass <= 6 or number > 99:
+        raise AttributeError_(f"{name} out of range")
+    try:
+        reason = value[4:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise AttributeError_(f"{name} reason is not UTF-8") from exc
+    return klass * 100 + number, reason
+
+
 # --- RFC 8489 ---------------------------------------------------------------------------
 
 
@@ -340,16 +359,7 @@ class ErrorCode(Attribute):
 
     @classmethod
     def decode(cls, value: bytes, transaction_id: bytes) -> Self:
-        if len(value) < 4 or len(value) > 4 + 763:
-            raise AttributeError_("ERROR-CODE has a bad length")
-        klass, number = value[2] & 0x07, value[3]
-        if not 3 <= klass <= 6 or number > 99:
-            raise AttributeError_("ERROR-CODE out of range")
-        try:
-            reason = value[4:].decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise AttributeError_("ERROR-CODE reason is not UTF-8") from exc
-        return cls(klass * 100 + number, reason)
+        return cls(*_decode_error_code(value, "ERROR-CODE"))
 
     def encode(self, transaction_id: bytes) -> bytes:
         klass, number = divmod(self.code, 100)
@@ -581,13 +591,9 @@ class AddressErrorCode(Attribute):
 
     @classmethod
     def decode(cls, value: bytes, transaction_id: bytes) -> Self:
-        if len(value) < 4:
-            raise AttributeError_("ADDRESS-ERROR-CODE is truncated")
-        try:
-            reason = value[4:].decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise AttributeError_("ADDRESS-ERROR-CODE reason is not UTF-8") from exc
-        return cls(value[0], (value[2] & 0x07) * 100 + value[3], reason)
+        # Same class/number/reason grammar as ERROR-CODE (RFC 8656 §18.12): without the range
+        # check a number above 99 would decode to a code that encodes differently.
+        return cls(value[0], *_decode_error_code(value, "ADDRESS-ERROR-CODE"))
 
     def encode(self, transaction_id: bytes) -> bytes:
         klass, number = divmod(self.code, 100)

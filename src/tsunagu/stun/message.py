@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 HEADER_LENGTH = 20
+_MAX_LENGTH = 0xFFFF
 _COOKIE_BYTES = MAGIC_COOKIE.to_bytes(4, "big")
 _FINGERPRINT_XOR = 0x5354554E
 _HEADER = struct.Struct("!HHI12s")
@@ -286,6 +287,8 @@ def _encode_attributes(attributes: Iterable[Attribute], transaction_id: bytes) -
     for attribute in attributes:
         value = attribute.encode(transaction_id)
         kind = attribute.type if isinstance(attribute, UnknownAttribute) else attribute.TYPE
+        if len(value) > _MAX_LENGTH:
+            raise ValueError(f"attribute {kind:#06x} is longer than {_MAX_LENGTH} bytes")
         body += _TLV.pack(kind, len(value))
         body += value
         body += bytes(-len(value) % 4)
@@ -304,21 +307,28 @@ def encode_message(
 ) -> bytes:
     """Serialise a message, appending integrity attributes and FINGERPRINT as asked.
 
-    A 16-byte ``transaction_id`` produces an RFC 3489 message (no magic cookie).
+    A 16-byte ``transaction_id`` produces an RFC 3489 message (no magic cookie). A message
+    whose attributes would not fit the 16-bit length field raises ValueError.
     """
     if len(transaction_id) == 16:
-        magic = transaction_id[:4]
-        xor_id = transaction_id[4:]
+        after_length = transaction_id
     elif len(transaction_id) == 12:
-        magic = _COOKIE_BYTES
-        xor_id = transaction_id
+        after_length = _COOKIE_BYTES + transaction_id
     else:
         raise ValueError("a transaction id is 12 bytes (16 for RFC 3489)")
-    body = _encode_attributes(attributes, xor_id)
+    # XOR-ed addresses use the same id the parser hands them: 12 bytes, or all 16.
+    body = _encode_attributes(attributes, transaction_id)
+    trailers = (
+        (24 if integrity_key is not None else 0)
+        + (36 if integrity_sha256_key is not None else 0)
+        + (8 if fingerprint else 0)
+    )
+    if len(body) + trailers > _MAX_LENGTH:
+        raise ValueError(f"message longer than {_MAX_LENGTH} bytes after its header")
     message_type = _encode_type(method, message_class).to_bytes(2, "big")
 
     def header(extra: int) -> bytes:
-        return message_type + (len(body) + extra).to_bytes(2, "big") + magic + xor_id
+        return message_type + (len(body) + extra).to_bytes(2, "big") + after_length
 
     if integrity_key is not None:
         digest = hmac.new(integrity_key, header(24) + body, hashlib.sha1).digest()
