@@ -9,6 +9,8 @@ import hashlib
 import ipaddress
 import ssl
 import stat
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -198,6 +200,20 @@ def test_damaged_generated_files_are_replaced(tmp_path: Path) -> None:
     second = generated(tmp_path, now=NOW)
     assert second.sha256_fingerprint != first.sha256_fingerprint
     server_ssl_context(second)
+
+
+def test_concurrent_starts_agree_on_one_pair(tmp_path: Path) -> None:
+    barrier = threading.Barrier(4)
+
+    def start() -> TlsMaterial:
+        barrier.wait(timeout=10)
+        return generated(tmp_path, ["turn.example.org"], now=NOW)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = [f.result(timeout=30) for f in [pool.submit(start) for _ in range(4)]]
+    assert len({r.sha256_fingerprint for r in results}) == 1
+    assert ensure_certificate(str(results[0].cert_path), str(results[0].key_path), [], tmp_path)
+    assert generated(tmp_path, now=NOW) == results[0]
 
 
 def test_unwritable_state_dir_is_a_clear_error(tmp_path: Path) -> None:

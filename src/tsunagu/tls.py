@@ -11,13 +11,15 @@ Chromium's ``--ignore-certificate-errors-spki-list`` and HPKP-style pins take).
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
+import fcntl
 import hashlib
 import ipaddress
 import os
 import secrets
 import ssl
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +43,7 @@ __all__ = [
 
 GENERATED_CERT_NAME = "tls-cert.pem"
 GENERATED_KEY_NAME = "tls-key.pem"
+_LOCK_NAME = ".tls.lock"
 
 _VALIDITY = datetime.timedelta(days=30)
 # A certificate this close to expiry is replaced at startup rather than reused, so that a
@@ -264,24 +267,37 @@ def ensure_certificate(
     return TlsMaterial(cert_path, key_path, False, fingerprint, spki)
 
 
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if needed) for the duration."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
 def _ensure_generated(hosts: Sequence[str], state_dir: Path, now: datetime.datetime) -> TlsMaterial:
     addresses, names = _normalise_hosts(hosts)
     cert_path = state_dir / GENERATED_CERT_NAME
     key_path = state_dir / GENERATED_KEY_NAME
-    leaf = _reusable(cert_path, key_path, addresses, names, now)
-    if leaf is None:
-        cert_pem, key_pem = _make_certificate(addresses, names, now)
-        try:
-            state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            # Key first: a crash in between leaves an unmatched pair, which is regenerated.
-            _write_private(key_path, key_pem)
-            _write_private(cert_path, cert_pem)
-        except OSError as exc:
-            raise TlsError(
-                f"tls: cannot write a self-signed certificate into {state_dir}: "
-                f"{exc.strerror or exc}"
-            ) from None
-        leaf = x509.load_pem_x509_certificate(cert_pem)
+    try:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Several processes starting together (workers, a second instance) must agree on one
+        # pair rather than each writing its own key next to another's certificate.
+        with _locked(state_dir / _LOCK_NAME):
+            leaf = _reusable(cert_path, key_path, addresses, names, now)
+            if leaf is None:
+                cert_pem, key_pem = _make_certificate(addresses, names, now)
+                # Key first: a crash in between leaves an unmatched pair, which is replaced.
+                _write_private(key_path, key_pem)
+                _write_private(cert_path, cert_pem)
+                leaf = x509.load_pem_x509_certificate(cert_pem)
+    except OSError as exc:
+        raise TlsError(
+            f"tls: cannot keep a self-signed certificate in {state_dir}: {exc.strerror or exc}"
+        ) from None
     fingerprint, spki = _fingerprints(leaf)
     return TlsMaterial(cert_path, key_path, True, fingerprint, spki)
 
