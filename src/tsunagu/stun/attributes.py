@@ -593,7 +593,8 @@ class AddressErrorCode(Attribute):
     def decode(cls, value: bytes, transaction_id: bytes) -> Self:
         # Same class/number/reason grammar as ERROR-CODE (RFC 8656 §18.12): without the range
         # check a number above 99 would decode to a code that encodes differently.
-        return cls(value[0], *_decode_error_code(value, "ADDRESS-ERROR-CODE"))
+        code, reason = _decode_error_code(value, "ADDRESS-ERROR-CODE")
+        return cls(value[0], code, reason)
 
     def encode(self, transaction_id: bytes) -> bytes:
         klass, number = divmod(self.code, 100)
