@@ -818,6 +818,7 @@ def test_flag_and_bit_attributes() -> None:
 def test_address_error_code_grammar() -> None:
     assert AddressErrorCode.decode(b"\x01\x00\x04\x28", TID) == AddressErrorCode(1, 440)
     for bad in (
+        b"",
         b"\x01\x00\x04",
         b"\x01\x00\x02\x00",
         b"\x01\x00\x04\x64",
