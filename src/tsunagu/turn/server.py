@@ -112,7 +112,10 @@ OFFERED_ALGORITHMS = PasswordAlgorithms(
 )
 _FAMILY_TO_VERSION = {FAMILY_IPV4: 4, FAMILY_IPV6: 6}
 _VERSION_TO_FAMILY = {4: FAMILY_IPV4, 6: FAMILY_IPV6}
-_CHANNEL_MIN, _CHANNEL_MAX = 0x4000, 0x4FFF
+# RFC 8656 narrowed channels to 0x4000-0x4FFF; RFC 5766 clients (coturn's among them) still
+# pick up to 0x7FFE, and refusing them breaks calls for no gain on a TURN server's port.
+_CHANNEL_MIN = 0x4000
+_CHANNEL_MAX_RFC5766 = 0x7FFE
 _MAX_PERMISSIONS = 1000
 _MAX_FAILED_BINDS = 32
 _RESPONSE_CACHE_LIMIT = 100_000
@@ -211,6 +214,8 @@ class TurnSettings:
     alternate_server: Address | None = None
     unauth_rate: float = 20.0
     security_features: bool = True
+    strict_channel_numbers: bool = False
+    """Accept only RFC 8656's 0x4000-0x4FFF instead of RFC 5766's 0x4000-0x7FFE."""
     policy: PeerPolicy = field(default_factory=PeerPolicy.create)
 
 
@@ -441,7 +446,12 @@ class TurnServer:
             self.drops["unauthenticated rate limit"] += 1
             return None
         self.responses[error.code] += 1
-        attributes: list[Attribute] = [ErrorCode(error.code, error.reason), *error.attributes]
+        # An authenticated client gets the precise cause, which is what makes a failure
+        # debuggable; an unauthenticated one gets the short phrase (no amplification).
+        reason = error.reason
+        if auth is not None and error.detail:
+            reason = f"{error.reason}: {error.detail}"[:127]
+        attributes: list[Attribute] = [ErrorCode(error.code, reason), *error.attributes]
         if isinstance(error, Unauthorized | StaleNonce):
             attributes.append(Realm(self.settings.realm))
             attributes.append(Nonce(self._nonces.make(five_tuple.client[0], now)))
@@ -795,7 +805,8 @@ class TurnServer:
         if channel is None or peer is None:
             raise BadRequest("CHANNEL-NUMBER and XOR-PEER-ADDRESS are required")
         number = channel.number
-        if not _CHANNEL_MIN <= number <= _CHANNEL_MAX:
+        highest = 0x4FFF if self.settings.strict_channel_numbers else _CHANNEL_MAX_RFC5766
+        if not _CHANNEL_MIN <= number <= highest:
             raise BadRequest("channel number out of range")
         address = peer.address
         bound = allocation.channels.get(number)

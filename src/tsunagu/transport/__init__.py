@@ -1,0 +1,1 @@
+"""asyncio transports: the only place on the server side that touches sockets."""

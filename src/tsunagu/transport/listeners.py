@@ -1,0 +1,194 @@
+"""STUN/TURN listeners: UDP datagrams and TCP/TLS streams from clients.
+
+Each listener feeds the core and performs what it returns. The one exception is
+ChannelData on UDP, the hot path: the listener relays it itself with three dictionary
+look-ups on state the core maintains (see :mod:`tsunagu.turn.allocation`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..stun.framing import FramingError, StreamFramer
+from ..turn.allocation import Allocation, FiveTuple
+from ..turn.server import Forward
+
+if TYPE_CHECKING:
+    from .runtime import TurnRuntime
+
+__all__ = ["StreamConnection", "UdpListener"]
+
+log = logging.getLogger("tsunagu.transport")
+
+# A stream client that lets this much pile up unread loses packets instead of memory.
+_MAX_STREAM_BACKLOG = 1 << 20
+_PADDING = (b"", b"\x00\x00\x00", b"\x00\x00", b"\x00")
+# A TCP/TLS client must allocate within this time, or it is disconnected.
+_IDLE_STREAM_TIMEOUT = 60.0
+
+
+class UdpClientLink:
+    """How relay sockets reach a client that came over UDP."""
+
+    __slots__ = ("address", "listener", "transport")
+
+    def __init__(self, listener: UdpListener, address: Any) -> None:
+        self.listener = listener
+        self.transport = listener.transport
+        self.address = address
+
+    def send(self, data: bytes) -> None:
+        self.transport.sendto(data, self.address)
+
+    def send_channel(self, header: bytes, data: bytes) -> None:
+        self.transport.sendto(header + data, self.address)
+
+    def detach(self, allocation: Allocation) -> None:
+        self.listener.allocations.pop(self.address, None)
+
+
+class UdpListener(asyncio.DatagramProtocol):
+    """A UDP STUN/TURN port on one local address."""
+
+    def __init__(self, runtime: TurnRuntime, local: tuple[str, int]) -> None:
+        self.runtime = runtime
+        self.local = local
+        self.transport: asyncio.DatagramTransport = None  # type: ignore[assignment]
+        # client address -> allocation, for the ChannelData path.
+        self.allocations: dict[Any, Allocation] = {}
+        self.dropped = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's UDP transport does not subclass asyncio.DatagramTransport.
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if data and 0x40 <= data[0] <= 0x7F:
+            allocation = self.allocations.get(addr)
+            if allocation is not None and len(data) >= 4:
+                entry = allocation.channels.get((data[0] << 8) | data[1])
+                if entry is not None and entry[1][0] in allocation.permissions:
+                    length = (data[2] << 8) | data[3]
+                    if 4 + length <= len(data):
+                        entry[0].sendto(data[4 : 4 + length], entry[1])
+                        allocation.packets_to_peers += 1
+                        allocation.bytes_to_peers += length
+                        return
+                allocation.dropped += 1
+            self.dropped += 1
+            return
+        runtime = self.runtime
+        five_tuple = FiveTuple("udp", (addr[0], addr[1]), self.local)
+        result = runtime.server.receive(data, five_tuple, time.time())
+        if result is not None:
+            if type(result) is bytes:
+                self.transport.sendto(result, addr)
+            else:
+                assert isinstance(result, Forward)
+                result.relay.sendto(result.data, result.peer)
+        runtime.after_receive(self, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        self.dropped += 1
+
+    def attach(self, allocation: Allocation, addr: Any) -> None:
+        allocation.client_link = UdpClientLink(self, addr)
+        self.allocations[addr] = allocation
+
+
+class StreamClientLink:
+    """How relay sockets reach a client on TCP or TLS: ChannelData padded to 4 bytes."""
+
+    __slots__ = ("connection", "transport")
+
+    def __init__(self, connection: StreamConnection) -> None:
+        self.connection = connection
+        self.transport = connection.transport
+
+    def send(self, data: bytes) -> None:
+        transport = self.transport
+        if transport.get_write_buffer_size() < _MAX_STREAM_BACKLOG:
+            transport.write(data)
+
+    def send_channel(self, header: bytes, data: bytes) -> None:
+        transport = self.transport
+        if transport.get_write_buffer_size() < _MAX_STREAM_BACKLOG:
+            transport.write(header + data + _PADDING[len(data) & 3])
+
+    def detach(self, allocation: Allocation) -> None:
+        # An allocation tied to a stream dies with it, and the stream with the allocation.
+        self.connection.allocation = None
+        self.transport.close()
+
+
+class StreamConnection(asyncio.Protocol):
+    """One TCP or TLS client connection."""
+
+    def __init__(self, runtime: TurnRuntime, protocol: str) -> None:
+        self.runtime = runtime
+        self.protocol = protocol
+        self.framer = StreamFramer()
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.five_tuple: FiveTuple | None = None
+        self.allocation: Allocation | None = None
+        self._idle: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        local = transport.get_extra_info("sockname")
+        self.five_tuple = FiveTuple(self.protocol, (peer[0], peer[1]), (local[0], local[1]))
+        self.runtime.streams.add(self)
+        self._idle = asyncio.get_running_loop().call_later(_IDLE_STREAM_TIMEOUT, self._check_idle)
+
+    def _check_idle(self) -> None:
+        if self.allocation is None:
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        framer = self.framer
+        try:
+            framer.feed(data)
+            frames = framer.frames()
+        except FramingError:
+            self.transport.close()
+            return
+        runtime = self.runtime
+        five_tuple = self.five_tuple
+        assert five_tuple is not None
+        for is_channel_data, frame in frames:
+            if is_channel_data:
+                allocation = self.allocation
+                if allocation is not None:
+                    entry = allocation.channels.get((frame[0] << 8) | frame[1])
+                    if entry is not None and entry[1][0] in allocation.permissions:
+                        payload = frame[4:]
+                        entry[0].sendto(payload, entry[1])
+                        allocation.packets_to_peers += 1
+                        allocation.bytes_to_peers += len(payload)
+                        continue
+                    allocation.dropped += 1
+                continue
+            result = runtime.server.receive(frame, five_tuple, time.time())
+            if result is not None:
+                if type(result) is bytes:
+                    self.transport.write(result)
+                else:
+                    assert isinstance(result, Forward)
+                    result.relay.sendto(result.data, result.peer)
+            runtime.after_receive(self, None)
+
+    def attach(self, allocation: Allocation, addr: Any) -> None:
+        self.allocation = allocation
+        allocation.client_link = StreamClientLink(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.runtime.streams.discard(self)
+        if self._idle is not None:
+            self._idle.cancel()
+        if self.five_tuple is not None:
+            self.runtime.server.connection_closed(self.five_tuple, time.time())
+            self.runtime.after_receive(None, None)

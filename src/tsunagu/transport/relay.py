@@ -1,0 +1,151 @@
+"""Relay sockets: where peers' datagrams arrive and leave (the per-packet path).
+
+A :class:`RelayEndpoint` is bound synchronously (the core must know the port before it
+answers the Allocate) and joins the event loop right after. Its ``datagram_received``
+knows its allocation without a look-up and does only what relaying needs: a permission
+test, a channel look-up, one header, one send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import struct
+from typing import Any
+
+from ..stun.attributes import Address
+from ..turn.allocation import Allocation
+from ..turn.server import data_indication
+
+__all__ = ["RelayEndpoint", "UdpRelayBinder"]
+
+log = logging.getLogger("tsunagu.relay")
+
+_CHANNEL_HEADER = struct.Struct("!HH")
+# Matching coturn's relay sockets, whose 64 KiB the kernel doubles.
+RELAY_BUFFER_BYTES = 64 * 1024
+_DF_OPTIONS = (
+    getattr(socket, "IP_MTU_DISCOVER", None),
+    getattr(socket, "IP_PMTUDISC_DO", None),
+)
+
+
+class RelayEndpoint(asyncio.DatagramProtocol):
+    """One relay socket of one allocation."""
+
+    __slots__ = (
+        "_address",
+        "_closed",
+        "_counter",
+        "_sock",
+        "_tid_prefix",
+        "allocation",
+        "transport",
+    )
+
+    def __init__(self, sock: socket.socket, address: Address, tid_prefix: bytes) -> None:
+        self._sock = sock
+        self._address = address
+        self._tid_prefix = tid_prefix
+        self._counter = 0
+        self._closed = False
+        self.allocation: Allocation | None = None
+        self.transport: asyncio.DatagramTransport | None = None
+
+    @property
+    def address(self) -> Address:
+        return self._address
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's UDP transport does not subclass asyncio.DatagramTransport.
+        self.transport = transport  # type: ignore[assignment]
+        if self._closed:
+            transport.close()
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        allocation = self.allocation
+        if allocation is None or addr[0] not in allocation.permissions:
+            if allocation is not None:
+                allocation.dropped += 1
+            return
+        link = allocation.client_link
+        if len(addr) != 2:
+            addr = (addr[0], addr[1])
+        channel = allocation.peer_channels.get(addr)
+        if channel is not None:
+            link.send_channel(_CHANNEL_HEADER.pack(channel, len(data)), data)
+        else:
+            self._counter += 1
+            tid = self._tid_prefix + self._counter.to_bytes(8, "big")
+            try:
+                link.send(data_indication(tid, addr, data))
+            except ValueError:  # too large to wrap in a Data indication
+                allocation.dropped += 1
+                return
+        allocation.packets_to_client += 1
+        allocation.bytes_to_client += len(data)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors (port unreachable, network unreachable) must not end the allocation.
+        if self.allocation is not None:
+            self.allocation.dropped += 1
+
+    def sendto(self, data: bytes, peer: Address) -> None:
+        transport = self.transport
+        if transport is not None:
+            transport.sendto(data, peer)
+        elif not self._closed:
+            try:
+                self._sock.sendto(data, peer)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._closed = True
+        self.allocation = None
+        if self.transport is not None:
+            self.transport.close()
+        else:
+            self._sock.close()
+
+
+class UdpRelayBinder:
+    """Binds relay sockets for the TURN core (:class:`tsunagu.turn.RelayBinder`)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, random_bytes: Any) -> None:
+        self._loop = loop
+        self._random_bytes = random_bytes
+        self.bind_errors = 0
+
+    def bind(self, ip: str, port: int, *, dont_fragment: bool) -> RelayEndpoint | None:
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RELAY_BUFFER_BYTES)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, RELAY_BUFFER_BYTES)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if dont_fragment and family == socket.AF_INET and None not in _DF_OPTIONS:
+                sock.setsockopt(socket.IPPROTO_IP, _DF_OPTIONS[0], _DF_OPTIONS[1])  # type: ignore[arg-type]
+            sock.bind((ip, port))
+        except OSError as exc:
+            sock.close()
+            if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
+                self.bind_errors += 1
+                log.warning("cannot bind relay socket on %s:%d: %s", ip, port, exc)
+            return None
+        endpoint = RelayEndpoint(sock, (ip, port), self._random_bytes(4))
+        self._loop.create_task(self._attach(endpoint, sock))
+        return endpoint
+
+    async def _attach(self, endpoint: RelayEndpoint, sock: socket.socket) -> None:
+        try:
+            await self._loop.create_datagram_endpoint(lambda: endpoint, sock=sock)
+        except OSError as exc:  # the socket was closed before it joined the loop
+            log.debug("relay socket %s did not join the loop: %s", endpoint.address, exc)
+
+    def release(self, relay: Any) -> None:
+        relay.close()

@@ -1,0 +1,395 @@
+"""The running server: listeners, the core, its one timer, signals, drain, audit log.
+
+``serve(config)`` is what ``tsunagu serve`` runs. It turns the configuration into
+:class:`~tsunagu.turn.TurnSettings`, binds the listeners on concrete addresses (a wildcard
+is expanded into the machine's addresses, so every listener knows the IP a client
+reached and relays from that same IP), starts the web server, and waits for a signal.
+
+The first SIGTERM or SIGINT drains: no new TCP/TLS clients, new Allocates are refused
+(300 to the alternate server, else 508), existing allocations keep relaying until they
+end or ``drain_timeout`` passes. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import json
+import logging
+import os
+import random
+import secrets
+import signal
+import socket
+import ssl
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..auth.rest import mint_credentials
+from ..auth.store import StaticCredentialStore
+from ..config import Config, parse_alternate_server, parse_external_ip, parse_user
+from ..turn.events import AllocationCreated, AllocationEnded
+from ..turn.policy import PeerPolicy
+from ..turn.server import TurnServer, TurnSettings
+from .listeners import StreamConnection, UdpListener
+from .relay import UdpRelayBinder
+
+__all__ = ["TurnRuntime", "serve", "settings_from_config"]
+
+log = logging.getLogger("tsunagu")
+audit = logging.getLogger("tsunagu.audit")
+
+# Matching coturn's listener buffers, so that bursts are compared fairly.
+LISTENER_BUFFER_BYTES = 2 * 1024 * 1024
+
+
+def settings_from_config(config: Config, fallback_relay_ips: tuple[str, ...] = ()) -> TurnSettings:
+    external: list[tuple[str, str | None]] = []
+    for text in config.external_ips:
+        public, private = parse_external_ip(text)
+        external.append((str(public), None if private is None else str(private)))
+    alternate = None
+    if config.alternate_servers:
+        ip, port = parse_alternate_server(config.alternate_servers[0])
+        alternate = (str(ip), port)
+    return TurnSettings(
+        realm=config.realm,
+        relay_ips=config.relay_ips,
+        fallback_relay_ips=fallback_relay_ips,
+        external_ips=tuple(external),
+        min_port=config.min_port,
+        max_port=config.max_port,
+        max_lifetime=config.max_allocate_lifetime,
+        default_lifetime=min(600, config.max_allocate_lifetime),
+        permission_lifetime=config.permission_lifetime,
+        channel_lifetime=config.channel_lifetime,
+        nonce_lifetime=config.stale_nonce,
+        user_quota=config.user_quota,
+        total_quota=config.total_quota,
+        software="tsunagu" if config.software_attribute else None,
+        rfc3489_compat=config.stun_backward_compatibility,
+        stun_only=config.stun_only,
+        no_stun=config.no_stun,
+        alternate_server=alternate,
+        unauth_rate=config.unauth_rate,
+        policy=PeerPolicy.create(config.allowed_peer_ips, config.denied_peer_ips),
+    )
+
+
+def local_addresses() -> list[str]:
+    """The machine's IP addresses, loopback included, IPv6 link-local excluded."""
+    import ifaddr
+
+    found: list[str] = []
+    for adapter in ifaddr.get_adapters():
+        for entry in adapter.ips:
+            ip = entry.ip if isinstance(entry.ip, str) else entry.ip[0]
+            try:
+                address = ipaddress.ip_address(ip.split("%")[0])
+            except ValueError:
+                continue
+            if address.is_link_local or str(address) in found:
+                continue
+            found.append(str(address))
+    return found or ["127.0.0.1"]
+
+
+class TurnRuntime:
+    """Owns the TURN core and performs what it asks of the event loop."""
+
+    def __init__(self, server: TurnServer, loop: asyncio.AbstractEventLoop) -> None:
+        self.server = server
+        self.loop = loop
+        self.streams: set[StreamConnection] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self.all_ended = asyncio.Event()
+
+    def after_receive(self, origin: Any, addr: Any) -> None:
+        """Handle the core's events after a call into it, and re-arm its timer."""
+        server = self.server
+        event = server.next_event()
+        while event is not None:
+            if isinstance(event, AllocationCreated):
+                # Only the request just handled can have created an allocation.
+                if origin is not None:
+                    origin.attach(event.allocation, addr)
+                for relay in event.allocation.relays.values():
+                    relay.allocation = event.allocation  # type: ignore[attr-defined]
+            elif isinstance(event, AllocationEnded):
+                self._ended(event)
+            event = server.next_event()
+        deadline = server.get_timer()
+        if deadline != self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = deadline
+            self._timer = (
+                None
+                if deadline is None
+                else self.loop.call_later(max(0.0, deadline - time.time()), self._on_timer)
+            )
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.server.handle_timer(time.time())
+        self.after_receive(None, None)
+
+    def _ended(self, event: AllocationEnded) -> None:
+        allocation = event.allocation
+        link = allocation.client_link
+        if link is not None:
+            link.detach(allocation)
+        audit.info(
+            json.dumps(
+                {
+                    "event": "allocation-ended",
+                    "reason": event.reason,
+                    "user": allocation.username,
+                    "client": str(allocation.five_tuple),
+                    "relay": [f"{ip}:{port}" for ip, port in allocation.relayed_addresses.values()],
+                    "peers": sorted(allocation.peers_seen),
+                    "to_peers": {
+                        "packets": allocation.packets_to_peers,
+                        "bytes": allocation.bytes_to_peers,
+                    },
+                    "to_client": {
+                        "packets": allocation.packets_to_client,
+                        "bytes": allocation.bytes_to_client,
+                    },
+                    "dropped": allocation.dropped,
+                    "duration": round(event.ended_at - allocation.created, 3),
+                },
+                separators=(",", ":"),
+            )
+        )
+        if not self.server.allocations:
+            self.all_ended.set()
+
+    def shutdown(self) -> None:
+        self.server.shutdown(time.time())
+        self.after_receive(None, None)
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+def _state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
+    return Path(base) / "tsunagu"
+
+
+def _setup_logging(config: Config) -> None:
+    handler: logging.Handler
+    handler = (
+        logging.FileHandler(config.log_file)
+        if config.log_file
+        else logging.StreamHandler(sys.stderr)
+    )
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger("tsunagu")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if config.verbose else logging.INFO)
+    root.propagate = False
+
+
+def _host_for_uris(config: Config, listening: list[str]) -> str:
+    if config.public_host:
+        return config.public_host
+    if config.external_ips:
+        return str(parse_external_ip(config.external_ips[0])[0])
+    for ip in listening:
+        if not ipaddress.ip_address(ip).is_loopback:
+            return ip
+    return listening[0] if listening else "127.0.0.1"
+
+
+def _say(text: str) -> None:
+    """Start-up information for the person who ran the command, on stdout."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+async def serve(config: Config) -> int:
+    """Run everything ``config`` enables until a signal; return the exit status."""
+    _setup_logging(config)
+    loop = asyncio.get_running_loop()
+    rng = random.SystemRandom()
+
+    turn_secret: str | None = config.static_auth_secrets[0] if config.static_auth_secrets else None
+    secrets_in_use = config.static_auth_secrets
+    if turn_secret is None:
+        # The web page mints time-limited credentials; without an operator's secret a fresh
+        # one per start keeps that working with no configuration.
+        turn_secret = secrets.token_urlsafe(24)
+        secrets_in_use = (turn_secret,)
+
+    wildcard = not config.listening_ips or any(
+        ip in ("0.0.0.0", "::") for ip in config.listening_ips
+    )
+    listening = local_addresses() if wildcard else list(config.listening_ips)
+    if config.listening_ips and wildcard:
+        listening = sorted(
+            {ip for ip in local_addresses() if ":" in ip and "::" in config.listening_ips}
+            | {
+                ip
+                for ip in local_addresses()
+                if ":" not in ip and "0.0.0.0" in config.listening_ips
+            }
+            | {ip for ip in config.listening_ips if ip not in ("0.0.0.0", "::")}
+        )
+
+    runner: Any = None
+    ssl_context: ssl.SSLContext | None = None
+    material: Any = None
+    servers: list[asyncio.AbstractServer] = []
+    udp_transports: list[asyncio.BaseTransport] = []
+    transport: asyncio.BaseTransport
+    runtime: TurnRuntime | None = None
+
+    need_tls = (not config.no_turn and not config.no_tls and not config.stun_only) or (
+        not config.no_web and config.cert is not None
+    )
+    if need_tls:
+        from ..tls import ensure_certificate, server_ssl_context
+
+        material = ensure_certificate(
+            config.cert, config.pkey, [*listening, config.public_host or "localhost"], _state_dir()
+        )
+        ssl_context = server_ssl_context(material)
+
+    host = _host_for_uris(config, listening)
+    if not config.no_turn:
+        settings = settings_from_config(config, tuple(listening))
+        users = [parse_user(text) for text in config.users]
+        store = StaticCredentialStore(
+            config.realm,
+            users,
+            secrets_in_use,
+            check_expiry_on_existing=config.rest_check_on_refresh,
+        )
+        binder = UdpRelayBinder(loop, rng.randbytes)
+        server = TurnServer(settings, store, binder, rng)
+        runtime = TurnRuntime(server, loop)
+        port = config.listening_port
+        for ip in listening:
+            try:
+                if not config.no_udp:
+                    transport, _ = await loop.create_datagram_endpoint(
+                        lambda ip=ip: UdpListener(runtime, (ip, port)),  # type: ignore[misc]
+                        local_addr=(ip, port),
+                    )
+                    sock = transport.get_extra_info("socket")
+                    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                        sock.setsockopt(socket.SOL_SOCKET, option, LISTENER_BUFFER_BYTES)
+                    udp_transports.append(transport)
+                if not config.no_tcp:
+                    servers.append(
+                        await loop.create_server(
+                            lambda: StreamConnection(runtime, "tcp"), ip, port, reuse_address=True
+                        )
+                    )
+                if ssl_context is not None and not config.no_tls and not config.stun_only:
+                    servers.append(
+                        await loop.create_server(
+                            lambda: StreamConnection(runtime, "tls"),
+                            ip,
+                            config.tls_listening_port,
+                            ssl=ssl_context,
+                            reuse_address=True,
+                        )
+                    )
+            except OSError as exc:
+                log.error("cannot listen on %s: %s", ip, exc.strerror or exc)
+                for transport in udp_transports:
+                    transport.close()
+                for item in servers:
+                    item.close()
+                return 1
+        _say(f"tsunagu: STUN/TURN on {', '.join(listening)} port {port}")
+        transports = [
+            name
+            for name, enabled in (
+                ("udp", not config.no_udp),
+                ("tcp", not config.no_tcp),
+                ("tls", ssl_context is not None and not config.no_tls and not config.stun_only),
+            )
+            if enabled
+        ]
+        _say(f"tsunagu: transports: {', '.join(transports)}; realm {config.realm}")
+        if material is not None:
+            _say(
+                f"tsunagu: TLS certificate {material.cert_path}"
+                f"{' (self-signed)' if material.generated else ''}"
+                f" sha256 {material.sha256_fingerprint} spki {material.spki_sha256_b64}"
+            )
+        if not config.stun_only:
+            username, password = mint_credentials(turn_secret, "test", 86400, time.time())
+            urls = [f"stun:{_bracket(host)}:{port}"]
+            if not config.no_udp:
+                urls.append(f"turn:{_bracket(host)}:{port}?transport=udp")
+            if not config.no_tcp:
+                urls.append(f"turn:{_bracket(host)}:{port}?transport=tcp")
+            if ssl_context is not None and not config.no_tls:
+                urls.append(f"turns:{_bracket(host)}:{config.tls_listening_port}?transport=tcp")
+            entry = {"urls": urls, "username": username, "credential": password}
+            _say("tsunagu: ICE server entry (valid 24 h):")
+            _say(json.dumps(entry))
+
+    if not config.no_web:
+        from ..signaling.server import run_web
+
+        web_ssl = ssl_context if config.cert is not None else None
+        runner = await run_web(
+            dataclasses.replace(config, public_host=config.public_host or None),
+            turn_secret if not config.no_turn else None,
+            web_ssl,
+        )
+        scheme = "https" if web_ssl else "http"
+        _say(f"tsunagu: web app on {scheme}://{_bracket(config.web_ip)}:{config.web_port}/")
+
+    stop = asyncio.Event()
+    signals_seen = 0
+
+    def on_signal() -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1:
+            log.info("draining: no new allocations; waiting up to %ss", config.drain_timeout)
+            stop.set()
+        else:
+            log.info("second signal: exiting now")
+            os._exit(1)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal)
+    _say("tsunagu: ready")
+    await stop.wait()
+
+    for item in servers:
+        item.close()
+    if runner is not None:
+        await runner.cleanup()
+    if runtime is not None:
+        runtime.server.start_drain()
+        if runtime.server.allocations:
+            runtime.all_ended.clear()
+            try:
+                await asyncio.wait_for(runtime.all_ended.wait(), config.drain_timeout)
+            except TimeoutError:
+                log.info("drain timeout: ending %d allocations", len(runtime.server.allocations))
+        runtime.shutdown()
+        for stream in list(runtime.streams):
+            stream.transport.close()
+    for transport in udp_transports:
+        transport.close()
+    await asyncio.sleep(0)
+    log.info("stopped")
+    return 0
