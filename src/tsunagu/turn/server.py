@@ -789,7 +789,9 @@ class TurnServer:
             raise BadRequest("XOR-PEER-ADDRESS is required")
         for peer in peers:
             self._check_peer(allocation, peer)
-        if len(allocation.permissions) + len(peers) > _MAX_PERMISSIONS:
+        # Only new IPs count against the limit: refreshing what exists must always work.
+        new = {peer.ip for peer in peers} - allocation.permissions.keys()
+        if len(allocation.permissions) + len(new) > _MAX_PERMISSIONS:
             raise InsufficientCapacity("too many permissions")
         for peer in peers:
             self._permit(allocation, peer.ip, now)
