@@ -1,0 +1,16 @@
+"""Fixtures of the browser tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from e2e_support import Server, run_server
+
+
+@pytest.fixture
+def relay_server(tmp_path: Path) -> Iterator[Server]:
+    """``tsunagu serve`` forcing every browser to relay through it."""
+    with run_server(tmp_path, "--ice-transport-policy", "relay") as server:
+        yield server

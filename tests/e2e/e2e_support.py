@@ -1,0 +1,175 @@
+"""Helpers for the browser tests: a real ``tsunagu serve`` subprocess and a headless Chromium,
+both on loopback only."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from playwright.async_api import Browser, async_playwright
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--use-fake-ui-for-media-stream",
+    "--use-fake-device-for-media-stream",
+]
+START_TIMEOUT = 30.0
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _port_free(port: int) -> bool:
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        with socket.socket(socket.AF_INET, kind) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+def free_ports(count: int, *, low: int = 20000, high: int = 32000) -> list[int]:
+    """``count`` ports free for both TCP and UDP on 127.0.0.1 (the kernel picks the start)."""
+    found: list[int] = []
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in found and _port_free(port):
+            found.append(port)
+            if len(found) == count:
+                return found
+    raise RuntimeError("no free ports")
+
+
+def relay_range(size: int = 200) -> tuple[int, int]:
+    """A window of ports for relayed transport addresses that is currently unused."""
+    for _ in range(50):
+        (start,) = free_ports(1)
+        start = max(1024, start - start % 100)
+        if start + size <= 65535 and all(_port_free(p) for p in range(start, start + size, 17)):
+            return start, start + size - 1
+    raise RuntimeError("no free relay range")
+
+
+@dataclass
+class Server:
+    """A running ``tsunagu serve``; ``output`` holds what it printed so far."""
+
+    process: subprocess.Popen[bytes]
+    web_port: int
+    turn_port: int
+    tls_port: int
+    spki: str | None
+    output: list[str] = field(default_factory=list)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.web_port}"
+
+
+def _read_until_ready(process: subprocess.Popen[bytes], deadline: float) -> list[str]:
+    """Lines printed by the server up to "tsunagu: ready" (raw reads: no hidden buffering)."""
+    assert process.stdout is not None
+    fd = process.stdout.fileno()
+    data = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        chunk = os.read(fd, 65536) if ready else b""
+        data += chunk
+        lines = data.decode(errors="replace").splitlines(keepends=True)
+        if any(line.strip() == "tsunagu: ready" for line in lines):
+            return lines
+        if ready and not chunk:
+            process.wait(timeout=5)
+            printed = "".join(lines)
+            raise RuntimeError(f"tsunagu serve exited with {process.returncode}:\n{printed}")
+    raise RuntimeError("tsunagu serve did not get ready in time:\n" + data.decode(errors="replace"))
+
+
+def _drain(process: subprocess.Popen[bytes], sink: list[str]) -> None:
+    assert process.stdout is not None
+    with contextlib.suppress(OSError, ValueError):
+        for raw in iter(process.stdout.readline, b""):
+            sink.append(raw.decode(errors="replace"))
+
+
+@contextlib.contextmanager
+def run_server(tmp: Path, *extra: str) -> Iterator[Server]:
+    web_port, turn_port, tls_port = free_ports(3)
+    low, high = relay_range()
+    command = [
+        sys.executable,
+        "-m",
+        "tsunagu",
+        "serve",
+        "--listening-ip",
+        "127.0.0.1",
+        "--listening-port",
+        str(turn_port),
+        "--tls-listening-port",
+        str(tls_port),
+        "--min-port",
+        str(low),
+        "--max-port",
+        str(high),
+        "--web-ip",
+        "127.0.0.1",
+        "--web-port",
+        str(web_port),
+        "--allowed-peer-ip",
+        "127.0.0.1",
+        "--drain-timeout",
+        "0",
+        *extra,
+    ]
+    env = dict(os.environ, XDG_STATE_HOME=str(tmp / "state"), PYTHONUNBUFFERED="1")
+    log = open(tmp / "serve.stderr", "w")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, env=env, cwd=ROOT)
+    try:
+        lines = _read_until_ready(process, time.monotonic() + START_TIMEOUT)
+        match = re.search(r"\bspki (\S+)", "".join(lines))
+        server = Server(process, web_port, turn_port, tls_port, match and match.group(1), lines)
+        # Keep draining stdout so that a chatty server never blocks on a full pipe.
+        threading.Thread(target=_drain, args=(process, server.output), daemon=True).start()
+        yield server
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)
+        if process.stdout is not None:
+            process.stdout.close()
+        log.close()
+
+
+@contextlib.asynccontextmanager
+async def chromium(*extra_args: str) -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=[*CHROMIUM_ARGS, *extra_args]
+        )
+        try:
+            yield browser
+        finally:
+            await browser.close()

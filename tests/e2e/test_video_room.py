@@ -1,0 +1,216 @@
+"""Three people in one room through a real ``tsunagu serve``, relayed over TURN UDP, TCP, TLS.
+
+Each browser context is one person with Chromium's fake camera and microphone. The ICE policy
+is "relay", so every byte of media must cross the server's TURN relay; the page's
+``?transport=`` parameter keeps only the TURN URIs of one transport, so each run proves that
+transport end to end. Screenshots for the documentation are written to ``docs/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from e2e_support import ROOT, Server, chromium
+from playwright.async_api import Browser, Page
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
+
+DOCS = ROOT / "docs"
+CONNECT_MS = 40_000
+STEP_MS = 15_000
+NAMES = ("Ada", "Grace", "Linus")
+
+
+async def open_person(browser: Browser, url: str) -> Page:
+    context = await browser.new_context(viewport={"width": 1280, "height": 760})
+    page = await context.new_page()
+    await page.goto(url)
+    await page.wait_for_function(
+        "() => window.tsunagu && window.tsunagu.state().joined", timeout=STEP_MS
+    )
+    return page
+
+
+async def wait_connected(page: Page, count: int) -> None:
+    await page.wait_for_function(
+        """(n) => {
+            const peers = window.tsunagu.peers();
+            return peers.length === n && peers.every((p) => p.connectionState === "connected");
+        }""",
+        arg=count,
+        timeout=CONNECT_MS,
+    )
+
+
+async def wait_frames(page: Page, count: int) -> list[dict[str, Any]]:
+    """Poll getStats (bounded) until video frames were decoded from ``count`` peers."""
+    stats: list[dict[str, Any]] = []
+    for _ in range(60):
+        stats = await page.evaluate("window.tsunagu.stats()")
+        if len(stats) == count and all(s["framesDecoded"] > 0 for s in stats):
+            return stats
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"no decoded frames: {stats}")
+
+
+async def diagnose(pages: list[Page], server: Server) -> str:
+    parts = ["".join(server.output)]
+    for page in pages:
+        try:
+            parts.append(repr(await page.evaluate("window.tsunagu.peers()")))
+            parts.append(repr(await page.evaluate("window.tsunagu.diagnostics()")))
+        except Exception as exc:  # the page may be gone; report what we can
+            parts.append(f"page unavailable: {exc}")
+    return "\n".join(parts)
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp", "tls"])
+async def test_three_people_relayed(relay_server: Server, transport: str) -> None:
+    server = relay_server
+    extra = []
+    if transport == "tls":
+        assert server.spki, "tsunagu serve did not print the SPKI of its TLS certificate"
+        extra.append(f"--ignore-certificate-errors-spki-list={server.spki}")
+    room = f"e2e-{transport}"
+    async with chromium(*extra) as browser:
+        pages: list[Page] = []
+        for name in NAMES:
+            pages.append(
+                await open_person(
+                    browser, f"{server.base}/r/{room}?name={name}&transport={transport}"
+                )
+            )
+        try:
+            await asyncio.gather(*(wait_connected(page, 2) for page in pages))
+        except Exception as exc:
+            raise AssertionError(await diagnose(pages, server)) from exc
+
+        # The page filtered the ICE servers down to the one transport under test.
+        state = await pages[0].evaluate("window.tsunagu.state()")
+        assert state["policy"] == "relay"
+        urls = [u for s in state["iceServers"] for u in s["urls"] if u.startswith("turn")]
+        scheme = "turns:" if transport == "tls" else "turn:"
+        assert urls and all(u.startswith(scheme) for u in urls), urls
+
+        # Every person decodes video from the two others, relayed over the chosen transport.
+        for page in pages:
+            stats = await wait_frames(page, 2)
+            for s in stats:
+                assert s["path"]["kind"] == "relay", s
+                assert s["local"]["type"] == "relay", s
+                assert s["local"]["relayProtocol"] == transport, s
+                assert s["path"]["label"] == f"Relayed · TURN/{transport.upper()}"
+        # The badge on each remote tile says so too (rendered by the page's own stats loop).
+        await pages[0].wait_for_function(
+            """(label) => {
+                const badges = [...document.querySelectorAll(".tile:not(.self) .badge")];
+                return badges.length === 2 && badges.every((b) => b.textContent.startsWith(label));
+            }""",
+            arg=f"Relayed · TURN/{transport.upper()}",
+            timeout=STEP_MS,
+        )
+
+        # Chat typed into the page reaches the other two.
+        ada = pages[0]
+        await ada.click("#btn-chat")
+        text = f"hello over {transport}"
+        await ada.fill("#chat-input", text)
+        await ada.press("#chat-input", "Enter")
+        for page in pages:
+            await page.wait_for_function(
+                "(t) => window.tsunagu.chat().some((c) => c.text === t && c.name === 'Ada')",
+                arg=text,
+                timeout=STEP_MS,
+            )
+        await pages[1].evaluate("window.tsunagu.sendChat('Grace here, relayed and clear')")
+        await ada.wait_for_function("() => window.tsunagu.chat().length >= 2", timeout=STEP_MS)
+
+        # Grace's signaling connection drops without a close handshake. She reconnects with her
+        # resume token and keeps her seat: same id, nobody saw her leave, calls carry on. Then
+        # Ada restarts ICE towards her, which is what a changed network calls for.
+        grace = pages[1]
+        grace_id = (await grace.evaluate("window.tsunagu.state()"))["id"]
+        await grace.evaluate("window.tsunagu.breakSignaling()")
+        await grace.wait_for_function(
+            """(id) => {
+                const s = window.tsunagu.state();
+                return s.signaling === "open" && s.id === id;
+            }""",
+            arg=grace_id,
+            timeout=STEP_MS,
+        )
+        before = {s["id"]: s["framesDecoded"] for s in await ada.evaluate("window.tsunagu.stats()")}
+        assert await ada.evaluate("(id) => window.tsunagu.restartIce(id)", grace_id)
+        await ada.wait_for_function(
+            """(id) => window.tsunagu.peers().some((p) => p.id === id && p.restarts === 1
+                && p.connectionState === "connected")""",
+            arg=grace_id,
+            timeout=STEP_MS,
+        )
+        for _ in range(40):
+            after = {s["id"]: s for s in await ada.evaluate("window.tsunagu.stats()")}
+            if after[grace_id]["framesDecoded"] > before[grace_id] + 10:
+                break
+            await asyncio.sleep(0.25)
+        assert after[grace_id]["framesDecoded"] > before[grace_id] + 10
+        assert after[grace_id]["path"]["kind"] == "relay"
+        assert len(await ada.evaluate("window.tsunagu.peers()")) == 2
+
+        # Linus mutes and turns the camera off: the others see the avatar and the muted mark,
+        # carried by the data channel between the browsers.
+        linus = pages[2]
+        await linus.click("#btn-cam")
+        await linus.click("#btn-mic")
+        for page in pages[:2]:
+            await page.wait_for_function(
+                """() => [...document.querySelectorAll(".tile:not(.self)")].some((t) =>
+                    t.querySelector(".tile-name").textContent === "Linus"
+                    && t.classList.contains("no-video") && !t.querySelector(".mic-off").hidden)""",
+                timeout=STEP_MS,
+            )
+
+        if transport == "udp":
+            # Let the stats loop show RTT and bitrate on the badges, then take the picture.
+            await asyncio.sleep(2.5)
+            await ada.screenshot(path=str(DOCS / "room.png"))
+
+        # One leaves; the other two see it and keep their call.
+        linus_id = (await linus.evaluate("window.tsunagu.state()"))["id"]
+        await linus.click("#btn-leave")
+        for page in pages[:2]:
+            await page.wait_for_function(
+                """(id) => {
+                    const peers = window.tsunagu.peers();
+                    return peers.length === 1 && !peers.some((p) => p.id === id)
+                        && document.querySelectorAll(".tile:not(.self):not(.invite)").length === 1;
+                }""",
+                arg=linus_id,
+                timeout=STEP_MS,
+            )
+        assert await linus.evaluate("window.tsunagu.state().ended") is True
+        remaining = await pages[0].evaluate("window.tsunagu.peers()")
+        assert remaining[0]["connectionState"] == "connected"
+
+
+async def test_landing_page_creates_a_room(relay_server: Server) -> None:
+    async with chromium() as browser:
+        context = await browser.new_context(viewport={"width": 1280, "height": 800})
+        page = await context.new_page()
+        await page.goto(relay_server.base + "/")
+        await page.fill("#create-name", "Ada")
+        link = await page.text_content("#share-link")
+        assert link and link.startswith(relay_server.base + "/r/")
+        room = link.rsplit("/", 1)[1]
+        await page.screenshot(path=str(DOCS / "landing.png"))
+        await page.click("#create-room")
+        await page.wait_for_url(f"**/r/{room}?name=Ada", timeout=STEP_MS)
+        await page.wait_for_function(
+            "() => window.tsunagu.state && window.tsunagu.state().joined", timeout=STEP_MS
+        )
+        state = await page.evaluate("window.tsunagu.state()")
+        assert state["room"] == room and state["name"] == "Ada"
+        # Alone in the room: the invitation with the link to share is shown.
+        assert await page.text_content(".tile.invite code") == link
+        await context.close()
