@@ -107,8 +107,9 @@ export async function copyText(text) {
 
 export function initials(name) {
   const parts = (name || "?").trim().split(/\s+/).filter(Boolean);
-  const letters = parts.length > 1 ? parts[0][0] + parts[parts.length - 1][0] : (parts[0] || "?").slice(0, 2);
-  return letters.toUpperCase();
+  const first = [...(parts[0] || "?")][0];
+  const last = parts.length > 1 ? [...parts[parts.length - 1]][0] : "";
+  return (first + last).toUpperCase();
 }
 
 /** A stable hue for a name, so each person keeps a colour. */

@@ -15,7 +15,16 @@ const joinHint = document.getElementById("join-hint");
 let room = randomRoomName();
 
 function showRoom() {
-  shareLink.textContent = roomUrl(room);
+  const url = roomUrl(room);
+  const cut = url.length - room.length;
+  const host = document.createElement("span");
+  host.className = "host";
+  host.textContent = url.slice(0, cut);
+  const path = document.createElement("span");
+  path.className = "path";
+  path.textContent = url.slice(cut);
+  shareLink.replaceChildren(host, path);
+  shareLink.title = url;
 }
 
 function go(target) {

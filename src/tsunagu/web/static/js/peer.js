@@ -1,7 +1,12 @@
 // One RTCPeerConnection to one remote peer, negotiated with the "perfect negotiation" pattern:
-// both sides may start a negotiation at any time; on a collision the polite side rolls back
+// either side may start a negotiation at any time; on a collision the polite side rolls back
 // and accepts the other's offer while the impolite side ignores the colliding offer, so glare
 // never breaks a call. Which side is polite is decided by comparing the two peer ids.
+//
+// Glare is resolved, but it is also kept rare, because a rollback in the middle of ICE
+// gathering can leave Chromium's new gathering without any candidate (seen with TURN-only
+// policies): the polite side stays silent until the first offer arrives and then answers with
+// its tracks, and only the impolite side restarts ICE on its own.
 
 const RESTART_AFTER_DISCONNECTED_MS = 2500;
 
@@ -29,6 +34,8 @@ export class PeerLink extends EventTarget {
     this.ignoreOffer = false;
     this.settingRemoteAnswer = false;
     this.chain = Promise.resolve();
+    this.pending = [];
+    this.events = [];
     this.candidateErrors = [];
     this.gathered = new Set();
     this.gatheringDone = false;
@@ -36,17 +43,17 @@ export class PeerLink extends EventTarget {
     this.remoteStatus = { mic: true, cam: true, screen: false };
     this.disconnectTimer = 0;
     this.closed = false;
+    this.started = false;
+    this.tracks = tracks;
+    this.channel = null;
 
     const pc = new RTCPeerConnection(config);
     this.pc = pc;
-    // A negotiated channel (same id on both sides) needs no extra offer round and carries
-    // small status updates (muted, camera off) straight between the two browsers.
-    this.channel = pc.createDataChannel("status", { negotiated: true, id: 0 });
-    this.channel.addEventListener("open", () => this.dispatchEvent(new Event("channelopen")));
-    this.channel.addEventListener("message", (event) => this.onChannelMessage(event.data));
 
     pc.addEventListener("negotiationneeded", () => this.negotiate());
+    pc.addEventListener("signalingstatechange", () => this.note(`signaling ${pc.signalingState}`));
     pc.addEventListener("icecandidate", ({ candidate }) => {
+      this.note(candidate ? `local candidate ${candidate.type || ""} ${candidate.usernameFragment || ""}` : "local gathering done");
       if (candidate && candidate.candidate) {
         this.gathered.add(candidate.type || candidateType(candidate.candidate));
         this.gatheringDone = false;
@@ -54,9 +61,8 @@ export class PeerLink extends EventTarget {
       this.send({ type: "candidate", to: this.id, candidate: candidate ? candidate.toJSON() : null });
     });
     pc.addEventListener("icegatheringstatechange", () => {
+      this.note(`gathering ${pc.iceGatheringState}`);
       if (pc.iceGatheringState === "gathering") {
-        this.gathered = new Set();
-        this.candidateErrors = [];
         this.gatheringDone = false;
       } else if (pc.iceGatheringState === "complete") {
         this.gatheringDone = true;
@@ -64,6 +70,7 @@ export class PeerLink extends EventTarget {
       this.changed();
     });
     pc.addEventListener("icecandidateerror", (event) => {
+      this.note(`candidate error ${event.errorCode} ${event.url || ""}`);
       this.candidateErrors.push({
         url: event.url || "",
         errorCode: event.errorCode,
@@ -83,15 +90,35 @@ export class PeerLink extends EventTarget {
     pc.addEventListener("connectionstatechange", () => this.changed());
     pc.addEventListener("iceconnectionstatechange", () => this.onIceState());
 
-    this.setTracks(tracks);
+    if (!polite) this.start();
+  }
+
+  /** Add the data channel and the tracks; the first negotiation follows from it. */
+  start() {
+    if (this.started) return;
+    this.started = true;
+    // A negotiated channel (same id on both sides) needs no extra offer round and carries
+    // small status updates (muted, camera off) straight between the two browsers.
+    this.channel = this.pc.createDataChannel("status", { negotiated: true, id: 0 });
+    this.channel.addEventListener("open", () => this.dispatchEvent(new Event("channelopen")));
+    this.channel.addEventListener("message", (event) => this.onChannelMessage(event.data));
+    this.setTracks(this.tracks);
   }
 
   changed() {
     this.dispatchEvent(new Event("change"));
   }
 
+  /** A short, bounded history of what happened on this link, for diagnostics. */
+  note(what) {
+    this.events.push(`${Math.round(performance.now())} ${what}`);
+    if (this.events.length > 60) this.events.shift();
+  }
+
   /** Make the senders carry `tracks` (null stops sending that kind without renegotiating). */
   setTracks(tracks) {
+    this.tracks = tracks;
+    if (!this.started) return;
     for (const kind of ["audio", "video"]) {
       const track = tracks[kind] || null;
       const sender = this.senders[kind];
@@ -132,6 +159,7 @@ export class PeerLink extends EventTarget {
         !this.makingOffer && (pc.signalingState === "stable" || this.settingRemoteAnswer);
       const collision = message.type === "offer" && !readyForOffer;
       this.ignoreOffer = !this.polite && collision;
+      this.note(`remote ${message.type}${collision ? " (collision)" : ""}${this.ignoreOffer ? " ignored" : ""}`);
       if (this.ignoreOffer) return;
       this.settingRemoteAnswer = message.type === "answer";
       try {
@@ -139,22 +167,48 @@ export class PeerLink extends EventTarget {
       } finally {
         this.settingRemoteAnswer = false;
       }
+      await this.flushPending();
       if (message.type === "offer") {
+        // Tracks added now ride on the transceivers this offer created: one round trip.
+        this.start();
         await pc.setLocalDescription();
         const desc = pc.localDescription;
         this.send({ type: desc.type, to: this.id, sdp: desc.sdp });
       }
     } else if (message.type === "candidate") {
-      try {
-        if (message.candidate) {
-          await pc.addIceCandidate(message.candidate);
-        } else {
-          await pc.addIceCandidate();
-        }
-      } catch (err) {
-        // Candidates of an offer we ignored, or of a generation already replaced, fail here.
-        if (!this.ignoreOffer && message.candidate) console.debug("candidate refused", err);
+      const candidate = message.candidate;
+      if (!candidate) {
+        // End of candidates; meaningless for a description we ignored, harmless otherwise.
+        await pc.addIceCandidate().catch(() => {});
+        return;
       }
+      if (!pc.remoteDescription || this.ignoreOffer) {
+        this.stash(candidate);
+        return;
+      }
+      try {
+        await pc.addIceCandidate(candidate);
+      } catch {
+        this.stash(candidate);
+      }
+    }
+  }
+
+  // Candidates that belong to a description we do not have (yet). This matters after a
+  // collision: the polite side rolls back its offer and answers, and its answer reuses the
+  // ICE credentials of that offer, whose candidates it already sent while we were ignoring
+  // the offer. It will not send them again, and with a relay-only policy nothing else would
+  // open the TURN permissions, so they are kept and tried after the next remote description.
+  stash(candidate) {
+    this.pending.push(candidate);
+    if (this.pending.length > 100) this.pending.shift();
+  }
+
+  async flushPending() {
+    const pending = this.pending;
+    this.pending = [];
+    for (const candidate of pending) {
+      await this.pc.addIceCandidate(candidate).catch(() => {});
     }
   }
 
@@ -162,19 +216,28 @@ export class PeerLink extends EventTarget {
     const state = this.pc.iceConnectionState;
     clearTimeout(this.disconnectTimer);
     if (state === "failed") {
-      this.restartIce();
+      this.recover();
     } else if (state === "disconnected") {
       // Often transient (a Wi-Fi hiccup); restart only if it does not come back by itself.
       this.disconnectTimer = setTimeout(() => {
-        if (this.pc.iceConnectionState === "disconnected") this.restartIce();
+        if (this.pc.iceConnectionState === "disconnected") this.recover();
       }, RESTART_AFTER_DISCONNECTED_MS);
     }
     this.changed();
   }
 
+  /** Restart ICE if this side leads restarts (the impolite one); the other side follows. */
+  recover() {
+    if (!this.polite) this.restartIce();
+  }
+
   restartIce() {
     if (this.closed) return;
     this.restarts += 1;
+    // A new ICE generation: what was gathered or failed before says nothing about it.
+    this.gathered = new Set();
+    this.candidateErrors = [];
+    this.gatheringDone = false;
     this.pc.restartIce();
   }
 
@@ -188,7 +251,7 @@ export class PeerLink extends EventTarget {
   }
 
   sendStatus(status) {
-    if (this.channel.readyState === "open") this.channel.send(JSON.stringify(status));
+    if (this.channel && this.channel.readyState === "open") this.channel.send(JSON.stringify(status));
   }
 
   onChannelMessage(data) {

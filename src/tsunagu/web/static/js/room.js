@@ -298,6 +298,7 @@ function layout() {
   const gap = 10;
   const width = stage.clientWidth - 2 * gap;
   const height = stage.clientHeight - 2 * gap;
+  if (width <= 0 || height <= 0) return;
   let best = { cols: 1, w: 0 };
   for (let cols = 1; cols <= tiles; cols += 1) {
     const rows = Math.ceil(tiles / cols);
@@ -305,7 +306,7 @@ function layout() {
     if (w > best.w) best = { cols, w };
   }
   grid.style.setProperty("--cols", String(best.cols));
-  grid.style.setProperty("--tile-w", `${Math.max(120, Math.floor(best.w))}px`);
+  grid.style.setProperty("--tile-w", `${Math.max(100, Math.floor(best.w))}px`);
 }
 
 // --- peers ---------------------------------------------------------------------------------
@@ -467,7 +468,7 @@ function onJoined(message) {
     // Same seat, maybe a new network: refresh credentials and let ICE find a path again.
     for (const { link } of state.links.values()) {
       link.pc.setConfiguration({ ...link.pc.getConfiguration(), iceServers: rtcConfig().iceServers });
-      if (!["connected", "completed"].includes(link.pc.iceConnectionState)) link.restartIce();
+      if (!["connected", "completed"].includes(link.pc.iceConnectionState)) link.recover();
     }
   }
   updateInvite();
@@ -727,7 +728,7 @@ function init() {
   });
   if (!navigator.mediaDevices || !navigator.mediaDevices.getDisplayMedia) $("btn-screen").hidden = true;
   if (navigator.mediaDevices) navigator.mediaDevices.addEventListener("devicechange", refreshDevices);
-  window.addEventListener("resize", layout);
+  new ResizeObserver(() => layout()).observe($("stage"));
   window.addEventListener("pagehide", () => signaling && signaling.leave());
   $("room-name").textContent = room;
 
@@ -769,6 +770,7 @@ window.tsunagu = {
       restarts: link.restarts,
       gathered: [...link.gathered],
       candidateErrors: link.candidateErrors,
+      events: link.events.slice(),
     })),
   stats: async () => {
     const out = [];
@@ -783,6 +785,11 @@ window.tsunagu = {
   sendChat,
   peerConnection: (id) => (state.links.get(id) ? state.links.get(id).link.pc : null),
   breakSignaling: () => signaling && signaling.breakConnection(),
+  restartIce: (id) => {
+    const entry = state.links.get(id);
+    if (entry) entry.link.restartIce();
+    return !!entry;
+  },
   leave,
 };
 
