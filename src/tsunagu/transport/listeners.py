@@ -23,7 +23,6 @@ __all__ = ["StreamConnection", "UdpListener"]
 
 log = logging.getLogger("tsunagu.transport")
 
-# A stream client that lets this much pile up unread loses packets instead of memory.
 _MAX_STREAM_BACKLOG = 1 << 20
 _PADDING = (b"", b"\x00\x00\x00", b"\x00\x00", b"\x00")
 # A TCP/TLS client must allocate within this time, or it is disconnected.
@@ -31,20 +30,16 @@ _IDLE_STREAM_TIMEOUT = 60.0
 
 
 class UdpClientLink:
-    """How relay sockets reach a client that came over UDP."""
+    """How an allocation reaches a client that came over UDP."""
 
-    __slots__ = ("address", "listener", "transport")
+    __slots__ = ("address", "listener")
 
     def __init__(self, listener: UdpListener, address: Any) -> None:
         self.listener = listener
-        self.transport = listener.transport
         self.address = address
 
     def send(self, data: bytes) -> None:
-        self.transport.sendto(data, self.address)
-
-    def send_channel(self, header: bytes, data: bytes) -> None:
-        self.transport.sendto(header + data, self.address)
+        self.listener.transport.sendto(data, self.address)
 
     def detach(self, allocation: Allocation) -> None:
         self.listener.allocations.pop(self.address, None)
@@ -97,10 +92,13 @@ class UdpListener(asyncio.DatagramProtocol):
     def attach(self, allocation: Allocation, addr: Any) -> None:
         allocation.client_link = UdpClientLink(self, addr)
         self.allocations[addr] = allocation
+        for relay in allocation.relays.values():
+            relay.to_client = self.transport.sendto  # type: ignore[attr-defined]
+            relay.client_address = addr  # type: ignore[attr-defined]
 
 
 class StreamClientLink:
-    """How relay sockets reach a client on TCP or TLS: ChannelData padded to 4 bytes."""
+    """How an allocation reaches a client on TCP or TLS: frames padded to 4 bytes."""
 
     __slots__ = ("connection", "transport")
 
@@ -108,15 +106,11 @@ class StreamClientLink:
         self.connection = connection
         self.transport = connection.transport
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes, _address: Any = None) -> None:
+        # A client that lets this much pile up unread loses packets instead of our memory.
         transport = self.transport
         if transport.get_write_buffer_size() < _MAX_STREAM_BACKLOG:
-            transport.write(data)
-
-    def send_channel(self, header: bytes, data: bytes) -> None:
-        transport = self.transport
-        if transport.get_write_buffer_size() < _MAX_STREAM_BACKLOG:
-            transport.write(header + data + _PADDING[len(data) & 3])
+            transport.write(data + _PADDING[len(data) & 3])
 
     def detach(self, allocation: Allocation) -> None:
         # An allocation tied to a stream dies with it, and the stream with the allocation.
@@ -183,7 +177,10 @@ class StreamConnection(asyncio.Protocol):
 
     def attach(self, allocation: Allocation, addr: Any) -> None:
         self.allocation = allocation
-        allocation.client_link = StreamClientLink(self)
+        link = StreamClientLink(self)
+        allocation.client_link = link
+        for relay in allocation.relays.values():
+            relay.to_client = link.send  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.runtime.streams.discard(self)

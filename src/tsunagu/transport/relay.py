@@ -42,6 +42,9 @@ class RelayEndpoint(asyncio.DatagramProtocol):
         "_sock",
         "_tid_prefix",
         "allocation",
+        "client_address",
+        "sendto",
+        "to_client",
         "transport",
     )
 
@@ -53,6 +56,12 @@ class RelayEndpoint(asyncio.DatagramProtocol):
         self._closed = False
         self.allocation: Allocation | None = None
         self.transport: asyncio.DatagramTransport | None = None
+        # Until the socket joins the loop, send on it directly; then ``sendto`` becomes the
+        # transport's own method, so relaying to a peer is one call into the event loop.
+        self.sendto: Any = self._send_early
+        # Set when the allocation is attached: how to reach the client, one call per packet.
+        self.to_client: Any = None
+        self.client_address: Any = None
 
     @property
     def address(self) -> Address:
@@ -63,27 +72,30 @@ class RelayEndpoint(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
         if self._closed:
             transport.close()
+        else:
+            self.sendto = transport.sendto  # type: ignore[attr-defined]
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         allocation = self.allocation
-        if allocation is None or addr[0] not in allocation.permissions:
-            if allocation is not None:
-                allocation.dropped += 1
+        if allocation is None:
             return
-        link = allocation.client_link
-        if len(addr) != 2:
+        if addr[0] not in allocation.permissions:
+            allocation.dropped += 1
+            return
+        if len(addr) != 2:  # IPv6 socket addresses carry flow info and scope id
             addr = (addr[0], addr[1])
         channel = allocation.peer_channels.get(addr)
         if channel is not None:
-            link.send_channel(_CHANNEL_HEADER.pack(channel, len(data)), data)
+            self.to_client(_CHANNEL_HEADER.pack(channel, len(data)) + data, self.client_address)
         else:
             self._counter += 1
             tid = self._tid_prefix + self._counter.to_bytes(8, "big")
             try:
-                link.send(data_indication(tid, addr, data))
+                message = data_indication(tid, addr, data)
             except ValueError:  # too large to wrap in a Data indication
                 allocation.dropped += 1
                 return
+            self.to_client(message, self.client_address)
         allocation.packets_to_client += 1
         allocation.bytes_to_client += len(data)
 
@@ -92,11 +104,8 @@ class RelayEndpoint(asyncio.DatagramProtocol):
         if self.allocation is not None:
             self.allocation.dropped += 1
 
-    def sendto(self, data: bytes, peer: Address) -> None:
-        transport = self.transport
-        if transport is not None:
-            transport.sendto(data, peer)
-        elif not self._closed:
+    def _send_early(self, data: bytes, peer: Address) -> None:
+        if not self._closed:
             try:
                 self._sock.sendto(data, peer)
             except OSError:
@@ -105,6 +114,7 @@ class RelayEndpoint(asyncio.DatagramProtocol):
     def close(self) -> None:
         self._closed = True
         self.allocation = None
+        self.sendto = self._send_early
         if self.transport is not None:
             self.transport.close()
         else:

@@ -115,10 +115,10 @@ class TurnRuntime:
         while event is not None:
             if isinstance(event, AllocationCreated):
                 # Only the request just handled can have created an allocation.
-                if origin is not None:
-                    origin.attach(event.allocation, addr)
                 for relay in event.allocation.relays.values():
                     relay.allocation = event.allocation  # type: ignore[attr-defined]
+                if origin is not None:
+                    origin.attach(event.allocation, addr)
             elif isinstance(event, AllocationEnded):
                 self._ended(event)
             event = server.next_event()
