@@ -1,0 +1,129 @@
+"""How much a spoofed request can make the server send, and the per-IP limiter on it.
+
+A UDP server that answers a forged source address is a reflector; what matters is the ratio
+of bytes out to bytes in for requests anyone can send without credentials, and how many such
+answers one victim address can receive.
+
+The bound asserted here is for the smallest Allocate a client can legitimately send (RFC 8656
+§7.1: REQUESTED-TRANSPORT is mandatory), i.e. 28 bytes. Its 401 carries ERROR-CODE (20 bytes),
+REALM (4 + padded realm), NONCE (4 + 40: nonce cookie, feature bits and 24 characters of
+base64) and PASSWORD-ALGORITHMS (12): 108 bytes with the default 7-byte realm, a ratio of
+108 / 28 ≈ 3.86. A request with no attribute at all (20 bytes) draws the same 401, 5.4 times
+its size; that is what the per-IP token bucket (``unauth_rate`` per second, burst of twice
+that) is for: it caps what any one victim address can receive.
+"""
+
+from __future__ import annotations
+
+import pytest
+from turn_harness import NOW, Client, error_code, make_server, stun, udp
+
+from tsunagu.stun import (
+    TRANSPORT_UDP,
+    Attribute,
+    ChannelNumber,
+    Method,
+    RequestedTransport,
+    XorPeerAddress,
+    parse_message,
+)
+from tsunagu.turn import TurnServer, TurnSettings
+
+BOUND = 4.0
+
+
+def ratio(server: TurnServer, request: bytes, client: tuple[str, int]) -> float:
+    answer = server.receive(request, udp(client), NOW)
+    assert isinstance(answer, bytes)
+    return len(answer) / len(request)
+
+
+def test_unauthenticated_allocate_amplification() -> None:
+    server, _ = make_server()
+    request = stun(Method.ALLOCATE, [RequestedTransport(TRANSPORT_UDP)])
+    assert len(request) == 28
+    answer = server.receive(request, udp(), NOW)
+    assert isinstance(answer, bytes)
+    assert error_code(parse_message(answer)) == 401
+    realm = len(server.settings.realm)
+    assert len(answer) == 20 + 20 + 4 + realm + (-realm % 4) + 44 + 12 == 108
+    assert len(answer) / len(request) <= BOUND  # 3.857...
+
+
+@pytest.mark.parametrize(
+    ("method", "attributes"),
+    [
+        (Method.ALLOCATE, [RequestedTransport(TRANSPORT_UDP)]),
+        (Method.CREATE_PERMISSION, [XorPeerAddress("8.8.8.8", 1)]),
+        (Method.CHANNEL_BIND, [ChannelNumber(0x4000), XorPeerAddress("8.8.8.8", 1)]),
+        (Method.BINDING, []),
+        (0x0123, []),  # unknown method: 400
+    ],
+)
+@pytest.mark.parametrize("client", [("198.51.100.7", 1), ("2001:db8::7", 1)])
+def test_minimal_valid_requests_stay_under_the_bound(
+    method: int, attributes: list[Attribute], client: tuple[str, int]
+) -> None:
+    server, _ = make_server(TurnSettings(rfc3489_compat=True))  # the largest Binding answer
+    request = stun(method, attributes)
+    assert ratio(server, request, client) <= BOUND
+
+
+def test_attributeless_requests_are_bounded_by_the_limiter() -> None:
+    server, _ = make_server()
+    request = stun(Method.REFRESH)
+    assert len(request) == 20
+    assert ratio(server, request, ("198.51.100.7", 1)) == 108 / 20
+
+
+def test_rate_limiter_drops_beyond_the_burst_and_recovers() -> None:
+    rate = 10.0
+    server, _ = make_server(TurnSettings(unauth_rate=rate))
+    victim = ("198.51.100.66", 1)
+    request = stun(Method.ALLOCATE, [RequestedTransport(TRANSPORT_UDP)])
+    answered = sum(
+        server.receive(request, udp(victim), NOW) is not None for _ in range(int(3 * rate))
+    )
+    assert answered == 2 * rate  # the burst
+    assert server.drops["unauthenticated rate limit"] == rate
+    assert server.responses[401] == 2 * rate
+    # Another address has its own bucket.
+    assert server.receive(request, udp(("198.51.100.67", 1)), NOW) is not None
+    # One token comes back every 1/rate seconds...
+    assert server.receive(request, udp(victim), NOW + 0.5 / rate) is None
+    assert server.receive(request, udp(victim), NOW + 1.5 / rate) is not None
+    assert server.receive(request, udp(victim), NOW + 1.5 / rate) is None
+    # ...and after long enough the full burst, never more.
+    later = NOW + 3600
+    answered = sum(
+        server.receive(request, udp(victim), later) is not None for _ in range(int(3 * rate))
+    )
+    assert answered == 2 * rate
+
+
+def test_rate_limit_covers_every_unauthenticated_error() -> None:
+    server, _ = make_server(TurnSettings(unauth_rate=1.0))
+    victim = udp(("198.51.100.66", 1))
+    for request in (stun(0x0123), stun(Method.REFRESH)):  # a 400 and a 401
+        assert server.receive(request, victim, NOW) is not None
+    assert server.receive(stun(Method.ALLOCATE), victim, NOW) is None
+
+
+def test_authenticated_answers_are_not_limited() -> None:
+    server, _ = make_server(TurnSettings(unauth_rate=1.0))
+    client = Client(server)
+    assert error_code(client.allocate(transport=False)) == 400  # spends the one 401 token
+    for _ in range(10):
+        assert error_code(client.allocate(transport=False)) == 400
+
+
+def test_bucket_table_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tsunagu.turn.server as server_module
+
+    monkeypatch.setattr(server_module, "_BUCKET_LIMIT", 8)
+    server, _ = make_server()
+    request = stun(Method.ALLOCATE)
+    for n in range(50):
+        assert server.receive(request, udp((f"198.51.100.{n}", 1)), NOW) is not None
+        assert len(server._buckets) <= 8  # memory stays bounded whatever the sources
+    assert server.responses[401] == 50
