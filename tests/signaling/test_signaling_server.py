@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from tsunagu.auth.rest import rest_password
 from tsunagu.config import parse_config
+from tsunagu.signaling.rooms import Limits
 from tsunagu.signaling.server import create_app
 
 pytestmark = pytest.mark.timeout(30)
@@ -266,3 +267,42 @@ async def test_no_secret_means_no_turn(make_client: MakeClient) -> None:
     ws, joined = await enter(client, "x", "X")
     assert joined["iceServers"] == [{"urls": ["stun:127.0.0.1:3478"]}]
     await ws.close()
+
+
+async def test_slow_reader_is_dropped_and_may_resume(
+    make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tsunagu.signaling import server
+
+    monkeypatch.setattr(server, "send_queue_size", 4)
+    client = await make_client(heartbeat=30.0, resume_grace=5.0, limits=Limits(rate=1e4, burst=1e4))
+    hub = client.server.app[server.STATE].hub
+    a, _ = await enter(client, "slow", "Sender")
+    b, jb = await enter(client, "slow", "Sleeper")
+    await recv(a, "peer-joined")
+    # The sleeper stops reading; its socket buffers fill, then its send queue overflows and
+    # the server cuts it. Offers go in small batches so that few are in flight at the cut.
+    sdp = "v=0 " + "x" * 60_000
+    for _ in range(200):
+        for _ in range(4):
+            await a.send_json({"type": "offer", "to": jb["id"], "sdp": sdp})
+        await a.send_json({"type": "ping"})
+        assert await recv(a) == {"type": "pong"}
+        if hub.is_away(jb["id"]):
+            break
+    assert hub.is_away(jb["id"])
+    await a.send_json({"type": "offer", "to": jb["id"], "sdp": "v=0 while away"})
+    await a.send_json({"type": "ping"})
+    assert await recv(a) == {"type": "pong"}
+    # The seat is kept for a resume, with what was sent meanwhile; nobody saw it leave.
+    b2, jb2 = await enter(client, "slow", "Sleeper", resume={"id": jb["id"], "token": jb["token"]})
+    assert jb2["resumed"] is True
+    # Offers that reached the server after the cut were kept; the last one is the newest.
+    kept = []
+    while not kept or kept[-1]["sdp"] != "v=0 while away":
+        kept.append(await recv(b2))
+        assert kept[-1]["type"] == "offer" and len(kept) <= 5
+    await a.send_json({"type": "ping"})
+    assert await recv(a) == {"type": "pong"}
+    for ws in (a, b, b2):
+        await ws.close()

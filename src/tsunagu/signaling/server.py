@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import re
 import secrets
@@ -44,7 +45,8 @@ STATIC_DIR: Final = Path(__file__).resolve().parent.parent / "web" / "static"
 # aiohttp refuses (and closes with 1009) frames above this; frames between the protocol
 # limit and this one get a polite "too-large" error instead.
 _WS_FRAME_CAP: Final = 1024 * 1024
-_SEND_QUEUE: Final = 256
+send_queue_size = 256
+"""Messages waiting for one slow reader before its connection is dropped."""
 _MAX_CONNECTIONS: Final = 4096
 _MAX_CONNECTIONS_PER_ADDRESS: Final = 64
 _TICK: Final = 1.0
@@ -68,11 +70,13 @@ class _Link:
     """One open WebSocket and the task that writes to it."""
 
     ws: web.WebSocketResponse
+    request: web.Request
     address: str
     queue: asyncio.Queue[str | Close] = field(
-        default_factory=lambda: asyncio.Queue(maxsize=_SEND_QUEUE)
+        default_factory=lambda: asyncio.Queue(maxsize=send_queue_size)
     )
     writer: asyncio.Task[None] | None = None
+    overflowed: bool = False
 
 
 @dataclass(eq=False)
@@ -89,19 +93,24 @@ class _State:
     def apply(self, actions: Iterable[Action]) -> None:
         for action in actions:
             link = self.links.get(action.conn)
-            if link is None:
+            if link is None or link.overflowed:
                 continue
             item: str | Close = m.encode(action.message) if isinstance(action, Send) else action
             try:
                 link.queue.put_nowait(item)
             except asyncio.QueueFull:
-                # A reader this slow would hold unbounded memory; drop the link and let the
-                # client resume on a fresh connection.
-                log.info("signaling: connection %d cannot keep up; closing it", action.conn)
-                link.queue = asyncio.Queue(maxsize=1)
-                link.queue.put_nowait(
-                    Close(action.conn, WSCloseCode.TRY_AGAIN_LATER, "send queue overflow")
-                )
+                # A reader this slow would hold unbounded memory, and its writer is stuck
+                # waiting for the socket to drain: cut the connection. The hub sees a link
+                # lost without a handshake, so the client can resume its seat on a new one.
+                log.info("signaling: connection %d cannot keep up; dropping it", action.conn)
+                link.overflowed = True
+                if link.writer is not None:
+                    link.writer.cancel()
+                transport = link.request.transport
+                if transport is not None:
+                    transport.abort()
+                # From now on messages for this peer wait in the hub for a resume.
+                self.apply(self.hub.disconnect(action.conn, self.now(), graceful=False))
 
 
 STATE: Final = web.AppKey("tsunagu_signaling", _State)
@@ -114,15 +123,18 @@ def create_app(
     now: Callable[[], float] = time.time,
     heartbeat: float = 5.0,
     resume_grace: float = 5.0,
+    limits: Limits | None = None,
 ) -> web.Application:
     """The page, the signaling WebSocket and the TURN REST endpoint.
 
     ``turn_secret`` is the shared secret used to mint TURN REST credentials; None means the
     page gets no TURN servers. A peer whose connection dies silently is noticed after at most
     ``1.5 * heartbeat`` seconds and announced as left ``resume_grace`` seconds later unless it
-    reconnects first.
+    reconnects first. ``limits`` tunes rate limits and the like (capacity comes from config).
     """
-    limits = Limits(capacity=config.room_capacity, resume_grace=resume_grace)
+    limits = dataclasses.replace(
+        limits or Limits(), capacity=config.room_capacity, resume_grace=resume_grace
+    )
     state = _State(config, turn_secret, now, heartbeat, Hub(limits))
     app = web.Application(client_max_size=64 * 1024)
     app[STATE] = state
@@ -229,7 +241,7 @@ async def _websocket(request: web.Request) -> web.StreamResponse:
 
     conn = state.next_id
     state.next_id += 1
-    link = _Link(ws, address)
+    link = _Link(ws, request, address)
     state.links[conn] = link
     state.per_address[address] += 1
     extras = ice_config(
