@@ -176,7 +176,7 @@ class Client:
         self.algorithm = algorithm
         self.userhash = userhash
         if seed is None:  # distinct clients must not share transaction ids
-            seed = zlib.crc32(f"{username} {self.five_tuple}".encode())
+            seed = zlib.crc32(f"{username} {self.five_tuple} {algorithm} {userhash}".encode())
         self.rng = random.Random(seed)
         self.nonce: str | None = None
         self.offered: PasswordAlgorithms | None = None
