@@ -214,3 +214,100 @@ async def test_landing_page_creates_a_room(relay_server: Server) -> None:
         # Alone in the room: the invitation with the link to share is shown.
         assert await page.text_content(".tile.invite code") == link
         await context.close()
+
+
+async def test_a_link_is_all_it_takes_even_with_a_password(relay_server: Server) -> None:
+    """No ?name: the name is asked once, prefilled. A password room asks for it, says when
+    it is wrong, and lets the person in with the right one."""
+    async with chromium() as browser:
+        host = await browser.new_context()
+        owner = await host.new_page()
+        await owner.goto(relay_server.base + "/")
+        await owner.fill("#create-name", "Owner")
+        await owner.click("summary")
+        await owner.fill("#create-password", "open sesame")
+        room = (await owner.text_content("#share-link") or "").rsplit("/", 1)[1]
+        await owner.click("#create-room")
+        await owner.wait_for_function(
+            "() => window.tsunagu.state && window.tsunagu.state().joined", timeout=STEP_MS
+        )
+
+        guest_context = await browser.new_context()
+        guest = await guest_context.new_page()
+        await guest.goto(f"{relay_server.base}/r/{room.upper()}")
+        await guest.wait_for_selector("#name-dialog[open]", timeout=STEP_MS)
+        assert guest.url.endswith(f"/r/{room}")
+        prefilled = await guest.input_value("#name-input")
+        assert prefilled.startswith("Guest ")
+        await guest.fill("#name-input", "Visitor")
+        await guest.press("#name-input", "Enter")
+        # The room has a password: the dialog comes back asking for it.
+        await guest.wait_for_selector("#password-field:not([hidden])", timeout=STEP_MS)
+        await guest.fill("#password-input", "wrong")
+        await guest.press("#password-input", "Enter")
+        await guest.wait_for_function(
+            """() => document.querySelector("#name-dialog").open
+                && document.querySelector("#dialog-error").textContent.includes("Wrong")""",
+            timeout=STEP_MS,
+        )
+        await guest.fill("#password-input", "open sesame")
+        await guest.press("#password-input", "Enter")
+        await guest.wait_for_function(
+            "() => window.tsunagu.state().joined && window.tsunagu.peers().length === 1",
+            timeout=STEP_MS,
+        )
+        peers = await owner.evaluate("window.tsunagu.peers()")
+        assert [p["name"] for p in peers] == ["Visitor"]
+        await host.close()
+        await guest_context.close()
+
+
+async def test_page_logic_in_the_browser(relay_server: Server) -> None:
+    """The page's pure helpers, run by the browser itself from the served modules."""
+    async with chromium() as browser:
+        context = await browser.new_context()
+        page = await context.new_page()
+        await page.goto(relay_server.base + "/")
+        result = await page.evaluate(
+            """async () => {
+                const { classify } = await import("/static/js/stats.js");
+                const { filterServers } = await import("/static/js/ice.js");
+                const { parseRoom, initials } = await import("/static/js/common.js");
+                const c = (lt, rt, proto) => classify(
+                    { candidateType: lt, relayProtocol: proto }, { candidateType: rt });
+                const servers = [
+                    { urls: ["stun:h:3478"] },
+                    { urls: ["turn:h:3478?transport=udp", "turn:h:3478?transport=tcp",
+                             "turns:h:5349?transport=tcp", "turn:h:3478"],
+                      username: "u", credential: "p" },
+                ];
+                const urls = (t) => filterServers(servers, t).flatMap((s) => s.urls);
+                return {
+                    direct: c("host", "host").label,
+                    nat: [c("srflx", "host").kind, c("host", "prflx").kind],
+                    relays: ["udp", "tcp", "tls"].map((p) => c("relay", "relay", p).label),
+                    remoteRelay: c("host", "relay").label,
+                    udp: urls("udp"), tcp: urls("tcp"), tls: urls("tls"), all: urls(null),
+                    creds: filterServers(servers, "tls")[1].credential,
+                    rooms: [parseRoom("Quiet Otter"), parseRoom("http://x/r/abc-1?name=z"),
+                            parseRoom("no/slash"), parseRoom("")],
+                    initials: [initials("Ada Lovelace"), initials("linus"), initials("  ")],
+                };
+            }"""
+        )
+        await context.close()
+    assert result["direct"] == "Direct"
+    assert result["nat"] == ["nat", "nat"]
+    assert result["relays"] == [
+        "Relayed · TURN/UDP",
+        "Relayed · TURN/TCP",
+        "Relayed · TURN/TLS",
+    ]
+    assert result["remoteRelay"] == "Relayed by peer"
+    assert result["udp"] == ["stun:h:3478", "turn:h:3478?transport=udp", "turn:h:3478"]
+    assert result["tcp"] == ["stun:h:3478", "turn:h:3478?transport=tcp"]
+    assert result["tls"] == ["stun:h:3478", "turns:h:5349?transport=tcp"]
+    assert len(result["all"]) == 5
+    assert result["creds"] == "p"
+    assert result["rooms"] == ["quiet-otter", "abc-1", None, None]
+    assert result["initials"] == ["AL", "L", "?"]

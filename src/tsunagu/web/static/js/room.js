@@ -8,6 +8,7 @@ import {
   copyText, hue, initials, parseRoom, passwordKey, randomGuestName, roomUrl, saveName, savedName,
   toast,
 } from "./common.js";
+import { filterServers } from "./ice.js";
 import { PeerLink } from "./peer.js";
 import { Signaling } from "./signaling.js";
 import { formatRate, snapshot } from "./stats.js";
@@ -47,22 +48,6 @@ let selfTile = null;
 let inviteTile = null;
 
 // --- ICE configuration -------------------------------------------------------------------
-
-/** Keep only the TURN URIs of the transport asked for in ?transport= (STUN stays). */
-export function filterServers(servers, transport) {
-  if (!transport) return servers;
-  const keep = (url) => {
-    if (url.startsWith("stun:")) return true;
-    if (transport === "tls") return url.startsWith("turns:");
-    return url.startsWith("turn:") && url.includes(`transport=${transport}`);
-  };
-  return servers
-    .map((server) => {
-      const urls = (Array.isArray(server.urls) ? server.urls : [server.urls]).filter(keep);
-      return { ...server, urls };
-    })
-    .filter((server) => server.urls.length > 0);
-}
 
 function effectivePolicy() {
   if (state.serverPolicy === "relay") return "relay";
