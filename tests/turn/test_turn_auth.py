@@ -394,3 +394,11 @@ def test_static_users_and_rest_secrets_side_by_side() -> None:
     username, password = mint_credentials("s3cret", "frank", 3600, NOW)
     assert success(Client(server, udp(("198.51.100.20", 1)), username, password).allocate())
     assert success(Client(server, udp(("198.51.100.21", 1))).allocate())
+
+
+@pytest.mark.parametrize("username", ["²:carol", "carol:³", "99999999999999999999999:carol", ":"])
+def test_odd_rest_usernames_get_401(username: str) -> None:
+    server = rest_server()
+    response = Client(server, username=username, password="guess").allocate()
+    assert error_code(response) == 401
+    assert not server.allocations

@@ -37,7 +37,8 @@ def rest_expiry(username: str) -> int | None:
     """
     head, sep, tail = username.partition(":")
     for part in (head, tail) if sep else (head,):
-        if part.isdigit():
+        # ASCII only: str.isdigit() also accepts digits such as "²" that int() refuses.
+        if part.isascii() and part.isdigit():
             return int(part)
     return None
 
