@@ -276,7 +276,8 @@ async def test_slow_reader_is_dropped_and_may_resume(
 
     monkeypatch.setattr(server, "send_queue_size", 4)
     client = await make_client(heartbeat=30.0, resume_grace=5.0, limits=Limits(rate=1e4, burst=1e4))
-    hub = client.server.app[server.STATE].hub
+    assert client.app is not None
+    hub = client.app[server.STATE].hub
     a, _ = await enter(client, "slow", "Sender")
     b, jb = await enter(client, "slow", "Sleeper")
     await recv(a, "peer-joined")
@@ -298,7 +299,7 @@ async def test_slow_reader_is_dropped_and_may_resume(
     b2, jb2 = await enter(client, "slow", "Sleeper", resume={"id": jb["id"], "token": jb["token"]})
     assert jb2["resumed"] is True
     # Offers that reached the server after the cut were kept; the last one is the newest.
-    kept = []
+    kept: list[dict[str, Any]] = []
     while not kept or kept[-1]["sdp"] != "v=0 while away":
         kept.append(await recv(b2))
         assert kept[-1]["type"] == "offer" and len(kept) <= 5
