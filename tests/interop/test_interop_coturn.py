@@ -1,0 +1,245 @@
+"""coturn's own client tools against ``tsunagu serve``.
+
+``turnutils_uclient`` flags, as its ``-h`` and source say: channels are the default, ``-s``
+uses Send/Data indications instead, ``-c`` only turns off the second (RTCP) allocation,
+``-t`` is TCP and ``-t -S`` TLS. It exits 0 even when every packet is lost, so the tests
+read its final ``tot_send_msgs``/``tot_recv_msgs`` line, and compare with what the server
+counted in its audit log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from interop_support import (
+    HOST,
+    PASSWORD,
+    USER,
+    EchoPeer,
+    ServeProcess,
+    client_field,
+    run_serve,
+    turn_allocate,
+    udp_echo_server,
+)
+
+pytestmark = pytest.mark.interop
+
+UCLIENT_TIMEOUT = 60.0
+MESSAGES = 100
+CLIENTS = 4
+LENGTH = 120
+# uclient's "start_mclient: tot_send_msgs=N, tot_recv_msgs=M" summary; progress lines carry
+# "msz=..." before the counters and are not matched.
+SUMMARY = re.compile(r"start_mclient: tot_send_msgs=(\d+), tot_recv_msgs=(\d+)")
+LOST = re.compile(r"Total lost packets (\d+)")
+
+MODES = {
+    "udp-channels": [],
+    "udp-send-indications": ["-s"],
+    "tcp-channels": ["-t"],
+    "tls-channels": ["-t", "-S"],
+}
+
+
+def run_bounded(command: list[str], timeout: float) -> tuple[int, str]:
+    """Run a client tool to completion, killing it by PID if it overstays."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+    )
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, _ = process.communicate(timeout=5)
+        raise AssertionError(
+            f"{command[0]} did not finish in {timeout}s:\n{out.decode()}"
+        ) from None
+    return process.returncode, out.decode(errors="replace")
+
+
+@dataclass
+class UclientRun:
+    mode: str
+    server: ServeProcess
+    process: subprocess.Popen[bytes]
+    output_path: Path
+    started: float
+
+    def result(self) -> tuple[int, str, float]:
+        """Exit status, output and run time, waiting (bounded) for the client to finish."""
+        remaining = max(1.0, UCLIENT_TIMEOUT - (time.monotonic() - self.started))
+        try:
+            code = self.process.wait(timeout=remaining)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=5)
+            code = -1
+        return code, self.output_path.read_text(errors="replace"), time.monotonic() - self.started
+
+
+@pytest.fixture(scope="module")
+def uclient_runs(
+    tmp_path_factory: pytest.TempPathFactory, echo_peer: EchoPeer
+) -> Iterator[dict[str, UclientRun]]:
+    """Every uclient mode at once, each against a server of its own.
+
+    uclient spends seconds before and after sending; running the modes side by side keeps
+    the module fast, and one server per mode keeps each audit log to one mode.
+    """
+    runs: dict[str, UclientRun] = {}
+    with contextlib.ExitStack() as stack:
+        for mode, flags in MODES.items():
+            tmp = tmp_path_factory.mktemp(mode)
+            server = stack.enter_context(run_serve(tmp))
+            port = server.tls_port if "-S" in flags else server.port
+            command = [
+                "turnutils_uclient",
+                *flags,
+                "-u",
+                USER,
+                "-w",
+                PASSWORD,
+                "-e",
+                HOST,
+                "-r",
+                str(echo_peer.port),
+                "-n",
+                str(MESSAGES),
+                "-m",
+                str(CLIENTS),
+                "-l",
+                str(LENGTH),
+                "-z",
+                "5",
+                "-p",
+                str(port),
+                HOST,
+            ]
+            output_path = tmp / "uclient.out"
+            with open(output_path, "wb") as out:
+                process = subprocess.Popen(
+                    command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                )
+            stack.callback(_reap, process)
+            runs[mode] = UclientRun(mode, server, process, output_path, time.monotonic())
+        yield runs
+        for run in runs.values():
+            # Draining side by side rather than one after the other.
+            run.server.terminate()
+
+
+def _reap(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=5)
+
+
+def wait_for_audit_packets(
+    server: ServeProcess, expected: int, timeout: float = 5.0
+) -> list[dict[str, Any]]:
+    """Audit records once the relayed packets they count reach ``expected`` (bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = server.audit_records()
+        if sum(r["to_peers"]["packets"] for r in records) >= expected:
+            return records
+        if time.monotonic() > deadline:
+            return records
+        time.sleep(0.05)
+
+
+def test_stunclient_gets_its_reflexive_address(serve: ServeProcess) -> None:
+    code, out = run_bounded(["turnutils_stunclient", "-p", str(serve.port), HOST], 15.0)
+    assert code == 0, out
+    found = re.findall(r"UDP reflexive addr: ([0-9.]+):(\d+)", out)
+    assert found, out
+    assert {ip for ip, _ in found} == {HOST}
+    assert all(0 < int(port) < 65536 for _, port in found)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_uclient_relays_everything(mode: str, uclient_runs: dict[str, UclientRun]) -> None:
+    run = uclient_runs[mode]
+    code, out, _ = run.result()
+    assert code == 0, out
+    summaries = SUMMARY.findall(out)
+    assert summaries, out
+    sent, received = (int(n) for n in summaries[-1])
+    assert sent == MESSAGES * CLIENTS, out
+    assert received == sent, out
+    lost = LOST.findall(out)
+    assert lost and int(lost[-1]) == 0, out
+
+    # The server's own count: every message went to the peer and every echo back.
+    protocol = "tls" if mode.startswith("tls") else mode.split("-")[0]
+    records = wait_for_audit_packets(run.server, sent)
+    relayed = [r for r in records if r["to_peers"]["packets"]]
+    assert relayed, run.server.log_text()
+    assert all(r["client"].startswith(protocol + ":") for r in relayed)
+    assert all(r["user"] == USER for r in relayed)
+    assert all(r["peers"] == [HOST] for r in relayed)
+    assert sum(r["to_peers"]["packets"] for r in relayed) == sent
+    assert sum(r["to_client"]["packets"] for r in relayed) == received
+    assert sum(r["to_peers"]["bytes"] for r in relayed) == sent * LENGTH
+    assert sum(r["to_client"]["bytes"] for r in relayed) == received * LENGTH
+    low, high = run.server.min_port, run.server.max_port
+    for record in records:
+        for relay in record["relay"]:
+            ip, port = relay.rsplit(":", 1)
+            assert ip == HOST and low <= int(port) <= high, record
+
+
+async def test_wrong_password_is_refused_and_server_keeps_serving(
+    fresh_serve: ServeProcess, tmp_path: Path
+) -> None:
+    code, out = run_bounded(
+        [
+            "turnutils_uclient",
+            "-u",
+            USER,
+            "-w",
+            "not-" + PASSWORD,
+            "-e",
+            HOST,
+            "-r",
+            "9",
+            "-n",
+            "5",
+            "-m",
+            "1",
+            "-c",
+            "-p",
+            str(fresh_serve.port),
+            HOST,
+        ],
+        UCLIENT_TIMEOUT,
+    )
+    assert code != 0, out
+    assert "Cannot complete Allocation" in out, out
+    assert "tot_send_msgs" not in out, out
+
+    # Right after, a client with the right password allocates and relays.
+    async with udp_echo_server() as (echo, peer):
+        client = await turn_allocate(fresh_serve)
+        assert await client.echo(b"still serving", peer) == b"still serving"
+        await client.close()
+    assert echo.received == [(b"still serving", client.relayed)]
+
+    mapped = client.mapped
+    assert fresh_serve.stop() == 0
+    # The only allocation the server ever made is the good client's.
+    records = fresh_serve.audit_records()
+    assert [r["client"] for r in records] == [
+        client_field("udp", mapped, (HOST, fresh_serve.port))
+    ], records
