@@ -1,0 +1,62 @@
+"""aioice's TURN client (the one aiortc uses) against ``tsunagu serve``."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from typing import Any
+
+import pytest
+from interop_support import HOST, USER, ServeProcess, client_field, turn_allocate, udp_echo_server
+
+pytestmark = pytest.mark.interop
+
+PAYLOADS = [b"x", b"hello through the relay", bytes(range(256)) * 4, b"\x00" * 1200]
+
+
+async def wait_for_record(
+    server: ServeProcess, client: str, timeout: float = 5.0
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        for record in server.audit_records():
+            if record["client"] == client:
+                return record
+        assert time.monotonic() < deadline, f"no audit record for {client}"
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp", "tls"])
+async def test_aioice_allocates_and_relays(serve: ServeProcess, transport: str) -> None:
+    context = None
+    if transport == "tls":
+        context = ssl.create_default_context(cafile=str(serve.cert_path))
+    async with udp_echo_server() as (echo, peer):
+        started = time.monotonic()
+        client = await turn_allocate(serve, "udp" if transport == "udp" else "tcp", ssl=context)
+        relay_ip, relay_port = client.relayed
+        assert relay_ip == HOST
+        assert serve.min_port <= relay_port <= serve.max_port
+        # On loopback the server sees the client's own address.
+        assert client.mapped[0] == HOST
+
+        for payload in PAYLOADS:
+            assert await client.echo(payload, peer) == payload
+        await client.close()
+        elapsed = time.monotonic() - started
+    # The peer saw the datagrams coming from the relayed address, in order.
+    assert echo.received == [(payload, (relay_ip, relay_port)) for payload in PAYLOADS]
+
+    server_port = serve.tls_port if transport == "tls" else serve.port
+    record = await wait_for_record(
+        serve, client_field(transport, client.mapped, (HOST, server_port))
+    )
+    assert record["user"] == USER
+    assert record["reason"] == "deleted"
+    assert record["relay"] == [f"{relay_ip}:{relay_port}"]
+    assert record["peers"] == [HOST]
+    total = sum(len(p) for p in PAYLOADS)
+    assert record["to_peers"] == {"packets": len(PAYLOADS), "bytes": total}
+    assert record["to_client"] == {"packets": len(PAYLOADS), "bytes": total}
+    assert 0 <= record["duration"] <= elapsed + 0.5
