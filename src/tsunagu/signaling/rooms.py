@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -146,11 +145,11 @@ def _size(message: dict[str, Any]) -> int:
 class Hub:
     """All rooms of one server and the connections that joined them."""
 
-    def __init__(
-        self, limits: Limits | None = None, *, new_token: Callable[[int], str] | None = None
-    ) -> None:
+    def __init__(self, limits: Limits | None = None, *, new_token: Callable[[int], str]) -> None:
+        """``new_token(n)`` returns a fresh unguessable URL-safe string from ``n`` random bytes
+        (``secrets.token_urlsafe`` in the server); it names peers and their resume tokens."""
         self.limits = limits or Limits()
-        self._new_token = new_token or secrets.token_urlsafe
+        self._new_token = new_token
         self._rooms: dict[str, _Room] = {}
         self._conns: dict[int, _Conn] = {}
         self._peers: dict[str, _Peer] = {}

@@ -135,7 +135,9 @@ def create_app(
     limits = dataclasses.replace(
         limits or Limits(), capacity=config.room_capacity, resume_grace=resume_grace
     )
-    state = _State(config, turn_secret, now, heartbeat, Hub(limits))
+    state = _State(
+        config, turn_secret, now, heartbeat, Hub(limits, new_token=secrets.token_urlsafe)
+    )
     app = web.Application(client_max_size=64 * 1024)
     app[STATE] = state
     app.on_response_prepare.append(_security_headers)
