@@ -44,6 +44,11 @@ COMMANDS: tuple[Command, ...] = (
         "mint TURN REST API credentials, as a web backend would",
         "tsunagu.cli:credential_command",
     ),
+    Command(
+        "probe",
+        "load a STUN/TURN server and report loss, RTT and cost as JSON",
+        "tsunagu.probe.cli:probe_command",
+    ),
     Command("version", "print the version", "tsunagu.cli:version_command"),
 )
 
