@@ -34,6 +34,7 @@ from tsunagu.stun import (
     RequestedAddressFamily,
     RequestedTransport,
     ReservationToken,
+    Software,
     UnknownAttribute,
     UnknownAttributes,
     XorMappedAddress,
@@ -427,3 +428,25 @@ def test_error_code_reason_is_bounded(alice: Client) -> None:
     response = alice.allocate([ReservationToken(bytes(8)), EvenPort()])
     reason = response.get(ErrorCode)
     assert reason is not None and len(reason.reason.encode()) <= 127
+
+
+def test_fallback_relay_ip_of_the_right_family() -> None:
+    server, _ = make_server(TurnSettings(fallback_relay_ips=("192.0.2.9", FALLBACK6)))
+    six = Client(server, udp(("198.51.100.1", 1)))
+    assert relayed(six.allocate([RequestedAddressFamily(FAMILY_IPV6)]))[0][0] == FALLBACK6
+    # A wildcard listener has no address of its own to relay on: the fallback serves.
+    wildcard = Client(server, udp(("198.51.100.1", 2), ("0.0.0.0", 3478)))
+    assert relayed(wildcard.allocate())[0][0] == "192.0.2.9"
+    # The listener's own address wins over the fallback.
+    assert relayed(Client(server).allocate())[0][0] == SERVER_IP
+
+
+def test_software_only_on_authenticated_answers() -> None:
+    server, _ = make_server(TurnSettings(software="tsunagu/test"))
+    client = Client(server)
+    challenge = client.exchange(client.build(Method.ALLOCATE, []))
+    assert error_code(challenge) == 401
+    assert challenge.get(Software) is None  # nothing to amplify with
+    response = client.allocate()  # integrity checked by the client, SOFTWARE included
+    assert response.get(Software) == Software("tsunagu/test")
+    assert error_code(client.allocate()) == 437

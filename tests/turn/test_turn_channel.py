@@ -135,3 +135,11 @@ def test_missing_attributes_get_400(allocated: Client, attributes: list[Attribut
 
 def test_without_allocation_gets_437(alice: Client) -> None:
     assert bind(alice, 0x4001, PEER) == 437
+
+
+def test_channel_bind_respects_the_permission_limit(allocated: Client) -> None:
+    peers = [XorPeerAddress(f"8.8.{n // 250}.{n % 250 + 1}", 1) for n in range(1000)]
+    assert success(allocated.request(Method.CREATE_PERMISSION, peers))
+    assert bind(allocated, 0x4000, PEER2) == 508  # a new IP would be permission 1001
+    assert allocation_of(allocated).channels == {}
+    assert bind(allocated, 0x4000, ("8.8.0.1", 77)) == 200  # an existing one is fine

@@ -1,0 +1,143 @@
+"""PeerPolicy: which peers a relay may reach (the SSRF defence), and range parsing."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from tsunagu.turn import PeerPolicy
+from tsunagu.turn.policy import DEFAULT_DENIED, parse_range
+
+
+@pytest.mark.parametrize(
+    ("text", "networks"),
+    [
+        ("10.0.0.1", ["10.0.0.1/32"]),
+        ("10.0.0.0/8", ["10.0.0.0/8"]),
+        ("10.1.2.3/8", ["10.0.0.0/8"]),  # host bits are forgiven
+        (" 10.0.0.0/24 ", ["10.0.0.0/24"]),
+        ("10.0.0.0-10.0.0.255", ["10.0.0.0/24"]),
+        ("10.0.0.1 - 10.0.0.2", ["10.0.0.1/32", "10.0.0.2/32"]),
+        ("2001:db8::-2001:db8::ffff", ["2001:db8::/112"]),
+        ("::1", ["::1/128"]),
+    ],
+)
+def test_parse_range(text: str, networks: list[str]) -> None:
+    assert parse_range(text) == [ipaddress.ip_network(n) for n in networks]
+
+
+@pytest.mark.parametrize(
+    "text", ["10.0.0.9-10.0.0.1", "10.0.0.1-::1", "not an ip", "10.0.0.0/33", "10.0.0.1-"]
+)
+def test_parse_range_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_range(text)
+
+
+def test_default_list_parses() -> None:
+    policy = PeerPolicy.create()
+    assert len(policy.denied) == len(DEFAULT_DENIED)
+    assert policy.allowed == ()
+
+
+@pytest.mark.parametrize(
+    "ip",
+    [
+        "8.8.8.8",
+        "1.1.1.1",
+        "93.184.216.34",
+        "2001:4860:4860::8888",
+        "2606:4700::1111",
+        "::ffff:8.8.8.8",  # mapped global address
+        "2002:808:808::1",  # 6to4 of 8.8.8.8
+        "64:ff9b::808:808",  # NAT64 of 8.8.8.8
+    ],
+)
+def test_global_addresses_are_permitted(ip: str) -> None:
+    assert PeerPolicy.create().permits(ip)
+
+
+@pytest.mark.parametrize(
+    "ip",
+    [
+        "0.0.0.0",
+        "0.1.2.3",
+        "10.255.255.255",
+        "100.64.0.1",
+        "127.0.0.1",
+        "127.255.255.254",
+        "169.254.169.254",
+        "172.16.0.1",
+        "172.31.255.255",
+        "192.0.0.8",
+        "192.0.2.1",
+        "192.168.0.1",
+        "198.18.0.1",
+        "224.0.0.251",
+        "240.0.0.1",
+        "255.255.255.255",
+        "::",
+        "::1",
+        "::2",  # IPv4-compatible 0.0.0.2
+        "::127.0.0.1",  # IPv4-compatible loopback
+        "::ffff:127.0.0.1",
+        "::ffff:169.254.169.254",
+        "::ffff:0.0.0.0",
+        "64:ff9b::7f00:1",  # NAT64 of 127.0.0.1
+        "64:ff9b:1::1",
+        "2002:a00:1::1",  # 6to4 of 10.0.0.1
+        "100::1",
+        "2001:db8::1",
+        "fc00::1",
+        "fd12:3456::1",
+        "fe80::1",
+        "fec0::1",
+        "ff02::1",
+        "not-an-ip",
+        "",
+        "1.2.3.4.5",
+    ],
+)
+def test_non_global_addresses_are_denied(ip: str) -> None:
+    assert not PeerPolicy.create().permits(ip)
+
+
+def test_allowed_wins_over_default_denied() -> None:
+    policy = PeerPolicy.create(allowed=["127.0.0.1", "10.0.0.0/8", "fd00::/8"])
+    assert policy.permits("127.0.0.1")
+    assert policy.permits("::ffff:127.0.0.1")  # the same address, spelled as IPv6
+    assert policy.permits("10.20.30.40")
+    assert policy.permits("fd00::5")
+    assert not policy.permits("127.0.0.2")
+    assert not policy.permits("192.168.0.1")
+
+
+def test_allowed_wins_over_operator_denied() -> None:
+    policy = PeerPolicy.create(allowed=["8.8.8.8"], denied=["8.8.8.0/24"])
+    assert policy.permits("8.8.8.8")
+    assert not policy.permits("8.8.8.9")
+
+
+def test_operator_denied_adds_to_defaults() -> None:
+    policy = PeerPolicy.create(denied=["1.1.1.0/24", "2606:4700::/32"])
+    assert not policy.permits("1.1.1.1")
+    assert not policy.permits("::ffff:1.1.1.1")
+    assert not policy.permits("2606:4700::1111")
+    assert not policy.permits("127.0.0.1")
+    assert policy.permits("8.8.8.8")
+
+
+def test_without_defaults_everything_is_open() -> None:
+    policy = PeerPolicy.create(defaults=False)
+    assert policy.denied == ()
+    for ip in ("127.0.0.1", "10.0.0.1", "::1", "fe80::1"):
+        assert policy.permits(ip)
+    assert not policy.permits("garbage")
+
+
+def test_versions_do_not_cross_match() -> None:
+    # An IPv4 network never matches an IPv6 address directly (only via the embedded form).
+    policy = PeerPolicy.create(denied=["0.0.0.0/0"], defaults=False)
+    assert not policy.permits("8.8.8.8")
+    assert policy.permits("2001:4860:4860::8888")
