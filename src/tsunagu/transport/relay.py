@@ -32,50 +32,62 @@ _DF_OPTIONS = (
 )
 
 
-class RelayEndpoint(asyncio.DatagramProtocol):
-    """One relay socket of one allocation."""
+class RelayEndpoint:
+    """One relay socket of one allocation, read straight from the event loop's poller.
+
+    asyncio's datagram transports read in a loop until the socket is empty, which costs an
+    extra failing ``recvfrom`` for every wake-up; a relay socket usually holds one packet
+    when it becomes readable, so reading one per wake-up is cheaper. Sends go straight to
+    the non-blocking socket: a full buffer drops the datagram, as a router would.
+    """
 
     __slots__ = (
         "_address",
         "_closed",
         "_counter",
+        "_loop",
+        "_recvfrom",
         "_sock",
         "_tid_prefix",
         "allocation",
         "client_address",
         "sendto",
         "to_client",
-        "transport",
     )
 
-    def __init__(self, sock: socket.socket, address: Address, tid_prefix: bytes) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        address: Address,
+        tid_prefix: bytes,
+    ) -> None:
+        self._loop = loop
         self._sock = sock
+        self._recvfrom = sock.recvfrom
         self._address = address
         self._tid_prefix = tid_prefix
         self._counter = 0
         self._closed = False
         self.allocation: Allocation | None = None
-        self.transport: asyncio.DatagramTransport | None = None
-        # Until the socket joins the loop, send on it directly; then ``sendto`` becomes the
-        # transport's own method, so relaying to a peer is one call into the event loop.
-        self.sendto: Any = self._send_early
+        self.sendto = self._sendto
         # Set when the allocation is attached: how to reach the client, one call per packet.
         self.to_client: Any = None
         self.client_address: Any = None
+        loop.add_reader(sock.fileno(), self._readable)
 
     @property
     def address(self) -> Address:
         return self._address
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's UDP transport does not subclass asyncio.DatagramTransport.
-        self.transport = transport  # type: ignore[assignment]
-        if self._closed:
-            transport.close()
-        else:
-            self.sendto = transport.sendto  # type: ignore[attr-defined]
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
+    def _readable(self) -> None:
+        try:
+            data, addr = self._recvfrom(65536)
+        except OSError:  # EAGAIN, or an ICMP error queued on the socket
+            allocation = self.allocation
+            if allocation is not None:
+                allocation.dropped += 1
+            return
         allocation = self.allocation
         if allocation is None:
             return
@@ -85,40 +97,34 @@ class RelayEndpoint(asyncio.DatagramProtocol):
         if len(addr) != 2:  # IPv6 socket addresses carry flow info and scope id
             addr = (addr[0], addr[1])
         channel = allocation.peer_channels.get(addr)
-        if channel is not None:
-            self.to_client(_CHANNEL_HEADER.pack(channel, len(data)) + data, self.client_address)
-        else:
-            self._counter += 1
-            tid = self._tid_prefix + self._counter.to_bytes(8, "big")
-            try:
-                message = data_indication(tid, addr, data)
-            except ValueError:  # too large to wrap in a Data indication
-                allocation.dropped += 1
-                return
-            self.to_client(message, self.client_address)
+        try:
+            if channel is not None:
+                self.to_client(_CHANNEL_HEADER.pack(channel, len(data)) + data, self.client_address)
+            else:
+                self._counter += 1
+                tid = self._tid_prefix + self._counter.to_bytes(8, "big")
+                self.to_client(data_indication(tid, addr, data), self.client_address)
+        except (OSError, ValueError):  # full buffer, or too large for a Data indication
+            allocation.dropped += 1
+            return
         allocation.packets_to_client += 1
         allocation.bytes_to_client += len(data)
 
-    def error_received(self, exc: Exception) -> None:
-        # ICMP errors (port unreachable, network unreachable) must not end the allocation.
-        if self.allocation is not None:
-            self.allocation.dropped += 1
-
-    def _send_early(self, data: bytes, peer: Address) -> None:
-        if not self._closed:
-            try:
-                self._sock.sendto(data, peer)
-            except OSError:
-                pass
+    def _sendto(self, data: bytes, peer: Address) -> None:
+        try:
+            self._sock.sendto(data, peer)
+        except OSError:
+            # Unreachable peers and full buffers lose the datagram, never the allocation.
+            if self.allocation is not None:
+                self.allocation.dropped += 1
 
     def close(self) -> None:
+        if self._closed:
+            return
         self._closed = True
         self.allocation = None
-        self.sendto = self._send_early
-        if self.transport is not None:
-            self.transport.close()
-        else:
-            self._sock.close()
+        self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
 
 
 class UdpRelayBinder:
@@ -147,15 +153,7 @@ class UdpRelayBinder:
                 self.bind_errors += 1
                 log.warning("cannot bind relay socket on %s:%d: %s", ip, port, exc)
             return None
-        endpoint = RelayEndpoint(sock, (ip, port), self._random_bytes(4))
-        self._loop.create_task(self._attach(endpoint, sock))
-        return endpoint
-
-    async def _attach(self, endpoint: RelayEndpoint, sock: socket.socket) -> None:
-        try:
-            await self._loop.create_datagram_endpoint(lambda: endpoint, sock=sock)
-        except OSError as exc:  # the socket was closed before it joined the loop
-            log.debug("relay socket %s did not join the loop: %s", endpoint.address, exc)
+        return RelayEndpoint(self._loop, sock, (ip, port), self._random_bytes(4))
 
     def release(self, relay: Any) -> None:
         relay.close()

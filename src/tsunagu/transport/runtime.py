@@ -46,6 +46,21 @@ audit = logging.getLogger("tsunagu.audit")
 LISTENER_BUFFER_BYTES = 2 * 1024 * 1024
 
 
+def _udp_socket(ip: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        if ":" in ip:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            sock.setsockopt(socket.SOL_SOCKET, option, LISTENER_BUFFER_BYTES)
+        sock.bind((ip, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def settings_from_config(config: Config, fallback_relay_ips: tuple[str, ...] = ()) -> TurnSettings:
     external: list[tuple[str, str | None]] = []
     for text in config.external_ips:
@@ -250,8 +265,7 @@ async def serve(config: Config) -> int:
     ssl_context: ssl.SSLContext | None = None
     material: Any = None
     servers: list[asyncio.AbstractServer] = []
-    udp_transports: list[asyncio.BaseTransport] = []
-    transport: asyncio.BaseTransport
+    udp_listeners: list[UdpListener] = []
     runtime: TurnRuntime | None = None
 
     need_tls = (not config.no_turn and not config.no_tls and not config.stun_only) or (
@@ -282,14 +296,7 @@ async def serve(config: Config) -> int:
         for ip in listening:
             try:
                 if not config.no_udp:
-                    transport, _ = await loop.create_datagram_endpoint(
-                        lambda ip=ip: UdpListener(runtime, (ip, port)),  # type: ignore[misc]
-                        local_addr=(ip, port),
-                    )
-                    sock = transport.get_extra_info("socket")
-                    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                        sock.setsockopt(socket.SOL_SOCKET, option, LISTENER_BUFFER_BYTES)
-                    udp_transports.append(transport)
+                    udp_listeners.append(UdpListener(runtime, _udp_socket(ip, port), loop))
                 if not config.no_tcp:
                     servers.append(
                         await loop.create_server(
@@ -308,8 +315,8 @@ async def serve(config: Config) -> int:
                     )
             except OSError as exc:
                 log.error("cannot listen on %s: %s", ip, exc.strerror or exc)
-                for transport in udp_transports:
-                    transport.close()
+                for listener in udp_listeners:
+                    listener.close()
                 for item in servers:
                     item.close()
                 return 1
@@ -388,8 +395,8 @@ async def serve(config: Config) -> int:
         runtime.shutdown()
         for stream in list(runtime.streams):
             stream.transport.close()
-    for transport in udp_transports:
-        transport.close()
+    for listener in udp_listeners:
+        listener.close()
     await asyncio.sleep(0)
     log.info("stopped")
     return 0
