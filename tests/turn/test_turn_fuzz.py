@@ -20,6 +20,7 @@ from turn_harness import (
     PEER,
     PEER2,
     PEER6,
+    REALM,
     Client,
     FakeBinder,
     channel_data,
@@ -29,6 +30,7 @@ from turn_harness import (
     udp,
 )
 
+from tsunagu.auth.rest import mint_credentials
 from tsunagu.stun import (
     ATTRIBUTE_CLASSES,
     PASSWORD_ALGORITHM_MD5,
@@ -43,13 +45,20 @@ from tsunagu.stun import (
     Lifetime,
     MessageClass,
     Method,
+    Nonce,
+    PasswordAlgorithm,
+    PasswordAlgorithms,
+    Realm,
     RequestedAddressFamily,
     RequestedTransport,
     ReservationToken,
     UnknownAttribute,
+    Userhash,
+    Username,
     XorPeerAddress,
+    encode_message,
 )
-from tsunagu.turn import Forward, TurnServer, TurnSettings
+from tsunagu.turn import Forward, TurnServer, TurnSettings, long_term_key
 
 WHEN = NOW + 1
 FIVE_TUPLES = [
@@ -109,7 +118,7 @@ class World:
 def make_world() -> World:
     # A generous limiter, so that unauthenticated answers keep being produced and checked.
     settings = TurnSettings(fallback_relay_ips=("2001:db8::5",), unauth_rate=1e9)
-    server, binder = make_server(settings)
+    server, binder = make_server(settings, secrets=("s3cret",))
     alice = Client(server)
     assert success(alice.allocate([], NOW))
     assert success(
@@ -225,7 +234,7 @@ def test_random_bytes() -> None:
 def test_mutated_valid_messages() -> None:
     world = make_world()
 
-    @bounded(1500)
+    @bounded(1200)
     @given(data=st.data(), target=st.sampled_from(FIVE_TUPLES))
     def run(data: st.DataObject, target: object) -> None:
         message = data.draw(mutated(world.seeds))
@@ -266,7 +275,7 @@ def test_signed_requests_with_arbitrary_attributes() -> None:
     keys = sorted(world.bobs, key=lambda key: (key[0] == 0, key))
     weighted = [key for key in keys for _ in range(3 if key[0] in (1, 2) else 1)]
 
-    @bounded(1500)
+    @bounded(1200)
     @given(
         method=methods,
         attrs=st.lists(attributes, max_size=6),
@@ -279,6 +288,77 @@ def test_signed_requests_with_arbitrary_attributes() -> None:
         client = world.bobs[bob]
         request = client.build(method, attrs, fingerprint=fingerprint)
         answer = world.server.receive(request, client.five_tuple, world.tick())
+        assert answer is None or isinstance(answer, bytes)
+        world.check()
+        while world.server.next_event() is not None:
+            pass
+
+    run()
+    world.finish()
+
+
+text = st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=30)
+
+
+def test_arbitrary_credentials() -> None:
+    """Whatever USERNAME, USERHASH, REALM, NONCE and algorithm attributes say, and whatever
+    key signed them, the answer is a response or nothing, never an exception."""
+    world = make_world()
+    nonce = world.bobs[(1, False, 0)].nonce
+    assert nonce is not None
+    valid, _ = mint_credentials("s3cret", "carol", 3600, NOW)
+    expired, _ = mint_credentials("s3cret", "carol", 10, NOW - 100)
+    usernames = st.one_of(st.sampled_from(["bob", valid, expired, "²:x", "1:"]), text)
+    algorithms = st.lists(st.tuples(st.integers(0, 4), st.binary(max_size=5)), max_size=3)
+    keys = st.one_of(
+        st.sampled_from([long_term_key("bob", REALM, "bob-pw", algorithm) for algorithm in (1, 2)]),
+        st.binary(min_size=1, max_size=32),
+    )
+
+    @bounded(800)
+    @given(
+        method=st.sampled_from([Method.ALLOCATE, Method.REFRESH, Method.CREATE_PERMISSION]),
+        username=st.one_of(st.none(), usernames),
+        userhash=st.one_of(st.none(), st.binary(min_size=32, max_size=32)),
+        realm=st.one_of(st.none(), st.just(REALM), text),
+        nonce_text=st.one_of(st.none(), st.just(nonce), text),
+        offered=st.one_of(st.none(), st.builds(lambda a: PasswordAlgorithms(tuple(a)), algorithms)),
+        chosen=st.one_of(st.none(), st.builds(PasswordAlgorithm, st.integers(0, 4))),
+        key=keys,
+        sha256=st.booleans(),
+        index=st.integers(1, 3),
+    )
+    def run(
+        method: int,
+        username: str | None,
+        userhash: bytes | None,
+        realm: str | None,
+        nonce_text: str | None,
+        offered: PasswordAlgorithms | None,
+        chosen: PasswordAlgorithm | None,
+        key: bytes,
+        sha256: bool,
+        index: int,
+    ) -> None:
+        attrs: list[Attribute] = [RequestedTransport(TRANSPORT_UDP), XorPeerAddress(*PEER2)]
+        if username is not None:
+            attrs.append(Username(username))
+        if userhash is not None:
+            attrs.append(Userhash(userhash))
+        if realm is not None:
+            attrs.append(Realm(realm))
+        if nonce_text is not None:
+            attrs.append(Nonce(nonce_text))
+        attrs += [a for a in (offered, chosen) if a is not None]
+        request = encode_message(
+            method,
+            MessageClass.REQUEST,
+            bytes(12),
+            attrs,
+            integrity_key=None if sha256 else key,
+            integrity_sha256_key=key if sha256 else None,
+        )
+        answer = world.server.receive(request, FIVE_TUPLES[index], world.tick())
         assert answer is None or isinstance(answer, bytes)
         world.check()
         while world.server.next_event() is not None:
