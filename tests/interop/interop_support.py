@@ -34,8 +34,8 @@ STOP_TIMEOUT = 15.0
 ROOT = Path(__file__).resolve().parents[2]
 
 # Relay ranges come from below the kernel's ephemeral range (32768 and up on Linux), so
-# that client sockets and other servers' ports picked with port 0 never fall inside them.
-_RELAY_LOW = 20000
+# that client sockets and servers' ports picked with port 0 never fall inside them.
+_RELAY_LOW = 10000
 _RELAY_HIGH = 32000
 
 
@@ -76,13 +76,23 @@ def free_ports(count: int) -> list[int]:
 
 
 def relay_range(size: int = 100) -> tuple[int, int]:
-    """A window of ``size`` UDP ports that are all free right now."""
+    """A window of ``size`` UDP ports, all free right now if possible.
+
+    Other programs on the machine may hold ports scattered over any range; the server skips
+    a port in use, so a window with a few of them still serves.
+    """
     rng = random.Random(os.getpid() ^ time.monotonic_ns())
-    for _ in range(50):
-        start = rng.randrange(_RELAY_LOW, _RELAY_HIGH - size)
-        if all(_bindable(port, [socket.SOCK_DGRAM]) for port in range(start, start + size)):
+    best: tuple[int, int] | None = None
+    for _ in range(40):
+        start = rng.randrange(_RELAY_LOW, _RELAY_HIGH - size) // 10 * 10
+        free = sum(_bindable(port, [socket.SOCK_DGRAM]) for port in range(start, start + size))
+        if free == size:
             return start, start + size - 1
-    raise RuntimeError("no free relay port range found")
+        if best is None or free > best[0]:
+            best = (free, start)
+    if best is None or best[0] < size * 3 // 4:
+        raise RuntimeError("no free relay port range found")
+    return best[1], best[1] + size - 1
 
 
 @dataclass

@@ -2,9 +2,9 @@
 
 ``turnutils_uclient`` flags, as its ``-h`` and source say: channels are the default, ``-s``
 uses Send/Data indications instead, ``-c`` only turns off the second (RTCP) allocation,
-``-t`` is TCP and ``-t -S`` TLS. It exits 0 even when every packet is lost, so the tests
-read its final ``tot_send_msgs``/``tot_recv_msgs`` line, and compare with what the server
-counted in its audit log.
+``-t`` is TCP, ``-t -S`` TLS, and ``-y`` makes the clients send to each other's relayed
+addresses. It exits 0 even when every packet is lost, so the tests read its final
+``tot_send_msgs``/``tot_recv_msgs`` line and compare it with the server's audit log.
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ MODES = {
     "udp-send-indications": ["-s"],
     "tcp-channels": ["-t"],
     "tls-channels": ["-t", "-S"],
+    # Clients send to each other's relayed addresses: relay to relay through the server.
+    "udp-client-to-client": ["-y"],
 }
 
 
