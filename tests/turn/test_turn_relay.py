@@ -168,3 +168,22 @@ def test_data_indication_round_trips(peer: tuple[str, int], payload: bytes) -> N
     assert message.get(Data) == Data(payload)
     assert len(raw) % 4 == 0
     assert not message.has_integrity and message.fingerprint_offset is None
+
+
+def test_send_indication_with_unknown_required_attribute_is_dropped(relaying: Client) -> None:
+    # RFC 8489 §6.3.2: an indication with an unknown comprehension-required attribute is
+    # discarded (there is no response to carry a 420).
+    raw = stun(
+        Method.SEND,
+        [XorPeerAddress(*PEER), Data(b"x"), UnknownAttribute(0x7FF0, b"")],
+        klass=MessageClass.INDICATION,
+    )
+    assert relaying.send(raw) is None
+    assert relaying.server.allocations[relaying.five_tuple].packets_to_peers == 0
+    # An unknown optional attribute is fine.
+    raw = stun(
+        Method.SEND,
+        [XorPeerAddress(*PEER), Data(b"x"), UnknownAttribute(0xFFF0, b"")],
+        klass=MessageClass.INDICATION,
+    )
+    assert isinstance(relaying.send(raw), Forward)

@@ -832,6 +832,9 @@ class TurnServer:
         if allocation is None:
             self.drops["no allocation"] += 1
             return None
+        if message.unknown_required:  # RFC 8489 §6.3.2: discard the indication
+            self.drops["unknown attribute"] += 1
+            return None
         try:
             peer = message.get(XorPeerAddress)
             data = message.get(Data)
