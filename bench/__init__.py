@@ -1,0 +1,1 @@
+"""The tsunagu-versus-coturn benchmark: ``python -m bench`` (see docs/BENCHMARKS.md)."""

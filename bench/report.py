@@ -1,0 +1,768 @@
+"""Turn benchmark records into figures: medians, spread, ratios, a Markdown page and plots."""
+
+from __future__ import annotations
+
+import importlib
+import shlex
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+Record = dict[str, Any]
+LOSS_LIMIT = 0.01
+PRIMARY_BASELINE = "coturn-m1"
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    unit: str
+    better: str  # "lower" or "higher"
+    extract: Callable[[Record], float | None]
+    digits: int = 1
+
+
+def _result(record: Record) -> dict[str, Any]:
+    result = record.get("result")
+    return result if isinstance(result, dict) else {}
+
+
+def _step(record: Record) -> dict[str, Any]:
+    steps = _result(record).get("steps") or []
+    return steps[0] if steps else {}
+
+
+def _get(data: dict[str, Any], *path: str) -> float | None:
+    value: Any = data
+    for key in path:
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _percent(value: float | None) -> float | None:
+    return None if value is None else value * 100
+
+
+def _capacity(record: Record) -> float | None:
+    steps = _result(record).get("steps") or []
+    good = [s["relayed_pps"] for s in steps if s.get("loss", 1.0) <= LOSS_LIMIT]
+    return max(good) if good else (0.0 if steps else None)
+
+
+def _capacity_step(record: Record) -> dict[str, Any]:
+    steps = _result(record).get("steps") or []
+    good = [s for s in steps if s.get("loss", 1.0) <= LOSS_LIMIT]
+    return max(good, key=lambda s: s["relayed_pps"]) if good else {}
+
+
+def _at_ladder_top(record: Record) -> float | None:
+    """1 when no step of the ladder lost more than 1 %: capacity is a lower bound."""
+    steps = _result(record).get("steps") or []
+    if not steps:
+        return None
+    return 1.0 if all(s.get("loss", 1.0) <= LOSS_LIMIT for s in steps) else 0.0
+
+
+def _hold_rss_per_allocation(record: Record) -> float | None:
+    result = _result(record)
+    ready = _get(result, "setup", "ready")
+    before = _get(result, "setup", "server_rss_before")
+    held = _get(result, "hold", "server_rss_bytes")
+    if not ready or before is None or held is None:
+        return None
+    return (held - before) / ready
+
+
+def _not_relaying(record: Record) -> float | None:
+    result = _result(record)
+    requested = _get(result, "setup", "requested")
+    relaying = _get(result, "verify", "relaying")
+    if requested is None or relaying is None:
+        return None
+    return requested - relaying
+
+
+def _relay_metrics() -> list[Metric]:
+    return [
+        Metric(
+            "cpu_us",
+            "server CPU-s per million relayed packets",
+            "CPU-s/M",
+            "lower",
+            lambda r: _get(_step(r), "server_cpu_us_per_relayed_packet"),
+            2,
+        ),
+        Metric("loss", "loss", "%", "lower", lambda r: _percent(_get(_step(r), "loss")), 2),
+        Metric("rtt_p50", "RTT p50", "ms", "lower", lambda r: _get(_step(r), "rtt_ms", "p50"), 3),
+        Metric("rtt_p99", "RTT p99", "ms", "lower", lambda r: _get(_step(r), "rtt_ms", "p99"), 2),
+        Metric(
+            "relayed_pps",
+            "relayed packets/s",
+            "pps",
+            "higher",
+            lambda r: _get(_step(r), "relayed_pps"),
+            0,
+        ),
+    ]
+
+
+FIGURES: dict[str, list[Metric]] = {
+    "cpu": _relay_metrics(),
+    "rtp": _relay_metrics(),
+    "capacity": [
+        Metric("capacity_pps", "relayed packets/s at loss <= 1 %", "pps", "higher", _capacity, 0),
+        Metric(
+            "cpu_us_at_capacity",
+            "server CPU-s per million relayed, at that load",
+            "CPU-s/M",
+            "lower",
+            lambda r: _get(_capacity_step(r), "server_cpu_us_per_relayed_packet"),
+            2,
+        ),
+        Metric(
+            "rtt_p99_at_capacity",
+            "RTT p99 at that load",
+            "ms",
+            "lower",
+            lambda r: _get(_capacity_step(r), "rtt_ms", "p99"),
+            2,
+        ),
+        Metric(
+            "generator_busy",
+            "load generator busy at that load",
+            "share of a core",
+            "lower",
+            lambda r: _get(_capacity_step(r), "generator_busy"),
+            2,
+        ),
+        Metric(
+            "ladder_top", "no step lost > 1 % (lower bound)", "1 = yes", "lower", _at_ladder_top, 0
+        ),
+    ],
+    "alloc": [
+        Metric(
+            "allocs_per_s",
+            "allocations/s (401, Allocate, CreatePermission, ChannelBind)",
+            "1/s",
+            "higher",
+            lambda r: _get(_result(r), "setup", "per_second"),
+            0,
+        ),
+        Metric(
+            "cpu_ms_per_alloc",
+            "server CPU per allocation",
+            "ms",
+            "lower",
+            lambda r: (
+                None
+                if (v := _get(_result(r), "setup", "server_cpu_us_per_allocation")) is None
+                else v / 1000
+            ),
+            3,
+        ),
+        Metric(
+            "rss_per_alloc",
+            "server RSS growth per allocation",
+            "KB",
+            "lower",
+            lambda r: (
+                None
+                if (v := _get(_result(r), "setup", "server_rss_bytes_per_allocation")) is None
+                else v / 1000
+            ),
+            1,
+        ),
+        Metric(
+            "failed",
+            "failed allocations",
+            "count",
+            "lower",
+            lambda r: _get(_result(r), "setup", "failed"),
+            0,
+        ),
+    ],
+    "hold": [
+        Metric(
+            "rss_per_alloc",
+            "server RSS per allocation, held",
+            "KB",
+            "lower",
+            lambda r: None if (v := _hold_rss_per_allocation(r)) is None else v / 1000,
+            1,
+        ),
+        Metric(
+            "held_rss_mb",
+            "server RSS with all allocations",
+            "MB",
+            "lower",
+            lambda r: (
+                None if (v := _get(_result(r), "hold", "server_rss_bytes")) is None else v / 1e6
+            ),
+            1,
+        ),
+        Metric(
+            "not_relaying",
+            "allocations not relaying after the hold",
+            "count",
+            "lower",
+            _not_relaying,
+            0,
+        ),
+        Metric(
+            "allocs_per_s",
+            "allocations/s while filling",
+            "1/s",
+            "higher",
+            lambda r: _get(_result(r), "setup", "per_second"),
+            0,
+        ),
+    ],
+    "binding": [
+        Metric(
+            "binding_per_s",
+            "Binding requests/s answered (closed loop, 64 in flight)",
+            "1/s",
+            "higher",
+            lambda r: _get(_result(r), "binding", "per_second"),
+            0,
+        ),
+        Metric(
+            "cpu_us_per_request",
+            "server CPU-s per million requests",
+            "CPU-s/M",
+            "lower",
+            lambda r: _get(_result(r), "binding", "server_cpu_us_per_request"),
+            2,
+        ),
+        Metric(
+            "generator_busy",
+            "load generator busy",
+            "share of a core",
+            "lower",
+            lambda r: _get(_result(r), "binding", "generator_busy"),
+            2,
+        ),
+    ],
+    "uclient": [
+        Metric(
+            "cpu_us",
+            "server CPU-s per million relayed packets (whole run)",
+            "CPU-s/M",
+            "lower",
+            lambda r: _get(_result(r), "server_cpu_us_per_relayed_packet"),
+            2,
+        ),
+        Metric("loss", "loss", "%", "lower", lambda r: _percent(_get(_result(r), "loss")), 2),
+        Metric(
+            "rtt_avg",
+            "RTT mean (1 ms resolution)",
+            "ms",
+            "lower",
+            lambda r: _get(_result(r), "rtt_avg_ms"),
+            2,
+        ),
+    ],
+}
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+        "values": values,
+    }
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    """Medians and spread per case, variant and metric; ratios against coturn."""
+    records: list[Record] = results["records"]
+    meta_cases: dict[str, Any] = results["meta"]["cases"]
+    cases: dict[str, Any] = {}
+    for key, info in meta_cases.items():
+        metrics = FIGURES.get(info["figure"], [])
+        mine = [r for r in records if r["case"] == key and "result" in r]
+        if not mine:
+            continue
+        variants: dict[str, Any] = {}
+        for variant in sorted({r["variant"] for r in mine}):
+            rows = [r for r in mine if r["variant"] == variant]
+            per_metric: dict[str, Any] = {}
+            for metric in metrics:
+                values = [v for r in rows if (v := metric.extract(r)) is not None]
+                if values:
+                    per_metric[metric.key] = _stats(values)
+            others = [r["machine"]["other_share"] for r in rows if r.get("machine")]
+            others = [v for v in others if v is not None]
+            if others:
+                per_metric["other_share"] = _stats(others)
+            variants[variant] = per_metric
+        ratios: dict[str, Any] = {}
+        for metric in metrics:
+            ours = variants.get("tsunagu", {}).get(metric.key)
+            for baseline in ("coturn-m1", "coturn"):
+                theirs = variants.get(baseline, {}).get(metric.key)
+                if ours is None or theirs is None or not theirs["median"]:
+                    continue
+                ratios.setdefault(metric.key, {})[baseline] = ours["median"] / theirs["median"]
+        cases[key] = {
+            "title": info["title"],
+            "figure": info["figure"],
+            "variants": variants,
+            "ratios": ratios,
+        }
+    return {"cases": cases, "ladders": _ladders(records), "errors": _errors(records)}
+
+
+def _ladders(records: list[Record]) -> dict[str, Any]:
+    """Capacity ladders: per case and variant, medians per offered rate."""
+    out: dict[str, Any] = {}
+    for record in records:
+        if record.get("figure") != "capacity" or "result" not in record:
+            continue
+        by_rate = out.setdefault(record["case"], {}).setdefault(record["variant"], {})
+        for step in _result(record).get("steps") or []:
+            rate = step["offered_relayed_pps"]
+            slot = by_rate.setdefault(rate, {"loss": [], "relayed_pps": [], "cpu_us": []})
+            slot["loss"].append(step["loss"])
+            slot["relayed_pps"].append(step["relayed_pps"])
+            if step.get("server_cpu_us_per_relayed_packet") is not None:
+                slot["cpu_us"].append(step["server_cpu_us_per_relayed_packet"])
+    ladders: dict[str, Any] = {}
+    for case, variants in out.items():
+        for variant, by_rate in variants.items():
+            points = []
+            for rate in sorted(by_rate):
+                slot = by_rate[rate]
+                points.append(
+                    {
+                        "offered_relayed_pps": rate,
+                        "loss": statistics.median(slot["loss"]),
+                        "relayed_pps": statistics.median(slot["relayed_pps"]),
+                        "cpu_us": statistics.median(slot["cpu_us"]) if slot["cpu_us"] else None,
+                        "n": len(slot["loss"]),
+                    }
+                )
+            ladders.setdefault(case, {})[variant] = points
+    return ladders
+
+
+def _errors(records: list[Record]) -> list[str]:
+    out = []
+    for record in records:
+        problem = record.get("error") or record.get("skipped")
+        setup_errors = _result(record).get("setup", {}).get("errors")
+        if setup_errors:
+            problem = (problem + "; " if problem else "") + f"setup errors {setup_errors}"
+        if problem:
+            out.append(f"{record['variant']} {record['case']} #{record['repeat'] + 1}: {problem}")
+    return out
+
+
+def one_line(record: Record) -> str:
+    """A short progress line for one record."""
+    if "error" in record and "result" not in record:
+        return "ERROR " + record["error"].splitlines()[-1][:120]
+    if "skipped" in record:
+        return "skipped: " + record["skipped"]
+    figure = record["figure"]
+    result = _result(record)
+    parts = []
+    for metric in FIGURES.get(figure, [])[:3]:
+        value = metric.extract(record)
+        if value is not None:
+            parts.append(f"{metric.key}={value:.{metric.digits}f}")
+    if figure == "capacity":
+        steps = result.get("steps") or []
+        parts.append(
+            "ladder "
+            + " ".join(f"{s['relayed_pps'] / 1000:.0f}k/{s['loss'] * 100:.1f}%" for s in steps)
+        )
+    other = record.get("machine", {}).get("other_share")
+    if other is not None:
+        parts.append(f"other={other * 100:.0f}%")
+    if "error" in record:
+        parts.append("ERROR " + record["error"][:80])
+    return " ".join(parts)
+
+
+# --- Markdown --------------------------------------------------------------------------------
+
+_SECTION_TITLES = [
+    ("cpu", "1. Server CPU per relayed packet"),
+    ("capacity", "2. Highest relayed packets/s with loss <= 1 %"),
+    ("rtp", "3. RTP-like load"),
+    ("rtt", "4. Round-trip time through the relay"),
+    ("alloc", "5. Allocations per second"),
+    ("hold", "6. Many allocations held"),
+    ("binding", "7. STUN Binding requests per second"),
+    ("uclient", "The same with coturn's load generator (turnutils_uclient + turnutils_peer)"),
+]
+
+# The headline figures: (figure number, case, metric).
+_HEADLINES = [
+    ("1", "udp-channel-100", "cpu_us"),
+    ("1", "udp-channel-1000", "cpu_us"),
+    ("1", "udp-indication-100", "cpu_us"),
+    ("1", "tcp-channel-100", "cpu_us"),
+    ("1", "tls-channel-100", "cpu_us"),
+    ("2", "capacity-1", "capacity_pps"),
+    ("2", "capacity-10", "capacity_pps"),
+    ("2", "capacity-100", "capacity_pps"),
+    ("3", "rtp-100", "cpu_us"),
+    ("3", "rtp-100", "loss"),
+    ("3", "rtp-500", "cpu_us"),
+    ("3", "rtp-500", "loss"),
+    ("4", "udp-channel-100", "rtt_p50"),
+    ("4", "udp-channel-100", "rtt_p99"),
+    ("5", "alloc-lt", "allocs_per_s"),
+    ("5", "alloc-rest", "allocs_per_s"),
+    ("5", "alloc-lt", "cpu_ms_per_alloc"),
+    ("6", "hold-10000", "rss_per_alloc"),
+    ("6", "hold-10000", "not_relaying"),
+    ("7", "binding", "binding_per_s"),
+    ("7", "binding", "cpu_us_per_request"),
+    ("–", "uclient-udp-channel-100", "cpu_us"),
+]
+_LABELS = {"coturn-m1": "coturn -m 1", "coturn": "coturn (default threads)", "tsunagu": "tsunagu"}
+
+
+def _metric(figure: str, key: str) -> Metric | None:
+    return next((m for m in FIGURES.get(figure, []) if m.key == key), None)
+
+
+def _headline_table(summary: dict[str, Any], variants: list[str]) -> list[str]:
+    header = ["#", "Load", "Figure", *[_LABELS.get(v, v) for v in variants]]
+    header.append("tsunagu / coturn -m 1")
+    if "coturn" in variants:
+        header.append("tsunagu / coturn")
+    header.append("better")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for number, key, metric_key in _HEADLINES:
+        case = summary["cases"].get(key)
+        if case is None:
+            continue
+        metric = _metric(case["figure"], metric_key)
+        if metric is None:
+            continue
+        cells = [case["variants"].get(v, {}).get(metric.key) for v in variants]
+        if all(c is None for c in cells):
+            continue
+        ratios = case["ratios"].get(metric.key, {})
+        row = [number, case["title"], f"{metric.label} ({metric.unit})"]
+        row += [_cell(c, metric.digits) for c in cells]
+        row.append(_ratio(ratios.get("coturn-m1")))
+        if "coturn" in variants:
+            row.append(_ratio(ratios.get("coturn")))
+        row.append(metric.better)
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    if value is None:
+        return "–"
+    if digits == 0:
+        return f"{value:,.0f}"
+    return f"{value:,.{digits}f}"
+
+
+def _cell(stats: dict[str, Any] | None, digits: int) -> str:
+    if stats is None:
+        return "–"
+    if stats["n"] == 1:
+        return _fmt(stats["median"], digits)
+    return (
+        f"{_fmt(stats['median'], digits)} "
+        f"<sub>({_fmt(stats['min'], digits)}–{_fmt(stats['max'], digits)})</sub>"
+    )
+
+
+def _ratio(value: float | None) -> str:
+    return "–" if value is None else f"**{value:.2f}**"
+
+
+def _table(
+    summary: dict[str, Any], figure: str, variants: list[str], only: list[str] | None = None
+) -> list[str]:
+    lines = []
+    labels = {
+        "coturn-m1": "coturn -m 1",
+        "coturn": "coturn (default threads)",
+        "tsunagu": "tsunagu",
+    }
+    header = ["Load", "Figure", *[labels.get(v, v) for v in variants], "tsunagu / coturn -m 1"]
+    if "coturn" in variants:
+        header.append("tsunagu / coturn")
+    header.append("better")
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    metric_figure = "cpu" if figure == "rtt" else figure
+    for key, case in summary["cases"].items():
+        if case["figure"] != metric_figure:
+            continue
+        if figure == "rtt" and key != "udp-channel-100":
+            continue
+        for metric in FIGURES[metric_figure]:
+            if only is not None and metric.key not in only:
+                continue
+            if figure != "rtt" and metric_figure == "cpu" and metric.key.startswith("rtt"):
+                continue
+            cells = [case["variants"].get(v, {}).get(metric.key) for v in variants]
+            if all(c is None for c in cells):
+                continue
+            ratios = case["ratios"].get(metric.key, {})
+            row = [
+                case["title"],
+                f"{metric.label} ({metric.unit})",
+                *[_cell(c, metric.digits) for c in cells],
+                _ratio(ratios.get("coturn-m1")),
+            ]
+            if "coturn" in variants:
+                row.append(_ratio(ratios.get("coturn")))
+            row.append(metric.better)
+            lines.append("| " + " | ".join(row) + " |")
+        others = [case["variants"].get(v, {}).get("other_share") for v in variants]
+        if any(o is not None for o in others) and figure != "rtt":
+            row = [case["title"], "CPU used by other processes on the machine (% of all cores)"]
+            row += ["–" if o is None else _cell({**o, **_scaled(o, 100)}, 0) for o in others]
+            row += ["", ""] if "coturn" in variants else [""]
+            row.append("(noise)")
+            lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _scaled(stats: dict[str, Any], factor: float) -> dict[str, Any]:
+    return {k: stats[k] * factor for k in ("median", "min", "max")}
+
+
+def _commands(results: dict[str, Any]) -> list[str]:
+    """One command line per case and server kind, as run (ports and pids vary per run)."""
+    seen: dict[tuple[str, str], list[str]] = {}
+    servers: dict[str, list[str]] = {}
+    for record in results["records"]:
+        key = (record["case"], record["variant"])
+        if key not in seen:
+            seen[key] = record["command"]
+        servers.setdefault(f"{record['variant']} ({record['auth']})", record["server_command"])
+    lines = ["Servers (each started fresh for every session, pinned with `taskset`):", ""]
+    lines.append("```sh")
+    for name, command in servers.items():
+        lines.append(f"# {name}")
+        lines.append(shlex.join(_relative(command)))
+    lines.append("```")
+    lines.append("")
+    lines.append(
+        "Loads (the same for every server; with `--server-pid` the probe reads the server's "
+        "CPU time):"
+    )
+    lines.append("")
+    lines.append("```sh")
+    done: set[str] = set()
+    for (case, variant), command in seen.items():
+        if case in done or not variant.startswith("tsunagu"):
+            continue
+        done.add(case)
+        lines.append(f"# {case}")
+        lines.append(shlex.join(_relative(command)))
+    lines.append("```")
+    return lines
+
+
+def _relative(command: list[str]) -> list[str]:
+    out = []
+    for part in command:
+        if part == sys.executable or part.endswith("/python") or part.endswith("/python3"):
+            out.append(".venv/bin/python")
+        elif "/tsunagu-bench-" in part:
+            out.append("$WORKDIR/" + part.rsplit("/", 1)[-1])
+        else:
+            out.append(part)
+    return out
+
+
+def _peer(peer: Any) -> str:
+    return shlex.join(peer) if isinstance(peer, list) else str(peer)
+
+
+def markdown(results: dict[str, Any], plots: list[Path]) -> str:
+    meta = results["meta"]
+    summary = results["summary"]
+    machine = meta["machine"]
+    variants = [v for v in ("coturn-m1", "coturn", "tsunagu") if v in meta["variants"]]
+    lines = [
+        "# Benchmarks: tsunagu against coturn",
+        "",
+        "Every figure is measured for coturn and for tsunagu on the same machine, in the same "
+        "run, with the same load generator, and given as a ratio (tsunagu / coturn). Cells "
+        "show the median over the repeats and, in small print, the lowest and highest value. "
+        "For CPU and memory a ratio below 1 favours tsunagu; for rates, above 1.",
+        "",
+        "Regenerate with `make -C bench` (or `.venv/bin/python -m bench`); a smoke version "
+        "runs in seconds with `.venv/bin/python -m bench --quick`.",
+        "",
+        "## Machine and versions",
+        "",
+        f"- {machine.get('cores')} cores ({machine.get('cpu')}), "
+        f"{(machine.get('memory_bytes') or 0) / 2**30:.1f} GiB, kernel {machine.get('kernel')}, "
+        f"{machine.get('os')}",
+        f"- Python {machine.get('python')}, uvloop {machine.get('uvloop')}, tsunagu "
+        f"{machine.get('tsunagu')} (commit {machine.get('tsunagu_commit')}), coturn "
+        f"{machine.get('coturn')} (Debian package)",
+        f"- {meta['plan']} plan, {meta['repeats']} repeat(s), run {meta['started']}, took "
+        f"{meta.get('seconds', 0):.0f} s; load average at start "
+        f"{', '.join(str(v) for v in machine.get('loadavg_at_start', []))}",
+        f"- Pinning: server on CPU {meta['pinning']['server_cpu']}, load generator and echo peer "
+        f"on CPU {meta['pinning']['generator_cpu']}; echo peer: `{_peer(meta['echo_peer'])}`",
+        "",
+    ]
+    lines += ["## Summary", ""]
+    lines += _headline_table(summary, variants)
+    lines += [
+        "",
+        "Medians over the repeats, with the lowest and highest value in small print. The "
+        "sections below give every figure with loss, round-trip times and how busy the "
+        "machine was.",
+        "",
+    ]
+    for figure, title in _SECTION_TITLES:
+        table = _table(summary, figure, variants)
+        if len(table) <= 2:
+            continue
+        lines += [f"## {title}", ""]
+        lines += table
+        lines.append("")
+        if figure == "capacity":
+            for plot in plots:
+                lines.append(f"![{plot.stem}]({plot.name})")
+                lines.append("")
+    if summary.get("errors"):
+        lines += ["## Problems seen during the run", ""]
+        lines += [f"- {e}" for e in summary["errors"][:40]]
+        lines.append("")
+    lines += ["## Method", ""]
+    lines += METHOD.strip().splitlines()
+    lines += ["", "## Exact commands", ""]
+    lines += _commands(results)
+    lines.append("")
+    return "\n".join(lines)
+
+
+METHOD = """
+- **Relayed packets** are twice the messages that came back: each test message goes client ->
+  relay -> peer and back peer -> relay -> client. **Server CPU** is utime + stime of the server
+  process (all threads) from `/proc/PID/stat`, read by the load generator right before and
+  after each measured step; CPU-seconds per million relayed packets is the same number as
+  microseconds per packet. `/proc` counts in 10 ms ticks, so short steps carry a few per cent
+  of rounding.
+- **Load generator**: `tsunagu probe`, one thread around `epoll`. Each allocation is its own
+  client socket that does the full exchange (Allocate -> 401 -> Allocate with long-term
+  credentials -> CreatePermission -> ChannelBind), then sends paced test messages, round-robin
+  over the allocations, carrying a sequence number and the send time; loss and round-trip times
+  come from what returns. The echo peer is coturn's `turnutils_peer`. Allocations are released
+  (Refresh, lifetime 0) at the end of every load so that no load inherits another's state.
+- **Capacity** is the highest step of a rate ladder (1.5 s per step) with loss <= 1 %. When no
+  step lost more than 1 %, the figure is a lower bound set by the ladder's top or the load
+  generator (see "load generator busy").
+- **Allocations per second** are measured with 32 allocations in flight at once on a freshly
+  started server; REST credentials are minted per allocation (`<expiry>:probe<i>`, HMAC-SHA1
+  of the shared secret). tsunagu runs with `--unauth-rate 1000000`: its default of 20
+  unauthenticated answers per second per source IP (a guard against reflection) would
+  otherwise cap a single-address load generator, and coturn has no such limit.
+- **Memory**: resident set (RSS) of the server process before the allocations and while they
+  are held; divided by the number of allocations.
+- **STUN Binding**: 4 sockets, each with 16 requests in flight (a new one for every answer);
+  answers per second and server CPU per request.
+- **Interleaving**: every server variant gets a fresh process per session; sessions run in a
+  rotating order (A B C, B C A, C A B), repeated, and the tables show medians. The column
+  "other" in the JSON file records CPU used on the machine by processes outside the
+  benchmark during each load; a busy machine shows up there.
+- Socket buffers: both servers use 64 KiB relay sockets (the kernel doubles it) and 2 MiB
+  listener buffers; the probe's client sockets ask for 1 MiB.
+"""
+
+
+# --- plots -----------------------------------------------------------------------------------
+
+
+def _matplotlib(install: bool) -> Any:
+    try:
+        return importlib.import_module("matplotlib")
+    except ImportError:
+        if not install:
+            return None
+    # A bench-only dependency, installed into the interpreter running the benchmark.
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "matplotlib",
+        ],
+        capture_output=True,
+    )
+    if done.returncode != 0:
+        sys.stderr.write("bench: could not install matplotlib; no plots\n")
+        return None
+    importlib.invalidate_caches()
+    return importlib.import_module("matplotlib")
+
+
+def plot(results: dict[str, Any], directory: Path, *, install: bool) -> list[Path]:
+    """Loss and server CPU against offered relayed packets/s, per allocation count."""
+    ladders = results.get("summary", {}).get("ladders") or {}
+    if not ladders:
+        return []
+    matplotlib = _matplotlib(install)
+    if matplotlib is None:
+        return []
+    matplotlib.use("Agg")
+    pyplot = importlib.import_module("matplotlib.pyplot")
+    cases = sorted(ladders, key=lambda c: int(c.rsplit("-", 1)[-1]) if c[-1].isdigit() else 0)
+    styles = {
+        "coturn-m1": ("tab:blue", "coturn -m 1"),
+        "coturn": ("tab:cyan", "coturn (default threads)"),
+        "tsunagu": ("tab:red", "tsunagu"),
+    }
+    figure, axes = pyplot.subplots(2, len(cases), figsize=(5 * len(cases), 7), squeeze=False)
+    for column, case in enumerate(cases):
+        count = case.rsplit("-", 1)[-1]
+        for variant, points in sorted(ladders[case].items()):
+            color, label = styles.get(variant, ("tab:gray", variant))
+            xs = [p["offered_relayed_pps"] / 1000 for p in points]
+            axes[0][column].plot(
+                xs, [p["loss"] * 100 for p in points], "o-", color=color, label=label
+            )
+            cpu = [(x, p["cpu_us"]) for x, p in zip(xs, points, strict=True) if p["cpu_us"]]
+            if cpu:
+                axes[1][column].plot(*zip(*cpu, strict=True), "o-", color=color, label=label)
+        top = axes[0][column]
+        top.set_title(f"{count} allocation{'s' if count != '1' else ''}")
+        top.set_yscale("symlog", linthresh=1)
+        top.axhline(1, color="gray", linestyle=":", linewidth=1)
+        top.set_ylabel("loss (%)")
+        top.set_xlabel("offered relayed packets/s (thousands)")
+        top.grid(True, alpha=0.3)
+        top.legend(fontsize=8)
+        bottom = axes[1][column]
+        bottom.set_ylabel("server CPU µs per relayed packet")
+        bottom.set_xlabel("offered relayed packets/s (thousands)")
+        bottom.set_ylim(bottom=0)
+        bottom.grid(True, alpha=0.3)
+    figure.suptitle("UDP ChannelData, 100 B: loss and server CPU against load (medians)")
+    figure.tight_layout()
+    path = directory / "bench-capacity.png"
+    figure.savefig(path, dpi=90)
+    pyplot.close(figure)
+    return [path]
