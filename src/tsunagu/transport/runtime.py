@@ -23,8 +23,10 @@ import secrets
 import signal
 import socket
 import ssl
+import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,7 @@ from ..turn.server import TurnServer, TurnSettings
 from .listeners import StreamConnection, UdpListener
 from .relay import UdpRelayBinder
 
-__all__ = ["TurnRuntime", "serve", "settings_from_config"]
+__all__ = ["TurnRuntime", "WorkerShare", "serve", "settings_from_config", "worker_main"]
 
 log = logging.getLogger("tsunagu")
 audit = logging.getLogger("tsunagu.audit")
@@ -46,10 +48,23 @@ audit = logging.getLogger("tsunagu.audit")
 LISTENER_BUFFER_BYTES = 2 * 1024 * 1024
 
 
-def _udp_socket(ip: str, port: int) -> socket.socket:
+@dataclass(frozen=True, slots=True)
+class WorkerShare:
+    """What every worker process of one server must agree on."""
+
+    turn_secret: str
+    nonce_secret: bytes
+    index: int
+
+
+def _udp_socket(ip: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
+        if reuse_port:
+            # Workers share the port; the kernel hashes each client's 4-tuple to one of them,
+            # so a client's allocation always lives in the same worker.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if ":" in ip:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
@@ -232,19 +247,27 @@ def _bracket(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-async def serve(config: Config) -> int:
-    """Run everything ``config`` enables until a signal; return the exit status."""
+async def serve(config: Config, share: WorkerShare | None = None) -> int:
+    """Run everything ``config`` enables until a signal; return the exit status.
+
+    With ``workers`` > 1 this process is worker 0 (and serves the web app); it starts the
+    other workers, which run :func:`worker_main` with the same configuration and ``share``.
+    """
     _setup_logging(config)
     loop = asyncio.get_running_loop()
     rng = random.SystemRandom()
 
-    turn_secret: str | None = config.static_auth_secrets[0] if config.static_auth_secrets else None
     secrets_in_use = config.static_auth_secrets
-    if turn_secret is None:
+    if share is None:
         # The web page mints time-limited credentials; without an operator's secret a fresh
         # one per start keeps that working with no configuration.
-        turn_secret = secrets.token_urlsafe(24)
+        turn_secret = secrets_in_use[0] if secrets_in_use else secrets.token_urlsafe(24)
+        share = WorkerShare(turn_secret, rng.randbytes(32), 0)
+    turn_secret = share.turn_secret
+    if not secrets_in_use:
         secrets_in_use = (turn_secret,)
+    reuse_port = config.workers > 1
+    children: list[subprocess.Popen[bytes]] = []
 
     wildcard = not config.listening_ips or any(
         ip in ("0.0.0.0", "::") for ip in config.listening_ips
@@ -264,7 +287,7 @@ async def serve(config: Config) -> int:
     runner: Any = None
     ssl_context: ssl.SSLContext | None = None
     material: Any = None
-    servers: list[asyncio.AbstractServer] = []
+    servers: list[asyncio.Server] = []
     udp_listeners: list[UdpListener] = []
     runtime: TurnRuntime | None = None
 
@@ -281,7 +304,11 @@ async def serve(config: Config) -> int:
 
     host = _host_for_uris(config, listening)
     if not config.no_turn:
-        settings = settings_from_config(config, tuple(listening))
+        settings = dataclasses.replace(
+            settings_from_config(config, tuple(listening)),
+            nonce_secret=share.nonce_secret,
+            shared_reservations=reuse_port,
+        )
         users = [parse_user(text) for text in config.users]
         store = StaticCredentialStore(
             config.realm,
@@ -296,11 +323,16 @@ async def serve(config: Config) -> int:
         for ip in listening:
             try:
                 if not config.no_udp:
-                    udp_listeners.append(UdpListener(runtime, _udp_socket(ip, port), loop))
+                    sock = _udp_socket(ip, port, reuse_port=reuse_port)
+                    udp_listeners.append(UdpListener(runtime, sock, loop))
                 if not config.no_tcp:
                     servers.append(
                         await loop.create_server(
-                            lambda: StreamConnection(runtime, "tcp"), ip, port, reuse_address=True
+                            lambda: StreamConnection(runtime, "tcp"),
+                            ip,
+                            port,
+                            reuse_address=True,
+                            reuse_port=reuse_port,
                         )
                     )
                 if ssl_context is not None and not config.no_tls and not config.stun_only:
@@ -311,6 +343,7 @@ async def serve(config: Config) -> int:
                             config.tls_listening_port,
                             ssl=ssl_context,
                             reuse_address=True,
+                            reuse_port=reuse_port,
                         )
                     )
             except OSError as exc:
@@ -320,7 +353,16 @@ async def serve(config: Config) -> int:
                 for item in servers:
                     item.close()
                 return 1
+        if share.index == 0 and config.workers > 1:
+            children = await _start_workers(config, share)
+            if len(children) != config.workers - 1:
+                for child in children:
+                    child.kill()
+                log.error("worker processes did not start")
+                return 1
         _say(f"tsunagu: STUN/TURN on {', '.join(listening)} port {port}")
+        if config.workers > 1:
+            _say(f"tsunagu: {config.workers} worker processes")
         transports = [
             name
             for name, enabled in (
@@ -371,12 +413,24 @@ async def serve(config: Config) -> int:
         if signals_seen == 1:
             log.info("draining: no new allocations; waiting up to %ss", config.drain_timeout)
             stop.set()
+            for child in children:
+                child.send_signal(signal.SIGTERM)
         else:
             log.info("second signal: exiting now")
+            for child in children:
+                child.kill()
             os._exit(1)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal)
+    if share.index > 0:
+        # A worker drains when its parent goes away: the parent holds our stdin open.
+        def on_stdin() -> None:
+            if not os.read(0, 4096):
+                loop.remove_reader(0)
+                stop.set()
+
+        loop.add_reader(0, on_stdin)
     _say("tsunagu: ready")
     await stop.wait()
 
@@ -397,6 +451,78 @@ async def serve(config: Config) -> int:
             stream.transport.close()
     for listener in udp_listeners:
         listener.close()
+    deadline = time.monotonic() + 5.0
+    for child in children:
+        try:
+            await asyncio.to_thread(child.wait, max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
     await asyncio.sleep(0)
     log.info("stopped")
     return 0
+
+
+async def _start_workers(config: Config, share: WorkerShare) -> list[subprocess.Popen[bytes]]:
+    """Start workers 1..N-1 and wait (bounded) until each has bound its listeners."""
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    fields.update(no_web=True)
+    children: list[subprocess.Popen[bytes]] = []
+    for index in range(1, config.workers):
+        payload = {
+            "config": fields,
+            "turn_secret": share.turn_secret,
+            "nonce_secret": share.nonce_secret.hex(),
+            "index": index,
+        }
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "from tsunagu.transport.runtime import worker_main; "
+                "raise SystemExit(worker_main())",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        assert child.stdin is not None and child.stdout is not None
+        child.stdin.write(json.dumps(payload).encode() + b"\n")
+        child.stdin.flush()
+        children.append(child)
+    ready = []
+    for child in children:
+        assert child.stdout is not None
+        stdout = child.stdout
+
+        def wait_ready(stdout: Any = stdout) -> bool:
+            for line in stdout:
+                if line.startswith(b"tsunagu: ready"):
+                    return True
+            return False
+
+        try:
+            if await asyncio.wait_for(asyncio.to_thread(wait_ready), 30.0):
+                ready.append(child)
+        except TimeoutError:
+            pass
+    return ready if len(ready) == len(children) else ready[:0]
+
+
+def worker_main() -> int:
+    """Entry point of worker processes 1..N-1: configuration arrives as JSON on stdin."""
+    payload = json.loads(sys.stdin.readline())
+    values: dict[str, Any] = {
+        key: tuple(value) if isinstance(value, list) else value
+        for key, value in payload["config"].items()
+    }
+    config = Config(**values)
+    share = WorkerShare(
+        payload["turn_secret"], bytes.fromhex(payload["nonce_secret"]), payload["index"]
+    )
+    try:
+        import uvloop
+
+        factory: Any = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return int(runner.run(serve(config, share)))

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import hmac
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -214,6 +215,12 @@ class TurnSettings:
     alternate_server: Address | None = None
     unauth_rate: float = 20.0
     security_features: bool = True
+    nonce_secret: bytes | None = None
+    """Shared by worker processes so that a nonce minted by one is valid at all."""
+    shared_reservations: bool = False
+    """Worker processes share the relay range: an EVEN-PORT reservation is then a signed
+    token that any worker can redeem, and port + 1 is set aside rather than held bound
+    (another worker could not take it over from this one's socket)."""
     strict_channel_numbers: bool = False
     """Accept only RFC 8656's 0x4000-0x4FFF instead of RFC 5766's 0x4000-0x7FFE."""
     policy: PeerPolicy = field(default_factory=PeerPolicy.create)
@@ -251,8 +258,11 @@ class TurnServer:
         self._credentials = credentials
         self._binder = binder
         self._rng = rng
+        self._secret = settings.nonce_secret or rng.randbytes(32)
         self._nonces = NonceManager(
-            rng.randbytes(32), settings.nonce_lifetime, security_features=settings.security_features
+            self._secret,
+            settings.nonce_lifetime,
+            security_features=settings.security_features,
         )
         self.allocations: dict[FiveTuple, Allocation] = {}
         self._per_user: Counter[str] = Counter()
@@ -261,6 +271,8 @@ class TurnServer:
         self._events: deque[Event] = deque()
         self._cache: dict[tuple[FiveTuple, bytes], tuple[bytes, float]] = {}
         self._reservations: dict[bytes, tuple[RelaySocket, float]] = {}
+        # Ports set aside for signed reservations (shared_reservations), until they expire.
+        self._set_aside: dict[tuple[str, int], float] = {}
         self._ports: dict[str, set[int]] = {}
         self._buckets: dict[str, tuple[float, float]] = {}
         self.draining = False
@@ -346,6 +358,12 @@ class TurnServer:
         heap = self._heap
         while heap and heap[0][0] <= now:
             _, _, kind, owner, key = heapq.heappop(heap)
+            if kind == _RESERVATION and isinstance(key, tuple):
+                expiry = self._set_aside.get(key)
+                if expiry is not None and expiry <= now:
+                    del self._set_aside[key]
+                    self._ports.get(key[0], set()).discard(key[1])
+                continue
             if kind == _RESERVATION:
                 reserved = self._reservations.get(key)
                 if reserved is not None and reserved[1] <= now:
@@ -595,10 +613,7 @@ class TurnServer:
         reservation: bytes | None = None
         try:
             if token is not None:
-                reserved = self._reservations.pop(token.value, None)
-                if reserved is None:
-                    raise InsufficientCapacity("unknown or expired reservation token")
-                relay = reserved[0]
+                relay = self._redeem(token.value, five_tuple, dont_fragment, now)
                 relays[6 if ":" in relay.address[0] else 4] = relay
             else:
                 version = 4
@@ -717,6 +732,12 @@ class TurnServer:
             used.add(port)
             if not reserve:
                 return relay, None
+            if settings.shared_reservations:
+                expiry = now + settings.reservation_lifetime
+                used.add(port + 1)
+                self._set_aside[(ip, port + 1)] = expiry
+                self._schedule(expiry, _RESERVATION, None, (ip, port + 1))
+                return relay, self._signed_token(ip, port + 1, now)
             reserved = self._binder.bind(ip, port + 1, dont_fragment=dont_fragment)
             if reserved is None:
                 self._release(relay)
@@ -731,6 +752,37 @@ class TurnServer:
             self._schedule(expiry, _RESERVATION, None, token)
             return relay, token
         raise InsufficientCapacity("no relay port available")
+
+    def _signed_token(self, ip: str, port: int, now: float, bucket: int | None = None) -> bytes:
+        # port, a 16-second time bucket, and a MAC over both and the relay IP
+        if bucket is None:
+            bucket = int(now // 16) % 256
+        head = port.to_bytes(2, "big") + bytes((bucket, 6 if ":" in ip else 4))
+        mac = hmac.new(self._secret, b"reservation" + ip.encode() + head, hashlib.sha256)
+        return head + mac.digest()[:4]
+
+    def _redeem(
+        self, token: bytes, five_tuple: FiveTuple, dont_fragment: bool, now: float
+    ) -> RelaySocket:
+        """The relay socket a RESERVATION-TOKEN stands for (RFC 8656 §7.2, step 5)."""
+        reserved = self._reservations.pop(token, None)
+        if reserved is not None:
+            return reserved[0]
+        if self.settings.shared_reservations:
+            ip = self._relay_ip(five_tuple, token[3]) if token[3] in (4, 6) else None
+            port = int.from_bytes(token[:2], "big")
+            age = (int(now // 16) - token[2]) % 256
+            if (
+                ip is not None
+                and age * 16 <= self.settings.reservation_lifetime + 16
+                and hmac.compare_digest(token, self._signed_token(ip, port, now, token[2]))
+            ):
+                self._set_aside.pop((ip, port), None)
+                relay = self._binder.bind(ip, port, dont_fragment=dont_fragment)
+                if relay is not None:
+                    self._ports.setdefault(ip, set()).add(port)
+                    return relay
+        raise InsufficientCapacity("unknown or expired reservation token")
 
     def _release(self, relay: RelaySocket) -> None:
         ip, port = relay.address[0], relay.address[1]
