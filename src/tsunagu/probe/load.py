@@ -102,10 +102,11 @@ class _Conn:
 
 
 class _Stats:
-    __slots__ = ("received", "rtts", "step", "strays", "late")
+    __slots__ = ("lag", "late", "received", "rtts", "step", "strays")
 
     def __init__(self) -> None:
         self.step = 0
+        self.lag = 0.0
         self.received = 0
         self.rtts: list[int] = []
         self.strays = 0
@@ -178,6 +179,7 @@ class LoadGenerator:
         self._ssl: ssl.SSLContext | None = None
         self._now_ns = time.perf_counter_ns
         self._payload_offset = 4
+        self._pending_close: list[_Conn] = []
 
     # --- sockets --------------------------------------------------------------------------
 
@@ -258,7 +260,11 @@ class LoadGenerator:
             self.epoll.modify(conn.fd, select.EPOLLIN)
 
     def _read(self, conn: _Conn) -> list[bytes]:
-        """Everything readable now: datagrams, or whole frames off a stream."""
+        """Everything readable now: datagrams, or whole frames off a stream.
+
+        A stream the server closed is closed here too, after its last frames are taken,
+        so that an answer sent just before the close still counts.
+        """
         sock = conn.sock
         if not conn.stream:
             out: list[bytes] = []
@@ -268,6 +274,7 @@ class LoadGenerator:
                 except (BlockingIOError, ConnectionRefusedError):
                     return out
         buffer = conn.buffer
+        closed = False
         while True:
             try:
                 chunk = sock.recv(_STREAM_READ)
@@ -276,7 +283,7 @@ class LoadGenerator:
             except OSError:
                 chunk = b""
             if not chunk:
-                self._close(conn)
+                closed = True
                 break
             buffer += chunk
         frames: list[bytes] = []
@@ -285,14 +292,20 @@ class LoadGenerator:
             try:
                 length = wire.stream_frame_length(buffer, offset)
             except wire.WireError:
-                self._close(conn)
+                closed = True
                 break
             if length is None or offset + length > len(buffer):
                 break
             frames.append(bytes(buffer[offset : offset + length]))
             offset += length
         del buffer[:offset]
+        if closed:
+            self._pending_close.append(conn)
         return frames
+
+    def _close_pending(self) -> None:
+        while self._pending_close:
+            self._close(self._pending_close.pop())
 
     def _close(self, conn: _Conn) -> None:
         if self.conns.pop(conn.fd, None) is not None:
@@ -321,6 +334,7 @@ class LoadGenerator:
         first: Callable[[_Conn, float], bytes],
         window: int,
         timeout: float,
+        retry: Callable[[_Conn], _Conn | None] | None = None,
     ) -> tuple[int, float]:
         """Run sessions through ``first(...)`` and on to done, ``window`` at a time."""
         pending = deque(conns)
@@ -355,13 +369,19 @@ class LoadGenerator:
                         request = session.receive(reply, now)
                         if request is not None:
                             self._send(conn, request)
+                    self._close_pending()
                     if session.done or conn.fd not in self.conns:
                         active.pop(fd, None)
                         completed += 1
+                        if retry is not None and session.phase is Phase.FAILED:
+                            again = retry(conn)
+                            if again is not None:
+                                pending.appendleft(again)
                 elif self.echo is not None and fd == self.echo.fileno():
                     self._echo_readable()
                 elif fd in self.conns:
                     self._read(self.conns[fd])  # late answers to sessions already done
+                    self._close_pending()
             now = time.perf_counter()
             if now >= next_tick:
                 next_tick = now + _SETUP_TICK
@@ -417,10 +437,40 @@ class LoadGenerator:
                 conns.append(conn)
                 yield conn
 
+        def retry(conn: _Conn) -> _Conn | None:
+            # 437 to the first Allocate: the kernel reused the port of an allocation the
+            # server still holds (left by another client). A real client would move to a
+            # new port, and so does this one, once.
+            session = conn.session
+            assert session is not None
+            if session.error_code != 437 or session.failed_in is not Phase.ALLOCATE:
+                return None
+            if conn.index in retried:
+                return None
+            retried.add(conn.index)
+            self._close(conn)
+            try:
+                sock = self._connect(conn.index)
+            except OSError:
+                return None
+            fresh = TurnSession(
+                session.username,
+                session.password,
+                self.peer,
+                channel=channel,
+                random_bytes=self.rng.randbytes,
+                reliable=stream,
+                fingerprint=spec.fingerprint,
+            )
+            again = _Conn(conn.index, sock, fresh)
+            conns[conns.index(conn)] = again
+            return again
+
+        retried: set[int] = set()
         failed_connects: list[TurnSession] = []
         before = self.server.sample()
         cpu_before = _cpu_self()
-        _, seconds = self._drive(sessions(), start, spec.setup_window, spec.setup_timeout)
+        _, seconds = self._drive(sessions(), start, spec.setup_window, spec.setup_timeout, retry)
         after = self.server.sample()
         errors: Counter[str] = Counter()
         latencies: list[int] = []
@@ -448,6 +498,7 @@ class LoadGenerator:
             "per_second": round(len(self.ready) / seconds, 1) if seconds > 0 else None,
             "latency_ms": _percentiles(latencies, 1e-6),
             "retransmissions": retransmissions,
+            "new_ports": len(retried),
             "generator_cpu_s": round(_cpu_self() - cpu_before, 4),
         }
         result.update(_server_delta(before, after, len(self.ready), "allocation"))
@@ -540,6 +591,7 @@ class LoadGenerator:
             else:
                 for data in self._read(conn):
                     on_message(data, now_ns())
+                self._close_pending()
 
     def _drain(self, sent: int) -> None:
         """Let the last messages come back: until all did, or nothing came for a while."""
@@ -557,7 +609,12 @@ class LoadGenerator:
                 quiet_since = time.perf_counter()
 
     def _paced(self, rate: float, duration: float, step: int) -> tuple[int, float]:
-        """Offer ``rate`` messages per second for ``duration``; return (sent, seconds)."""
+        """Offer ``rate`` messages per second for ``duration``; return (sent, seconds).
+
+        Messages are due at ``start + i / rate``; each wake-up sends all that are due, so a
+        late wake-up turns into a burst rather than a lower rate. The largest lateness is
+        kept in ``stats.lag``: a generator that cannot keep up shows there.
+        """
         conns = [c for c in self.ready if c.fd in self.conns]
         if not conns:
             return 0, 0.0
@@ -569,16 +626,19 @@ class LoadGenerator:
         send = self._send
         stats = self.stats
         stats.step = step
+        stats.lag = 0.0
+        total = int(duration * rate)
         sequence = 0
         turn = 0
         sent = 0
         start = clock()
-        end = start + duration
-        while True:
+        while sent < total:
             now = clock()
-            if now >= end:
-                break
-            due = int((now - start) * rate) - sent
+            due = min(int((now - start) * rate), total) - sent
+            if due > 0:
+                lag = now - start - (sent + 1) / rate
+                if lag > stats.lag:
+                    stats.lag = lag
             for _ in range(due):
                 conn = conns[turn]
                 turn += 1
@@ -596,11 +656,12 @@ class LoadGenerator:
                         stats.late += 1
             if due > 0:
                 sent += due
-            # Sleep until the next message is due; epoll rounds up to whole milliseconds,
-            # so at high rates each wake-up sends a batch.
-            wait = start + (sent + 1) / rate - clock()
-            self._service(wait if wait > 0 else 0.0)
-        return sent, clock() - start
+            if sent < total:
+                # Sleep until the next message is due; epoll rounds up to whole
+                # milliseconds, so at high rates each wake-up sends a batch.
+                wait = start + (sent + 1) / rate - clock()
+                self._service(wait if wait > 0 else 0.0)
+        return sent, max(duration, clock() - start)
 
     def run_step(self, rate: float, duration: float, step: int) -> dict[str, Any]:
         stats = self.stats
@@ -623,6 +684,7 @@ class LoadGenerator:
             "sent": sent,
             "received": received,
             "send_blocked": stats.late,
+            "send_lag_ms_max": round(stats.lag * 1000, 3),
             "strays": stats.strays,
             "loss": round(max(0.0, loss), 6),
             "relayed_packets": 2 * received,

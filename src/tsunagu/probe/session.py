@@ -66,7 +66,9 @@ class TurnSession:
         self.lifetime = lifetime
         self._random_bytes = random_bytes
         self.phase = Phase.ALLOCATE
+        self.failed_in: Phase | None = None
         self.error: str | None = None
+        self.error_code: int | None = None
         self.relayed: tuple[str, int] | None = None
         self.mapped: tuple[str, int] | None = None
         self.realm: str | None = None
@@ -151,6 +153,7 @@ class TurnSession:
     # --- internals ------------------------------------------------------------------------
 
     def _fail(self, why: str, now: float) -> None:
+        self.failed_in = self.phase
         self.phase = Phase.FAILED
         self.error = why
         self.deadline = None
@@ -223,5 +226,6 @@ class TurnSession:
             self.deadline = None
             self.finished = now
             return None
+        self.error_code = code
         self._fail(f"{self.phase.value}: error {code} {reply.reason}".rstrip(), now)
         return None
