@@ -14,3 +14,10 @@ def relay_server(tmp_path: Path) -> Iterator[Server]:
     """``tsunagu serve`` forcing every browser to relay through it."""
     with run_server(tmp_path, "--ice-transport-policy", "relay") as server:
         yield server
+
+
+@pytest.fixture
+def open_server(tmp_path: Path) -> Iterator[Server]:
+    """``tsunagu serve`` with the default policy: any path, relay only on request."""
+    with run_server(tmp_path) as server:
+        yield server

@@ -27,9 +27,7 @@ async def open_person(browser: Browser, url: str) -> Page:
     context = await browser.new_context(viewport={"width": 1280, "height": 760})
     page = await context.new_page()
     await page.goto(url)
-    await page.wait_for_function(
-        "() => window.tsunagu && window.tsunagu.state().joined", timeout=STEP_MS
-    )
+    await page.wait_for_function("() => window.tsunagu?.state?.().joined", timeout=STEP_MS)
     return page
 
 
@@ -206,9 +204,7 @@ async def test_landing_page_creates_a_room(relay_server: Server) -> None:
         await page.screenshot(path=str(DOCS / "landing.png"))
         await page.click("#create-room")
         await page.wait_for_url(f"**/r/{room}?name=Ada", timeout=STEP_MS)
-        await page.wait_for_function(
-            "() => window.tsunagu.state && window.tsunagu.state().joined", timeout=STEP_MS
-        )
+        await page.wait_for_function("() => window.tsunagu?.state?.().joined", timeout=STEP_MS)
         state = await page.evaluate("window.tsunagu.state()")
         assert state["room"] == room and state["name"] == "Ada"
         # Alone in the room: the invitation with the link to share is shown.
@@ -228,9 +224,7 @@ async def test_a_link_is_all_it_takes_even_with_a_password(relay_server: Server)
         await owner.fill("#create-password", "open sesame")
         room = (await owner.text_content("#share-link") or "").rsplit("/", 1)[1]
         await owner.click("#create-room")
-        await owner.wait_for_function(
-            "() => window.tsunagu.state && window.tsunagu.state().joined", timeout=STEP_MS
-        )
+        await owner.wait_for_function("() => window.tsunagu?.state?.().joined", timeout=STEP_MS)
 
         guest_context = await browser.new_context()
         guest = await guest_context.new_page()
@@ -311,3 +305,37 @@ async def test_page_logic_in_the_browser(relay_server: Server) -> None:
     assert result["creds"] == "p"
     assert result["rooms"] == ["quiet-otter", "abc-1", None, None]
     assert result["initials"] == ["AL", "L", "?"]
+
+
+async def test_relay_only_switch(open_server: Server) -> None:
+    """Policy "all": two people connect by whatever path works. One flips "relay only" in
+    the settings; the call moves onto the TURN relay without reloading."""
+    async with chromium() as browser:
+        url = f"{open_server.base}/r/switch?name="
+        ada = await open_person(browser, url + "Ada")
+        bo = await open_person(browser, url + "Bo")
+        await asyncio.gather(wait_connected(ada, 1), wait_connected(bo, 1))
+        assert (await ada.evaluate("window.tsunagu.state()"))["policy"] == "all"
+        (first,) = await wait_frames(ada, 1)
+        assert first["path"]["kind"] in ("direct", "nat"), first["path"]
+        await ada.click("#btn-settings")
+        assert not await ada.is_disabled("#relay-only")
+        await ada.click("#relay-only")
+        assert await ada.evaluate("window.tsunagu.state().policy") == "relay"
+        # A fresh connection on both sides, Ada's gathering relay candidates only.
+        await ada.wait_for_function(
+            """() => {
+                const [p] = window.tsunagu.peers();
+                return p.renewals === 1 && p.connectionState === "connected"
+                    && p.gathered.length === 1 && p.gathered[0] === "relay";
+            }""",
+            timeout=STEP_MS,
+        )
+        await bo.wait_for_function(
+            "() => window.tsunagu.peers()[0].renewals === 1", timeout=STEP_MS
+        )
+        (after,) = await wait_frames(ada, 1)
+        assert after["path"]["kind"] == "relay", after
+        assert after["local"]["type"] == "relay"
+        (seen_by_bo,) = await wait_frames(bo, 1)
+        assert seen_by_bo["path"]["kind"] in ("relay", "relay-remote"), seen_by_bo["path"]

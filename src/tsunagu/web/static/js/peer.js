@@ -3,12 +3,18 @@
 // and accepts the other's offer while the impolite side ignores the colliding offer, so glare
 // never breaks a call. Which side is polite is decided by comparing the two peer ids.
 //
+// A connection can also be replaced as a whole (a change of ICE transport policy is not fully
+// honoured by an existing one: Chromium keeps using the ports it gathered before). The side
+// that replaces it offers from a fresh connection; the other side recognises the new DTLS
+// fingerprint and replaces its own connection before answering.
+//
 // Glare is resolved, but it is also kept rare, because a rollback in the middle of ICE
 // gathering can leave Chromium's new gathering without any candidate (seen with TURN-only
 // policies): the polite side stays silent until the first offer arrives and then answers with
 // its tracks, and only the impolite side restarts ICE on its own.
 
 const RESTART_AFTER_DISCONNECTED_MS = 2500;
+const POLITE_WAIT_MS = 4000;
 
 export class PeerLink extends EventTarget {
   /**
@@ -20,8 +26,11 @@ export class PeerLink extends EventTarget {
    * @param {(message: object) => void} options.send signaling send
    * @param {MediaStream} options.localStream stream the local tracks belong to
    * @param {{audio: MediaStreamTrack|null, video: MediaStreamTrack|null}} options.tracks
+   * @param {"auto"|"offer"|"answer"} [options.mode] who sends the first offer: "auto" is
+   *   the impolite side; "offer" is this side (a connection replaced on purpose); "answer"
+   *   waits for the other side's offer (a connection replaced in response to one).
    */
-  constructor({ id, name, polite, config, send, localStream, tracks }) {
+  constructor({ id, name, polite, config, send, localStream, tracks, mode = "auto" }) {
     super();
     this.id = id;
     this.name = name;
@@ -44,6 +53,7 @@ export class PeerLink extends EventTarget {
     this.disconnectTimer = 0;
     this.closed = false;
     this.started = false;
+    this.startTimer = 0;
     this.tracks = tracks;
     this.channel = null;
 
@@ -90,12 +100,20 @@ export class PeerLink extends EventTarget {
     pc.addEventListener("connectionstatechange", () => this.changed());
     pc.addEventListener("iceconnectionstatechange", () => this.onIceState());
 
-    if (!polite) this.start();
+    if (mode === "offer" || (mode === "auto" && !polite)) {
+      this.start();
+    } else {
+      // Normally the other side's offer arrives within a round trip. If it does not (its
+      // connection to us predates ours, or the offer was lost), offer ourselves: either it
+      // answers, or its old connection fails on our offer and it starts afresh.
+      this.startTimer = setTimeout(() => this.start(), POLITE_WAIT_MS);
+    }
   }
 
   /** Add the data channel and the tracks; the first negotiation follows from it. */
   start() {
-    if (this.started) return;
+    clearTimeout(this.startTimer);
+    if (this.started || this.closed) return;
     this.started = true;
     // A negotiated channel (same id on both sides) needs no extra offer round and carries
     // small status updates (muted, camera off) straight between the two browsers.
@@ -155,6 +173,14 @@ export class PeerLink extends EventTarget {
     if (this.closed) return;
     const pc = this.pc;
     if (message.type === "offer" || message.type === "answer") {
+      const current = pc.remoteDescription;
+      if (message.type === "offer" && current && fingerprints(current.sdp) !== fingerprints(message.sdp)) {
+        // New DTLS keys: the other side replaced its connection to us. An existing
+        // connection would accept the offer but never connect, so make a fresh one too.
+        this.note("remote connection renewed");
+        this.dispatchEvent(new CustomEvent("renewed", { detail: message }));
+        return;
+      }
       const readyForOffer =
         !this.makingOffer && (pc.signalingState === "stable" || this.settingRemoteAnswer);
       const collision = message.type === "offer" && !readyForOffer;
@@ -241,30 +267,26 @@ export class PeerLink extends EventTarget {
     this.pc.restartIce();
   }
 
-  /** Change the ICE transport policy ("all" or "relay") and gather again under it. */
-  setPolicy(policy) {
-    const config = this.pc.getConfiguration();
-    if (config.iceTransportPolicy === policy) return;
-    config.iceTransportPolicy = policy;
-    this.pc.setConfiguration(config);
-    this.restartIce();
-  }
-
   sendStatus(status) {
-    if (this.channel && this.channel.readyState === "open") this.channel.send(JSON.stringify(status));
+    if (this.channel && this.channel.readyState === "open") {
+      this.channel.send(JSON.stringify({ kind: "status", ...status }));
+    }
   }
 
   onChannelMessage(data) {
+    let message;
     try {
-      const status = JSON.parse(data);
+      message = JSON.parse(data);
+    } catch {
+      return;
+    }
+    if (message.kind === "status") {
       this.remoteStatus = {
-        mic: status.mic !== false,
-        cam: status.cam !== false,
-        screen: status.screen === true,
+        mic: message.mic !== false,
+        cam: message.cam !== false,
+        screen: message.screen === true,
       };
       this.changed();
-    } catch {
-      // Ignore anything that is not a status update.
     }
   }
 
@@ -293,9 +315,15 @@ export class PeerLink extends EventTarget {
 
   close() {
     this.closed = true;
+    clearTimeout(this.startTimer);
     clearTimeout(this.disconnectTimer);
     this.pc.close();
   }
+}
+
+/** The DTLS fingerprints of a description, as one comparable string. */
+function fingerprints(sdp) {
+  return (sdp.match(/^a=fingerprint:.*$/gm) || []).map((line) => line.trim().toLowerCase()).sort().join("|");
 }
 
 function candidateType(text) {

@@ -298,25 +298,47 @@ function layout() {
 
 function addPeer(peer) {
   if (state.links.has(peer.id) || peer.id === state.id) return;
-  const link = new PeerLink({
-    id: peer.id,
-    name: peer.name,
-    polite: state.id < peer.id,
-    config: rtcConfig(),
-    send: (message) => signaling.send(message),
-    localStream: state.localStream,
-    tracks: outgoingTracks(),
-  });
   const tile = makeTile(peer.name);
   const audio = document.createElement("audio");
   audio.autoplay = true;
   tile.append(audio);
-  const entry = { link, tile, audio, name: peer.name, snap: null, joinedAt: performance.now() };
+  const entry = { id: peer.id, link: null, tile, audio, name: peer.name, snap: null, renewals: 0 };
+  entry.link = makeLink(entry, "auto");
   state.links.set(peer.id, entry);
-  link.addEventListener("track", () => attachRemote(entry));
-  link.addEventListener("change", () => renderPeer(entry));
-  link.addEventListener("channelopen", () => broadcastStatus());
   updateInvite();
+}
+
+function makeLink(entry, mode) {
+  const link = new PeerLink({
+    id: entry.id,
+    name: entry.name,
+    polite: state.id < entry.id,
+    config: rtcConfig(),
+    send: (message) => signaling.send(message),
+    localStream: state.localStream,
+    tracks: outgoingTracks(),
+    mode,
+  });
+  // Events of a replaced link must not touch the tile any more.
+  const live = (fn) => () => entry.link === link && fn();
+  link.addEventListener("track", live(() => attachRemote(entry)));
+  link.addEventListener("change", live(() => renderPeer(entry)));
+  link.addEventListener("channelopen", live(() => broadcastStatus()));
+  link.addEventListener("renewed", (event) => {
+    if (entry.link === link) renewLink(entry, "answer", event.detail);
+  });
+  return link;
+}
+
+/** Replace the connection to one peer by a fresh one, keeping the tile. */
+function renewLink(entry, mode, replay) {
+  const old = entry.link;
+  entry.renewals += 1;
+  entry.snap = null;
+  entry.link = makeLink(entry, mode);
+  old.close();
+  if (replay) entry.link.handle(replay);
+  renderPeer(entry);
 }
 
 function attachRemote(entry) {
@@ -403,8 +425,8 @@ async function pollStats() {
 }
 
 function applyPolicy() {
-  const policy = effectivePolicy();
-  for (const { link } of state.links.values()) link.setPolicy(policy);
+  // A fresh connection per peer: the policy then applies to every port it opens.
+  for (const entry of state.links.values()) renewLink(entry, "offer", null);
   renderSettings();
 }
 
@@ -753,6 +775,7 @@ window.tsunagu = {
       iceConnectionState: link.pc.iceConnectionState,
       signalingState: link.pc.signalingState,
       restarts: link.restarts,
+      renewals: state.links.get(id).renewals,
       gathered: [...link.gathered],
       candidateErrors: link.candidateErrors,
       events: link.events.slice(),
