@@ -53,6 +53,20 @@ async def wait_frames(page: Page, count: int) -> list[dict[str, Any]]:
     raise AssertionError(f"no decoded frames: {stats}")
 
 
+async def expect_more_frames(page: Page, peer_id: str, more: int = 10) -> None:
+    """Video frames from ``peer_id`` keep being decoded on ``page`` (bounded wait)."""
+    count = None
+    for _ in range(60):
+        stats = {s["id"]: s for s in await page.evaluate("window.tsunagu.stats()")}
+        frames = stats[peer_id]["framesDecoded"]
+        if count is None:
+            count = frames
+        elif frames > count + more:
+            return
+        await asyncio.sleep(0.25)
+    raise AssertionError(f"frames from {peer_id} stalled at {count}")
+
+
 async def diagnose(pages: list[Page], server: Server) -> str:
     parts = ["".join(server.output)]
     for page in pages:
@@ -155,6 +169,20 @@ async def test_three_people_relayed(relay_server: Server, transport: str) -> Non
         assert after[grace_id]["framesDecoded"] > before[grace_id] + 10
         assert after[grace_id]["path"]["kind"] == "relay"
         assert len(await ada.evaluate("window.tsunagu.peers()")) == 2
+
+        # Ada shares her screen: the same video sender switches to the screen track, the
+        # others keep decoding, and stopping brings the camera back.
+        ada_id = (await ada.evaluate("window.tsunagu.state()"))["id"]
+        await ada.click("#btn-screen")
+        await ada.wait_for_function("() => window.tsunagu.state().sharing", timeout=STEP_MS)
+        sending = await ada.evaluate("(id) => window.tsunagu.sending(id)", grace_id)
+        assert sending["video"].startswith("screen"), sending
+        await expect_more_frames(grace, ada_id)
+        await ada.click("#btn-screen")
+        await ada.wait_for_function("() => !window.tsunagu.state().sharing", timeout=STEP_MS)
+        sending = await ada.evaluate("(id) => window.tsunagu.sending(id)", grace_id)
+        assert not sending["video"].startswith("screen"), sending
+        await expect_more_frames(grace, ada_id)
 
         # Linus mutes and turns the camera off: the others see the avatar and the muted mark,
         # carried by the data channel between the browsers.

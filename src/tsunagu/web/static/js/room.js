@@ -762,6 +762,7 @@ window.tsunagu = {
     ended: state.ended,
     signaling: signaling ? signaling.state : "idle",
     policy: effectivePolicy(),
+    sharing: !!state.screen,
     transport: transportFilter,
     iceServers: rtcConfig().iceServers,
     localTracks: Object.fromEntries(Object.entries(outgoingTracks()).map(([k, t]) => [k, t ? t.readyState : null])),
@@ -792,6 +793,14 @@ window.tsunagu = {
   diagnostics,
   sendChat,
   peerConnection: (id) => (state.links.get(id) ? state.links.get(id).link.pc : null),
+  /** Labels of the tracks this page sends to peer `id`, by kind. */
+  sending: (id) => {
+    const entry = state.links.get(id);
+    if (!entry) return null;
+    return Object.fromEntries(
+      entry.link.pc.getSenders().filter((s) => s.track).map((s) => [s.track.kind, s.track.label]),
+    );
+  },
   breakSignaling: () => signaling && signaling.breakConnection(),
   restartIce: (id) => {
     const entry = state.links.get(id);
