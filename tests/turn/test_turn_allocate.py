@@ -450,3 +450,23 @@ def test_software_only_on_authenticated_answers() -> None:
     response = client.allocate()  # integrity checked by the client, SOFTWARE included
     assert response.get(Software) == Software("tsunagu/test")
     assert error_code(client.allocate()) == 437
+
+
+def test_released_ports_are_handed_out_again() -> None:
+    server, binder = make_server(
+        TurnSettings(min_port=50000, max_port=50001, reservation_lifetime=30)
+    )
+    first, second, third = (other(server, n) for n in range(3))
+    assert success(first.allocate())
+    response = second.allocate()
+    assert success(response)
+    assert error_code(third.allocate()) == 508
+    assert success(second.request(Method.REFRESH, [Lifetime(0)]))  # frees its port
+    assert relayed(third.allocate()) == relayed(response)
+    server.handle_timer(NOW + 600)  # both expire
+    assert not binder.bound
+    fourth = other(server, 4, "bob")
+    token = fourth.allocate([EvenPort(reserve=True)], NOW + 601).get(ReservationToken)
+    assert token is not None
+    server.handle_timer(NOW + 631)  # the reservation lapses: its port is free again
+    assert success(other(server, 5, "bob").allocate([], NOW + 632))

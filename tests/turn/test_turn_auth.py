@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import random
 from collections.abc import Sequence
 
 import pytest
@@ -12,6 +13,7 @@ from turn_harness import (
     NOW,
     REALM,
     Client,
+    FakeBinder,
     error_code,
     make_server,
     stun,
@@ -402,3 +404,42 @@ def test_odd_rest_usernames_get_401(username: str) -> None:
     response = Client(server, username=username, password="guess").allocate()
     assert error_code(response) == 401
     assert not server.allocations
+
+
+class AnyRealmStore:
+    """A store that answers for every realm: the server must still enforce its own."""
+
+    def get_keys(
+        self, username: str, realm: str, algorithm: int, now: float, *, existing: bool
+    ) -> tuple[bytes, ...]:
+        return (long_term_key(username, realm, "pw", algorithm),)
+
+    def find_userhash(self, userhash: bytes, realm: str) -> str | None:
+        return None
+
+
+def test_server_enforces_its_realm_whatever_the_store_says() -> None:
+    server = TurnServer(TurnSettings(), AnyRealmStore(), FakeBinder(), random.Random(1))
+    assert error_code(Client(server, password="pw", realm="elsewhere").allocate()) == 401
+    assert success(Client(server, udp(("198.51.100.1", 1)), password="pw").allocate())
+
+
+def test_expired_rest_credential_cannot_allocate_on_a_live_five_tuple() -> None:
+    # Leniency for existing allocations covers Refresh, CreatePermission and ChannelBind,
+    # not a new Allocate on the same 5-tuple.
+    server = rest_server(check_expiry_on_existing=False)
+    username, password = mint_credentials("s3cret", "erin", 100, NOW)
+    client = Client(server, username=username, password=password)
+    assert success(client.allocate())
+    assert error_code(client.allocate(now=NOW + 200)) == 401
+    assert success(client.request(Method.REFRESH, [], NOW + 200))
+
+
+def test_fingerprint_is_mirrored_on_turn_answers(server: TurnServer) -> None:
+    client = Client(server)
+    challenge = client.exchange(stun(Method.ALLOCATE, [TRANSPORT], fingerprint=True))
+    assert challenge.check_fingerprint() is True
+    client.learn(challenge)
+    response = client.request(Method.ALLOCATE, [TRANSPORT], fingerprint=True)
+    assert success(response) and response.check_fingerprint() is True
+    assert client.request(Method.REFRESH).check_fingerprint() is None
