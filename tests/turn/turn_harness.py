@@ -12,8 +12,8 @@ answer with its own key.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +59,9 @@ PEER = ("8.8.8.8", 4000)
 PEER2 = ("1.1.1.1", 5000)
 PEER6 = ("2001:4860:4860::8888", 6000)
 USERS = (("alice", "alice-pw"), ("bob", "bob-pw"))
+
+
+_client_numbers = itertools.count(1)
 
 
 def udp(client: Address = CLIENT, server: Address = SERVER, protocol: str = "udp") -> FiveTuple:
@@ -176,7 +179,7 @@ class Client:
         self.algorithm = algorithm
         self.userhash = userhash
         if seed is None:  # distinct clients must not share transaction ids
-            seed = zlib.crc32(f"{username} {self.five_tuple} {algorithm} {userhash}".encode())
+            seed = next(_client_numbers)
         self.rng = random.Random(seed)
         self.nonce: str | None = None
         self.offered: PasswordAlgorithms | None = None
