@@ -470,3 +470,9 @@ def test_released_ports_are_handed_out_again() -> None:
     assert token is not None
     server.handle_timer(NOW + 631)  # the reservation lapses: its port is free again
     assert success(other(server, 5, "bob").allocate([], NOW + 632))
+
+
+def test_five_tuple_text() -> None:
+    assert str(udp()) == "udp:198.51.100.7:50000->192.0.2.1:3478"
+    six = udp(("2001:db8::7", 5), ("2001:db8::1", 3478), protocol="tls")
+    assert str(six) == "tls:[2001:db8::7]:5->[2001:db8::1]:3478"

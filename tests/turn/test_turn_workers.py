@@ -187,3 +187,15 @@ def test_local_reservations_still_work_without_sharing() -> None:
     port, token = reserve(server)
     assert (SERVER_IP, port + 1) in binder.bound
     assert redeem(server, token) == port + 1
+
+
+def test_redeemed_port_stays_taken_after_the_set_aside_lapses() -> None:
+    settings = dataclasses.replace(SHARED, min_port=50000, max_port=50003, reservation_lifetime=30)
+    server, binder = make_server(settings)
+    port, token = reserve(server)
+    assert redeem(server, token) == port + 1
+    server.handle_timer(NOW + 30)  # the set-aside entry is gone, the port is not free
+    for n in range(2):
+        assert success(Client(server, udp(("198.51.100.40", n))).allocate([], NOW + 31))
+    assert error_code(Client(server, udp(("198.51.100.41", 1))).allocate([], NOW + 31)) == 508
+    assert binder.refused == []  # the core never offered a port it knew was in use
