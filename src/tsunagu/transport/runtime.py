@@ -181,7 +181,10 @@ class TurnRuntime:
                     "reason": event.reason,
                     "user": allocation.username,
                     "client": str(allocation.five_tuple),
-                    "relay": [f"{ip}:{port}" for ip, port in allocation.relayed_addresses.values()],
+                    "relay": [
+                        f"{_bracket(ip)}:{port}"
+                        for ip, port in allocation.relayed_addresses.values()
+                    ],
                     "peers": sorted(allocation.peers_seen),
                     "to_peers": {
                         "packets": allocation.packets_to_peers,
