@@ -199,3 +199,23 @@ def test_redeemed_port_stays_taken_after_the_set_aside_lapses() -> None:
         assert success(Client(server, udp(("198.51.100.40", n))).allocate([], NOW + 31))
     assert error_code(Client(server, udp(("198.51.100.41", 1))).allocate([], NOW + 31)) == 508
     assert binder.refused == []  # the core never offered a port it knew was in use
+
+
+def test_redeeming_worker_knows_the_port_is_in_use() -> None:
+    settings = dataclasses.replace(SHARED, min_port=50000, max_port=50003)
+    first, second, binder = workers(settings)
+    port, token = reserve(first)
+    assert redeem(second, token) == port + 1
+    for n in range(3):
+        Client(second, udp(("198.51.100.50", n))).allocate()
+    # The second worker may bump into the first one's port, never into its own.
+    assert (SERVER_IP, port + 1) not in binder.refused
+
+
+def test_token_is_tied_to_its_relay_address() -> None:
+    first, second, binder = workers()
+    port, token = reserve(first)
+    # A client that reached the workers on another of their addresses.
+    other = Client(second, udp(("198.51.100.31", 9), ("192.0.2.2", 3478)), "bob", "bob-pw")
+    assert error_code(other.allocate([ReservationToken(token)])) == 508
+    assert ("192.0.2.2", port + 1) not in binder.bound
