@@ -15,6 +15,7 @@
 
 const RESTART_AFTER_DISCONNECTED_MS = 2500;
 const POLITE_WAIT_MS = 4000;
+const SLOW_RELAY_MS = 6000;
 
 export class PeerLink extends EventTarget {
   /**
@@ -48,6 +49,7 @@ export class PeerLink extends EventTarget {
     this.candidateErrors = [];
     this.gathered = new Set();
     this.gatheringDone = false;
+    this.gatheringSince = 0;
     this.restarts = 0;
     this.remoteStatus = { mic: true, cam: true, screen: false };
     this.disconnectTimer = 0;
@@ -74,6 +76,7 @@ export class PeerLink extends EventTarget {
       this.note(`gathering ${pc.iceGatheringState}`);
       if (pc.iceGatheringState === "gathering") {
         this.gatheringDone = false;
+        this.gatheringSince = this.gatheringSince || performance.now();
       } else if (pc.iceGatheringState === "complete") {
         this.gatheringDone = true;
       }
@@ -264,6 +267,7 @@ export class PeerLink extends EventTarget {
     this.gathered = new Set();
     this.candidateErrors = [];
     this.gatheringDone = false;
+    this.gatheringSince = 0;
     this.pc.restartIce();
   }
 
@@ -294,15 +298,18 @@ export class PeerLink extends EventTarget {
   problem(relayOnly, hasTurn) {
     const state = this.pc.connectionState;
     if (state === "connected") return null;
-    const errors = this.candidateErrors;
-    const turnErrors = errors.filter((e) => e.url.startsWith("turn"));
-    const noRelay = this.gatheringDone && hasTurn && !this.gathered.has("relay");
+    const turnErrors = this.candidateErrors.filter((e) => e.url.startsWith("turn"));
+    const last = turnErrors[turnErrors.length - 1];
+    const detail = last ? ` (${last.errorCode} ${last.errorText})`.replace(/ \)$/, ")") : "";
+    const waited = this.gatheringSince ? performance.now() - this.gatheringSince : 0;
     let reason = null;
-    if (noRelay) {
-      const detail = turnErrors.length
-        ? ` (${turnErrors[turnErrors.length - 1].errorCode} ${turnErrors[turnErrors.length - 1].errorText})`
-        : "";
-      reason = `No relay candidate: TURN unreachable${detail}`;
+    if (hasTurn && !this.gathered.has("relay")) {
+      if (this.gatheringDone) {
+        reason = `No relay candidate: TURN unreachable${detail}`;
+      } else if (waited > SLOW_RELAY_MS) {
+        // Browsers give up on a silent TURN server only after about 40 seconds; say early.
+        reason = `No relay candidate yet: TURN not answering for ${Math.round(waited / 1000)} s${detail}`;
+      }
     } else if (this.gatheringDone && relayOnly && !hasTurn) {
       reason = "Relay only, but this server offers no TURN relay";
     } else if (this.gatheringDone && this.gathered.size === 0) {
