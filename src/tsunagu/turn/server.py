@@ -737,7 +737,7 @@ class TurnServer:
                 used.add(port + 1)
                 self._set_aside[(ip, port + 1)] = expiry
                 self._schedule(expiry, _RESERVATION, None, (ip, port + 1))
-                return relay, self._signed_token(ip, port + 1, now)
+                return relay, self._signed_token(ip, port + 1, int(now // 16))
             reserved = self._binder.bind(ip, port + 1, dont_fragment=dont_fragment)
             if reserved is None:
                 self._release(relay)
@@ -753,11 +753,10 @@ class TurnServer:
             return relay, token
         raise InsufficientCapacity("no relay port available")
 
-    def _signed_token(self, ip: str, port: int, now: float, bucket: int | None = None) -> bytes:
-        # port, a 16-second time bucket, and a MAC over both and the relay IP
-        if bucket is None:
-            bucket = int(now // 16) % 256
-        head = port.to_bytes(2, "big") + bytes((bucket, 6 if ":" in ip else 4))
+    def _signed_token(self, ip: str, port: int, bucket: int) -> bytes:
+        # port | IPv6 flag and a 15-bit count of 16-second periods | MAC over both and the IP
+        stamp = (bucket & 0x7FFF) | (0x8000 if ":" in ip else 0)
+        head = port.to_bytes(2, "big") + stamp.to_bytes(2, "big")
         mac = hmac.new(self._secret, b"reservation" + ip.encode() + head, hashlib.sha256)
         return head + mac.digest()[:4]
 
@@ -769,13 +768,15 @@ class TurnServer:
         if reserved is not None:
             return reserved[0]
         if self.settings.shared_reservations:
-            ip = self._relay_ip(five_tuple, token[3]) if token[3] in (4, 6) else None
+            stamp = int.from_bytes(token[2:4], "big")
+            ip = self._relay_ip(five_tuple, 6 if stamp & 0x8000 else 4)
             port = int.from_bytes(token[:2], "big")
-            age = (int(now // 16) - token[2]) % 256
+            # The period count wraps after six days; a token is good for its lifetime only.
+            age = (int(now // 16) - stamp) & 0x7FFF
             if (
                 ip is not None
                 and age * 16 <= self.settings.reservation_lifetime + 16
-                and hmac.compare_digest(token, self._signed_token(ip, port, now, token[2]))
+                and hmac.compare_digest(token, self._signed_token(ip, port, stamp))
             ):
                 self._set_aside.pop((ip, port), None)
                 relay = self._binder.bind(ip, port, dont_fragment=dont_fragment)
