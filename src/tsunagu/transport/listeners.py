@@ -30,6 +30,14 @@ _PADDING = (b"", b"\x00\x00\x00", b"\x00\x00", b"\x00")
 _IDLE_STREAM_TIMEOUT = 60.0
 
 
+def _forward(forward: Forward | bytes) -> None:
+    assert isinstance(forward, Forward)
+    try:
+        forward.relay.sendto(forward.data, forward.peer)
+    except OSError:  # unreachable peer or full buffer: the datagram is lost, nothing else
+        pass
+
+
 class UdpClientLink:
     """How an allocation reaches a client that came over UDP."""
 
@@ -95,7 +103,11 @@ class UdpListener:
                     if entry is not None and entry[1][0] in allocation.permissions:
                         length = (data[2] << 8) | data[3]
                         if 4 + length <= len(data):
-                            entry[0].sendto(data[4 : 4 + length], entry[1])
+                            try:
+                                entry[0].sendto(data[4 : 4 + length], entry[1])
+                            except OSError:  # unreachable peer or full buffer: drop it
+                                allocation.dropped += 1
+                                continue
                             allocation.packets_to_peers += 1
                             allocation.bytes_to_peers += length
                             continue
@@ -113,8 +125,7 @@ class UdpListener:
             if type(result) is bytes:
                 self.send(result, addr)
             else:
-                assert isinstance(result, Forward)
-                result.relay.sendto(result.data, result.peer)
+                _forward(result)
         runtime.after_receive(self, addr)
 
     def attach(self, allocation: Allocation, addr: Any) -> None:
@@ -188,7 +199,11 @@ class StreamConnection(asyncio.Protocol):
                     entry = allocation.channels.get((frame[0] << 8) | frame[1])
                     if entry is not None and entry[1][0] in allocation.permissions:
                         payload = frame[4:]
-                        entry[0].sendto(payload, entry[1])
+                        try:
+                            entry[0].sendto(payload, entry[1])
+                        except OSError:
+                            allocation.dropped += 1
+                            continue
                         allocation.packets_to_peers += 1
                         allocation.bytes_to_peers += len(payload)
                         continue
@@ -199,8 +214,7 @@ class StreamConnection(asyncio.Protocol):
                 if type(result) is bytes:
                     self.transport.write(result)
                 else:
-                    assert isinstance(result, Forward)
-                    result.relay.sendto(result.data, result.peer)
+                    _forward(result)
             runtime.after_receive(self, None)
 
     def attach(self, allocation: Allocation, addr: Any) -> None:

@@ -70,7 +70,8 @@ class RelayEndpoint:
         self._counter = 0
         self._closed = False
         self.allocation: Allocation | None = None
-        self.sendto = self._sendto
+        # The socket's own method: callers catch OSError (unreachable peer, full buffer).
+        self.sendto = sock.sendto
         # Set when the allocation is attached: how to reach the client, one call per packet.
         self.to_client: Any = None
         self.client_address: Any = None
@@ -109,14 +110,6 @@ class RelayEndpoint:
             return
         allocation.packets_to_client += 1
         allocation.bytes_to_client += len(data)
-
-    def _sendto(self, data: bytes, peer: Address) -> None:
-        try:
-            self._sock.sendto(data, peer)
-        except OSError:
-            # Unreachable peers and full buffers lose the datagram, never the allocation.
-            if self.allocation is not None:
-                self.allocation.dropped += 1
 
     def close(self) -> None:
         if self._closed:
