@@ -399,11 +399,7 @@ async def serve(config: Config, share: WorkerShare | None = None) -> int:
         from ..signaling.server import run_web
 
         web_ssl = ssl_context if config.cert is not None else None
-        runner = await run_web(
-            dataclasses.replace(config, public_host=config.public_host or None),
-            turn_secret if not config.no_turn else None,
-            web_ssl,
-        )
+        runner = await run_web(config, None if config.no_turn else turn_secret, web_ssl)
         scheme = "https" if web_ssl else "http"
         _say(f"tsunagu: web app on {scheme}://{_bracket(config.web_ip)}:{config.web_port}/")
 
