@@ -26,6 +26,7 @@ import aioice.stun
 import aioice.turn
 
 HOST = "127.0.0.1"
+HOST6 = "::1"
 USER = "alice"
 PASSWORD = "secret"
 READY_LINE = "tsunagu: ready"
@@ -37,15 +38,25 @@ ROOT = Path(__file__).resolve().parents[2]
 # that client sockets and servers' ports picked with port 0 never fall inside them.
 _RELAY_LOW = 10000
 _RELAY_HIGH = 32000
+# Handed out by this process: servers started side by side get distinct ports and ranges
+# even before the first of them has bound anything.
+_given_ports: set[int] = set()
+_given_ranges: list[tuple[int, int]] = []
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 def _bindable(port: int, kinds: Sequence[int]) -> bool:
-    for kind in kinds:
-        with socket.socket(socket.AF_INET, kind) as sock:
-            try:
-                sock.bind((HOST, port))
-            except OSError:
-                return False
+    """Whether ``port`` is free on both loopback addresses for every socket kind."""
+    for host in (HOST, HOST6):
+        for kind in kinds:
+            with socket.socket(_family(host), kind) as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    return False
     return True
 
 
@@ -56,9 +67,10 @@ def free_port(*, udp: bool = True, tcp: bool = True, pair: bool = False) -> int:
         with socket.socket(socket.AF_INET, kinds[0]) as sock:
             sock.bind((HOST, 0))
             port = int(sock.getsockname()[1])
-        if port >= 65535:
+        if port >= 65535 or {port, port + 1} & _given_ports:
             continue
         if _bindable(port, kinds) and (not pair or _bindable(port + 1, kinds)):
+            _given_ports.update((port, port + 1) if pair else (port,))
             return port
     raise RuntimeError("no free port found")
 
@@ -85,30 +97,84 @@ def relay_range(size: int = 100) -> tuple[int, int]:
     best: tuple[int, int] | None = None
     for _ in range(40):
         start = rng.randrange(_RELAY_LOW, _RELAY_HIGH - size) // 10 * 10
+        if any(start <= high and low < start + size for low, high in _given_ranges):
+            continue
         free = sum(_bindable(port, [socket.SOCK_DGRAM]) for port in range(start, start + size))
         if free == size:
-            return start, start + size - 1
+            best = (free, start)
+            break
         if best is None or free > best[0]:
             best = (free, start)
     if best is None or best[0] < size * 3 // 4:
         raise RuntimeError("no free relay port range found")
-    return best[1], best[1] + size - 1
+    _given_ranges.append((best[1], best[1] + size - 1))
+    return _given_ranges[-1]
 
 
 @dataclass
 class ServeProcess:
     """A running ``tsunagu serve`` with its ports, output files and audit log."""
 
-    process: subprocess.Popen[bytes]
-    port: int
-    tls_port: int
+    tmp: Path
+    extra: Sequence[str]
+    hosts: Sequence[str]
+    drain_timeout: float
     min_port: int
     max_port: int
-    stdout_path: Path
-    log_path: Path
-    state_dir: Path
+    process: subprocess.Popen[bytes] = field(init=False)
+    port: int = 0
+    tls_port: int = 0
     startup: list[str] = field(default_factory=list)
     terminated: bool = False
+
+    @property
+    def host(self) -> str:
+        return self.hosts[0]
+
+    @property
+    def stdout_path(self) -> Path:
+        return self.tmp / "serve.stdout"
+
+    @property
+    def log_path(self) -> Path:
+        return self.tmp / "serve.log"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.tmp / "state"
+
+    def launch(self) -> None:
+        """Start the process on freshly picked ports (again, if they were taken meanwhile)."""
+        self.port, self.tls_port = free_ports(2)
+        command = [
+            sys.executable,
+            "-m",
+            "tsunagu",
+            "serve",
+            *(arg for host in self.hosts for arg in ("-L", host, "--allowed-peer-ip", host)),
+            "-p",
+            str(self.port),
+            "--tls-listening-port",
+            str(self.tls_port),
+            "--no-web",
+            "-u",
+            f"{USER}:{PASSWORD}",
+            "--min-port",
+            str(self.min_port),
+            "--max-port",
+            str(self.max_port),
+            "--drain-timeout",
+            str(self.drain_timeout),
+            "--log-file",
+            str(self.log_path),
+            *self.extra,
+        ]
+        env = dict(os.environ, XDG_STATE_HOME=str(self.state_dir), PYTHONUNBUFFERED="1")
+        self.log_path.write_bytes(b"")
+        with open(self.stdout_path, "wb") as out:
+            self.process = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+            )
 
     @property
     def pid(self) -> int:
@@ -170,6 +236,22 @@ class ServeProcess:
             await asyncio.sleep(0.02)
         return self.process.poll()
 
+    def wait_ready(self, timeout: float = START_TIMEOUT, attempts: int = 3) -> None:
+        """Wait (bounded) for the "tsunagu: ready" line.
+
+        Between picking a free port and binding it, another program on the machine may
+        take it; the server then exits saying so, and starts again on other ports.
+        """
+        for attempt in range(attempts):
+            if self.startup:
+                return
+            try:
+                self.startup = _wait_ready(self, time.monotonic() + timeout)
+            except RuntimeError:
+                if attempt + 1 == attempts or "cannot listen" not in self.log_text():
+                    raise
+                self.launch()
+
     def terminate(self) -> None:
         """Send the first SIGTERM (drain) once; a second one would exit at once."""
         if not self.terminated:
@@ -204,49 +286,26 @@ def _wait_ready(server: ServeProcess, deadline: float) -> list[str]:
 
 @contextlib.contextmanager
 def run_serve(
-    tmp: Path, *extra: str, drain_timeout: float = 1.0, check_exit: bool = True
+    tmp: Path,
+    *extra: str,
+    hosts: Sequence[str] = (HOST,),
+    drain_timeout: float = 1.0,
+    check_exit: bool = True,
+    wait_ready: bool = True,
 ) -> Iterator[ServeProcess]:
-    """Start ``tsunagu serve`` on loopback with fresh ports; stop it by PID afterwards."""
-    port, tls_port = free_ports(2)
-    low, high = relay_range()
+    """Start ``tsunagu serve`` on loopback with fresh ports; stop it by PID afterwards.
+
+    It listens on ``hosts`` and allows peers there; clients use the first of them. With
+    ``wait_ready`` false the caller waits, with :meth:`ServeProcess.wait_ready`, so that
+    several servers can start side by side.
+    """
     tmp.mkdir(parents=True, exist_ok=True)
-    state = tmp / "state"
-    stdout_path = tmp / "serve.stdout"
-    log_path = tmp / "serve.log"
-    command = [
-        sys.executable,
-        "-m",
-        "tsunagu",
-        "serve",
-        "-L",
-        HOST,
-        "-p",
-        str(port),
-        "--tls-listening-port",
-        str(tls_port),
-        "--no-web",
-        "--allowed-peer-ip",
-        HOST,
-        "-u",
-        f"{USER}:{PASSWORD}",
-        "--min-port",
-        str(low),
-        "--max-port",
-        str(high),
-        "--drain-timeout",
-        str(drain_timeout),
-        "--log-file",
-        str(log_path),
-        *extra,
-    ]
-    env = dict(os.environ, XDG_STATE_HOME=str(state), PYTHONUNBUFFERED="1")
-    with open(stdout_path, "wb") as out:
-        process = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
-        )
-    server = ServeProcess(process, port, tls_port, low, high, stdout_path, log_path, state)
+    low, high = relay_range()
+    server = ServeProcess(tmp, extra, hosts, drain_timeout, low, high)
+    server.launch()
     try:
-        server.startup = _wait_ready(server, time.monotonic() + START_TIMEOUT)
+        if wait_ready:
+            server.wait_ready()
         yield server
     finally:
         code = server.stop()
@@ -259,22 +318,23 @@ class EchoPeer:
     """``turnutils_peer``: a UDP echo server on port and port+1."""
 
     process: subprocess.Popen[bytes]
+    host: str
     port: int
 
 
 @contextlib.contextmanager
-def run_turnutils_peer(tmp: Path) -> Iterator[EchoPeer]:
+def run_turnutils_peer(tmp: Path, host: str = HOST) -> Iterator[EchoPeer]:
     port = free_port(tcp=False, pair=True)
-    with open(tmp / "peer.out", "wb") as out:
+    with open(tmp / f"peer-{port}.out", "wb") as out:
         process = subprocess.Popen(
-            ["turnutils_peer", "-L", HOST, "-p", str(port)],
+            ["turnutils_peer", "-L", host, "-p", str(port)],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
     try:
-        _wait_udp_echo(process, port)
-        yield EchoPeer(process, port)
+        _wait_udp_echo(process, host, port)
+        yield EchoPeer(process, host, port)
     finally:
         if process.poll() is None:
             os.kill(process.pid, signal.SIGTERM)
@@ -285,15 +345,17 @@ def run_turnutils_peer(tmp: Path) -> Iterator[EchoPeer]:
             process.wait(timeout=5)
 
 
-def _wait_udp_echo(process: subprocess.Popen[bytes], port: int, timeout: float = 10.0) -> None:
+def _wait_udp_echo(
+    process: subprocess.Popen[bytes], host: str, port: int, timeout: float = 10.0
+) -> None:
     """Poll the peer until it echoes, so that no test races its start."""
     deadline = time.monotonic() + timeout
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    with socket.socket(_family(host), socket.SOCK_DGRAM) as sock:
         sock.settimeout(0.1)
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise RuntimeError(f"turnutils_peer exited with {process.returncode}")
-            sock.sendto(b"ping", (HOST, port))
+            sock.sendto(b"ping", (host, port))
             try:
                 if sock.recv(64) == b"ping":
                     return
@@ -322,9 +384,9 @@ class UdpEcho(asyncio.DatagramProtocol):
 
 
 @contextlib.asynccontextmanager
-async def udp_echo_server() -> Any:
+async def udp_echo_server(host: str = HOST) -> Any:
     loop = asyncio.get_running_loop()
-    transport, protocol = await loop.create_datagram_endpoint(UdpEcho, local_addr=(HOST, 0))
+    transport, protocol = await loop.create_datagram_endpoint(UdpEcho, local_addr=(host, 0))
     try:
         yield protocol, transport.get_extra_info("sockname")[:2]
     finally:
@@ -411,7 +473,7 @@ async def turn_allocate(
     turn_transport, app = await asyncio.wait_for(
         aioice.turn.create_turn_endpoint(
             Collector,
-            server_addr=(HOST, port),
+            server_addr=(server.host, port),
             username=USER,
             password=password,
             ssl=ssl,
@@ -430,6 +492,12 @@ def error_code(exc: BaseException) -> int | None:
     return None
 
 
+def address_field(address: tuple[str, int]) -> str:
+    """How the audit log writes a transport address: IPv6 in brackets."""
+    ip, port = address[0], address[1]
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
 def client_field(protocol: str, client: tuple[str, int], server: tuple[str, int]) -> str:
     """How the audit log names a client's 5-tuple."""
-    return f"{protocol}:{client[0]}:{client[1]}->{server[0]}:{server[1]}"
+    return f"{protocol}:{address_field(client)}->{address_field(server)}"

@@ -1,4 +1,8 @@
-"""aioice's TURN client (the one aiortc uses) against ``tsunagu serve``."""
+"""aioice's TURN client (the one aiortc uses) against ``tsunagu serve``.
+
+aioice sends no REQUESTED-ADDRESS-FAMILY, so it always asks for an IPv4 relayed address
+(RFC 8656 section 7.2), also when it reaches the server over IPv6.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,15 @@ import time
 from typing import Any
 
 import pytest
-from interop_support import HOST, USER, ServeProcess, client_field, turn_allocate, udp_echo_server
+from interop_support import (
+    HOST,
+    USER,
+    ServeProcess,
+    address_field,
+    client_field,
+    turn_allocate,
+    udp_echo_server,
+)
 
 pytestmark = pytest.mark.interop
 
@@ -28,18 +40,23 @@ async def wait_for_record(
 
 
 @pytest.mark.parametrize("transport", ["udp", "tcp", "tls"])
-async def test_aioice_allocates_and_relays(serve: ServeProcess, transport: str) -> None:
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+async def test_aioice_allocates_and_relays(
+    request: pytest.FixtureRequest, family: str, transport: str
+) -> None:
+    serve: ServeProcess = request.getfixturevalue("serve" if family == "ipv4" else "serve6")
+    host = serve.host
     context = None
     if transport == "tls":
         context = ssl.create_default_context(cafile=str(serve.cert_path))
-    async with udp_echo_server() as (echo, peer):
+    async with udp_echo_server(HOST) as (echo, peer):
         started = time.monotonic()
         client = await turn_allocate(serve, "udp" if transport == "udp" else "tcp", ssl=context)
         relay_ip, relay_port = client.relayed
         assert relay_ip == HOST
         assert serve.min_port <= relay_port <= serve.max_port
-        # On loopback the server sees the client's own address.
-        assert client.mapped[0] == HOST
+        # On loopback the server sees the client's own address, of the client's family.
+        assert client.mapped[0] == host
 
         for payload in PAYLOADS:
             assert await client.echo(payload, peer) == payload
@@ -50,11 +67,11 @@ async def test_aioice_allocates_and_relays(serve: ServeProcess, transport: str) 
 
     server_port = serve.tls_port if transport == "tls" else serve.port
     record = await wait_for_record(
-        serve, client_field(transport, client.mapped, (HOST, server_port))
+        serve, client_field(transport, client.mapped, (host, server_port))
     )
     assert record["user"] == USER
     assert record["reason"] == "deleted"
-    assert record["relay"] == [f"{relay_ip}:{relay_port}"]
+    assert record["relay"] == [address_field(client.relayed)]
     assert record["peers"] == [HOST]
     total = sum(len(p) for p in PAYLOADS)
     assert record["to_peers"] == {"packets": len(PAYLOADS), "bytes": total}

@@ -23,10 +23,12 @@ from typing import Any
 import pytest
 from interop_support import (
     HOST,
+    HOST6,
     PASSWORD,
     USER,
     EchoPeer,
     ServeProcess,
+    address_field,
     client_field,
     run_serve,
     turn_allocate,
@@ -51,6 +53,9 @@ MODES = {
     "tls-channels": ["-t", "-S"],
     # Clients send to each other's relayed addresses: relay to relay through the server.
     "udp-client-to-client": ["-y"],
+    # -x asks for an IPv6 relayed address; client, server, relay and peer are all on ::1.
+    "udp-ipv6": ["-x"],
+    "tls-ipv6": ["-t", "-S", "-x"],
 }
 
 
@@ -92,7 +97,7 @@ class UclientRun:
 
 @pytest.fixture(scope="module")
 def uclient_runs(
-    tmp_path_factory: pytest.TempPathFactory, echo_peer: EchoPeer
+    tmp_path_factory: pytest.TempPathFactory, echo_peer: EchoPeer, echo_peer6: EchoPeer
 ) -> Iterator[dict[str, UclientRun]]:
     """Every uclient mode at once, each against a server of its own.
 
@@ -100,10 +105,15 @@ def uclient_runs(
     the module fast, and one server per mode keeps each audit log to one mode.
     """
     runs: dict[str, UclientRun] = {}
+    servers: dict[str, tuple[ServeProcess, str, EchoPeer, list[str], Path]] = {}
     with contextlib.ExitStack() as stack:
         for mode, flags in MODES.items():
             tmp = tmp_path_factory.mktemp(mode)
-            server = stack.enter_context(run_serve(tmp))
+            host, peer = (HOST6, echo_peer6) if "-x" in flags else (HOST, echo_peer)
+            server = stack.enter_context(run_serve(tmp, hosts=[host], wait_ready=False))
+            servers[mode] = (server, host, peer, flags, tmp)
+        for mode, (server, host, peer, flags, tmp) in servers.items():
+            server.wait_ready()
             port = server.tls_port if "-S" in flags else server.port
             command = [
                 "turnutils_uclient",
@@ -113,9 +123,9 @@ def uclient_runs(
                 "-w",
                 PASSWORD,
                 "-e",
-                HOST,
+                peer.host,
                 "-r",
-                str(echo_peer.port),
+                str(peer.port),
                 "-n",
                 str(MESSAGES),
                 "-m",
@@ -126,7 +136,7 @@ def uclient_runs(
                 "5",
                 "-p",
                 str(port),
-                HOST,
+                host,
             ]
             output_path = tmp / "uclient.out"
             with open(output_path, "wb") as out:
@@ -184,13 +194,15 @@ def test_uclient_relays_everything(mode: str, uclient_runs: dict[str, UclientRun
     assert lost and int(lost[-1]) == 0, out
 
     # The server's own count: every message went to the peer and every echo back.
-    protocol = "tls" if mode.startswith("tls") else mode.split("-")[0]
+    protocol = mode.split("-")[0]
+    host = run.server.host
+    client_prefix = protocol + ":" + address_field((host, 0)).rsplit(":", 1)[0] + ":"
     records = wait_for_audit_packets(run.server, sent)
     relayed = [r for r in records if r["to_peers"]["packets"]]
     assert relayed, run.server.log_text()
-    assert all(r["client"].startswith(protocol + ":") for r in relayed)
+    assert all(r["client"].startswith(client_prefix) for r in relayed), relayed
     assert all(r["user"] == USER for r in relayed)
-    assert all(r["peers"] == [HOST] for r in relayed)
+    assert all(r["peers"] == [host] for r in relayed)
     assert sum(r["to_peers"]["packets"] for r in relayed) == sent
     assert sum(r["to_client"]["packets"] for r in relayed) == received
     assert sum(r["to_peers"]["bytes"] for r in relayed) == sent * LENGTH
@@ -198,8 +210,8 @@ def test_uclient_relays_everything(mode: str, uclient_runs: dict[str, UclientRun
     low, high = run.server.min_port, run.server.max_port
     for record in records:
         for relay in record["relay"]:
-            ip, port = relay.rsplit(":", 1)
-            assert ip == HOST and low <= int(port) <= high, record
+            port = int(relay.rsplit(":", 1)[1])
+            assert relay == address_field((host, port)) and low <= port <= high, record
 
 
 async def test_wrong_password_is_refused_and_server_keeps_serving(
