@@ -110,7 +110,9 @@ def uclient_runs(
         for mode, flags in MODES.items():
             tmp = tmp_path_factory.mktemp(mode)
             host, peer = (HOST6, echo_peer6) if "-x" in flags else (HOST, echo_peer)
-            server = stack.enter_context(run_serve(tmp, hosts=[host], wait_ready=False))
+            server = stack.enter_context(
+                run_serve(tmp, hosts=[host], wait_ready=False, drain_timeout=0.2)
+            )
             servers[mode] = (server, host, peer, flags, tmp)
         for mode, (server, host, peer, flags, tmp) in servers.items():
             server.wait_ready()
