@@ -208,7 +208,10 @@ class StreamConnection(asyncio.Protocol):
                         allocation.bytes_to_peers += len(payload)
                         continue
                     allocation.dropped += 1
-                continue
+                    continue
+                # ChannelData before any allocation: not a TURN client (say, "GET /").
+                self.transport.close()
+                return
             result = runtime.server.receive(frame, five_tuple, time.time())
             if result is not None:
                 if type(result) is bytes:

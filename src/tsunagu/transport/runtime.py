@@ -57,6 +57,28 @@ class WorkerShare:
     index: int
 
 
+def _check_free(ip: str, port: int, config: Config) -> None:
+    """Fail if another process holds a port the workers are about to share.
+
+    SO_REUSEPORT would otherwise let a second server started by mistake on the same port
+    bind it too and silently take part of the traffic. A socket bound without the option
+    fails with EADDRINUSE whenever anyone holds the port.
+    """
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    checks = []
+    if not config.no_udp:
+        checks.append((socket.SOCK_DGRAM, port))
+    if not config.no_tcp:
+        checks.append((socket.SOCK_STREAM, port))
+    if not config.no_tls and not config.stun_only:
+        checks.append((socket.SOCK_STREAM, config.tls_listening_port))
+    for kind, number in checks:
+        with socket.socket(family, kind) as probe:
+            if kind == socket.SOCK_STREAM:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((ip, number))
+
+
 def _udp_socket(ip: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -311,6 +333,7 @@ async def serve(config: Config, share: WorkerShare | None = None) -> int:
             settings_from_config(config, tuple(listening)),
             nonce_secret=share.nonce_secret,
             shared_reservations=reuse_port,
+            port_share=(share.index, config.workers),
         )
         users = [parse_user(text) for text in config.users]
         store = StaticCredentialStore(
@@ -325,6 +348,8 @@ async def serve(config: Config, share: WorkerShare | None = None) -> int:
         port = config.listening_port
         for ip in listening:
             try:
+                if reuse_port and share.index == 0:
+                    _check_free(ip, port, config)
                 if not config.no_udp:
                     sock = _udp_socket(ip, port, reuse_port=reuse_port)
                     udp_listeners.append(UdpListener(runtime, sock, loop))

@@ -217,6 +217,10 @@ class TurnSettings:
     security_features: bool = True
     nonce_secret: bytes | None = None
     """Shared by worker processes so that a nonce minted by one is valid at all."""
+    port_share: tuple[int, int] = (0, 1)
+    """(index, count): this worker relays only from ports whose pair number
+    (``port // 2``) is ``index`` modulo ``count``. Workers thus never pick each other's
+    ports, and the port after an even one (what EVEN-PORT reserves) stays with its worker."""
     shared_reservations: bool = False
     """Worker processes share the relay range: an EVEN-PORT reservation is then a signed
     token that any worker can redeem, and port + 1 is set aside rather than held bound
@@ -460,7 +464,13 @@ class TurnServer:
         auth: _Auth | None,
         now: float,
     ) -> bytes | None:
-        if auth is None and not self._allowed_unauthenticated(five_tuple.client[0], now):
+        # Only UDP answers can be aimed at a spoofed address; over TCP and TLS a client that
+        # gets no answer would wait forever, so streams are not rate-limited here.
+        if (
+            auth is None
+            and five_tuple.protocol == "udp"
+            and not self._allowed_unauthenticated(five_tuple.client[0], now)
+        ):
             self.drops["unauthenticated rate limit"] += 1
             return None
         self.responses[error.code] += 1
@@ -717,9 +727,10 @@ class TurnServer:
         span = high - low + 1
         start = self._rng.randrange(0, span)
         failures = 0
+        share_index, share_count = settings.port_share
         for step in range(span):
             port = low + (start + step) % span
-            if (even and port % 2) or port in used:
+            if (even and port % 2) or port in used or (port // 2) % share_count != share_index:
                 continue
             if reserve and (port + 1 > high or port + 1 in used):
                 continue
@@ -733,6 +744,16 @@ class TurnServer:
             if not reserve:
                 return relay, None
             if settings.shared_reservations:
+                # Set aside, not held (another worker may redeem the token), but only if
+                # nothing else holds it now.
+                probe = self._binder.bind(ip, port + 1, dont_fragment=False)
+                if probe is None:
+                    self._release(relay)
+                    failures += 1
+                    if failures >= _MAX_FAILED_BINDS:
+                        break
+                    continue
+                self._binder.release(probe)
                 expiry = now + settings.reservation_lifetime
                 used.add(port + 1)
                 self._set_aside[(ip, port + 1)] = expiry

@@ -1,0 +1,94 @@
+"""coturn's client against ``tsunagu serve --workers 2``: SO_REUSEPORT listeners.
+
+uclient's default traffic asks for EVEN-PORT with a reservation on about half of its
+allocations and redeems the RESERVATION-TOKEN from another socket, which the kernel may
+hand to the other worker: this is what proves reservations work across workers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from interop_support import HOST, PASSWORD, USER, EchoPeer, run_serve
+from test_interop_coturn import LOST, SUMMARY, run_bounded
+
+pytestmark = pytest.mark.interop
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(child) for child in text.split()]
+
+
+@pytest.mark.parametrize("flags", [[], ["-t"]], ids=["udp", "tcp"])
+def test_uclient_through_two_workers(tmp_path: Path, echo_peer: EchoPeer, flags: list[str]) -> None:
+    with run_serve(tmp_path / "serve", "--workers", "2") as server:
+        assert len(_children(server.pid)) == 1  # worker 0 is the server process itself
+        for _ in range(2):
+            code, out = run_bounded(
+                [
+                    "turnutils_uclient",
+                    *flags,
+                    "-u",
+                    USER,
+                    "-w",
+                    PASSWORD,
+                    "-e",
+                    echo_peer.host,
+                    "-r",
+                    str(echo_peer.port),
+                    "-n",
+                    "50",
+                    "-m",
+                    "8",
+                    "-l",
+                    "100",
+                    "-z",
+                    "5",
+                    "-p",
+                    str(server.port),
+                    HOST,
+                ],
+                60.0,
+            )
+            assert code == 0, out
+            assert "508" not in out, out
+            sent, received = (int(n) for n in SUMMARY.findall(out)[-1])
+            assert sent == 400 and received == sent, out
+            assert int(LOST.findall(out)[-1]) == 0, out
+
+
+def test_second_server_on_a_workers_port_is_refused(tmp_path: Path) -> None:
+    """SO_REUSEPORT must not let a server started by mistake share the first one's port."""
+    with run_serve(tmp_path / "first", "--workers", "2") as first:
+        command = [
+            sys.executable,
+            "-m",
+            "tsunagu",
+            "serve",
+            "-L",
+            HOST,
+            "-p",
+            str(first.port),
+            "--tls-listening-port",
+            str(first.tls_port),
+            "--no-web",
+            "--workers",
+            "2",
+        ]
+        started = time.monotonic()
+        process = subprocess.run(
+            command,
+            capture_output=True,
+            timeout=30,
+            env={**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")},
+        )
+        assert process.returncode != 0
+        assert re.search(rb"cannot listen on 127\.0\.0\.1", process.stderr), process.stderr
+        assert time.monotonic() - started < 30
