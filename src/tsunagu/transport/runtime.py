@@ -280,6 +280,12 @@ async def serve(config: Config, share: WorkerShare | None = None) -> int:
     """
     _setup_logging(config)
     loop = asyncio.get_running_loop()
+
+    def on_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        # A bug in a callback must be seen in the server's own log, and must not stop it.
+        log.error("unexpected error: %s", context.get("message"), exc_info=context.get("exception"))
+
+    loop.set_exception_handler(on_loop_error)
     rng = random.SystemRandom()
 
     secrets_in_use = config.static_auth_secrets
