@@ -62,6 +62,18 @@ def _capacity_step(record: Record) -> dict[str, Any]:
     return max(good, key=lambda s: s["relayed_pps"]) if good else {}
 
 
+def _cpu_at(offered: float) -> Callable[[Record], float | None]:
+    """Server CPU per relayed packet at one step of a rate ladder, if it got that far."""
+
+    def extract(record: Record) -> float | None:
+        for step in _result(record).get("steps") or []:
+            if step.get("offered_relayed_pps") == offered and step.get("loss", 1) <= LOSS_LIMIT:
+                return _get(step, "server_cpu_us_per_relayed_packet")
+        return None
+
+    return extract
+
+
 def _at_ladder_top(record: Record) -> float | None:
     """1 when no step of the ladder lost more than 1 %: capacity is a lower bound."""
     steps = _result(record).get("steps") or []
@@ -124,6 +136,14 @@ FIGURES: dict[str, list[Metric]] = {
             "CPU-s/M",
             "lower",
             lambda r: _get(_capacity_step(r), "server_cpu_us_per_relayed_packet"),
+            2,
+        ),
+        Metric(
+            "cpu_us_at_80k",
+            "server CPU-s per million relayed, at 80k relayed pps offered",
+            "CPU-s/M",
+            "lower",
+            _cpu_at(80000),
             2,
         ),
         Metric(
@@ -289,7 +309,9 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     cases: dict[str, Any] = {}
     for key, info in meta_cases.items():
         metrics = FIGURES.get(info["figure"], [])
-        mine = [r for r in records if r["case"] == key and "result" in r]
+        mine = [
+            r for r in records if r["case"] == key and "result" in r and not r.get("superseded")
+        ]
         if not mine:
             continue
         variants: dict[str, Any] = {}
@@ -328,6 +350,8 @@ def _ladders(records: list[Record]) -> dict[str, Any]:
     for record in records:
         if record.get("figure") != "capacity" or "result" not in record:
             continue
+        if record.get("superseded"):
+            continue
         by_rate = out.setdefault(record["case"], {}).setdefault(record["variant"], {})
         for step in _result(record).get("steps") or []:
             rate = step["offered_relayed_pps"]
@@ -358,6 +382,8 @@ def _ladders(records: list[Record]) -> dict[str, Any]:
 def _errors(records: list[Record]) -> list[str]:
     out = []
     for record in records:
+        if record.get("superseded"):
+            continue
         problem = record.get("error") or record.get("skipped")
         setup_errors = _result(record).get("setup", {}).get("errors")
         if setup_errors:
@@ -407,13 +433,19 @@ _SECTION_TITLES = [
     ("uclient", "The same with coturn's load generator (turnutils_uclient + turnutils_peer)"),
 ]
 
-# The headline figures: (figure number, case, metric).
+# The headline figures: (figure number, case, metric[, title instead of the case's]).
 _HEADLINES = [
     ("1", "udp-channel-100", "cpu_us"),
     ("1", "udp-channel-1000", "cpu_us"),
     ("1", "udp-indication-100", "cpu_us"),
     ("1", "tcp-channel-100", "cpu_us"),
     ("1", "tls-channel-100", "cpu_us"),
+    (
+        "1",
+        "capacity-10",
+        "cpu_us_at_80k",
+        "UDP ChannelData, 100 B, 10 allocations, 80k relayed pps",
+    ),
     ("2", "capacity-1", "capacity_pps"),
     ("2", "capacity-10", "capacity_pps"),
     ("2", "capacity-100", "capacity_pps"),
@@ -446,7 +478,7 @@ def _headline_table(summary: dict[str, Any], variants: list[str]) -> list[str]:
         header.append("tsunagu / coturn")
     header.append("better")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for number, key, metric_key in _HEADLINES:
+    for number, key, metric_key, *title in _HEADLINES:
         case = summary["cases"].get(key)
         if case is None:
             continue
@@ -457,7 +489,7 @@ def _headline_table(summary: dict[str, Any], variants: list[str]) -> list[str]:
         if all(c is None for c in cells):
             continue
         ratios = case["ratios"].get(metric.key, {})
-        row = [number, case["title"], f"{metric.label} ({metric.unit})"]
+        row = [number, title[0] if title else case["title"], f"{metric.label} ({metric.unit})"]
         row += [_cell(c, metric.digits) for c in cells]
         row.append(_ratio(ratios.get("coturn-m1")))
         if "coturn" in variants:
@@ -693,6 +725,10 @@ METHOD = """
 # --- plots -----------------------------------------------------------------------------------
 
 
+def ensure_matplotlib(*, install: bool) -> bool:
+    return _matplotlib(install) is not None
+
+
 def _matplotlib(install: bool) -> Any:
     try:
         return importlib.import_module("matplotlib")
@@ -719,17 +755,29 @@ def _matplotlib(install: bool) -> Any:
     return importlib.import_module("matplotlib")
 
 
+def _ladder_runs(results: dict[str, Any]) -> dict[str, dict[str, list[list[dict[str, Any]]]]]:
+    """Capacity ladders as run: case -> variant -> one list of steps per repeat."""
+    runs: dict[str, dict[str, list[list[dict[str, Any]]]]] = {}
+    for record in results["records"]:
+        if record.get("figure") != "capacity" or record.get("superseded"):
+            continue
+        steps = _result(record).get("steps")
+        if steps:
+            runs.setdefault(record["case"], {}).setdefault(record["variant"], []).append(steps)
+    return runs
+
+
 def plot(results: dict[str, Any], directory: Path, *, install: bool) -> list[Path]:
     """Loss and server CPU against offered relayed packets/s, per allocation count."""
-    ladders = results.get("summary", {}).get("ladders") or {}
-    if not ladders:
+    runs = _ladder_runs(results)
+    if not runs:
         return []
     matplotlib = _matplotlib(install)
     if matplotlib is None:
         return []
     matplotlib.use("Agg")
     pyplot = importlib.import_module("matplotlib.pyplot")
-    cases = sorted(ladders, key=lambda c: int(c.rsplit("-", 1)[-1]) if c[-1].isdigit() else 0)
+    cases = sorted(runs, key=lambda c: int(c.rsplit("-", 1)[-1]) if c[-1].isdigit() else 0)
     styles = {
         "coturn-m1": ("tab:blue", "coturn -m 1"),
         "coturn": ("tab:cyan", "coturn (default threads)"),
@@ -738,29 +786,52 @@ def plot(results: dict[str, Any], directory: Path, *, install: bool) -> list[Pat
     figure, axes = pyplot.subplots(2, len(cases), figsize=(5 * len(cases), 7), squeeze=False)
     for column, case in enumerate(cases):
         count = case.rsplit("-", 1)[-1]
-        for variant, points in sorted(ladders[case].items()):
+        top, bottom = axes[0][column], axes[1][column]
+        for variant, ladders in sorted(runs[case].items()):
             color, label = styles.get(variant, ("tab:gray", variant))
-            xs = [p["offered_relayed_pps"] / 1000 for p in points]
-            axes[0][column].plot(
-                xs, [p["loss"] * 100 for p in points], "o-", color=color, label=label
-            )
-            cpu = [(x, p["cpu_us"]) for x, p in zip(xs, points, strict=True) if p["cpu_us"]]
-            if cpu:
-                axes[1][column].plot(*zip(*cpu, strict=True), "o-", color=color, label=label)
-        top = axes[0][column]
+            for number, steps in enumerate(ladders):
+                name = label if number == 0 else None
+                xs = [s["relayed_pps"] / 1000 for s in steps]
+                top.plot(
+                    xs,
+                    [s["loss"] * 100 for s in steps],
+                    "o-",
+                    color=color,
+                    label=name,
+                    alpha=0.7,
+                    markersize=4,
+                    linewidth=1.2,
+                )
+                cpu = [
+                    (s["offered_relayed_pps"] / 1000, s["server_cpu_us_per_relayed_packet"])
+                    for s in steps
+                    if s.get("server_cpu_us_per_relayed_packet") is not None
+                ]
+                if cpu:
+                    bottom.plot(
+                        *zip(*cpu, strict=True),
+                        "o-",
+                        color=color,
+                        label=name,
+                        alpha=0.7,
+                        markersize=4,
+                        linewidth=1.2,
+                    )
         top.set_title(f"{count} allocation{'s' if count != '1' else ''}")
         top.set_yscale("symlog", linthresh=1)
         top.axhline(1, color="gray", linestyle=":", linewidth=1)
         top.set_ylabel("loss (%)")
-        top.set_xlabel("offered relayed packets/s (thousands)")
+        top.set_xlabel("relayed packets/s achieved (thousands)")
         top.grid(True, alpha=0.3)
         top.legend(fontsize=8)
-        bottom = axes[1][column]
         bottom.set_ylabel("server CPU µs per relayed packet")
         bottom.set_xlabel("offered relayed packets/s (thousands)")
         bottom.set_ylim(bottom=0)
         bottom.grid(True, alpha=0.3)
-    figure.suptitle("UDP ChannelData, 100 B: loss and server CPU against load (medians)")
+    figure.suptitle(
+        "UDP ChannelData, 100 B, rate ladders: loss against relayed packets/s, and server CPU "
+        "(one line per repeat)"
+    )
     figure.tight_layout()
     path = directory / "bench-capacity.png"
     figure.savefig(path, dpi=90)
