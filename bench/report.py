@@ -14,7 +14,19 @@ from typing import Any
 
 Record = dict[str, Any]
 LOSS_LIMIT = 0.01
-PRIMARY_BASELINE = "coturn-m1"
+VARIANT_ORDER = ("coturn-m1", "coturn", "tsunagu", "tsunagu-w2")
+LABELS = {
+    "coturn-m1": "coturn -m 1",
+    "coturn": "coturn (default threads)",
+    "tsunagu": "tsunagu",
+    "tsunagu-w2": "tsunagu --workers 2",
+}
+# (numerator, denominator, column title)
+RATIOS = (
+    ("tsunagu", "coturn-m1", "tsunagu / coturn -m 1"),
+    ("tsunagu", "coturn", "tsunagu / coturn"),
+    ("tsunagu-w2", "coturn", "tsunagu -w 2 / coturn"),
+)
 
 
 @dataclass(frozen=True)
@@ -329,12 +341,13 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             variants[variant] = per_metric
         ratios: dict[str, Any] = {}
         for metric in metrics:
-            ours = variants.get("tsunagu", {}).get(metric.key)
-            for baseline in ("coturn-m1", "coturn"):
-                theirs = variants.get(baseline, {}).get(metric.key)
+            for ours_name, theirs_name, _ in RATIOS:
+                ours = variants.get(ours_name, {}).get(metric.key)
+                theirs = variants.get(theirs_name, {}).get(metric.key)
                 if ours is None or theirs is None or not theirs["median"]:
                     continue
-                ratios.setdefault(metric.key, {})[baseline] = ours["median"] / theirs["median"]
+                ratio = ours["median"] / theirs["median"]
+                ratios.setdefault(metric.key, {})[f"{ours_name}/{theirs_name}"] = ratio
         cases[key] = {
             "title": info["title"],
             "figure": info["figure"],
@@ -464,7 +477,11 @@ _HEADLINES = [
     ("7", "binding", "cpu_us_per_request"),
     ("–", "uclient-udp-channel-100", "cpu_us"),
 ]
-_LABELS = {"coturn-m1": "coturn -m 1", "coturn": "coturn (default threads)", "tsunagu": "tsunagu"}
+
+
+def _ratio_columns(variants: list[str]) -> list[tuple[str, str]]:
+    """(key in the ratios, column title) for the ratios these variants allow."""
+    return [(f"{a}/{b}", title) for a, b, title in RATIOS if a in variants and b in variants]
 
 
 def _metric(figure: str, key: str) -> Metric | None:
@@ -472,10 +489,9 @@ def _metric(figure: str, key: str) -> Metric | None:
 
 
 def _headline_table(summary: dict[str, Any], variants: list[str]) -> list[str]:
-    header = ["#", "Load", "Figure", *[_LABELS.get(v, v) for v in variants]]
-    header.append("tsunagu / coturn -m 1")
-    if "coturn" in variants:
-        header.append("tsunagu / coturn")
+    columns = _ratio_columns(variants)
+    header = ["#", "Load", "Figure", *[LABELS.get(v, v) for v in variants]]
+    header += [title for _, title in columns]
     header.append("better")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for number, key, metric_key, *title in _HEADLINES:
@@ -491,9 +507,7 @@ def _headline_table(summary: dict[str, Any], variants: list[str]) -> list[str]:
         ratios = case["ratios"].get(metric.key, {})
         row = [number, title[0] if title else case["title"], f"{metric.label} ({metric.unit})"]
         row += [_cell(c, metric.digits) for c in cells]
-        row.append(_ratio(ratios.get("coturn-m1")))
-        if "coturn" in variants:
-            row.append(_ratio(ratios.get("coturn")))
+        row += [_ratio(ratios.get(key)) for key, _ in columns]
         row.append(metric.better)
         lines.append("| " + " | ".join(row) + " |")
     return lines
@@ -526,14 +540,9 @@ def _table(
     summary: dict[str, Any], figure: str, variants: list[str], only: list[str] | None = None
 ) -> list[str]:
     lines = []
-    labels = {
-        "coturn-m1": "coturn -m 1",
-        "coturn": "coturn (default threads)",
-        "tsunagu": "tsunagu",
-    }
-    header = ["Load", "Figure", *[labels.get(v, v) for v in variants], "tsunagu / coturn -m 1"]
-    if "coturn" in variants:
-        header.append("tsunagu / coturn")
+    columns = _ratio_columns(variants)
+    header = ["Load", "Figure", *[LABELS.get(v, v) for v in variants]]
+    header += [title for _, title in columns]
     header.append("better")
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
@@ -556,17 +565,15 @@ def _table(
                 case["title"],
                 f"{metric.label} ({metric.unit})",
                 *[_cell(c, metric.digits) for c in cells],
-                _ratio(ratios.get("coturn-m1")),
+                *[_ratio(ratios.get(key)) for key, _ in columns],
             ]
-            if "coturn" in variants:
-                row.append(_ratio(ratios.get("coturn")))
             row.append(metric.better)
             lines.append("| " + " | ".join(row) + " |")
         others = [case["variants"].get(v, {}).get("other_share") for v in variants]
         if any(o is not None for o in others) and figure != "rtt":
             row = [case["title"], "CPU used by other processes on the machine (% of all cores)"]
             row += ["–" if o is None else _cell({**o, **_scaled(o, 100)}, 0) for o in others]
-            row += ["", ""] if "coturn" in variants else [""]
+            row += [""] * len(columns)
             row.append("(noise)")
             lines.append("| " + " | ".join(row) + " |")
     return lines
@@ -629,7 +636,7 @@ def markdown(results: dict[str, Any], plots: list[Path]) -> str:
     meta = results["meta"]
     summary = results["summary"]
     machine = meta["machine"]
-    variants = [v for v in ("coturn-m1", "coturn", "tsunagu") if v in meta["variants"]]
+    variants = [v for v in VARIANT_ORDER if v in meta["variants"]]
     lines = [
         "# Benchmarks: tsunagu against coturn",
         "",
@@ -713,10 +720,16 @@ METHOD = """
   are held; divided by the number of allocations.
 - **STUN Binding**: 4 sockets, each with 16 requests in flight (a new one for every answer);
   answers per second and server CPU per request.
+- **Variants**: coturn with one relay thread (`-m 1`) against tsunagu as one process is the
+  main comparison. coturn with its default threads and tsunagu with `--workers 2` run the main
+  UDP loads too; every server is pinned to the same single core, so these show what their
+  threads or processes cost on one core, not what they gain on several.
 - **Interleaving**: every server variant gets a fresh process per session; sessions run in a
-  rotating order (A B C, B C A, C A B), repeated, and the tables show medians. The column
-  "other" in the JSON file records CPU used on the machine by processes outside the
-  benchmark during each load; a busy machine shows up there.
+  rotating order (A B C, B C A, C A B), repeated, and the tables show medians. Each detail
+  table shows how much CPU processes outside the benchmark used during the loads: the
+  benchmark waits for a quiet machine before each session, and runs a load again once when
+  other programs took more than a quarter of the machine meanwhile (both results stay in the
+  JSON file; the second one counts).
 - Socket buffers: both servers use 64 KiB relay sockets (the kernel doubles it) and 2 MiB
   listener buffers; the probe's client sockets ask for 1 MiB.
 """
@@ -782,6 +795,7 @@ def plot(results: dict[str, Any], directory: Path, *, install: bool) -> list[Pat
         "coturn-m1": ("tab:blue", "coturn -m 1"),
         "coturn": ("tab:cyan", "coturn (default threads)"),
         "tsunagu": ("tab:red", "tsunagu"),
+        "tsunagu-w2": ("tab:orange", "tsunagu --workers 2"),
     }
     figure, axes = pyplot.subplots(2, len(cases), figsize=(5 * len(cases), 7), squeeze=False)
     for column, case in enumerate(cases):

@@ -45,7 +45,8 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 DOCS = REPO / "docs"
 PRIMARY = ("coturn-m1", "tsunagu")
-ALL_VARIANTS = ("coturn-m1", "coturn", "tsunagu")
+THREE = ("coturn-m1", "coturn", "tsunagu")
+ALL_VARIANTS = ("coturn-m1", "coturn", "tsunagu", "tsunagu-w2")
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ def full_plan(hold: float) -> Plan:
                 "0.5",
                 "--release",
             ),
-            ALL_VARIANTS,
+            THREE,
         ),
         Case(
             "rtp-500",
@@ -183,7 +184,7 @@ def full_plan(hold: float) -> Plan:
             "uclient",
             "turnutils_uclient: UDP ChannelData, 100 B, 10 clients, 1 message/ms each",
             ("-m", "10", "-n", "2000", "-l", "100", "-z", "1", "-c"),
-            ALL_VARIANTS,
+            THREE,
             kind="uclient",
         )
     )
@@ -737,9 +738,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         deadline=started + budget,
         quiet_share=None if args.quick or args.quiet_share <= 0 else args.quiet_share,
         quiet_wait=20.0,
-        quiet_budget=min(60.0, budget / 12),
+        quiet_budget=min(45.0, budget / 16),
         noise_limit=None if args.quick or args.noise_limit <= 0 else args.noise_limit,
-        retry_budget=min(60.0, budget / 12),
+        retry_budget=min(45.0, budget / 16),
     )
     only = set(args.only.split(",")) if args.only else None
     cases = [c for c in plan.cases if only is None or c.key in only]
@@ -765,7 +766,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     run_holds = not args.no_hold and (only is None or plan.hold_case.key in only)
     if run_holds:
         # The held allocations come last; keep their time free of the repeats.
-        ctx.deadline -= len(hold_variants) * (meta["hold_seconds"] + 25)
+        count = int(plan.hold_case.args[plan.hold_case.args.index("-n") + 1])
+        ctx.deadline -= len(hold_variants) * (meta["hold_seconds"] + 5 + count / 500)
     try:
         for repeat in range(plan.repeats):
             order = _rotate(tuple(variants), repeat)
@@ -812,14 +814,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--quiet-share",
         type=float,
         default=0.15,
-        help="before each session, wait (20 s at most, 60 s in all) until no more than this "
+        help="before each session, wait (20 s at most, 45 s in all) until no more than this "
         "share of all cores is busy; 0: do not wait (default: %(default)s; quick runs never wait)",
     )
     parser.add_argument(
         "--noise-limit",
         type=float,
         default=0.25,
-        help="run a load again (once, 60 s in all) when other programs used more than this "
+        help="run a load again (once, 45 s in all) when other programs used more than this "
         "share of all cores meanwhile; 0: never (default: %(default)s; quick runs never do)",
     )
     parser.add_argument("--server-cpu", type=int, default=1, help="core for the server")

@@ -47,6 +47,7 @@ VARIANTS = {
     "coturn-m1": Variant("coturn-m1", "coturn", "coturn -m 1", relay_threads=1),
     "coturn": Variant("coturn", "coturn", "coturn (default threads)"),
     "tsunagu": Variant("tsunagu", "tsunagu", "tsunagu"),
+    "tsunagu-w2": Variant("tsunagu-w2", "tsunagu", "tsunagu --workers 2", workers=2),
 }
 
 

@@ -51,7 +51,7 @@ def test_quick_run_writes_results_and_report(repo_root: Path, tmp_path: Path) ->
     cases = {r["case"] for r in records}
     assert {"alloc-lt", "alloc-rest", "hold-10000", "binding", "udp-channel-100"} <= cases
     summary = results["summary"]["cases"]
-    ratio = summary["udp-channel-100"]["ratios"]["cpu_us"]["coturn-m1"]
+    ratio = summary["udp-channel-100"]["ratios"]["cpu_us"]["tsunagu/coturn-m1"]
     assert ratio > 0
     assert summary["hold-10000"]["variants"]["tsunagu"]["not_relaying"]["median"] == 0
     markdown = (tmp_path / "BENCHMARKS.md").read_text()
@@ -103,8 +103,8 @@ def test_summary_medians_spread_and_ratios(bench_report: ModuleType) -> None:
     case = summary["cases"]["udp-channel-100"]
     cpu = case["variants"]["tsunagu"]["cpu_us"]
     assert (cpu["median"], cpu["min"], cpu["max"], cpu["n"]) == (20.0, 18.0, 27.0, 3)
-    assert case["ratios"]["cpu_us"]["coturn-m1"] == pytest.approx(20.0 / 9.0)
-    assert "coturn" not in case["ratios"]["cpu_us"]
+    assert case["ratios"]["cpu_us"]["tsunagu/coturn-m1"] == pytest.approx(20.0 / 9.0)
+    assert "tsunagu/coturn" not in case["ratios"]["cpu_us"]
 
 
 def test_capacity_is_the_highest_step_within_one_percent_loss(bench_report: ModuleType) -> None:
