@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import ipaddress
 import json
 import logging
@@ -55,6 +56,10 @@ class WorkerShare:
     turn_secret: str
     nonce_secret: bytes
     index: int
+
+
+def _same(listener: UdpListener) -> UdpListener:
+    return listener
 
 
 def _check_free(ip: str, port: int, config: Config) -> None:
@@ -358,7 +363,11 @@ async def serve(config: Config, share: WorkerShare | None = None) -> int:
                     _check_free(ip, port, config)
                 if not config.no_udp:
                     sock = _udp_socket(ip, port, reuse_port=reuse_port)
-                    udp_listeners.append(UdpListener(runtime, sock, loop))
+                    listener = UdpListener(runtime, sock)
+                    await loop.create_datagram_endpoint(
+                        functools.partial(_same, listener), sock=sock
+                    )
+                    udp_listeners.append(listener)
                 if not config.no_tcp:
                     servers.append(
                         await loop.create_server(
