@@ -37,6 +37,7 @@ class Metric:
     better: str  # "lower" or "higher"
     extract: Callable[[Record], float | None]
     digits: int = 1
+    ratio: bool = True  # False for context (how busy the generator was, ...)
 
 
 def _result(record: Record) -> dict[str, Any]:
@@ -92,6 +93,12 @@ def _at_ladder_top(record: Record) -> float | None:
     if not steps:
         return None
     return 1.0 if all(s.get("loss", 1.0) <= LOSS_LIMIT for s in steps) else 0.0
+
+
+def _setup_generator_busy(record: Record) -> float | None:
+    cpu = _get(_result(record), "setup", "generator_cpu_s")
+    seconds = _get(_result(record), "setup", "seconds")
+    return None if cpu is None or not seconds else cpu / seconds
 
 
 def _hold_rss_per_allocation(record: Record) -> float | None:
@@ -173,9 +180,16 @@ FIGURES: dict[str, list[Metric]] = {
             "lower",
             lambda r: _get(_capacity_step(r), "generator_busy"),
             2,
+            ratio=False,
         ),
         Metric(
-            "ladder_top", "no step lost > 1 % (lower bound)", "1 = yes", "lower", _at_ladder_top, 0
+            "ladder_top",
+            "no step lost > 1 % (lower bound)",
+            "1 = yes",
+            "lower",
+            _at_ladder_top,
+            0,
+            ratio=False,
         ),
     ],
     "alloc": [
@@ -218,6 +232,15 @@ FIGURES: dict[str, list[Metric]] = {
             "lower",
             lambda r: _get(_result(r), "setup", "failed"),
             0,
+        ),
+        Metric(
+            "generator_busy",
+            "load generator busy",
+            "share of a core",
+            "lower",
+            _setup_generator_busy,
+            2,
+            ratio=False,
         ),
     ],
     "hold": [
@@ -280,6 +303,7 @@ FIGURES: dict[str, list[Metric]] = {
             "lower",
             lambda r: _get(_result(r), "binding", "generator_busy"),
             2,
+            ratio=False,
         ),
     ],
     "uclient": [
@@ -341,6 +365,8 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             variants[variant] = per_metric
         ratios: dict[str, Any] = {}
         for metric in metrics:
+            if not metric.ratio:
+                continue
             for ours_name, theirs_name, _ in RATIOS:
                 ours = variants.get(ours_name, {}).get(metric.key)
                 theirs = variants.get(theirs_name, {}).get(metric.key)
@@ -628,6 +654,33 @@ def _relative(command: list[str]) -> list[str]:
     return out
 
 
+def _notes(summary: dict[str, Any]) -> list[str]:
+    """Where a figure is a bound rather than a measurement, said in words."""
+    notes = []
+    for case in summary["cases"].values():
+        for variant, metrics in case["variants"].items():
+            label = LABELS.get(variant, variant)
+            busy = metrics.get("generator_busy")
+            if busy is not None and busy["median"] >= 0.85:
+                notes.append(
+                    f"{case['title']}: the load generator was busy {busy['median'] * 100:.0f} % "
+                    f"of its core with {label}, so {label}'s rate there is a lower bound."
+                )
+            top = metrics.get("ladder_top")
+            if top is not None and top["median"] >= 1:
+                notes.append(
+                    f"{case['title']}: {label} lost no more than 1 % even at the top of the "
+                    "ladder, so its capacity is a lower bound."
+                )
+            other = metrics.get("other_share")
+            if other is not None and other["median"] > 0.15:
+                notes.append(
+                    f"{case['title']}: other programs used {other['median'] * 100:.0f} % of the "
+                    f"machine while {label} ran (median); treat that figure with care."
+                )
+    return notes
+
+
 def _peer(peer: Any) -> str:
     return shlex.join(peer) if isinstance(peer, list) else str(peer)
 
@@ -683,6 +736,11 @@ def markdown(results: dict[str, Any], plots: list[Path]) -> str:
             for plot in plots:
                 lines.append(f"![{plot.stem}]({plot.name})")
                 lines.append("")
+    notes = _notes(summary)
+    if notes:
+        lines += ["## Limits of these figures", ""]
+        lines += [f"- {note}" for note in notes]
+        lines.append("")
     if summary.get("errors"):
         lines += ["## Problems seen during the run", ""]
         lines += [f"- {e}" for e in summary["errors"][:40]]

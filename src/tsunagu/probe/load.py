@@ -439,15 +439,16 @@ class LoadGenerator:
 
         def retry(conn: _Conn) -> _Conn | None:
             # 437 to the first Allocate: the kernel reused the port of an allocation the
-            # server still holds (left by another client). A real client would move to a
-            # new port, and so does this one, once.
+            # server still holds (left by another client, or released a moment ago and
+            # kept for late retransmissions). A real client would move to a new port, and
+            # so does this one, up to three times.
             session = conn.session
             assert session is not None
             if session.error_code != 437 or session.failed_in is not Phase.ALLOCATE:
                 return None
-            if conn.index in retried:
+            if retried[conn.index] >= 3:
                 return None
-            retried.add(conn.index)
+            retried[conn.index] += 1
             self._close(conn)
             try:
                 sock = self._connect(conn.index)
@@ -466,7 +467,7 @@ class LoadGenerator:
             conns[conns.index(conn)] = again
             return again
 
-        retried: set[int] = set()
+        retried: Counter[int] = Counter()
         failed_connects: list[TurnSession] = []
         before = self.server.sample()
         cpu_before = _cpu_self()
@@ -498,7 +499,7 @@ class LoadGenerator:
             "per_second": round(len(self.ready) / seconds, 1) if seconds > 0 else None,
             "latency_ms": _percentiles(latencies, 1e-6),
             "retransmissions": retransmissions,
-            "new_ports": len(retried),
+            "new_ports": sum(retried.values()),
             "generator_cpu_s": round(_cpu_self() - cpu_before, 4),
         }
         result.update(_server_delta(before, after, len(self.ready), "allocation"))
