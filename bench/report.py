@@ -609,20 +609,34 @@ def _scaled(stats: dict[str, Any], factor: float) -> dict[str, Any]:
     return {k: stats[k] * factor for k in ("median", "min", "max")}
 
 
+def _pin(cpu: str | None) -> str:
+    return "" if cpu is None else f"taskset -c {cpu} "
+
+
+def server_key(variant: str, auth: str) -> str:
+    return f"{variant} ({auth})"
+
+
 def _commands(results: dict[str, Any]) -> list[str]:
     """One command line per case and server kind, as run (ports and pids vary per run)."""
     seen: dict[tuple[str, str], list[str]] = {}
-    servers: dict[str, list[str]] = {}
+    servers: dict[str, list[str]] = dict(results["meta"].get("server_commands", {}))
     for record in results["records"]:
         key = (record["case"], record["variant"])
-        if key not in seen:
+        if key not in seen and record.get("command"):
             seen[key] = record["command"]
-        servers.setdefault(f"{record['variant']} ({record['auth']})", record["server_command"])
-    lines = ["Servers (each started fresh for every session, pinned with `taskset`):", ""]
+        if record.get("server_command"):
+            servers.setdefault(
+                server_key(record["variant"], record["auth"]), record["server_command"]
+            )
+    pinning = results["meta"].get("pinning", {})
+    server_pin = _pin(pinning.get("server_cpu"))
+    load_pin = _pin(pinning.get("generator_cpu"))
+    lines = ["Servers (each started fresh for every session):", ""]
     lines.append("```sh")
     for name, command in servers.items():
         lines.append(f"# {name}")
-        lines.append(shlex.join(_relative(command)))
+        lines.append(server_pin + shlex.join(_relative(command)))
     lines.append("```")
     lines.append("")
     lines.append(
@@ -637,7 +651,7 @@ def _commands(results: dict[str, Any]) -> list[str]:
             continue
         done.add(case)
         lines.append(f"# {case}")
-        lines.append(shlex.join(_relative(command)))
+        lines.append(load_pin + shlex.join(_relative(command)))
     lines.append("```")
     return lines
 

@@ -787,6 +787,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not args.keep_logs:
             shutil.rmtree(workdir, ignore_errors=True)
     meta["seconds"] = round(time.monotonic() - started, 1)
+    meta["server_commands"] = {
+        report.server_key(r["variant"], r["auth"]): r["server_command"]
+        for r in reversed(ctx.records)
+        if r.get("server_command")
+    }
     ctx.say(f"done in {meta['seconds']:.0f} s")
     return {"meta": meta, "records": ctx.records}
 
@@ -845,6 +850,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _slim(results: dict[str, Any]) -> dict[str, Any]:
+    """The results without what every record repeats (the probe's echo of its options, the
+    server's command line), for the copy kept next to the report."""
+    records = []
+    for record in results["records"]:
+        record = dict(record)
+        if isinstance(record.get("result"), dict):
+            record["result"] = {k: v for k, v in record["result"].items() if k != "spec"}
+        record.pop("server_command", None)
+        records.append(record)
+    return {**results, "records": records}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.quick and not args.no_plot:
@@ -871,6 +889,6 @@ def main(argv: list[str] | None = None) -> int:
     plots = [] if args.no_plot else report.plot(results, docs, install=not quick)
     markdown = report.markdown(results, plots)
     (docs / "BENCHMARKS.md").write_text(markdown)
-    (docs / "benchmarks.json").write_text(json.dumps(results, indent=1) + "\n")
+    (docs / "benchmarks.json").write_text(json.dumps(_slim(results), indent=1) + "\n")
     sys.stderr.write(f"bench: report in {docs / 'BENCHMARKS.md'}\n")
     return 0
