@@ -11,6 +11,7 @@ the message (420). Types 0x8000-0xFFFF may be ignored.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import struct
 from dataclasses import dataclass
@@ -109,15 +110,33 @@ class Attribute:
 # --- generic shapes ---------------------------------------------------------------------
 
 
-def _pack_address(family_ip: str, port: int) -> tuple[int, bytes]:
+# The same few addresses (clients, peers, relays) are converted again and again, and the
+# ipaddress module is slow: cache the conversions both ways.
+@functools.lru_cache(maxsize=4096)
+def _packed(text: str) -> tuple[int, bytes] | None:
     try:
-        ip = ipaddress.ip_address(family_ip)
-    except ValueError as exc:
-        raise AttributeError_(f"not an IP address: {family_ip!r}") from exc
-    family = FAMILY_IPV4 if ip.version == 4 else FAMILY_IPV6
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return (FAMILY_IPV4 if ip.version == 4 else FAMILY_IPV6), ip.packed
+
+
+@functools.lru_cache(maxsize=4096)
+def _text(packed: bytes) -> str:
+    return str(ipaddress.ip_address(packed))
+
+
+def _pack_address(family_ip: str, port: int) -> tuple[int, bytes]:
+    packed = _packed(family_ip)
+    if packed is None:
+        raise AttributeError_(f"not an IP address: {family_ip!r}")
     if not 0 <= port <= 0xFFFF:
         raise AttributeError_(f"port out of range: {port}")
-    return family, ip.packed
+    return packed
+
+
+def _xor(data: bytes, mask: bytes) -> bytes:
+    return (int.from_bytes(data, "big") ^ int.from_bytes(mask, "big")).to_bytes(len(data), "big")
 
 
 def _unpack_address(value: bytes) -> tuple[int, int, bytes]:
@@ -152,7 +171,7 @@ class _AddressAttribute(Attribute):
     @classmethod
     def decode(cls, value: bytes, transaction_id: bytes) -> Self:
         _, port, raw = _unpack_address(value)
-        return cls(str(ipaddress.ip_address(raw)), port)
+        return cls(_text(bytes(raw)), port)
 
     def encode(self, transaction_id: bytes) -> bytes:
         family, raw = _pack_address(self.ip, self.port)
@@ -176,13 +195,12 @@ class _XorAddressAttribute(_AddressAttribute):
         mask = cls._mask(len(raw), transaction_id)
         if len(mask) != len(raw):
             raise AttributeError_("XOR address needs a 96-bit transaction id")
-        ip = bytes(a ^ b for a, b in zip(raw, mask, strict=True))
-        return cls(str(ipaddress.ip_address(ip)), xport ^ (MAGIC_COOKIE >> 16))
+        return cls(_text(_xor(raw, mask)), xport ^ (MAGIC_COOKIE >> 16))
 
     def encode(self, transaction_id: bytes) -> bytes:
         family, raw = _pack_address(self.ip, self.port)
         mask = self._mask(len(raw), transaction_id)
-        xip = bytes(a ^ b for a, b in zip(raw, mask, strict=True))
+        xip = _xor(raw, mask)
         xport = self.port ^ (MAGIC_COOKIE >> 16)
         return bytes((0, family)) + xport.to_bytes(2, "big") + xip
 
