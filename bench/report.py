@@ -802,6 +802,10 @@ METHOD = """
   benchmark waits for a quiet machine before each session, and runs a load again once when
   other programs took more than a quarter of the machine meanwhile (both results stay in the
   JSON file; the second one counts).
+- Open files: both servers are started with the soft limit raised as far as the machine
+  allows (each record in the JSON file says what it was). coturn raises its own soft limit
+  at start-up; tsunagu does not, so under a default soft limit of 1024 it would fail beyond
+  about 1,000 allocations.
 - Socket buffers: both servers use 64 KiB relay sockets (the kernel doubles it) and 2 MiB
   listener buffers; the probe's client sockets ask for 1 MiB.
 """

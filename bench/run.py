@@ -480,6 +480,7 @@ def run_case(case: Case, server: Server, ctx: Context, repeat: int) -> dict[str,
         "repeat": repeat,
         "command": command,
         "server_command": server.command,
+        "server_open_files": server.open_files_limit(),
     }
     remaining = ctx.deadline - time.monotonic()
     if remaining < 5:

@@ -174,6 +174,18 @@ class Server:
     def pid(self) -> int:
         return self.process.pid
 
+    def open_files_limit(self) -> str | None:
+        """The server's "Max open files" (soft, hard), as the kernel reports it."""
+        try:
+            with open(f"/proc/{self.pid}/limits") as fh:
+                for line in fh:
+                    if line.startswith("Max open files"):
+                        soft, hard = line.split()[3:5]
+                        return f"{soft}/{hard}"
+        except OSError:
+            pass
+        return None
+
     def alive(self) -> bool:
         return self.process.poll() is None
 

@@ -485,7 +485,10 @@ class LoadGenerator:
                 assert session.started is not None and session.finished is not None
                 latencies.append(int((session.finished - session.started) * 1e9))
             else:
-                errors[session.error or session.phase.value] += 1
+                if session.started is None:
+                    errors["not started within the set-up time limit"] += 1
+                else:
+                    errors[session.error or session.phase.value] += 1
         for session in failed_connects:
             errors[session.error or "connect"] += 1
         for conn in self.ready:
