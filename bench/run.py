@@ -171,7 +171,8 @@ def full_plan(hold: float) -> Plan:
             Case(
                 f"capacity-{count}",
                 "capacity",
-                f"Highest relayed packets/s with loss <= 1 %, {count} allocation(s)",
+                f"Highest relayed packets/s with loss <= 1 %, {count} "
+                + ("allocation" if count == 1 else "allocations"),
                 ("-n", str(count), "-l", "100", "--rate", ladder, "-d", "1", "--warmup", "0.3")
                 + ("--stop-loss", "0.05", "--release"),
                 ALL_VARIANTS if count == 10 else PRIMARY,
