@@ -13,7 +13,6 @@ FINGERPRINT; after MESSAGE-INTEGRITY-SHA256 only FINGERPRINT counts (RFC 8489 §
 from __future__ import annotations
 
 import binascii
-import hashlib
 import hmac
 import struct
 from collections.abc import Iterable, Iterator
@@ -190,7 +189,7 @@ class Message:
         if self.integrity_offset is None:
             return False
         offset = self.integrity_offset
-        expected = hmac.new(key, self._digest_input(offset, 24), hashlib.sha1).digest()
+        expected = hmac.digest(key, self._digest_input(offset, 24), "sha1")
         return hmac.compare_digest(expected, self.raw[offset + 4 : offset + 24])
 
     def check_integrity_sha256(self, key: bytes) -> bool:
@@ -200,7 +199,7 @@ class Message:
         offset = self.integrity_sha256_offset
         length = int.from_bytes(self.raw[offset + 2 : offset + 4], "big")
         data = self._digest_input(offset, 4 + length)
-        expected = hmac.new(key, data, hashlib.sha256).digest()[:length]
+        expected = hmac.digest(key, data, "sha256")[:length]
         return hmac.compare_digest(expected, self.raw[offset + 4 : offset + 4 + length])
 
     def check_fingerprint(self) -> bool | None:
@@ -331,10 +330,10 @@ def encode_message(
         return message_type + (len(body) + extra).to_bytes(2, "big") + after_length
 
     if integrity_key is not None:
-        digest = hmac.new(integrity_key, header(24) + body, hashlib.sha1).digest()
+        digest = hmac.digest(integrity_key, header(24) + body, "sha1")
         body += _TLV.pack(MessageIntegrity.TYPE, 20) + digest
     if integrity_sha256_key is not None:
-        digest = hmac.new(integrity_sha256_key, header(36) + body, hashlib.sha256).digest()
+        digest = hmac.digest(integrity_sha256_key, header(36) + body, "sha256")
         body += _TLV.pack(MessageIntegritySha256.TYPE, 32) + digest
     if fingerprint:
         crc = (binascii.crc32(header(8) + body) ^ _FINGERPRINT_XOR) & 0xFFFFFFFF

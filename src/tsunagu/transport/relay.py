@@ -130,7 +130,12 @@ class UdpRelayBinder:
 
     def bind(self, ip: str, port: int, *, dont_fragment: bool) -> RelayEndpoint | None:
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+        except OSError as exc:  # out of file descriptors: the Allocate gets 508
+            self.bind_errors += 1
+            log.warning("cannot open a relay socket: %s", exc)
+            return None
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RELAY_BUFFER_BYTES)

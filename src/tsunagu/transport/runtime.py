@@ -58,6 +58,19 @@ class WorkerShare:
     index: int
 
 
+def _raise_open_files_limit() -> None:
+    """Every allocation holds a socket: lift the soft limit on open files to the hard one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open files limit above %d: %s", soft, exc)
+
+
 def _same(listener: UdpListener) -> UdpListener:
     return listener
 
@@ -284,6 +297,7 @@ async def serve(config: Config, share: WorkerShare | None = None) -> int:
     other workers, which run :func:`worker_main` with the same configuration and ``share``.
     """
     _setup_logging(config)
+    _raise_open_files_limit()
     loop = asyncio.get_running_loop()
 
     def on_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 from enum import Enum
 
@@ -44,7 +43,7 @@ class NonceManager:
         )
 
     def _mac(self, expiry: bytes, client_ip: str) -> bytes:
-        return hmac.new(self._secret, expiry + client_ip.encode(), hashlib.sha256).digest()[:14]
+        return hmac.digest(self._secret, expiry + client_ip.encode(), "sha256")[:14]
 
     def make(self, client_ip: str, now: float) -> str:
         expiry = int(now + self._lifetime).to_bytes(4, "big")
