@@ -53,6 +53,7 @@ CONTRACT_FIELDS = [
     "stale_nonce",
     "software_attribute",
     "stun_backward_compatibility",
+    "strict_channel_numbers",
     "alternate_servers",
     "unauth_rate",
     "drain_timeout",
@@ -174,6 +175,7 @@ EVERY_FIELD: list[tuple[str, str, list[str], Any]] = [
     ("permission_lifetime", "400", ["--permission-lifetime", "400"], 400),
     ("stale_nonce", "60", ["--stale-nonce", "60"], 60),
     ("software_attribute", "true", ["--software-attribute"], True),
+    ("strict_channel_numbers", "true", ["--strict-channel-numbers"], True),
     ("stun_backward_compatibility", "true", ["--stun-backward-compatibility"], True),
     (
         "alternate_servers",

@@ -424,6 +424,9 @@ class Config:
     stun_backward_compatibility: bool = _opt(
         False, _check_bool, "also send MAPPED-ADDRESS for RFC 3489 clients"
     )
+    strict_channel_numbers: bool = _opt(
+        False, _check_bool, "accept only RFC 8656 channel numbers 0x4000-0x4FFF (not up to 0x7FFE)"
+    )
     alternate_servers: tuple[str, ...] = _opt(
         (),
         _check_each(_entry(parse_alternate_server, "ip:port or [ipv6]:port"), what="ip:port"),

@@ -141,6 +141,7 @@ def settings_from_config(config: Config, fallback_relay_ips: tuple[str, ...] = (
         total_quota=config.total_quota,
         software="tsunagu" if config.software_attribute else None,
         rfc3489_compat=config.stun_backward_compatibility,
+        strict_channel_numbers=config.strict_channel_numbers,
         stun_only=config.stun_only,
         no_stun=config.no_stun,
         alternate_server=alternate,
