@@ -79,6 +79,45 @@ def _ladder(rates: list[int]) -> str:
     return ",".join(str(rate) for rate in rates)
 
 
+def _relay_cases(
+    scale: str, udp: str, stream: str, steady: tuple[str, ...], first: tuple[str, ...]
+) -> list[Case]:
+    """CPU per relayed packet on each client transport; ``first`` also runs other variants."""
+    return [
+        Case(
+            "udp-channel-100",
+            "cpu",
+            f"UDP ChannelData, 100 B, {scale}",
+            ("-n", udp, "-l", "100", *steady),
+            first,
+        ),
+        Case(
+            "udp-channel-1000",
+            "cpu",
+            f"UDP ChannelData, 1000 B, {scale}",
+            ("-n", udp, "-l", "1000", *steady),
+        ),
+        Case(
+            "udp-indication-100",
+            "cpu",
+            f"UDP Send/Data indications, 100 B, {scale}",
+            ("--mode", "indication", "-n", udp, "-l", "100", *steady),
+        ),
+        Case(
+            "tcp-channel-100",
+            "cpu",
+            f"TCP ChannelData, 100 B, {scale}",
+            ("-t", "tcp", "-n", stream, "-l", "100", *steady),
+        ),
+        Case(
+            "tls-channel-100",
+            "cpu",
+            f"TLS ChannelData, 100 B, {scale}",
+            ("-t", "tls", "-n", stream, "-l", "100", *steady),
+        ),
+    ]
+
+
 def full_plan(hold: float) -> Plan:
     ladder = _ladder([5000, 10000, 20000, 30000, 40000, 50000, 60000, 75000, 90000])
     steady = ("--rate", "10000", "-d", "3", "--warmup", "0.5", "--release")
@@ -96,37 +135,7 @@ def full_plan(hold: float) -> Plan:
             ("--mode", "binding", "-d", "3", "--warmup", "0.5"),
             ALL_VARIANTS,
         ),
-        Case(
-            "udp-channel-100",
-            "cpu",
-            "UDP ChannelData, 100 B, 10 allocations, 20k relayed pps",
-            ("-n", "10", "-l", "100", *steady),
-            ALL_VARIANTS,
-        ),
-        Case(
-            "udp-channel-1000",
-            "cpu",
-            "UDP ChannelData, 1000 B, 10 allocations, 20k relayed pps",
-            ("-n", "10", "-l", "1000", *steady),
-        ),
-        Case(
-            "udp-indication-100",
-            "cpu",
-            "UDP Send/Data indications, 100 B, 10 allocations, 20k relayed pps",
-            ("--mode", "indication", "-n", "10", "-l", "100", *steady),
-        ),
-        Case(
-            "tcp-channel-100",
-            "cpu",
-            "TCP ChannelData, 100 B, 10 allocations, 20k relayed pps",
-            ("-t", "tcp", "-n", "10", "-l", "100", *steady),
-        ),
-        Case(
-            "tls-channel-100",
-            "cpu",
-            "TLS ChannelData, 100 B, 10 allocations, 20k relayed pps",
-            ("-t", "tls", "-n", "10", "-l", "100", *steady),
-        ),
+        *_relay_cases("10 allocations, 20k relayed pps", "10", "10", steady, ALL_VARIANTS),
         Case(
             "rtp-100",
             "rtp",
@@ -221,36 +230,7 @@ def quick_plan(hold: float) -> Plan:
             "STUN Binding requests/s",
             ("--mode", "binding", "-d", "0.4", "--warmup", "0.1"),
         ),
-        Case(
-            "udp-channel-100",
-            "cpu",
-            "UDP ChannelData, 100 B, 2-4 allocations, 4k relayed pps",
-            ("-n", "4", "-l", "100", *steady),
-        ),
-        Case(
-            "udp-channel-1000",
-            "cpu",
-            "UDP ChannelData, 1000 B, 2-4 allocations, 4k relayed pps",
-            ("-n", "4", "-l", "1000", *steady),
-        ),
-        Case(
-            "udp-indication-100",
-            "cpu",
-            "UDP Send/Data indications, 100 B, 2-4 allocations, 4k relayed pps",
-            ("--mode", "indication", "-n", "4", "-l", "100", *steady),
-        ),
-        Case(
-            "tcp-channel-100",
-            "cpu",
-            "TCP ChannelData, 100 B, 2-4 allocations, 4k relayed pps",
-            ("-t", "tcp", "-n", "2", "-l", "100", *steady),
-        ),
-        Case(
-            "tls-channel-100",
-            "cpu",
-            "TLS ChannelData, 100 B, 2-4 allocations, 4k relayed pps",
-            ("-t", "tls", "-n", "2", "-l", "100", *steady),
-        ),
+        *_relay_cases("2-4 allocations, 4k relayed pps", "4", "2", steady, PRIMARY),
         Case(
             "rtp-100",
             "rtp",
