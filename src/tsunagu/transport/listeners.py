@@ -39,16 +39,17 @@ def _forward(forward: Forward | bytes) -> None:
 
 
 class UdpClientLink:
-    """How an allocation reaches a client that came over UDP."""
+    """Ties an allocation to the UDP listener that serves its client, until it ends.
+
+    Relay sockets reach the client through ``to_client``/``client_address``, set by
+    :meth:`UdpListener.attach`.
+    """
 
     __slots__ = ("address", "listener")
 
     def __init__(self, listener: UdpListener, address: Any) -> None:
         self.listener = listener
         self.address = address
-
-    def send(self, data: bytes) -> None:
-        self.listener.send(data, self.address)
 
     def detach(self, allocation: Allocation) -> None:
         self.listener.allocations.pop(self.address, None)

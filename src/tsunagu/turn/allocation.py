@@ -68,6 +68,6 @@ class Allocation:
     packets_to_client: int = 0
     bytes_to_client: int = 0
     dropped: int = 0
-    # Opaque handle the transport attaches to reach the client (a UDP or stream transport).
+    # Opaque handle of the transport serving the client; told when the allocation ends.
     client_link: Any = None
     ended: bool = False
