@@ -14,17 +14,19 @@ from typing import Any
 
 Record = dict[str, Any]
 LOSS_LIMIT = 0.01
-VARIANT_ORDER = ("coturn-m1", "coturn", "tsunagu", "tsunagu-w2")
+VARIANT_ORDER = ("coturn-m1", "coturn", "tsunagu", "tsunagu-py", "tsunagu-w2")
 LABELS = {
     "coturn-m1": "coturn -m 1",
     "coturn": "coturn (default threads)",
     "tsunagu": "tsunagu",
+    "tsunagu-py": "tsunagu, Python relay path",
     "tsunagu-w2": "tsunagu --workers 2",
 }
 # (numerator, denominator, column title)
 RATIOS = (
     ("tsunagu", "coturn-m1", "tsunagu / coturn -m 1"),
     ("tsunagu", "coturn", "tsunagu / coturn"),
+    ("tsunagu-py", "coturn-m1", "Python path / coturn -m 1"),
     ("tsunagu-w2", "coturn", "tsunagu -w 2 / coturn"),
 )
 
@@ -793,9 +795,11 @@ METHOD = """
 - **STUN Binding**: 4 sockets, each with 16 requests in flight (a new one for every answer);
   answers per second and server CPU per request.
 - **Variants**: coturn with one relay thread (`-m 1`) against tsunagu as one process is the
-  main comparison. coturn with its default threads and tsunagu with `--workers 2` run the main
-  UDP loads too; every server is pinned to the same single core, so these show what their
-  threads or processes cost on one core, not what they gain on several.
+  main comparison. tsunagu relays through its native (C) per-packet path, the default where
+  it is built; `--relay-engine python`, the pure-Python path it falls back to, runs the main
+  UDP loads too. So do coturn with its default threads and tsunagu with `--workers 2`;
+  every server is pinned to the same single core, so these show what their threads or
+  processes cost on one core, not what they gain on several.
 - **Interleaving**: every server variant gets a fresh process per session; sessions run in a
   rotating order (A B C, B C A, C A B), repeated, and the tables show medians. Each detail
   table shows how much CPU processes outside the benchmark used during the loads: the
@@ -871,6 +875,7 @@ def plot(results: dict[str, Any], directory: Path, *, install: bool) -> list[Pat
         "coturn-m1": ("tab:blue", "coturn -m 1"),
         "coturn": ("tab:cyan", "coturn (default threads)"),
         "tsunagu": ("tab:red", "tsunagu"),
+        "tsunagu-py": ("tab:purple", "tsunagu, Python relay path"),
         "tsunagu-w2": ("tab:orange", "tsunagu --workers 2"),
     }
     figure, axes = pyplot.subplots(2, len(cases), figsize=(5 * len(cases), 7), squeeze=False)

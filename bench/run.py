@@ -46,7 +46,10 @@ RESULTS = REPO / "bench" / "results"
 DOCS = REPO / "docs"
 PRIMARY = ("coturn-m1", "tsunagu")
 THREE = ("coturn-m1", "coturn", "tsunagu")
-ALL_VARIANTS = ("coturn-m1", "coturn", "tsunagu", "tsunagu-w2")
+ALL_VARIANTS = ("coturn-m1", "coturn", "tsunagu", "tsunagu-py", "tsunagu-w2")
+# The loads that also show the pure-Python relay path (--relay-engine python), or 2 workers.
+WITH_PYTHON = ("coturn-m1", "coturn", "tsunagu", "tsunagu-py")
+WITH_WORKERS = ("coturn-m1", "coturn", "tsunagu", "tsunagu-w2")
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,7 @@ def full_plan(hold: float) -> Plan:
                 "0.5",
                 "--release",
             ),
-            THREE,
+            WITH_PYTHON,
         ),
         Case(
             "rtp-500",
@@ -172,7 +175,7 @@ def full_plan(hold: float) -> Plan:
                 "0.5",
                 "--release",
             ),
-            ALL_VARIANTS,
+            WITH_WORKERS,
         ),
     ]
     for count in (1, 10, 100):

@@ -41,6 +41,7 @@ class Variant:
     label: str
     relay_threads: int | None = None  # coturn -m
     workers: int | None = None  # tsunagu --workers
+    relay_engine: str | None = None  # tsunagu --relay-engine
 
 
 VARIANTS = {
@@ -48,6 +49,9 @@ VARIANTS = {
     "coturn": Variant("coturn", "coturn", "coturn (default threads)"),
     "tsunagu": Variant("tsunagu", "tsunagu", "tsunagu"),
     "tsunagu-w2": Variant("tsunagu-w2", "tsunagu", "tsunagu --workers 2", workers=2),
+    "tsunagu-py": Variant(
+        "tsunagu-py", "tsunagu", "tsunagu --relay-engine python", relay_engine="python"
+    ),
 }
 
 
@@ -298,6 +302,8 @@ def tsunagu_command(
         command += ["-u", f"{USER[0]}:{USER[1]}"]
     if variant.workers is not None:
         command += ["--workers", str(variant.workers)]
+    if variant.relay_engine is not None:
+        command += ["--relay-engine", variant.relay_engine]
     return command
 
 

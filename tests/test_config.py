@@ -68,6 +68,7 @@ CONTRACT_FIELDS = [
     "room_capacity",
     "credential_ttl",
     "workers",
+    "relay_engine",
 ]
 
 
@@ -113,6 +114,7 @@ def test_defaults() -> None:
     assert (config.web_ip, config.web_port) == ("127.0.0.1", 8080)
     assert config.ice_transport_policy == "all"
     assert (config.room_capacity, config.credential_ttl, config.workers) == (8, 86400, 1)
+    assert config.relay_engine == "auto"
 
 
 # --- every field from both sources ----------------------------------------------------------
@@ -201,6 +203,7 @@ EVERY_FIELD: list[tuple[str, str, list[str], Any]] = [
     ("room_capacity", "4", ["--room-capacity", "4"], 4),
     ("credential_ttl", "3600", ["--credential-ttl", "3600"], 3600),
     ("workers", "2", ["--workers", "2"], 2),
+    ("relay_engine", '"python"', ["--relay-engine", "python"], "python"),
 ]
 
 
@@ -345,6 +348,7 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"stale_nonce": 0}, "stale_nonce"),
     ({"credential_ttl": 0}, "credential_ttl"),
     ({"workers": 0}, "workers"),
+    ({"relay_engine": "rust"}, "relay_engine"),
     ({"room_capacity": 0}, "room_capacity"),
     ({"user_quota": -1}, "user_quota"),
     ({"total_quota": "lots"}, "total_quota"),

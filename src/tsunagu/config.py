@@ -468,6 +468,12 @@ class Config:
         86400, _POSITIVE, "lifetime of minted TURN REST credentials, seconds"
     )
     workers: int = _opt(1, _POSITIVE, "worker processes")
+    relay_engine: str = _opt(
+        "auto",
+        _check_choice("auto", "native", "python"),
+        "per-packet relay path: native (C, Linux), python, or auto (native when built)",
+        metavar="{auto,native,python}",
+    )
 
     def __repr__(self) -> str:
         # A Config ends up in logs and tracebacks; passwords and secrets must not.

@@ -56,6 +56,11 @@ MODES = {
     # -x asks for an IPv6 relayed address; client, server, relay and peer are all on ::1.
     "udp-ipv6": ["-x"],
     "tls-ipv6": ["-t", "-S", "-x"],
+    # The same through the pure-Python relay path (the others run the native one).
+    "udp-channels-python": [],
+    "udp-send-indications-python": ["-s"],
+    "tcp-channels-python": ["-t"],
+    "udp-ipv6-python": ["-x"],
 }
 
 
@@ -110,8 +115,16 @@ def uclient_runs(
         for mode, flags in MODES.items():
             tmp = tmp_path_factory.mktemp(mode)
             host, peer = (HOST6, echo_peer6) if "-x" in flags else (HOST, echo_peer)
+            engine = "python" if mode.endswith("-python") else "native"
             server = stack.enter_context(
-                run_serve(tmp, hosts=[host], wait_ready=False, drain_timeout=0.2)
+                run_serve(
+                    tmp,
+                    "--relay-engine",
+                    engine,
+                    hosts=[host],
+                    wait_ready=False,
+                    drain_timeout=0.2,
+                )
             )
             servers[mode] = (server, host, peer, flags, tmp)
         for mode, (server, host, peer, flags, tmp) in servers.items():
@@ -187,6 +200,8 @@ def test_uclient_relays_everything(mode: str, uclient_runs: dict[str, UclientRun
     run = uclient_runs[mode]
     code, out, _ = run.result()
     assert code == 0, out
+    engine = "python" if mode.endswith("-python") else "native"
+    assert any(f"relay path: {engine}" in line for line in run.server.startup), run.server.startup
     summaries = SUMMARY.findall(out)
     assert summaries, out
     sent, received = (int(n) for n in summaries[-1])

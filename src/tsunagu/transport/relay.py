@@ -137,12 +137,19 @@ class RelayEndpoint:
 class UdpRelayBinder:
     """Binds relay sockets for the TURN core (:class:`tsunagu.turn.RelayBinder`)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, random_bytes: Any) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        random_bytes: Any,
+        endpoint: Any = RelayEndpoint,
+    ) -> None:
         self._loop = loop
         self._random_bytes = random_bytes
+        # RelayEndpoint, or the C path's NativeRelayEndpoint: same constructor, same interface.
+        self._endpoint = endpoint
         self.bind_errors = 0
 
-    def bind(self, ip: str, port: int, *, dont_fragment: bool) -> RelayEndpoint | None:
+    def bind(self, ip: str, port: int, *, dont_fragment: bool) -> Any:
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET
         try:
             sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -165,7 +172,7 @@ class UdpRelayBinder:
                 self.bind_errors += 1
                 log.warning("cannot bind relay socket on %s:%d: %s", ip, port, exc)
             return None
-        return RelayEndpoint(self._loop, sock, (ip, port), self._random_bytes(4))
+        return self._endpoint(self._loop, sock, (ip, port), self._random_bytes(4))
 
     def release(self, relay: Any) -> None:
         relay.close()

@@ -29,6 +29,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from ..auth.rest import mint_credentials
@@ -38,7 +39,7 @@ from ..turn.events import AllocationCreated, AllocationEnded
 from ..turn.policy import PeerPolicy
 from ..turn.server import TurnServer, TurnSettings
 from .listeners import StreamConnection, UdpListener
-from .relay import UdpRelayBinder
+from .relay import RelayEndpoint, UdpRelayBinder
 
 __all__ = ["TurnRuntime", "WorkerShare", "serve", "settings_from_config", "worker_main"]
 
@@ -73,6 +74,19 @@ def _raise_open_files_limit() -> None:
 
 def _same(listener: UdpListener) -> UdpListener:
     return listener
+
+
+def _relay_engine(config: Config) -> ModuleType | None:
+    """The C relay path's module if the configuration wants it and it was built."""
+    if config.relay_engine == "python":
+        return None
+    try:
+        from . import native
+    except ImportError:
+        if config.relay_engine == "auto":
+            log.debug("the native relay engine is not built; using the Python path")
+        return None
+    return native
 
 
 def _check_free(ip: str, port: int, config: Config) -> None:
@@ -178,6 +192,8 @@ class TurnRuntime:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self.all_ended = asyncio.Event()
+        # Set with the C relay path: adds its per-socket counters to an ended allocation.
+        self.fold_counters: Any = None
 
     def after_receive(self, origin: Any, addr: Any) -> None:
         """Handle the core's events after a call into it, and re-arm its timer."""
@@ -215,6 +231,8 @@ class TurnRuntime:
         link = allocation.client_link
         if link is not None:
             link.detach(allocation)
+        if self.fold_counters is not None:
+            self.fold_counters(allocation)
         audit.info(
             json.dumps(
                 {
@@ -368,9 +386,17 @@ async def serve(config: Config, share: WorkerShare | None = None) -> int:
             secrets_in_use,
             check_expiry_on_existing=config.rest_check_on_refresh,
         )
-        binder = UdpRelayBinder(loop, rng.randbytes)
+        native = _relay_engine(config)
+        if native is None and config.relay_engine == "native":
+            log.error("the native relay engine is not built; --relay-engine python runs without")
+            return 1
+        binder = UdpRelayBinder(
+            loop, rng.randbytes, native.NativeRelayEndpoint if native else RelayEndpoint
+        )
         server = TurnServer(settings, store, binder, rng)
         runtime = TurnRuntime(server, loop)
+        if native is not None:
+            runtime.fold_counters = native.fold_counters
         port = config.listening_port
         for ip in listening:
             try:
@@ -378,10 +404,13 @@ async def serve(config: Config, share: WorkerShare | None = None) -> int:
                     _check_free(ip, port, config)
                 if not config.no_udp:
                     sock = _udp_socket(ip, port, reuse_port=reuse_port)
-                    listener = UdpListener(runtime, sock)
-                    await loop.create_datagram_endpoint(
-                        functools.partial(_same, listener), sock=sock
-                    )
+                    if native is not None:
+                        listener = native.NativeUdpListener(runtime, sock, loop)
+                    else:
+                        listener = UdpListener(runtime, sock)
+                        await loop.create_datagram_endpoint(
+                            functools.partial(_same, listener), sock=sock
+                        )
                     udp_listeners.append(listener)
                 if not config.no_tcp:
                     servers.append(
@@ -430,7 +459,10 @@ async def serve(config: Config, share: WorkerShare | None = None) -> int:
             )
             if enabled
         ]
-        _say(f"tsunagu: transports: {', '.join(transports)}; realm {config.realm}")
+        _say(
+            f"tsunagu: transports: {', '.join(transports)}; realm {config.realm};"
+            f" relay path: {'native' if native else 'python'}"
+        )
         if material is not None:
             _say(
                 f"tsunagu: TLS certificate {material.cert_path}"

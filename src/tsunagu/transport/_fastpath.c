@@ -1,0 +1,1015 @@
+/*
+ * The per-packet relay path in C: ChannelData and Send indications from UDP clients to
+ * peers, and peers' datagrams back to clients as ChannelData or Data indications.
+ *
+ * Only the hot, happy path lives here. The TURN core (pure Python) stays the only writer of
+ * the state that decides where a packet may go: this code reads the very dictionaries the
+ * Python path reads (a listener's client address -> allocation, an allocation's
+ * permissions, channels and peer_channels) while holding the GIL, on the event loop's
+ * thread. Anything it does not recognise as relayable right now -- STUN requests, unknown
+ * channels, missing permissions, unusual attributes -- is handed unchanged to the Python
+ * path, which decides and counts exactly as it does without this module.
+ *
+ * What it saves per packet: the interpreter, a socket-module call with its GIL release and
+ * address parsing and formatting, and, under load, system calls (recvmmsg reads everything a
+ * socket holds in one call; sendmmsg sends a relay socket's batch to its client).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#define BATCH 32
+/* Room in front of a received datagram for the header wrapped around it: 4 bytes of
+ * ChannelData, or a Data indication's 20-byte header, XOR-PEER-ADDRESS (up to 24 bytes)
+ * and the DATA attribute's header (4 bytes). */
+#define HEADROOM 48
+#define MAX_DATAGRAM 65536
+#define SLOT (HEADROOM + MAX_DATAGRAM + 4)
+/* Address tuples are cached by their raw socket address; a flood of new sources empties
+ * the cache rather than growing it. */
+#define CACHE_LIMIT 65536
+#define COOKIE 0x2112A442u
+
+static unsigned char *pool;
+static struct mmsghdr rmsgs[BATCH];
+static struct iovec riov[BATCH];
+static struct sockaddr_storage rnames[BATCH];
+static struct mmsghdr smsgs[BATCH];
+static struct iovec siov[BATCH];
+static size_t spayload[BATCH];
+/* The receive pool is shared: a read must never start while another is running. */
+static int busy;
+
+static PyObject *peer_cache;   /* raw peer address -> (ip, port) */
+static PyObject *client_cache; /* raw client address -> (ip, port) or (ip, port, flow, scope) */
+static PyObject *s_permissions, *s_peer_channels, *s_channels, *s_relays;
+static PyObject *v4_key, *v6_key;
+
+static PyTypeObject RelayType;
+
+static inline unsigned be16(const unsigned char *p) { return ((unsigned)p[0] << 8) | p[1]; }
+
+static inline void put16(unsigned char *p, unsigned v)
+{
+    p[0] = (unsigned char)(v >> 8);
+    p[1] = (unsigned char)v;
+}
+
+static inline void put32(unsigned char *p, uint32_t v)
+{
+    p[0] = (unsigned char)(v >> 24);
+    p[1] = (unsigned char)(v >> 16);
+    p[2] = (unsigned char)(v >> 8);
+    p[3] = (unsigned char)v;
+}
+
+/* ------------------------------------------------------------------ addresses */
+
+/* A new reference to a hashable key for a socket address, NULL without an error for a
+ * family this module does not relay. */
+static PyObject *address_key(const struct sockaddr_storage *ss)
+{
+    if (ss->ss_family == AF_INET) {
+        const struct sockaddr_in *sin = (const struct sockaddr_in *)ss;
+        uint64_t key = ((uint64_t)ntohl(sin->sin_addr.s_addr) << 16) | ntohs(sin->sin_port);
+        return PyLong_FromUnsignedLongLong(key);
+    }
+    if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)ss;
+        unsigned char raw[26];
+        memcpy(raw, &sin6->sin6_addr, 16);
+        memcpy(raw + 16, &sin6->sin6_port, 2);
+        memcpy(raw + 18, &sin6->sin6_flowinfo, 4);
+        memcpy(raw + 22, &sin6->sin6_scope_id, 4);
+        return PyBytes_FromStringAndSize((const char *)raw, sizeof raw);
+    }
+    return NULL;
+}
+
+/* The tuple Python's socket module would give: (ip, port) for IPv4; for IPv6 the same, or
+ * with ``full``, (ip, port, flowinfo, scope_id). */
+static PyObject *address_tuple(const struct sockaddr_storage *ss, int full)
+{
+    char text[INET6_ADDRSTRLEN];
+    if (ss->ss_family == AF_INET) {
+        const struct sockaddr_in *sin = (const struct sockaddr_in *)ss;
+        if (inet_ntop(AF_INET, &sin->sin_addr, text, sizeof text) == NULL)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        return Py_BuildValue("(si)", text, (int)ntohs(sin->sin_port));
+    }
+    const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)ss;
+    if (inet_ntop(AF_INET6, &sin6->sin6_addr, text, sizeof text) == NULL)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    if (full)
+        return Py_BuildValue("(siII)", text, (int)ntohs(sin6->sin6_port),
+                             (unsigned int)ntohl(sin6->sin6_flowinfo),
+                             (unsigned int)sin6->sin6_scope_id);
+    return Py_BuildValue("(si)", text, (int)ntohs(sin6->sin6_port));
+}
+
+/* A new reference to the address tuple of ``ss``; NULL without an error for an unknown
+ * family, NULL with one on failure. */
+static PyObject *cached_address(PyObject *cache, const struct sockaddr_storage *ss, int full)
+{
+    PyObject *key = address_key(ss);
+    if (key == NULL)
+        return NULL;
+    PyObject *value = PyDict_GetItemWithError(cache, key);
+    if (value != NULL) {
+        Py_INCREF(value);
+        Py_DECREF(key);
+        return value;
+    }
+    if (PyErr_Occurred() || (value = address_tuple(ss, full)) == NULL) {
+        Py_DECREF(key);
+        return NULL;
+    }
+    if (PyDict_GET_SIZE(cache) >= CACHE_LIMIT)
+        PyDict_Clear(cache);
+    if (PyDict_SetItem(cache, key, value) < 0) {
+        Py_DECREF(key);
+        Py_DECREF(value);
+        return NULL;
+    }
+    Py_DECREF(key);
+    return value;
+}
+
+/* Fills ``ss`` from an (ip, port[, flowinfo, scope_id]) tuple. -1 with an exception set
+ * when it is not one. */
+static int parse_address(PyObject *address, struct sockaddr_storage *ss, socklen_t *length)
+{
+    if (!PyTuple_Check(address) || PyTuple_GET_SIZE(address) < 2 ||
+        !PyUnicode_Check(PyTuple_GET_ITEM(address, 0)) ||
+        !PyLong_Check(PyTuple_GET_ITEM(address, 1))) {
+        PyErr_SetString(PyExc_TypeError, "address must be an (ip, port) tuple");
+        return -1;
+    }
+    const char *ip = PyUnicode_AsUTF8(PyTuple_GET_ITEM(address, 0));
+    if (ip == NULL)
+        return -1;
+    long port = PyLong_AsLong(PyTuple_GET_ITEM(address, 1));
+    if (port < 0 || port > 65535) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_OverflowError, "port must be 0-65535");
+        return -1;
+    }
+    if (strchr(ip, ':') != NULL) {
+        struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)ss;
+        memset(sin6, 0, sizeof *sin6);
+        if (inet_pton(AF_INET6, ip, &sin6->sin6_addr) != 1) {
+            PyErr_Format(PyExc_ValueError, "not an IPv6 address: %s", ip);
+            return -1;
+        }
+        sin6->sin6_family = AF_INET6;
+        sin6->sin6_port = htons((uint16_t)port);
+        if (PyTuple_GET_SIZE(address) >= 4) {
+            unsigned long flow = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(address, 2));
+            unsigned long scope = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(address, 3));
+            if (PyErr_Occurred())
+                return -1;
+            sin6->sin6_flowinfo = htonl((uint32_t)flow);
+            sin6->sin6_scope_id = (uint32_t)scope;
+        }
+        *length = sizeof *sin6;
+        return 0;
+    }
+    struct sockaddr_in *sin = (struct sockaddr_in *)ss;
+    memset(sin, 0, sizeof *sin);
+    if (inet_pton(AF_INET, ip, &sin->sin_addr) != 1) {
+        PyErr_Format(PyExc_ValueError, "not an IPv4 address: %s", ip);
+        return -1;
+    }
+    sin->sin_family = AF_INET;
+    sin->sin_port = htons((uint16_t)port);
+    *length = sizeof *sin;
+    return 0;
+}
+
+static int receive_batch(int fd)
+{
+    for (int i = 0; i < BATCH; i++) {
+        riov[i].iov_base = pool + (size_t)i * SLOT + HEADROOM;
+        riov[i].iov_len = MAX_DATAGRAM;
+        rmsgs[i].msg_hdr.msg_iov = &riov[i];
+        rmsgs[i].msg_hdr.msg_iovlen = 1;
+        rmsgs[i].msg_hdr.msg_name = &rnames[i];
+        rmsgs[i].msg_hdr.msg_namelen = sizeof rnames[i];
+        rmsgs[i].msg_hdr.msg_control = NULL;
+        rmsgs[i].msg_hdr.msg_controllen = 0;
+        rmsgs[i].msg_hdr.msg_flags = 0;
+    }
+    return recvmmsg(fd, rmsgs, BATCH, MSG_DONTWAIT, NULL);
+}
+
+/* Keeps the first exception raised while a batch goes on, so that one bad datagram does
+ * not cost the others queued behind it. */
+typedef struct {
+    PyObject *type, *value, *traceback;
+} Pending;
+
+static void keep_error(Pending *pending)
+{
+    if (pending->type == NULL)
+        PyErr_Fetch(&pending->type, &pending->value, &pending->traceback);
+    else
+        PyErr_Clear();
+}
+
+static PyObject *finish(Pending *pending)
+{
+    busy = 0;
+    if (pending->type != NULL) {
+        PyErr_Restore(pending->type, pending->value, pending->traceback);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static int enter(void)
+{
+    if (busy) {
+        PyErr_SetString(PyExc_RuntimeError, "relay read re-entered");
+        return -1;
+    }
+    busy = 1;
+    return 0;
+}
+
+/* ------------------------------------------------------------------ Relay */
+
+typedef struct {
+    PyObject_HEAD
+    int fd;
+    int client_fd; /* the UDP listener's socket, or -1 */
+    socklen_t client_length;
+    struct sockaddr_storage client;
+    PyObject *allocation; /* the Allocation, or NULL/None before it is attached */
+    PyObject *to_client;  /* for stream clients: callable(message) */
+    unsigned char tid_prefix[4];
+    unsigned long long tid_counter;
+    unsigned long long packets_to_peers, bytes_to_peers;
+    unsigned long long packets_to_client, bytes_to_client;
+    unsigned long long dropped;
+} Relay;
+
+static int Relay_init(Relay *self, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"fd", "tid_prefix", NULL};
+    int fd;
+    Py_buffer prefix;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iy*", names, &fd, &prefix))
+        return -1;
+    if (prefix.len != 4) {
+        PyBuffer_Release(&prefix);
+        PyErr_SetString(PyExc_ValueError, "tid_prefix must be 4 bytes");
+        return -1;
+    }
+    memcpy(self->tid_prefix, prefix.buf, 4);
+    PyBuffer_Release(&prefix);
+    self->fd = fd;
+    self->client_fd = -1;
+    return 0;
+}
+
+static int Relay_traverse(Relay *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->allocation);
+    Py_VISIT(self->to_client);
+    return 0;
+}
+
+static int Relay_clear(Relay *self)
+{
+    Py_CLEAR(self->allocation);
+    Py_CLEAR(self->to_client);
+    return 0;
+}
+
+static void Relay_dealloc(Relay *self)
+{
+    PyObject_GC_UnTrack(self);
+    Relay_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Relay_set_client(Relay *self, PyObject *args)
+{
+    int fd;
+    PyObject *address;
+    if (!PyArg_ParseTuple(args, "iO", &fd, &address))
+        return NULL;
+    if (parse_address(address, &self->client, &self->client_length) < 0)
+        return NULL;
+    self->client_fd = fd;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Relay_clear_client(Relay *self, PyObject *unused)
+{
+    self->client_fd = -1;
+    Py_CLEAR(self->to_client);
+    Py_CLEAR(self->allocation);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Relay_sendto(Relay *self, PyObject *args)
+{
+    Py_buffer data;
+    PyObject *address;
+    struct sockaddr_storage peer;
+    socklen_t length;
+    if (!PyArg_ParseTuple(args, "y*O", &data, &address))
+        return NULL;
+    if (parse_address(address, &peer, &length) < 0) {
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    ssize_t sent = sendto(self->fd, data.buf, (size_t)data.len, 0, (struct sockaddr *)&peer, length);
+    PyBuffer_Release(&data);
+    if (sent < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromSsize_t(sent);
+}
+
+/* Wraps a peer's datagram for the client, in place in front of it. Returns the message's
+ * start and sets *total, or NULL when it does not fit a Data indication. */
+static unsigned char *wrap_for_client(Relay *self, unsigned char *data, size_t size,
+                                      const struct sockaddr_storage *from, PyObject *channel)
+{
+    if (channel != NULL) {
+        unsigned long number = PyLong_AsUnsignedLong(channel);
+        if (number > 0xFFFF) {
+            PyErr_Clear();
+            return NULL;
+        }
+        put16(data - 4, (unsigned)number);
+        put16(data - 2, (unsigned)size);
+        return data - 4;
+    }
+    size_t pad = (4 - (size & 3)) & 3;
+    size_t value_length = from->ss_family == AF_INET ? 8 : 20;
+    size_t length = 4 + value_length + 4 + size + pad;
+    if (length > 0xFFFF)
+        return NULL;
+    unsigned char *start = data - (20 + 4 + value_length + 4);
+    unsigned char *p = start;
+    put16(p, 0x0017);
+    put16(p + 2, (unsigned)length);
+    put32(p + 4, COOKIE);
+    memcpy(p + 8, self->tid_prefix, 4);
+    self->tid_counter++;
+    for (int i = 0; i < 8; i++)
+        p[12 + i] = (unsigned char)(self->tid_counter >> (56 - 8 * i));
+    p += 20;
+    put16(p, 0x0012);
+    put16(p + 2, (unsigned)value_length);
+    p[4] = 0;
+    if (from->ss_family == AF_INET) {
+        const struct sockaddr_in *sin = (const struct sockaddr_in *)from;
+        p[5] = 1;
+        put16(p + 6, ntohs(sin->sin_port) ^ (COOKIE >> 16));
+        put32(p + 8, ntohl(sin->sin_addr.s_addr) ^ COOKIE);
+        p += 12;
+    } else {
+        const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)from;
+        unsigned char mask[16];
+        put32(mask, COOKIE);
+        memcpy(mask + 4, start + 8, 12);
+        p[5] = 2;
+        put16(p + 6, ntohs(sin6->sin6_port) ^ (COOKIE >> 16));
+        for (int i = 0; i < 16; i++)
+            p[8 + i] = sin6->sin6_addr.s6_addr[i] ^ mask[i];
+        p += 24;
+    }
+    put16(p, 0x0013);
+    put16(p + 2, (unsigned)size);
+    memset(data + size, 0, pad);
+    return start;
+}
+
+static void send_to_udp_client(Relay *self, int count)
+{
+    for (int i = 0; i < count; i++) {
+        smsgs[i].msg_hdr.msg_iov = &siov[i];
+        smsgs[i].msg_hdr.msg_iovlen = 1;
+        smsgs[i].msg_hdr.msg_name = &self->client;
+        smsgs[i].msg_hdr.msg_namelen = self->client_length;
+        smsgs[i].msg_hdr.msg_control = NULL;
+        smsgs[i].msg_hdr.msg_controllen = 0;
+        smsgs[i].msg_hdr.msg_flags = 0;
+    }
+    int i = 0;
+    while (i < count) {
+        int sent;
+        if (count - i == 1) {
+            sent = sendto(self->client_fd, siov[i].iov_base, siov[i].iov_len, 0,
+                          (struct sockaddr *)&self->client, self->client_length) < 0
+                       ? -1
+                       : 1;
+        } else {
+            sent = sendmmsg(self->client_fd, smsgs + i, (unsigned)(count - i), 0);
+        }
+        if (sent < 0) {
+            /* A full buffer (or an error about this one datagram) drops it, as a router
+             * would, and the rest are tried. */
+            if (errno == EINTR)
+                continue;
+            self->dropped++;
+            i++;
+            continue;
+        }
+        for (int j = i; j < i + sent; j++) {
+            self->packets_to_client++;
+            self->bytes_to_client += spayload[j];
+        }
+        i += sent;
+    }
+}
+
+static PyObject *Relay_readable(Relay *self, PyObject *unused)
+{
+    if (enter() < 0)
+        return NULL;
+    Pending pending = {NULL, NULL, NULL};
+    int n = receive_batch(self->fd);
+    if (n <= 0) {
+        if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+            self->dropped++; /* an ICMP error queued on the socket */
+        return finish(&pending);
+    }
+    PyObject *allocation = self->allocation;
+    if (allocation == NULL || allocation == Py_None ||
+        (self->client_fd < 0 && self->to_client == NULL)) {
+        self->dropped += (unsigned long long)n;
+        return finish(&pending);
+    }
+    Py_INCREF(allocation);
+    PyObject *permissions = PyObject_GetAttr(allocation, s_permissions);
+    PyObject *peer_channels = permissions ? PyObject_GetAttr(allocation, s_peer_channels) : NULL;
+    if (peer_channels == NULL) {
+        Py_XDECREF(permissions);
+        Py_DECREF(allocation);
+        keep_error(&pending);
+        return finish(&pending);
+    }
+    int out = 0;
+    for (int i = 0; i < n; i++) {
+        unsigned char *data = pool + (size_t)i * SLOT + HEADROOM;
+        size_t size = rmsgs[i].msg_len;
+        PyObject *peer = cached_address(peer_cache, &rnames[i], 0);
+        if (peer == NULL) {
+            if (PyErr_Occurred())
+                keep_error(&pending);
+            self->dropped++;
+            continue;
+        }
+        int allowed = PyDict_Contains(permissions, PyTuple_GET_ITEM(peer, 0));
+        if (allowed <= 0) {
+            if (allowed < 0)
+                keep_error(&pending);
+            self->dropped++;
+            Py_DECREF(peer);
+            continue;
+        }
+        PyObject *channel = PyDict_GetItemWithError(peer_channels, peer);
+        Py_DECREF(peer);
+        if (channel == NULL && PyErr_Occurred()) {
+            keep_error(&pending);
+            self->dropped++;
+            continue;
+        }
+        unsigned char *start = wrap_for_client(self, data, size, &rnames[i], channel);
+        if (start == NULL) {
+            self->dropped++;
+            continue;
+        }
+        siov[out].iov_base = start;
+        siov[out].iov_len = (size_t)(data - start) + size + (channel ? 0 : ((4 - (size & 3)) & 3));
+        spayload[out] = size;
+        out++;
+    }
+    Py_DECREF(permissions);
+    Py_DECREF(peer_channels);
+    Py_DECREF(allocation);
+    if (out == 0)
+        return finish(&pending);
+    if (self->client_fd >= 0) {
+        send_to_udp_client(self, out);
+        return finish(&pending);
+    }
+    /* A stream client: its link frames and queues each message. */
+    PyObject *to_client = self->to_client;
+    Py_INCREF(to_client);
+    for (int i = 0; i < out; i++) {
+        PyObject *message = PyBytes_FromStringAndSize(siov[i].iov_base, (Py_ssize_t)siov[i].iov_len);
+        PyObject *result = message ? PyObject_CallOneArg(to_client, message) : NULL;
+        Py_XDECREF(message);
+        if (result == NULL) {
+            if (PyErr_ExceptionMatches(PyExc_OSError) || PyErr_ExceptionMatches(PyExc_ValueError))
+                PyErr_Clear();
+            else
+                keep_error(&pending);
+            self->dropped++;
+            continue;
+        }
+        Py_DECREF(result);
+        self->packets_to_client++;
+        self->bytes_to_client += spayload[i];
+    }
+    Py_DECREF(to_client);
+    return finish(&pending);
+}
+
+static PyMethodDef Relay_methods[] = {
+    {"readable", (PyCFunction)Relay_readable, METH_NOARGS,
+     "Read what the socket holds (up to a batch) and relay it to the client."},
+    {"set_client", (PyCFunction)Relay_set_client, METH_VARARGS,
+     "set_client(fd, address): relay to a UDP client through the listener socket fd."},
+    {"clear_client", (PyCFunction)Relay_clear_client, METH_NOARGS,
+     "Forget the client and the allocation: nothing is relayed any more."},
+    {"sendto", (PyCFunction)Relay_sendto, METH_VARARGS,
+     "sendto(data, address): send a datagram to a peer; raises OSError like socket.sendto."},
+    {NULL},
+};
+
+static PyMemberDef Relay_members[] = {
+    {"fd", T_INT, offsetof(Relay, fd), READONLY, NULL},
+    {"allocation", T_OBJECT, offsetof(Relay, allocation), 0, NULL},
+    {"to_client", T_OBJECT, offsetof(Relay, to_client), 0, NULL},
+    {"packets_to_peers", T_ULONGLONG, offsetof(Relay, packets_to_peers), READONLY, NULL},
+    {"bytes_to_peers", T_ULONGLONG, offsetof(Relay, bytes_to_peers), READONLY, NULL},
+    {"packets_to_client", T_ULONGLONG, offsetof(Relay, packets_to_client), READONLY, NULL},
+    {"bytes_to_client", T_ULONGLONG, offsetof(Relay, bytes_to_client), READONLY, NULL},
+    {"dropped", T_ULONGLONG, offsetof(Relay, dropped), READONLY, NULL},
+    {NULL},
+};
+
+static PyTypeObject RelayType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tsunagu.transport._fastpath.Relay",
+    .tp_basicsize = sizeof(Relay),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "One relay socket's per-packet state; the socket itself is owned by Python.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Relay_init,
+    .tp_dealloc = (destructor)Relay_dealloc,
+    .tp_traverse = (traverseproc)Relay_traverse,
+    .tp_clear = (inquiry)Relay_clear,
+    .tp_methods = Relay_methods,
+    .tp_members = Relay_members,
+};
+
+/* ------------------------------------------------------------------ Listener */
+
+typedef struct {
+    PyObject_HEAD
+    int fd;
+    PyObject *allocations; /* dict: client address tuple -> Allocation */
+    PyObject *fallback;    /* callable(data, address): the Python path */
+    unsigned long long relayed;
+    unsigned long long bindings;
+    char answer_binding; /* plain Binding requests are answered here (see answer_binding) */
+} Listener;
+
+static int Listener_init(Listener *self, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"fd", "allocations", "fallback", NULL};
+    int fd;
+    PyObject *allocations, *fallback;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iO!O", names, &fd, &PyDict_Type, &allocations,
+                                     &fallback))
+        return -1;
+    if (!PyCallable_Check(fallback)) {
+        PyErr_SetString(PyExc_TypeError, "fallback must be callable");
+        return -1;
+    }
+    self->fd = fd;
+    Py_INCREF(allocations);
+    Py_XSETREF(self->allocations, allocations);
+    Py_INCREF(fallback);
+    Py_XSETREF(self->fallback, fallback);
+    return 0;
+}
+
+static int Listener_traverse(Listener *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->allocations);
+    Py_VISIT(self->fallback);
+    return 0;
+}
+
+static int Listener_clear(Listener *self)
+{
+    Py_CLEAR(self->allocations);
+    Py_CLEAR(self->fallback);
+    return 0;
+}
+
+static void Listener_dealloc(Listener *self)
+{
+    PyObject_GC_UnTrack(self);
+    Listener_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* 1: relayed; 0: not for this path (the Python path decides); -1: error. */
+static int relay_channel_data(PyObject *allocation, const unsigned char *data, size_t size)
+{
+    size_t length = be16(data + 2);
+    if (4 + length > size)
+        return 0;
+    int result = 0;
+    PyObject *permissions = NULL, *number = NULL;
+    PyObject *channels = PyObject_GetAttr(allocation, s_channels);
+    if (channels == NULL || (number = PyLong_FromLong((long)be16(data))) == NULL)
+        goto error;
+    PyObject *entry = PyDict_GetItemWithError(channels, number);
+    if (entry == NULL) {
+        if (PyErr_Occurred())
+            goto error;
+        goto done;
+    }
+    if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 2 ||
+        !PyObject_TypeCheck(PyTuple_GET_ITEM(entry, 0), &RelayType))
+        goto done;
+    Relay *relay = (Relay *)PyTuple_GET_ITEM(entry, 0);
+    PyObject *peer = PyTuple_GET_ITEM(entry, 1);
+    if (!PyTuple_Check(peer) || PyTuple_GET_SIZE(peer) < 2)
+        goto done;
+    if ((permissions = PyObject_GetAttr(allocation, s_permissions)) == NULL)
+        goto error;
+    int allowed = PyDict_Contains(permissions, PyTuple_GET_ITEM(peer, 0));
+    if (allowed < 0)
+        goto error;
+    if (allowed == 0)
+        goto done;
+    struct sockaddr_storage to;
+    socklen_t to_length;
+    if (parse_address(peer, &to, &to_length) < 0) {
+        PyErr_Clear();
+        goto done;
+    }
+    if (sendto(relay->fd, data + 4, length, 0, (struct sockaddr *)&to, to_length) < 0) {
+        relay->dropped++; /* unreachable peer or full buffer: the datagram is lost */
+    } else {
+        relay->packets_to_peers++;
+        relay->bytes_to_peers += length;
+    }
+    result = 1;
+    goto done;
+error:
+    result = -1;
+done:
+    Py_XDECREF(channels);
+    Py_XDECREF(number);
+    Py_XDECREF(permissions);
+    return result;
+}
+
+/* A Send indication carrying exactly XOR-PEER-ADDRESS and DATA to a permitted peer; any
+ * other shape is for the Python path. Same return values as relay_channel_data. */
+static int relay_send_indication(PyObject *allocation, const unsigned char *data, size_t size)
+{
+    size_t length = be16(data + 2);
+    if (20 + length != size || (length & 3) || be16(data + 4) != (COOKIE >> 16) ||
+        be16(data + 6) != (COOKIE & 0xFFFF))
+        return 0;
+    const unsigned char *peer_value = NULL, *payload = NULL;
+    size_t peer_length = 0, payload_length = 0;
+    size_t offset = 20;
+    while (offset < size) {
+        if (offset + 4 > size)
+            return 0;
+        unsigned type = be16(data + offset);
+        size_t value_length = be16(data + offset + 2);
+        size_t padded = (value_length + 3) & ~(size_t)3;
+        if (offset + 4 + padded > size)
+            return 0;
+        if (type == 0x0012 && peer_value == NULL) {
+            peer_value = data + offset + 4;
+            peer_length = value_length;
+        } else if (type == 0x0013 && payload == NULL) {
+            payload = data + offset + 4;
+            payload_length = value_length;
+        } else {
+            return 0;
+        }
+        offset += 4 + padded;
+    }
+    if (peer_value == NULL || payload == NULL || peer_value[0] != 0)
+        return 0;
+    struct sockaddr_storage to;
+    socklen_t to_length;
+    long version;
+    char text[INET6_ADDRSTRLEN];
+    memset(&to, 0, sizeof to);
+    if (peer_length == 8 && peer_value[1] == 1) {
+        struct sockaddr_in *sin = (struct sockaddr_in *)&to;
+        sin->sin_family = AF_INET;
+        sin->sin_port = htons((uint16_t)(be16(peer_value + 2) ^ (COOKIE >> 16)));
+        uint32_t ip = ((uint32_t)be16(peer_value + 4) << 16 | be16(peer_value + 6)) ^ COOKIE;
+        sin->sin_addr.s_addr = htonl(ip);
+        to_length = sizeof *sin;
+        version = 4;
+        inet_ntop(AF_INET, &sin->sin_addr, text, sizeof text);
+    } else if (peer_length == 20 && peer_value[1] == 2) {
+        struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&to;
+        unsigned char mask[16];
+        put32(mask, COOKIE);
+        memcpy(mask + 4, data + 8, 12);
+        sin6->sin6_family = AF_INET6;
+        sin6->sin6_port = htons((uint16_t)(be16(peer_value + 2) ^ (COOKIE >> 16)));
+        for (int i = 0; i < 16; i++)
+            sin6->sin6_addr.s6_addr[i] = peer_value[4 + i] ^ mask[i];
+        to_length = sizeof *sin6;
+        version = 6;
+        inet_ntop(AF_INET6, &sin6->sin6_addr, text, sizeof text);
+    } else {
+        return 0;
+    }
+    int result = 0;
+    PyObject *relays = NULL, *key = NULL, *ip = NULL, *permissions = NULL;
+    if ((relays = PyObject_GetAttr(allocation, s_relays)) == NULL)
+        goto error;
+    key = version == 4 ? v4_key : v6_key;
+    Py_INCREF(key);
+    PyObject *relay = PyDict_GetItemWithError(relays, key);
+    if (relay == NULL) {
+        if (PyErr_Occurred())
+            goto error;
+        goto done;
+    }
+    if (!PyObject_TypeCheck(relay, &RelayType))
+        goto done;
+    if ((permissions = PyObject_GetAttr(allocation, s_permissions)) == NULL ||
+        (ip = PyUnicode_FromString(text)) == NULL)
+        goto error;
+    int allowed = PyDict_Contains(permissions, ip);
+    if (allowed < 0)
+        goto error;
+    if (allowed == 0)
+        goto done;
+    Relay *r = (Relay *)relay;
+    if (sendto(r->fd, payload, payload_length, 0, (struct sockaddr *)&to, to_length) < 0) {
+        r->dropped++;
+    } else {
+        r->packets_to_peers++;
+        r->bytes_to_peers += payload_length;
+    }
+    result = 1;
+    goto done;
+error:
+    result = -1;
+done:
+    Py_XDECREF(relays);
+    Py_XDECREF(key);
+    Py_XDECREF(ip);
+    Py_XDECREF(permissions);
+    return result;
+}
+
+/* ------------------------------------------------------------------ Binding */
+
+static uint32_t crc_table[256];
+
+static void crc_init(void)
+{
+    for (uint32_t n = 0; n < 256; n++) {
+        uint32_t c = n;
+        for (int k = 0; k < 8; k++)
+            c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        crc_table[n] = c;
+    }
+}
+
+static uint32_t crc32_of(const unsigned char *p, size_t n)
+{
+    uint32_t c = 0xFFFFFFFFu;
+    while (n--)
+        c = crc_table[(c ^ *p++) & 0xFF] ^ (c >> 8);
+    return c ^ 0xFFFFFFFFu;
+}
+
+#define FINGERPRINT_XOR 0x5354554Eu
+#define BINDING_RESPONSE_MAX (20 + 24 + 8)
+
+static unsigned char binding_out[BATCH][BINDING_RESPONSE_MAX];
+
+/* A Binding request with no attribute but a valid FINGERPRINT gets its success response
+ * built into ``out`` (its length is returned); anything else returns 0, for the Python
+ * path (ICE's authenticated checks, RFC 3489 clients, bad fingerprints...). */
+static size_t answer_binding(const unsigned char *data, size_t size,
+                             const struct sockaddr_storage *from, unsigned char *out)
+{
+    size_t length = be16(data + 2);
+    if (20 + length != size || be16(data + 4) != (COOKIE >> 16) ||
+        be16(data + 6) != (COOKIE & 0xFFFF))
+        return 0;
+    int fingerprint = 0;
+    if (length == 8) {
+        if (be16(data + 20) != 0x8028 || be16(data + 22) != 4)
+            return 0;
+        uint32_t got = ((uint32_t)be16(data + 24) << 16) | be16(data + 26);
+        if (got != (crc32_of(data, 20) ^ FINGERPRINT_XOR))
+            return 0;
+        fingerprint = 1;
+    } else if (length != 0) {
+        return 0;
+    }
+    size_t value_length = from->ss_family == AF_INET ? 8 : 20;
+    size_t total = 20 + 4 + value_length + (fingerprint ? 8 : 0);
+    put16(out, 0x0101);
+    put16(out + 2, (unsigned)(total - 20));
+    memcpy(out + 4, data + 4, 16); /* the cookie and the transaction id */
+    unsigned char *p = out + 20;
+    put16(p, 0x0020);
+    put16(p + 2, (unsigned)value_length);
+    p[4] = 0;
+    if (from->ss_family == AF_INET) {
+        const struct sockaddr_in *sin = (const struct sockaddr_in *)from;
+        p[5] = 1;
+        put16(p + 6, ntohs(sin->sin_port) ^ (COOKIE >> 16));
+        put32(p + 8, ntohl(sin->sin_addr.s_addr) ^ COOKIE);
+    } else {
+        const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)from;
+        p[5] = 2;
+        put16(p + 6, ntohs(sin6->sin6_port) ^ (COOKIE >> 16));
+        for (int i = 0; i < 16; i++)
+            p[8 + i] = sin6->sin6_addr.s6_addr[i] ^ out[4 + i];
+    }
+    if (fingerprint) {
+        unsigned char *f = out + total - 8;
+        put16(f, 0x8028);
+        put16(f + 2, 4);
+        put32(f + 4, crc32_of(out, total - 8) ^ FINGERPRINT_XOR);
+    }
+    return total;
+}
+
+/* One sendmmsg for all the Binding responses of a batch; a full buffer loses one. */
+static void send_answers(Listener *self, int count)
+{
+    for (int i = 0; i < count; i++) {
+        smsgs[i].msg_hdr.msg_iov = &siov[i];
+        smsgs[i].msg_hdr.msg_iovlen = 1;
+        smsgs[i].msg_hdr.msg_control = NULL;
+        smsgs[i].msg_hdr.msg_controllen = 0;
+        smsgs[i].msg_hdr.msg_flags = 0;
+    }
+    int i = 0;
+    while (i < count) {
+        int sent = sendmmsg(self->fd, smsgs + i, (unsigned)(count - i), 0);
+        if (sent < 0) {
+            if (errno != EINTR)
+                i++;
+            continue;
+        }
+        self->bindings += (unsigned long long)sent;
+        i += sent;
+    }
+}
+
+static PyObject *Listener_readable(Listener *self, PyObject *unused)
+{
+    if (enter() < 0)
+        return NULL;
+    Pending pending = {NULL, NULL, NULL};
+    int n = receive_batch(self->fd);
+    if (n <= 0)
+        return finish(&pending); /* nothing, or an ICMP error about an earlier send */
+    PyObject *allocations = self->allocations;
+    PyObject *fallback = self->fallback;
+    Py_INCREF(allocations);
+    Py_INCREF(fallback);
+    int answers = 0;
+    for (int i = 0; i < n; i++) {
+        const unsigned char *data = pool + (size_t)i * SLOT + HEADROOM;
+        size_t size = rmsgs[i].msg_len;
+        if (self->answer_binding && size >= 20 && data[0] == 0 && data[1] == 1 &&
+            (rnames[i].ss_family == AF_INET || rnames[i].ss_family == AF_INET6)) {
+            size_t answer = answer_binding(data, size, &rnames[i], binding_out[answers]);
+            if (answer) {
+                siov[answers].iov_base = binding_out[answers];
+                siov[answers].iov_len = answer;
+                smsgs[answers].msg_hdr.msg_name = &rnames[i];
+                smsgs[answers].msg_hdr.msg_namelen = rmsgs[i].msg_hdr.msg_namelen;
+                answers++;
+                continue;
+            }
+        }
+        PyObject *address = cached_address(client_cache, &rnames[i], 1);
+        if (address == NULL) {
+            if (PyErr_Occurred())
+                keep_error(&pending);
+            continue;
+        }
+        int handled = 0;
+        int channel_data = size >= 4 && data[0] >= 0x40 && data[0] <= 0x7F;
+        if (channel_data || (size >= 20 && data[0] == 0x00 && data[1] == 0x16)) {
+            PyObject *allocation = PyDict_GetItemWithError(allocations, address);
+            if (allocation != NULL) {
+                Py_INCREF(allocation);
+                handled = channel_data ? relay_channel_data(allocation, data, size)
+                                       : relay_send_indication(allocation, data, size);
+                Py_DECREF(allocation);
+            } else if (PyErr_Occurred()) {
+                handled = -1;
+            }
+        }
+        if (handled == 1) {
+            self->relayed++;
+        } else {
+            if (handled < 0)
+                keep_error(&pending);
+            PyObject *message = PyBytes_FromStringAndSize((const char *)data, (Py_ssize_t)size);
+            PyObject *result = message ? PyObject_CallFunctionObjArgs(fallback, message, address, NULL)
+                                       : NULL;
+            Py_XDECREF(message);
+            if (result == NULL)
+                keep_error(&pending);
+            Py_XDECREF(result);
+        }
+        Py_DECREF(address);
+    }
+    Py_DECREF(allocations);
+    Py_DECREF(fallback);
+    if (answers)
+        send_answers(self, answers);
+    return finish(&pending);
+}
+
+static PyMethodDef Listener_methods[] = {
+    {"readable", (PyCFunction)Listener_readable, METH_NOARGS,
+     "Read what the socket holds (up to a batch): relay ChannelData and Send indications, hand "
+     "everything else to the fallback."},
+    {NULL},
+};
+
+static PyMemberDef Listener_members[] = {
+    {"fd", T_INT, offsetof(Listener, fd), READONLY, NULL},
+    {"relayed", T_ULONGLONG, offsetof(Listener, relayed), READONLY, NULL},
+    {"bindings", T_ULONGLONG, offsetof(Listener, bindings), READONLY,
+     "Binding requests answered here"},
+    {"answer_binding", T_BOOL, offsetof(Listener, answer_binding), 0,
+     "answer plain Binding requests here (off: every one goes to the fallback)"},
+    {NULL},
+};
+
+static PyTypeObject ListenerType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tsunagu.transport._fastpath.Listener",
+    .tp_basicsize = sizeof(Listener),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "A UDP listener's per-packet path; the socket itself is owned by Python.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Listener_init,
+    .tp_dealloc = (destructor)Listener_dealloc,
+    .tp_traverse = (traverseproc)Listener_traverse,
+    .tp_clear = (inquiry)Listener_clear,
+    .tp_methods = Listener_methods,
+    .tp_members = Listener_members,
+};
+
+/* ------------------------------------------------------------------ module */
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "tsunagu.transport._fastpath",
+    .m_doc = "The per-packet relay path in C (Linux).",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC PyInit__fastpath(void)
+{
+    if (PyType_Ready(&RelayType) < 0 || PyType_Ready(&ListenerType) < 0)
+        return NULL;
+    crc_init();
+    pool = PyMem_RawMalloc((size_t)BATCH * SLOT);
+    if (pool == NULL)
+        return PyErr_NoMemory();
+    if ((peer_cache = PyDict_New()) == NULL || (client_cache = PyDict_New()) == NULL ||
+        (s_permissions = PyUnicode_InternFromString("permissions")) == NULL ||
+        (s_peer_channels = PyUnicode_InternFromString("peer_channels")) == NULL ||
+        (s_channels = PyUnicode_InternFromString("channels")) == NULL ||
+        (s_relays = PyUnicode_InternFromString("relays")) == NULL ||
+        (v4_key = PyLong_FromLong(4)) == NULL || (v6_key = PyLong_FromLong(6)) == NULL)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&RelayType);
+    Py_INCREF(&ListenerType);
+    if (PyModule_AddObject(m, "Relay", (PyObject *)&RelayType) < 0 ||
+        PyModule_AddObject(m, "Listener", (PyObject *)&ListenerType) < 0 ||
+        PyModule_AddIntConstant(m, "BATCH", BATCH) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
