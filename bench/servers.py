@@ -47,10 +47,14 @@ class Variant:
 VARIANTS = {
     "coturn-m1": Variant("coturn-m1", "coturn", "coturn -m 1", relay_threads=1),
     "coturn": Variant("coturn", "coturn", "coturn (default threads)"),
-    "tsunagu": Variant("tsunagu", "tsunagu", "tsunagu"),
+    "tsunagu": Variant("tsunagu", "tsunagu", "tsunagu", workers=1),
     "tsunagu-w2": Variant("tsunagu-w2", "tsunagu", "tsunagu --workers 2", workers=2),
     "tsunagu-py": Variant(
-        "tsunagu-py", "tsunagu", "tsunagu --relay-engine python", relay_engine="python"
+        "tsunagu-py",
+        "tsunagu",
+        "tsunagu --relay-engine python",
+        workers=1,
+        relay_engine="python",
     ),
 }
 

@@ -113,7 +113,7 @@ def test_defaults() -> None:
     assert config.unauth_rate == 20.0 and config.drain_timeout == 30.0
     assert (config.web_ip, config.web_port) == ("127.0.0.1", 8080)
     assert config.ice_transport_policy == "all"
-    assert (config.room_capacity, config.credential_ttl, config.workers) == (8, 86400, 1)
+    assert (config.room_capacity, config.credential_ttl, config.workers) == (8, 86400, 0)
     assert config.relay_engine == "auto"
 
 
@@ -347,7 +347,7 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"permission_lifetime": 0}, "permission_lifetime"),
     ({"stale_nonce": 0}, "stale_nonce"),
     ({"credential_ttl": 0}, "credential_ttl"),
-    ({"workers": 0}, "workers"),
+    ({"workers": -1}, "workers"),
     ({"relay_engine": "rust"}, "relay_engine"),
     ({"room_capacity": 0}, "room_capacity"),
     ({"user_quota": -1}, "user_quota"),

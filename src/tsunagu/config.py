@@ -467,7 +467,11 @@ class Config:
     credential_ttl: int = _opt(
         86400, _POSITIVE, "lifetime of minted TURN REST credentials, seconds"
     )
-    workers: int = _opt(1, _POSITIVE, "worker processes")
+    workers: int = _opt(
+        0,
+        _check_int(0, note=" (0 = one per core)"),
+        "worker processes sharing the TURN ports (0: one per core this process may use)",
+    )
     relay_engine: str = _opt(
         "auto",
         _check_choice("auto", "native", "python"),

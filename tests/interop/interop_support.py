@@ -167,6 +167,8 @@ class ServeProcess:
             str(self.drain_timeout),
             "--log-file",
             str(self.log_path),
+            # One process unless a test asks for workers: audit logs and CPU figures are its.
+            *(() if "--workers" in self.extra else ("--workers", "1")),
             *self.extra,
         ]
         env = dict(os.environ, XDG_STATE_HOME=str(self.state_dir), PYTHONUNBUFFERED="1")

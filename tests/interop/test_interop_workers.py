@@ -92,3 +92,28 @@ def test_second_server_on_a_workers_port_is_refused(tmp_path: Path) -> None:
         assert process.returncode != 0
         assert re.search(rb"cannot listen on 127\.0\.0\.1", process.stderr), process.stderr
         assert time.monotonic() - started < 30
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            # The parent PID is the second field after the parenthesised command name.
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def test_default_is_one_worker_per_usable_core(tmp_path: Path) -> None:
+    cores = len(os.sched_getaffinity(0))
+    with run_serve(tmp_path / "serve", "--workers", "0") as server:
+        startup = "\n".join(server.startup)
+        if cores > 1:
+            assert f"{cores} worker processes" in startup, startup
+        else:
+            assert "worker processes" not in startup, startup
+        assert len(_children(server.pid)) == cores - 1

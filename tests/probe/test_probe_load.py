@@ -105,6 +105,8 @@ def tsunagu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "-m",
         "tsunagu",
         "serve",
+        "--workers",
+        "1",
         "-L",
         HOST,
         "-p",

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tsunagu.stun.attributes import Data, XorMappedAddress, XorPeerAddress
+from tsunagu.stun.framing import FramingError, StreamFramer
 from tsunagu.stun.message import MessageClass, Method, encode_message, parse_message
 from tsunagu.turn.allocation import Allocation, FiveTuple
 from tsunagu.turn.server import TurnServer, TurnSettings, data_indication
@@ -523,3 +524,120 @@ def _core_binding_answer(request: bytes, client: tuple[str, int]) -> bytes:
     answer = server.receive(request, FiveTuple("udp", client, ("127.0.0.1", 3478)), 0.0)
     assert isinstance(answer, bytes)
     return answer
+
+
+# ---------------------------------------------------------------- TCP/TLS streams
+
+
+def _stream_of(*frames: bytes) -> bytes:
+    return b"".join(frame + b"\x00" * (-len(frame) % 4) for frame in frames)
+
+
+def _python_frames(chunks: list[bytes]) -> tuple[list[tuple[bool, bytes]], bool]:
+    framer = StreamFramer()
+    out: list[tuple[bool, bytes]] = []
+    try:
+        for chunk in chunks:
+            framer.feed(chunk)
+            out.extend(framer.frames())
+    except FramingError:
+        return out, True
+    return out, False
+
+
+def _native_frames(chunks: list[bytes]) -> tuple[list[tuple[bool, bytes]], bool]:
+    out: list[tuple[bool, bytes]] = []
+    stream = _fastpath.Stream(lambda is_channel_data, frame: out.append((is_channel_data, frame)))
+    try:
+        for chunk in chunks:
+            assert stream.feed(chunk) is False
+    except FramingError:
+        return out, True
+    return out, False
+
+
+def test_stream_relays_channel_data_and_hands_over_the_rest(rig4: Rig) -> None:
+    rig4.permit()
+    rig4.bind_channel(0x4001)
+    seen: list[tuple[bool, bytes]] = []
+    stream = _fastpath.Stream(lambda is_channel_data, frame: seen.append((is_channel_data, frame)))
+    binding = _binding(True)
+    unbound = struct.pack("!HH", 0x4002, 1) + b"z"
+    data = _stream_of(struct.pack("!HH", 0x4001, 3) + b"abc", binding, unbound)
+    # Before the allocation is known every frame goes to Python.
+    assert stream.feed(data) is False
+    assert seen == [
+        (True, struct.pack("!HH", 0x4001, 3) + b"abc"),
+        (False, binding),
+        (True, unbound),
+    ]
+    seen.clear()
+    stream.allocation = rig4.allocation
+    for cut in range(len(data) + 1):  # every split of the stream into two reads
+        stream.feed(data[:cut])
+        stream.feed(data[cut:])
+    assert seen == [(False, binding), (True, unbound)] * (len(data) + 1)
+    assert [d for d, _ in _receive_all(rig4.peer)] == [b"abc"] * (len(data) + 1)
+    assert stream.relayed == len(data) + 1 and stream.buffered == 0
+
+
+def test_stream_stops_when_the_fallback_says_so() -> None:
+    seen: list[bytes] = []
+
+    def fallback(is_channel_data: bool, frame: bytes) -> bool:
+        seen.append(frame)
+        return True
+
+    stream = _fastpath.Stream(fallback)
+    first, second = _binding(False), _binding(False)
+    assert stream.feed(first + second + b"\x00\x01") is True
+    assert seen == [first] and stream.buffered == 0
+
+
+@pytest.mark.parametrize(
+    "data", [b"\x80\x00\x00\x00", b"\xffGET / HTTP/1.1\r\n", b"\x00\x01\x00\x05" + b"x" * 20]
+)
+def test_a_stream_that_is_not_turn_raises_the_framers_error(data: bytes) -> None:
+    stream = _fastpath.Stream(lambda *args: None)
+    with pytest.raises(FramingError):
+        stream.feed(data)
+    assert stream.buffered == 0
+
+
+def test_a_stream_cannot_be_fed_from_its_own_fallback() -> None:
+    holder: list[Any] = []
+    stream = _fastpath.Stream(lambda is_channel_data, frame: holder[0].feed(b""))
+    holder.append(stream)
+    with pytest.raises(RuntimeError, match="inside its own feed"):
+        stream.feed(_binding(False))
+
+
+_FRAME = st.one_of(
+    st.binary(min_size=0, max_size=40).map(
+        lambda b: struct.pack("!HH", 0x4000 | (len(b) & 0xFF), len(b)) + b
+    ),
+    st.builds(lambda fp: _binding(fp), st.booleans()),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(_FRAME, max_size=6),
+    st.lists(st.integers(0, 400), max_size=6),
+    st.binary(max_size=6),
+)
+def test_fuzz_the_native_framer_splits_streams_exactly_as_the_python_one(
+    frames: list[bytes], cuts: list[int], tail: bytes
+) -> None:
+    data = _stream_of(*frames) + tail
+    points = sorted({min(cut, len(data)) for cut in cuts})
+    chunks = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+    native, native_broken = _native_frames(chunks)
+    python, python_broken = _python_frames(chunks)
+    assert native_broken == python_broken
+    if python_broken:
+        # Python drops the whole read that broke the stream; C has already handed over the
+        # frames in front of the garbage. Either way the connection is closed next.
+        assert native[: len(python)] == python
+    else:
+        assert native == python

@@ -976,6 +976,214 @@ static PyTypeObject ListenerType = {
     .tp_members = Listener_members,
 };
 
+/* ------------------------------------------------------------------ Stream */
+
+/* A TCP or TLS client's byte stream (RFC 8656 §12.5): 00 starts a STUN message, 01
+ * ChannelData padded to four bytes; anything else is not TURN. */
+#define STREAM_MAX_FRAME (4 + 0xFFFF + 3)
+
+static PyObject *FramingError;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *allocation; /* the connection's Allocation, once it has one */
+    PyObject *fallback;   /* callable(is_channel_data, frame) -> true to stop reading */
+    unsigned char *buffer;
+    size_t used;
+    int feeding;
+    unsigned long long relayed;
+} Stream;
+
+static int Stream_init(Stream *self, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"fallback", NULL};
+    PyObject *fallback;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O", names, &fallback))
+        return -1;
+    if (!PyCallable_Check(fallback)) {
+        PyErr_SetString(PyExc_TypeError, "fallback must be callable");
+        return -1;
+    }
+    Py_INCREF(fallback);
+    Py_XSETREF(self->fallback, fallback);
+    return 0;
+}
+
+static int Stream_traverse(Stream *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->allocation);
+    Py_VISIT(self->fallback);
+    return 0;
+}
+
+static int Stream_clear(Stream *self)
+{
+    Py_CLEAR(self->allocation);
+    Py_CLEAR(self->fallback);
+    return 0;
+}
+
+static void Stream_dealloc(Stream *self)
+{
+    PyObject_GC_UnTrack(self);
+    Stream_clear(self);
+    PyMem_Free(self->buffer);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Hands one frame to the fallback: 1 to stop reading, 0 to go on, -1 on error. */
+static int stream_fallback(Stream *self, int channel_data, const unsigned char *frame, size_t size)
+{
+    PyObject *bytes = PyBytes_FromStringAndSize((const char *)frame, (Py_ssize_t)size);
+    if (bytes == NULL)
+        return -1;
+    PyObject *result =
+        PyObject_CallFunctionObjArgs(self->fallback, channel_data ? Py_True : Py_False, bytes, NULL);
+    Py_DECREF(bytes);
+    if (result == NULL)
+        return -1;
+    int stop = PyObject_IsTrue(result);
+    Py_DECREF(result);
+    return stop;
+}
+
+/* Relays or hands over every complete frame in p[0:size]; returns how many bytes were
+ * consumed, or -1 with an exception set. *stop is set when the fallback said so. */
+static Py_ssize_t stream_frames(Stream *self, const unsigned char *p, size_t size, int *stop)
+{
+    size_t offset = 0;
+    while (size - offset >= 4) {
+        const unsigned char *frame = p + offset;
+        size_t length = be16(frame + 2);
+        int outcome;
+        if (frame[0] < 0x40) {
+            if (length & 3) {
+                PyErr_SetString(FramingError, "STUN length is not a multiple of 4");
+                return -1;
+            }
+            if (size - offset < 20 + length)
+                break;
+            offset += 20 + length;
+            outcome = stream_fallback(self, 0, frame, 20 + length);
+        } else if (frame[0] < 0x80) {
+            size_t total = 4 + length + ((4 - (length & 3)) & 3);
+            if (size - offset < total)
+                break;
+            offset += total;
+            int relayed = 0;
+            PyObject *allocation = self->allocation;
+            if (allocation != NULL && allocation != Py_None) {
+                Py_INCREF(allocation);
+                relayed = relay_channel_data(allocation, frame, 4 + length);
+                Py_DECREF(allocation);
+                if (relayed < 0)
+                    return -1;
+            }
+            if (relayed) {
+                self->relayed++;
+                continue;
+            }
+            outcome = stream_fallback(self, 1, frame, 4 + length);
+        } else {
+            PyErr_Format(FramingError, "first byte 0x%02x is neither STUN nor ChannelData", frame[0]);
+            return -1;
+        }
+        if (outcome < 0)
+            return -1;
+        if (outcome) {
+            *stop = 1;
+            break;
+        }
+    }
+    return (Py_ssize_t)offset;
+}
+
+static PyObject *Stream_feed(Stream *self, PyObject *data)
+{
+    if (self->feeding) {
+        PyErr_SetString(PyExc_RuntimeError, "stream fed from inside its own feed");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    self->feeding = 1;
+    int stop = 0;
+    Py_ssize_t consumed;
+    const unsigned char *p;
+    size_t size;
+    if (self->used == 0) {
+        /* The usual case: whole frames straight from the caller's bytes, no copy. */
+        p = view.buf;
+        size = (size_t)view.len;
+    } else {
+        unsigned char *grown = PyMem_Realloc(self->buffer, self->used + (size_t)view.len);
+        if (grown == NULL) {
+            self->feeding = 0;
+            PyBuffer_Release(&view);
+            return PyErr_NoMemory();
+        }
+        self->buffer = grown;
+        memcpy(self->buffer + self->used, view.buf, (size_t)view.len);
+        self->used += (size_t)view.len;
+        p = self->buffer;
+        size = self->used;
+    }
+    consumed = stream_frames(self, p, size, &stop);
+    if (consumed < 0 || stop) {
+        /* A broken stream, or the connection is closing: nothing more is read from it. */
+        self->used = 0;
+    } else if (p == self->buffer) {
+        memmove(self->buffer, self->buffer + consumed, size - (size_t)consumed);
+        self->used = size - (size_t)consumed;
+    } else if ((size_t)consumed < size) {
+        /* At most one partial frame is left over. */
+        unsigned char *grown = PyMem_Realloc(self->buffer, STREAM_MAX_FRAME + 20);
+        if (grown == NULL) {
+            self->feeding = 0;
+            PyBuffer_Release(&view);
+            return PyErr_NoMemory();
+        }
+        self->buffer = grown;
+        memcpy(self->buffer, p + consumed, size - (size_t)consumed);
+        self->used = size - (size_t)consumed;
+    }
+    self->feeding = 0;
+    PyBuffer_Release(&view);
+    if (consumed < 0)
+        return NULL;
+    return PyBool_FromLong(stop);
+}
+
+static PyMethodDef Stream_methods[] = {
+    {"feed", (PyCFunction)Stream_feed, METH_O,
+     "feed(data): relay the complete ChannelData frames, hand the other frames to the "
+     "fallback; True when the fallback asked to stop. Raises FramingError on a stream that "
+     "is not TURN."},
+    {NULL},
+};
+
+static PyMemberDef Stream_members[] = {
+    {"allocation", T_OBJECT, offsetof(Stream, allocation), 0, NULL},
+    {"relayed", T_ULONGLONG, offsetof(Stream, relayed), READONLY, NULL},
+    {"buffered", T_PYSSIZET, offsetof(Stream, used), READONLY, NULL},
+    {NULL},
+};
+
+static PyTypeObject StreamType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tsunagu.transport._fastpath.Stream",
+    .tp_basicsize = sizeof(Stream),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "A TCP/TLS client's framing and ChannelData relaying.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Stream_init,
+    .tp_dealloc = (destructor)Stream_dealloc,
+    .tp_traverse = (traverseproc)Stream_traverse,
+    .tp_clear = (inquiry)Stream_clear,
+    .tp_methods = Stream_methods,
+    .tp_members = Stream_members,
+};
+
 /* ------------------------------------------------------------------ module */
 
 static struct PyModuleDef module = {
@@ -987,7 +1195,8 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__fastpath(void)
 {
-    if (PyType_Ready(&RelayType) < 0 || PyType_Ready(&ListenerType) < 0)
+    if (PyType_Ready(&RelayType) < 0 || PyType_Ready(&ListenerType) < 0 ||
+        PyType_Ready(&StreamType) < 0)
         return NULL;
     crc_init();
     pool = PyMem_RawMalloc((size_t)BATCH * SLOT);
@@ -1003,10 +1212,24 @@ PyMODINIT_FUNC PyInit__fastpath(void)
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
+    /* The Python framer's exception, so that both paths raise the same one. */
+    PyObject *framing = PyImport_ImportModule("tsunagu.stun.framing");
+    if (framing != NULL) {
+        FramingError = PyObject_GetAttrString(framing, "FramingError");
+        Py_DECREF(framing);
+    }
+    if (FramingError == NULL) {
+        Py_DECREF(m);
+        return NULL;
+    }
     Py_INCREF(&RelayType);
     Py_INCREF(&ListenerType);
+    Py_INCREF(&StreamType);
+    Py_INCREF(FramingError);
     if (PyModule_AddObject(m, "Relay", (PyObject *)&RelayType) < 0 ||
         PyModule_AddObject(m, "Listener", (PyObject *)&ListenerType) < 0 ||
+        PyModule_AddObject(m, "Stream", (PyObject *)&StreamType) < 0 ||
+        PyModule_AddObject(m, "FramingError", FramingError) < 0 ||
         PyModule_AddIntConstant(m, "BATCH", BATCH) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -1,5 +1,7 @@
 from typing import Any
 
+from tsunagu.stun.framing import FramingError as FramingError
+
 BATCH: int
 
 class Relay:
@@ -24,3 +26,10 @@ class Listener:
     answer_binding: bool
     def __init__(self, fd: int, allocations: dict[Any, Any], fallback: Any) -> None: ...
     def readable(self) -> None: ...
+
+class Stream:
+    allocation: Any
+    relayed: int
+    buffered: int
+    def __init__(self, fallback: Any) -> None: ...
+    def feed(self, data: bytes | bytearray | memoryview) -> bool: ...

@@ -149,6 +149,8 @@ class StreamClientLink:
     def detach(self, allocation: Allocation) -> None:
         # An allocation tied to a stream dies with it, and the stream with the allocation.
         self.connection.allocation = None
+        if self.connection._native is not None:
+            self.connection._native.allocation = None
         self.transport.close()
 
 
@@ -163,6 +165,9 @@ class StreamConnection(asyncio.Protocol):
         self.five_tuple: FiveTuple | None = None
         self.allocation: Allocation | None = None
         self._idle: asyncio.TimerHandle | None = None
+        # The C framer and ChannelData path, when the runtime has it (see native.py).
+        stream = runtime.native_stream
+        self._native: Any = None if stream is None else stream(self._frame)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -177,6 +182,13 @@ class StreamConnection(asyncio.Protocol):
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
+        native = self._native
+        if native is not None:
+            try:
+                native.feed(data)
+            except FramingError:
+                self.transport.close()
+            return
         framer = self.framer
         try:
             framer.feed(data)
@@ -184,39 +196,46 @@ class StreamConnection(asyncio.Protocol):
         except FramingError:
             self.transport.close()
             return
-        runtime = self.runtime
-        five_tuple = self.five_tuple
-        assert five_tuple is not None
         for is_channel_data, frame in frames:
-            if is_channel_data:
-                allocation = self.allocation
-                if allocation is not None:
-                    entry = allocation.channels.get((frame[0] << 8) | frame[1])
-                    if entry is not None and entry[1][0] in allocation.permissions:
-                        payload = frame[4:]
-                        try:
-                            entry[0].sendto(payload, entry[1])
-                        except OSError:
-                            allocation.dropped += 1
-                            continue
-                        allocation.packets_to_peers += 1
-                        allocation.bytes_to_peers += len(payload)
-                        continue
-                    allocation.dropped += 1
-                    continue
-                # ChannelData before any allocation: not a TURN client (say, "GET /").
-                self.transport.close()
+            if self._frame(is_channel_data, frame):
                 return
-            result = runtime.server.receive(frame, five_tuple, time.time())
-            if result is not None:
-                if type(result) is bytes:
-                    self.transport.write(result)
-                else:
-                    _forward(result)
-            runtime.after_receive(self, None)
+
+    def _frame(self, is_channel_data: bool, frame: bytes) -> bool:
+        """Handle one frame; True when the connection is closing and reading must stop."""
+        if is_channel_data:
+            allocation = self.allocation
+            if allocation is not None:
+                entry = allocation.channels.get((frame[0] << 8) | frame[1])
+                if entry is not None and entry[1][0] in allocation.permissions:
+                    payload = frame[4:]
+                    try:
+                        entry[0].sendto(payload, entry[1])
+                    except OSError:
+                        allocation.dropped += 1
+                        return False
+                    allocation.packets_to_peers += 1
+                    allocation.bytes_to_peers += len(payload)
+                    return False
+                allocation.dropped += 1
+                return False
+            # ChannelData before any allocation: not a TURN client (say, "GET /").
+            self.transport.close()
+            return True
+        runtime = self.runtime
+        assert self.five_tuple is not None
+        result = runtime.server.receive(frame, self.five_tuple, time.time())
+        if result is not None:
+            if type(result) is bytes:
+                self.transport.write(result)
+            else:
+                _forward(result)
+        runtime.after_receive(self, None)
+        return False
 
     def attach(self, allocation: Allocation, addr: Any) -> None:
         self.allocation = allocation
+        if self._native is not None:
+            self._native.allocation = allocation
         link = StreamClientLink(self)
         allocation.client_link = link
         for relay in allocation.relays.values():

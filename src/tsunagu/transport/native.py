@@ -21,7 +21,10 @@ from .listeners import UdpClientLink, UdpListener
 if TYPE_CHECKING:
     from .runtime import TurnRuntime
 
-__all__ = ["NativeRelayEndpoint", "NativeUdpListener", "fold_counters"]
+__all__ = ["NativeRelayEndpoint", "NativeUdpListener", "Stream", "fold_counters"]
+
+# A TCP/TLS connection's framer: relays ChannelData itself, hands other frames back.
+Stream = _fastpath.Stream
 
 
 class NativeRelayEndpoint(_fastpath.Relay):

@@ -192,8 +192,10 @@ class TurnRuntime:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self.all_ended = asyncio.Event()
-        # Set with the C relay path: adds its per-socket counters to an ended allocation.
+        # Set with the C relay path: adds its per-socket counters to an ended allocation,
+        # and frames TCP/TLS streams.
         self.fold_counters: Any = None
+        self.native_stream: Any = None
 
     def after_receive(self, origin: Any, addr: Any) -> None:
         """Handle the core's events after a call into it, and re-arm its timer."""
@@ -315,6 +317,9 @@ async def serve(config: Config, share: WorkerShare | None = None) -> int:
     With ``workers`` > 1 this process is worker 0 (and serves the web app); it starts the
     other workers, which run :func:`worker_main` with the same configuration and ``share``.
     """
+    if config.workers == 0:
+        # Like coturn's relay threads: one per core this process may run on.
+        config = dataclasses.replace(config, workers=len(os.sched_getaffinity(0)))
     _setup_logging(config)
     _raise_open_files_limit()
     loop = asyncio.get_running_loop()
@@ -397,6 +402,7 @@ async def serve(config: Config, share: WorkerShare | None = None) -> int:
         runtime = TurnRuntime(server, loop)
         if native is not None:
             runtime.fold_counters = native.fold_counters
+            runtime.native_stream = native.Stream
         port = config.listening_port
         for ip in listening:
             try:
