@@ -187,7 +187,7 @@ def full_plan(hold: float) -> Plan:
                 + ("allocation" if count == 1 else "allocations"),
                 ("-n", str(count), "-l", "100", "--rate", ladder, "-d", "1", "--warmup", "0.3")
                 + ("--stop-loss", "0.05", "--release"),
-                ALL_VARIANTS if count == 10 else PRIMARY,
+                WITH_WORKERS if count == 10 else PRIMARY,
                 timeout=90.0,
             )
         )

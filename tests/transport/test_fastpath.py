@@ -312,6 +312,27 @@ def test_stream_clients_get_messages_through_their_link(rig4: Rig) -> None:
     assert rig4.relay.packets_to_client == 2
 
 
+def test_stream_clients_get_padded_frames_unless_their_transport_is_paused(rig4: Rig) -> None:
+    rig4.permit()
+    rig4.bind_channel(0x4001)
+    rig4.relay.clear_client()
+    rig4.relay.allocation = rig4.allocation
+    sent: list[bytes] = []
+    rig4.relay.to_client = sent.append
+    rig4.relay.pad_stream = True
+    rig4.from_peer(b"a", b"abcd")
+    rig4.relay.paused = True
+    rig4.from_peer(b"lost")
+    rig4.relay.paused = False
+    rig4.from_peer(b"abcde")
+    assert sent == [
+        struct.pack("!HH", 0x4001, 1) + b"a\x00\x00\x00",
+        struct.pack("!HH", 0x4001, 4) + b"abcd",
+        struct.pack("!HH", 0x4001, 5) + b"abcde\x00\x00\x00",
+    ]
+    assert (rig4.relay.packets_to_client, rig4.relay.dropped) == (3, 1)
+
+
 def test_a_failing_stream_link_costs_one_packet(rig4: Rig) -> None:
     rig4.permit()
     rig4.relay.clear_client()

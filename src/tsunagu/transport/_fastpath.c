@@ -253,6 +253,8 @@ typedef struct {
     struct sockaddr_storage client;
     PyObject *allocation; /* the Allocation, or NULL/None before it is attached */
     PyObject *to_client;  /* for stream clients: callable(message) */
+    char pad_stream;      /* pad ChannelData to 4 bytes before to_client (RFC 8656 §12.5) */
+    char paused;          /* the stream client's transport asked us to stop writing */
     unsigned char tid_prefix[4];
     unsigned long long tid_counter;
     unsigned long long packets_to_peers, bytes_to_peers;
@@ -505,11 +507,22 @@ static PyObject *Relay_readable(Relay *self, PyObject *unused)
         send_to_udp_client(self, out);
         return finish(&pending);
     }
-    /* A stream client: its link frames and queues each message. */
+    /* A stream client: its transport queues each message; one that lets too much pile up
+     * unread (paused) loses packets instead of the server's memory. */
     PyObject *to_client = self->to_client;
     Py_INCREF(to_client);
     for (int i = 0; i < out; i++) {
-        PyObject *message = PyBytes_FromStringAndSize(siov[i].iov_base, (Py_ssize_t)siov[i].iov_len);
+        if (self->paused) {
+            self->dropped++;
+            continue;
+        }
+        size_t length = siov[i].iov_len;
+        if (self->pad_stream) {
+            size_t pad = (4 - (length & 3)) & 3;
+            memset((unsigned char *)siov[i].iov_base + length, 0, pad);
+            length += pad;
+        }
+        PyObject *message = PyBytes_FromStringAndSize(siov[i].iov_base, (Py_ssize_t)length);
         PyObject *result = message ? PyObject_CallOneArg(to_client, message) : NULL;
         Py_XDECREF(message);
         if (result == NULL) {
@@ -544,6 +557,8 @@ static PyMemberDef Relay_members[] = {
     {"fd", T_INT, offsetof(Relay, fd), READONLY, NULL},
     {"allocation", T_OBJECT, offsetof(Relay, allocation), 0, NULL},
     {"to_client", T_OBJECT, offsetof(Relay, to_client), 0, NULL},
+    {"pad_stream", T_BOOL, offsetof(Relay, pad_stream), 0, NULL},
+    {"paused", T_BOOL, offsetof(Relay, paused), 0, NULL},
     {"packets_to_peers", T_ULONGLONG, offsetof(Relay, packets_to_peers), READONLY, NULL},
     {"bytes_to_peers", T_ULONGLONG, offsetof(Relay, bytes_to_peers), READONLY, NULL},
     {"packets_to_client", T_ULONGLONG, offsetof(Relay, packets_to_client), READONLY, NULL},

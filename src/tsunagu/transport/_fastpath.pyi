@@ -8,6 +8,8 @@ class Relay:
     fd: int
     allocation: Any
     to_client: Any
+    pad_stream: bool
+    paused: bool
     packets_to_peers: int
     bytes_to_peers: int
     packets_to_client: int

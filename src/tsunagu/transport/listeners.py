@@ -141,10 +141,9 @@ class StreamClientLink:
         self.transport = connection.transport
 
     def send(self, data: bytes, _address: Any = None) -> None:
-        # A client that lets this much pile up unread loses packets instead of our memory.
-        transport = self.transport
-        if transport.get_write_buffer_size() < _MAX_STREAM_BACKLOG:
-            transport.write(data + _PADDING[len(data) & 3])
+        # A client that lets too much pile up unread loses packets instead of our memory.
+        if not self.connection.paused:
+            self.transport.write(data + _PADDING[len(data) & 3])
 
     def detach(self, allocation: Allocation) -> None:
         # An allocation tied to a stream dies with it, and the stream with the allocation.
@@ -164,6 +163,7 @@ class StreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.five_tuple: FiveTuple | None = None
         self.allocation: Allocation | None = None
+        self.paused = False
         self._idle: asyncio.TimerHandle | None = None
         # The C framer and ChannelData path, when the runtime has it (see native.py).
         stream = runtime.native_stream
@@ -174,8 +174,22 @@ class StreamConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         local = transport.get_extra_info("sockname")
         self.five_tuple = FiveTuple(self.protocol, (peer[0], peer[1]), (local[0], local[1]))
+        # Beyond this much unsent, pause_writing() stops the relaying to this client.
+        transport.set_write_buffer_limits(high=_MAX_STREAM_BACKLOG)  # type: ignore[attr-defined]
         self.runtime.streams.add(self)
         self._idle = asyncio.get_running_loop().call_later(_IDLE_STREAM_TIMEOUT, self._check_idle)
+
+    def pause_writing(self) -> None:
+        self._set_paused(True)
+
+    def resume_writing(self) -> None:
+        self._set_paused(False)
+
+    def _set_paused(self, paused: bool) -> None:
+        self.paused = paused
+        if self._native is not None and self.allocation is not None:
+            for relay in self.allocation.relays.values():
+                relay.paused = paused  # type: ignore[attr-defined]
 
     def _check_idle(self) -> None:
         if self.allocation is None:
@@ -239,7 +253,13 @@ class StreamConnection(asyncio.Protocol):
         link = StreamClientLink(self)
         allocation.client_link = link
         for relay in allocation.relays.values():
-            relay.to_client = link.send  # type: ignore[attr-defined]
+            if self._native is not None:
+                # C pads and writes itself, and stops while the transport is paused.
+                relay.to_client = self.transport.write  # type: ignore[attr-defined]
+                relay.pad_stream = True  # type: ignore[attr-defined]
+                relay.paused = self.paused  # type: ignore[attr-defined]
+            else:
+                relay.to_client = link.send  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.runtime.streams.discard(self)
