@@ -29,7 +29,7 @@ class StreamFramer:
     def __init__(self) -> None:
         self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         self._buffer += data
         if len(self._buffer) > _MAX_BUFFER + len(data):
             raise FramingError("stream buffer overflow")

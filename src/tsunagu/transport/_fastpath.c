@@ -344,7 +344,8 @@ static PyObject *Relay_sendto(Relay *self, PyObject *args)
 /* Wraps a peer's datagram for the client, in place in front of it. Returns the message's
  * start and sets *total, or NULL when it does not fit a Data indication. */
 static unsigned char *wrap_for_client(Relay *self, unsigned char *data, size_t size,
-                                      const struct sockaddr_storage *from, PyObject *channel)
+                                      const struct sockaddr_storage *from, PyObject *channel,
+                                      size_t *total)
 {
     if (channel != NULL) {
         unsigned long number = PyLong_AsUnsignedLong(channel);
@@ -354,6 +355,7 @@ static unsigned char *wrap_for_client(Relay *self, unsigned char *data, size_t s
         }
         put16(data - 4, (unsigned)number);
         put16(data - 2, (unsigned)size);
+        *total = 4 + size;
         return data - 4;
     }
     size_t pad = (4 - (size & 3)) & 3;
@@ -394,6 +396,7 @@ static unsigned char *wrap_for_client(Relay *self, unsigned char *data, size_t s
     put16(p, 0x0013);
     put16(p + 2, (unsigned)size);
     memset(data + size, 0, pad);
+    *total = 20 + length;
     return start;
 }
 
@@ -488,13 +491,14 @@ static PyObject *Relay_readable(Relay *self, PyObject *unused)
             self->dropped++;
             continue;
         }
-        unsigned char *start = wrap_for_client(self, data, size, &rnames[i], channel);
+        size_t total;
+        unsigned char *start = wrap_for_client(self, data, size, &rnames[i], channel, &total);
         if (start == NULL) {
             self->dropped++;
             continue;
         }
         siov[out].iov_base = start;
-        siov[out].iov_len = (size_t)(data - start) + size + (channel ? 0 : ((4 - (size & 3)) & 3));
+        siov[out].iov_len = total;
         spayload[out] = size;
         out++;
     }

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ..stun.attributes import Address
 from ..turn.allocation import Allocation
 from . import _fastpath
-from .listeners import UdpClientLink, UdpListener
+from .listeners import UdpListener
 
 if TYPE_CHECKING:
     from .runtime import TurnRuntime
@@ -107,8 +107,5 @@ class NativeUdpListener(UdpListener):
             self._loop.remove_reader(self._fd)
             self.sock.close()
 
-    def attach(self, allocation: Allocation, addr: Any) -> None:
-        allocation.client_link = UdpClientLink(self, addr)
-        self.allocations[addr] = allocation
-        for relay in allocation.relays.values():
-            relay.set_client(self._fd, addr)  # type: ignore[attr-defined]
+    def _connect(self, relay: Any, addr: Any) -> None:
+        relay.set_client(self._fd, addr)
