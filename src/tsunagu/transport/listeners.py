@@ -152,9 +152,7 @@ class StreamClientLink:
 
     def detach(self, allocation: Allocation) -> None:
         # An allocation tied to a stream dies with it, and the stream with the allocation.
-        self.connection.allocation = None
-        if self.connection._native is not None:
-            self.connection._native.allocation = None
+        self.connection.set_allocation(None)
         self.transport.close()
 
 
@@ -260,10 +258,13 @@ class StreamConnection(asyncio.BufferedProtocol):
         runtime.after_receive(self, None)
         return False
 
-    def attach(self, allocation: Allocation, addr: Any) -> None:
+    def set_allocation(self, allocation: Allocation | None) -> None:
         self.allocation = allocation
         if self._native is not None:
             self._native.allocation = allocation
+
+    def attach(self, allocation: Allocation, addr: Any) -> None:
+        self.set_allocation(allocation)
         link = StreamClientLink(self)
         allocation.client_link = link
         for relay in allocation.relays.values():
