@@ -24,6 +24,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 
 #define BATCH 32
 /* Room in front of a received datagram for the header wrapped around it: 4 bytes of
@@ -193,9 +194,9 @@ static int parse_address(PyObject *address, struct sockaddr_storage *ss, socklen
     return 0;
 }
 
-static int receive_batch(int fd)
+static int receive_batch(int fd, int count)
 {
-    for (int i = 0; i < BATCH; i++) {
+    for (int i = 0; i < count; i++) {
         riov[i].iov_base = pool + (size_t)i * SLOT + HEADROOM;
         riov[i].iov_len = MAX_DATAGRAM;
         rmsgs[i].msg_hdr.msg_iov = &riov[i];
@@ -206,7 +207,7 @@ static int receive_batch(int fd)
         rmsgs[i].msg_hdr.msg_controllen = 0;
         rmsgs[i].msg_hdr.msg_flags = 0;
     }
-    return recvmmsg(fd, rmsgs, BATCH, MSG_DONTWAIT, NULL);
+    return recvmmsg(fd, rmsgs, (unsigned)count, MSG_DONTWAIT, NULL);
 }
 
 /* Keeps the first exception raised while a batch goes on, so that one bad datagram does
@@ -251,7 +252,18 @@ typedef struct {
     int client_fd; /* the UDP listener's socket, or -1 */
     socklen_t client_length;
     struct sockaddr_storage client;
-    PyObject *allocation; /* the Allocation, or NULL/None before it is attached */
+    PyObject *allocation; /* the Allocation, or NULL before it is attached */
+    /* The allocation's own dictionaries (the core changes them in place, never rebinds). */
+    PyObject *permissions, *peer_channels;
+    /* The last peer heard from, and the last one sent to, with their converted forms:
+     * a call's packets come from and go to the same peer. */
+    struct sockaddr_storage last_from;
+    socklen_t last_from_length;
+    PyObject *last_from_tuple;
+    PyObject *last_to_tuple;
+    struct sockaddr_storage last_to;
+    socklen_t last_to_length;
+    uint64_t last_wakeup_ns;
     PyObject *to_client;  /* for stream clients: callable(message) */
     char pad_stream;      /* pad ChannelData to 4 bytes before to_client (RFC 8656 §12.5) */
     char paused;          /* the stream client's transport asked us to stop writing */
@@ -284,16 +296,65 @@ static int Relay_init(Relay *self, PyObject *args, PyObject *kwargs)
 static int Relay_traverse(Relay *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->allocation);
+    Py_VISIT(self->permissions);
+    Py_VISIT(self->peer_channels);
+    Py_VISIT(self->last_from_tuple);
+    Py_VISIT(self->last_to_tuple);
     Py_VISIT(self->to_client);
     return 0;
 }
 
-static int Relay_clear(Relay *self)
+static void forget_allocation(Relay *self)
 {
     Py_CLEAR(self->allocation);
+    Py_CLEAR(self->permissions);
+    Py_CLEAR(self->peer_channels);
+    Py_CLEAR(self->last_from_tuple);
+    Py_CLEAR(self->last_to_tuple);
+}
+
+static int Relay_clear(Relay *self)
+{
+    forget_allocation(self);
     Py_CLEAR(self->to_client);
     return 0;
 }
+
+static PyObject *Relay_get_allocation(Relay *self, void *closure)
+{
+    PyObject *allocation = self->allocation ? self->allocation : Py_None;
+    Py_INCREF(allocation);
+    return allocation;
+}
+
+static int Relay_set_allocation(Relay *self, PyObject *value, void *closure)
+{
+    if (value == NULL || value == Py_None) {
+        forget_allocation(self);
+        return 0;
+    }
+    PyObject *permissions = PyObject_GetAttr(value, s_permissions);
+    PyObject *peer_channels = permissions ? PyObject_GetAttr(value, s_peer_channels) : NULL;
+    if (peer_channels == NULL || !PyDict_Check(permissions) || !PyDict_Check(peer_channels)) {
+        if (peer_channels != NULL)
+            PyErr_SetString(PyExc_TypeError, "permissions and peer_channels must be dicts");
+        Py_XDECREF(permissions);
+        Py_XDECREF(peer_channels);
+        return -1;
+    }
+    forget_allocation(self);
+    Py_INCREF(value);
+    self->allocation = value;
+    self->permissions = permissions;
+    self->peer_channels = peer_channels;
+    return 0;
+}
+
+static PyGetSetDef Relay_getset[] = {
+    {"allocation", (getter)Relay_get_allocation, (setter)Relay_set_allocation,
+     "the Allocation this socket relays for, or None", NULL},
+    {NULL},
+};
 
 static void Relay_dealloc(Relay *self)
 {
@@ -318,7 +379,7 @@ static PyObject *Relay_clear_client(Relay *self, PyObject *unused)
 {
     self->client_fd = -1;
     Py_CLEAR(self->to_client);
-    Py_CLEAR(self->allocation);
+    forget_allocation(self);
     Py_RETURN_NONE;
 }
 
@@ -444,37 +505,50 @@ static PyObject *Relay_readable(Relay *self, PyObject *unused)
     if (enter() < 0)
         return NULL;
     Pending pending = {NULL, NULL, NULL};
-    int n = receive_batch(self->fd);
+    /* Most relay sockets hold one datagram when they wake (a call's packets are
+     * milliseconds apart): one is read, without a second try that would find nothing. One
+     * woken again within 100 µs is busy and gets a whole batch. */
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    uint64_t now_ns = (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
+    int busy_socket = now_ns - self->last_wakeup_ns < 100000;
+    self->last_wakeup_ns = now_ns;
+    int n = receive_batch(self->fd, busy_socket ? BATCH : 1);
     if (n <= 0) {
         if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
             self->dropped++; /* an ICMP error queued on the socket */
         return finish(&pending);
     }
-    PyObject *allocation = self->allocation;
-    if (allocation == NULL || allocation == Py_None ||
-        (self->client_fd < 0 && self->to_client == NULL)) {
+    if (self->allocation == NULL || (self->client_fd < 0 && self->to_client == NULL)) {
         self->dropped += (unsigned long long)n;
         return finish(&pending);
     }
-    Py_INCREF(allocation);
-    PyObject *permissions = PyObject_GetAttr(allocation, s_permissions);
-    PyObject *peer_channels = permissions ? PyObject_GetAttr(allocation, s_peer_channels) : NULL;
-    if (peer_channels == NULL) {
-        Py_XDECREF(permissions);
-        Py_DECREF(allocation);
-        keep_error(&pending);
-        return finish(&pending);
-    }
+    PyObject *permissions = self->permissions;
+    PyObject *peer_channels = self->peer_channels;
+    Py_INCREF(permissions);
+    Py_INCREF(peer_channels);
     int out = 0;
     for (int i = 0; i < n; i++) {
         unsigned char *data = pool + (size_t)i * SLOT + HEADROOM;
         size_t size = rmsgs[i].msg_len;
-        PyObject *peer = cached_address(peer_cache, &rnames[i], 0);
-        if (peer == NULL) {
-            if (PyErr_Occurred())
-                keep_error(&pending);
-            self->dropped++;
-            continue;
+        socklen_t from_length = rmsgs[i].msg_hdr.msg_namelen;
+        PyObject *peer;
+        if (self->last_from_tuple != NULL && from_length == self->last_from_length &&
+            memcmp(&rnames[i], &self->last_from, from_length) == 0) {
+            peer = self->last_from_tuple;
+            Py_INCREF(peer);
+        } else {
+            peer = cached_address(peer_cache, &rnames[i], 0);
+            if (peer == NULL) {
+                if (PyErr_Occurred())
+                    keep_error(&pending);
+                self->dropped++;
+                continue;
+            }
+            Py_INCREF(peer);
+            Py_XSETREF(self->last_from_tuple, peer);
+            memcpy(&self->last_from, &rnames[i], from_length);
+            self->last_from_length = from_length;
         }
         int allowed = PyDict_Contains(permissions, PyTuple_GET_ITEM(peer, 0));
         if (allowed <= 0) {
@@ -504,7 +578,6 @@ static PyObject *Relay_readable(Relay *self, PyObject *unused)
     }
     Py_DECREF(permissions);
     Py_DECREF(peer_channels);
-    Py_DECREF(allocation);
     if (out == 0)
         return finish(&pending);
     if (self->client_fd >= 0) {
@@ -559,7 +632,6 @@ static PyMethodDef Relay_methods[] = {
 
 static PyMemberDef Relay_members[] = {
     {"fd", T_INT, offsetof(Relay, fd), READONLY, NULL},
-    {"allocation", T_OBJECT, offsetof(Relay, allocation), 0, NULL},
     {"to_client", T_OBJECT, offsetof(Relay, to_client), 0, NULL},
     {"pad_stream", T_BOOL, offsetof(Relay, pad_stream), 0, NULL},
     {"paused", T_BOOL, offsetof(Relay, paused), 0, NULL},
@@ -583,6 +655,7 @@ static PyTypeObject RelayType = {
     .tp_clear = (inquiry)Relay_clear,
     .tp_methods = Relay_methods,
     .tp_members = Relay_members,
+    .tp_getset = Relay_getset,
 };
 
 /* ------------------------------------------------------------------ Listener */
@@ -669,13 +742,17 @@ static int relay_channel_data(PyObject *allocation, const unsigned char *data, s
         goto error;
     if (allowed == 0)
         goto done;
-    struct sockaddr_storage to;
-    socklen_t to_length;
-    if (parse_address(peer, &to, &to_length) < 0) {
-        PyErr_Clear();
-        goto done;
+    if (peer != relay->last_to_tuple) {
+        if (parse_address(peer, &relay->last_to, &relay->last_to_length) < 0) {
+            PyErr_Clear();
+            Py_CLEAR(relay->last_to_tuple);
+            goto done;
+        }
+        Py_INCREF(peer);
+        Py_XSETREF(relay->last_to_tuple, peer);
     }
-    if (sendto(relay->fd, data + 4, length, 0, (struct sockaddr *)&to, to_length) < 0) {
+    if (sendto(relay->fd, data + 4, length, 0, (struct sockaddr *)&relay->last_to,
+               relay->last_to_length) < 0) {
         relay->dropped++; /* unreachable peer or full buffer: the datagram is lost */
     } else {
         relay->packets_to_peers++;
@@ -900,7 +977,7 @@ static PyObject *Listener_readable(Listener *self, PyObject *unused)
     if (enter() < 0)
         return NULL;
     Pending pending = {NULL, NULL, NULL};
-    int n = receive_batch(self->fd);
+    int n = receive_batch(self->fd, BATCH);
     if (n <= 0)
         return finish(&pending); /* nothing, or an ICMP error about an earlier send */
     PyObject *allocations = self->allocations;
