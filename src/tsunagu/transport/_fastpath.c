@@ -11,8 +11,8 @@
  * path, which decides and counts exactly as it does without this module.
  *
  * What it saves per packet: the interpreter, a socket-module call with its GIL release and
- * address parsing and formatting, and, under load, system calls (recvmmsg reads everything a
- * socket holds in one call; sendmmsg sends a relay socket's batch to its client).
+ * address parsing and formatting, and, under load, system calls (recvmmsg reads up to a batch
+ * from a busy socket in one call; sendmmsg sends a relay socket's batch to its client).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -620,7 +620,7 @@ static PyObject *Relay_readable(Relay *self, PyObject *unused)
 
 static PyMethodDef Relay_methods[] = {
     {"readable", (PyCFunction)Relay_readable, METH_NOARGS,
-     "Read what the socket holds (up to a batch) and relay it to the client."},
+     "Read one datagram, or a batch if the socket is busy, and relay it to the client."},
     {"set_client", (PyCFunction)Relay_set_client, METH_VARARGS,
      "set_client(fd, address): relay to a UDP client through the listener socket fd."},
     {"clear_client", (PyCFunction)Relay_clear_client, METH_NOARGS,

@@ -28,7 +28,7 @@ Stream = _fastpath.Stream
 
 
 class NativeRelayEndpoint(_fastpath.Relay):
-    """A relay socket read by C: ``readable`` reads all it holds and relays it to the client.
+    """A relay socket read by C: ``readable`` relays what arrived (a batch when busy).
 
     Counters live in C while the allocation lasts; :func:`fold_counters` adds them to the
     allocation's when it ends.
