@@ -425,7 +425,7 @@ class Config:
         False, _check_bool, "also send MAPPED-ADDRESS for RFC 3489 clients"
     )
     strict_channel_numbers: bool = _opt(
-        False, _check_bool, "accept only RFC 8656 channel numbers 0x4000-0x4FFF (not up to 0x7FFE)"
+        False, _check_bool, "accept only RFC 8656 channel numbers 0x4000-0x4FFF (not up to 0x7FFF)"
     )
     alternate_servers: tuple[str, ...] = _opt(
         (),

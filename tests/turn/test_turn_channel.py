@@ -9,13 +9,14 @@ from turn_harness import (
     PEER2,
     PEER6,
     Client,
+    channel_data,
     error_code,
     make_server,
     success,
 )
 
 from tsunagu.stun import Attribute, ChannelNumber, Lifetime, Method, XorPeerAddress
-from tsunagu.turn import Allocation, TurnSettings
+from tsunagu.turn import Allocation, Forward, TurnSettings
 
 
 def bind(client: Client, number: int, peer: tuple[str, int], now: float = NOW) -> int | None:
@@ -31,7 +32,15 @@ def allocation_of(client: Client) -> Allocation:
 
 @pytest.mark.parametrize(
     ("number", "code"),
-    [(0x3FFF, 400), (0x4000, 200), (0x4FFF, 200), (0x5000, 200), (0x7FFE, 200), (0x7FFF, 400)],
+    [
+        (0x3FFF, 400),
+        (0x4000, 200),
+        (0x4FFF, 200),
+        (0x5000, 200),
+        (0x7FFE, 200),
+        (0x7FFF, 200),
+        (0x8000, 400),
+    ],
 )
 def test_channel_range_rfc5766(allocated: Client, number: int, code: int) -> None:
     assert bind(allocated, number, PEER) == code
@@ -39,7 +48,8 @@ def test_channel_range_rfc5766(allocated: Client, number: int, code: int) -> Non
 
 
 @pytest.mark.parametrize(
-    ("number", "code"), [(0x3FFF, 400), (0x4000, 200), (0x4FFF, 200), (0x5000, 400)]
+    ("number", "code"),
+    [(0x3FFF, 400), (0x4000, 200), (0x4FFF, 200), (0x5000, 400), (0x7FFF, 400), (0x8000, 400)],
 )
 def test_channel_range_strict(number: int, code: int) -> None:
     server, _ = make_server(TurnSettings(strict_channel_numbers=True))
@@ -143,3 +153,13 @@ def test_channel_bind_respects_the_permission_limit(allocated: Client) -> None:
     assert bind(allocated, 0x4000, PEER2) == 508  # a new IP would be permission 1001
     assert allocation_of(allocated).channels == {}
     assert bind(allocated, 0x4000, ("8.8.0.1", 77)) == 200  # an existing one is fine
+
+
+def test_highest_rfc5766_channel_relays(allocated: Client) -> None:
+    """turnutils_uclient may pick 0x7FFF: ChannelData on it is relayed like any other."""
+    assert bind(allocated, 0x7FFF, PEER) == 200
+    allocation = allocation_of(allocated)
+    forward = allocated.server.receive_channel_data(
+        channel_data(0x7FFF, b"last"), allocated.five_tuple
+    )
+    assert forward == Forward(allocation.relays[4], b"last", PEER)

@@ -116,10 +116,11 @@ OFFERED_ALGORITHMS = PasswordAlgorithms(
 )
 _FAMILY_TO_VERSION = {FAMILY_IPV4: 4, FAMILY_IPV6: 6}
 _VERSION_TO_FAMILY = {4: FAMILY_IPV4, 6: FAMILY_IPV6}
-# RFC 8656 narrowed channels to 0x4000-0x4FFF; RFC 5766 clients (coturn's among them) still
-# pick up to 0x7FFE, and refusing them breaks calls for no gain on a TURN server's port.
+# RFC 8656 narrowed channels to 0x4000-0x4FFF; RFC 5766 clients still use 0x4000-0x7FFF
+# (coturn's turnutils_uclient picks from the whole range, 0x7FFF included, and coturn and
+# pion accept it), and refusing them breaks calls for no gain on a TURN server's port.
 _CHANNEL_MIN = 0x4000
-_CHANNEL_MAX_RFC5766 = 0x7FFE
+_CHANNEL_MAX_RFC5766 = 0x7FFF
 _MAX_PERMISSIONS = 1000
 _MAX_FAILED_BINDS = 32
 _RESPONSE_CACHE_LIMIT = 100_000
@@ -232,7 +233,7 @@ class TurnSettings:
     token that any worker can redeem, and port + 1 is set aside rather than held bound
     (another worker could not take it over from this one's socket)."""
     strict_channel_numbers: bool = False
-    """Accept only RFC 8656's 0x4000-0x4FFF instead of RFC 5766's 0x4000-0x7FFE."""
+    """Accept only RFC 8656's 0x4000-0x4FFF instead of RFC 5766's 0x4000-0x7FFF."""
     policy: PeerPolicy = field(default_factory=PeerPolicy.create)
 
 
