@@ -6,7 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e_support import Server, run_server
+
+from support.browser import Server, run_server
 
 
 @pytest.fixture

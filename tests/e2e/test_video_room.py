@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_support import ROOT, Server, chromium, run_server
 from playwright.async_api import Browser, Page
+
+from support.browser import ROOT, Server, chromium, run_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
 

@@ -6,7 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from interop_support import HOST, HOST6, EchoPeer, ServeProcess, run_serve, run_turnutils_peer
+
+from support.interop import HOST, HOST6, EchoPeer, ServeProcess, run_serve, run_turnutils_peer
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ import time
 from typing import Any
 
 import pytest
-from interop_support import (
+
+from support.interop import (
     HOST,
     USER,
     ServeProcess,

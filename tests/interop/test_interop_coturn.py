@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from interop_support import (
+
+from support.interop import (
     HOST,
     HOST6,
     PASSWORD,

@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-from interop_support import HOST, PASSWORD, USER, EchoPeer, run_serve
 from test_interop_coturn import LOST, SUMMARY, run_bounded
+
+from support.interop import HOST, PASSWORD, USER, EchoPeer, run_serve
 
 pytestmark = pytest.mark.interop
 

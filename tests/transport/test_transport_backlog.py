@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from interop_support import HOST, ServeProcess, run_serve, turn_allocate, udp_echo_server
+
+from support.interop import HOST, ServeProcess, run_serve, turn_allocate, udp_echo_server
 
 pytestmark = pytest.mark.interop
 

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from interop_support import (
+
+from support.interop import (
     HOST,
     USER,
     ServeProcess,

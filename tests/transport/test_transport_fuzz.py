@@ -15,8 +15,8 @@ import socket
 from pathlib import Path
 
 import pytest
-from interop_support import HOST, run_serve, turn_allocate, udp_echo_server
 
+from support.interop import HOST, run_serve, turn_allocate, udp_echo_server
 from tsunagu.stun import MessageClass, Method, encode_message
 from tsunagu.stun.attributes import (
     ChannelNumber,

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import aioice.stun
 import pytest
-from interop_support import (
+
+from support.interop import (
     HOST,
     ServeProcess,
     client_field,

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from turn_harness import Client, FakeBinder, make_server, success
 
+from support.turn_harness import Client, FakeBinder, make_server, success
 from tsunagu.turn import TurnServer
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from turn_harness import (
+
+from support.turn_harness import (
     CLIENT,
     NOW,
     SERVER_IP,
@@ -15,7 +16,6 @@ from turn_harness import (
     success,
     udp,
 )
-
 from tsunagu.stun import (
     FAMILY_IPV4,
     FAMILY_IPV6,

@@ -16,8 +16,8 @@ that) is for: it caps what any one victim address can receive.
 from __future__ import annotations
 
 import pytest
-from turn_harness import NOW, Client, error_code, make_server, stun, udp
 
+from support.turn_harness import NOW, Client, error_code, make_server, stun, udp
 from tsunagu.stun import (
     TRANSPORT_UDP,
     Attribute,

@@ -8,7 +8,8 @@ import random
 from collections.abc import Sequence
 
 import pytest
-from turn_harness import (
+
+from support.turn_harness import (
     CLIENT,
     NOW,
     REALM,
@@ -20,7 +21,6 @@ from turn_harness import (
     success,
     udp,
 )
-
 from tsunagu.auth.rest import mint_credentials
 from tsunagu.stun import (
     PASSWORD_ALGORITHM_MD5,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from turn_harness import (
+from support.turn_harness import (
     CLIENT,
     NOW,
     Client,
@@ -14,7 +14,6 @@ from turn_harness import (
     success,
     udp,
 )
-
 from tsunagu.stun import (
     TRANSPORT_UDP,
     MappedAddress,

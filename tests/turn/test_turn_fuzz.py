@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from turn_harness import (
+
+from support.turn_harness import (
     NOW,
     PEER,
     PEER2,
@@ -29,7 +30,6 @@ from turn_harness import (
     success,
     udp,
 )
-
 from tsunagu.auth.rest import mint_credentials
 from tsunagu.stun import (
     ATTRIBUTE_CLASSES,

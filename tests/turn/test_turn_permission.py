@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from turn_harness import (
+
+from support.turn_harness import (
     NOW,
     PEER,
     PEER2,
@@ -13,7 +14,6 @@ from turn_harness import (
     make_server,
     success,
 )
-
 from tsunagu.stun import (
     FAMILY_IPV6,
     AdditionalAddressFamily,

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from turn_harness import NOW, Client, FakeBinder, error_code, events, make_server, success
 
+from support.turn_harness import NOW, Client, FakeBinder, error_code, events, make_server, success
 from tsunagu.stun import (
     FAMILY_IPV4,
     FAMILY_IPV6,

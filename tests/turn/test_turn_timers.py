@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from turn_harness import (
+from support.turn_harness import (
     NOW,
     PEER,
     SERVER_IP,
@@ -16,7 +16,6 @@ from turn_harness import (
     success,
     udp,
 )
-
 from tsunagu.stun import (
     ChannelNumber,
     EvenPort,

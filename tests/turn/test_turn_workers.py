@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from turn_harness import (
+
+from support.turn_harness import (
     NOW,
     SERVER_IP,
     Client,
@@ -20,7 +21,6 @@ from turn_harness import (
     success,
     udp,
 )
-
 from tsunagu.stun import (
     FAMILY_IPV6,
     TRANSPORT_UDP,
