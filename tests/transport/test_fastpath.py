@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from tsunagu.stun.attributes import Data, XorMappedAddress, XorPeerAddress
 from tsunagu.stun.framing import FramingError, StreamFramer
 from tsunagu.stun.message import MessageClass, Method, encode_message, parse_message
+from tsunagu.turn import TurnServer, TurnSettings, data_indication
 from tsunagu.turn.allocation import Allocation, FiveTuple
-from tsunagu.turn.server import TurnServer, TurnSettings, data_indication
 
 # In CI the extension must be there: a silent fallback would leave it untested.
 _fastpath = pytest.importorskip("tsunagu.transport._fastpath")

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from tsunagu.stun import MessageClass, Method, encode_message, parse_message
 from tsunagu.stun.attributes import Data, XorPeerAddress
-from tsunagu.turn.server import data_indication
+from tsunagu.stun.indication import data_indication
 
 IPS = ["127.0.0.1", "203.0.113.9", "0.0.0.0", "2001:db8::1", "::1", "::ffff:192.0.2.1"]
 

@@ -6,6 +6,7 @@ Pure: bytes in, objects out, and back. No sockets, no clock, no global randomnes
 from .attributes import *  # noqa: F403
 from .attributes import __all__ as _attribute_names
 from .framing import StreamFramer
+from .indication import data_indication
 from .message import (
     HEADER_LENGTH,
     MAGIC_COOKIE,
@@ -28,6 +29,7 @@ __all__ = [
     "Method",
     "StreamFramer",
     "StunError",
+    "data_indication",
     "encode_message",
     "is_channel_data",
     "is_stun",

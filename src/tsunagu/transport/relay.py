@@ -17,8 +17,8 @@ import time
 from typing import Any
 
 from ..stun.attributes import Address
+from ..stun.indication import data_indication
 from ..turn.allocation import Allocation
-from ..turn.server import data_indication
 
 __all__ = ["RelayEndpoint", "UdpRelayBinder"]
 
@@ -33,6 +33,51 @@ _DF_OPTIONS = (
     getattr(socket, "IP_MTU_DISCOVER", None),
     getattr(socket, "IP_PMTUDISC_DO", None),
 )
+
+
+class StreamClient(Protocol):
+    """What a relay socket needs of a TCP/TLS client (:class:`.listeners.StreamClientLink`)."""
+
+    @property
+    def transport(self) -> asyncio.WriteTransport: ...
+
+    @property
+    def paused(self) -> bool: ...
+
+    def send(self, data: bytes, address: Any = None) -> None: ...
+
+
+class RelayEndpointLike(Protocol):
+    """A relay socket of either engine, as the driver and the listeners use it.
+
+    ``allocation`` is set by the driver once the core has created the allocation; the
+    ``connect_*`` methods point the socket at the client, once per allocation.
+    """
+
+    allocation: Allocation | None
+
+    @property
+    def address(self) -> Address: ...
+
+    def connect_udp(self, sock: socket.socket, address: Any) -> None: ...
+
+    def connect_stream(self, client: StreamClient) -> None: ...
+
+    def set_paused(self, paused: bool) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class EndpointFactory(Protocol):
+    """How :class:`UdpRelayBinder` turns a bound socket into an engine's relay endpoint."""
+
+    def __call__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        address: Address,
+        tid_prefix: bytes,
+    ) -> RelayEndpointLike: ...
 
 
 class RelayEndpoint:
@@ -125,6 +170,17 @@ class RelayEndpoint:
             allocation.packets_to_client += 1
             allocation.bytes_to_client += len(data)
 
+    def connect_udp(self, sock: socket.socket, address: Any) -> None:
+        self.to_client = sock.sendto
+        self.client_address = address
+
+    def connect_stream(self, client: StreamClient) -> None:
+        # The link pads frames and drops them while the client's transport is paused.
+        self.to_client = client.send
+
+    def set_paused(self, paused: bool) -> None:
+        pass  # the stream link reads the connection's flag itself
+
     def close(self) -> None:
         if self._closed:
             return
@@ -140,16 +196,16 @@ class UdpRelayBinder:
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        random_bytes: Any,
-        endpoint: Any = RelayEndpoint,
+        random_bytes: Callable[[int], bytes],
+        endpoint: EndpointFactory = RelayEndpoint,
     ) -> None:
         self._loop = loop
         self._random_bytes = random_bytes
-        # RelayEndpoint, or the C path's NativeRelayEndpoint: same constructor, same interface.
+        # The relay engine's endpoint class: RelayEndpoint, or native's NativeRelayEndpoint.
         self._endpoint = endpoint
         self.bind_errors = 0
 
-    def bind(self, ip: str, port: int, *, dont_fragment: bool) -> Any:
+    def bind(self, ip: str, port: int, *, dont_fragment: bool) -> RelayEndpointLike | None:
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET
         try:
             sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -175,4 +231,5 @@ class UdpRelayBinder:
         return self._endpoint(self._loop, sock, (ip, port), self._random_bytes(4))
 
     def release(self, relay: Any) -> None:
+        # The core hands back what bind() returned, typed as its own RelaySocket.
         relay.close()

@@ -1,5 +1,6 @@
 """The TURN server core (RFC 8656, RFC 6156): pure state machine, no I/O."""
 
+from ..stun.indication import data_indication
 from .allocation import Allocation, FiveTuple, RelaySocket
 from .events import AllocationCreated, AllocationEnded, Event
 from .policy import PeerPolicy
@@ -10,7 +11,6 @@ from .server import (
     RelayBinder,
     TurnServer,
     TurnSettings,
-    data_indication,
     long_term_key,
 )
 

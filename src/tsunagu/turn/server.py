@@ -26,11 +26,9 @@ How it works, in order, for a request:
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import heapq
 import hmac
-import struct
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,7 +69,6 @@ from ..stun.attributes import (
     XorRelayedAddress,
 )
 from ..stun.message import (
-    MAGIC_COOKIE,
     Message,
     MessageClass,
     Method,
@@ -107,7 +104,6 @@ __all__ = [
     "RelayBinder",
     "TurnServer",
     "TurnSettings",
-    "data_indication",
     "long_term_key",
 ]
 
@@ -125,9 +121,6 @@ _MAX_PERMISSIONS = 1000
 _MAX_FAILED_BINDS = 32
 _RESPONSE_CACHE_LIMIT = 100_000
 _BUCKET_LIMIT = 100_000
-
-_COOKIE = MAGIC_COOKIE.to_bytes(4, "big")
-_TLV = struct.Struct("!HH")
 
 # Timer kinds in the expiry heap.
 _ALLOCATION, _PERMISSION, _CHANNEL, _RESERVATION = range(4)
@@ -243,36 +236,6 @@ class _Auth:
     realm: str
     key: bytes
     sha256: bool
-
-
-_DATA_INDICATION = struct.Struct("!HH4s12sHH")
-_PADDING = (b"", b"\x00\x00\x00", b"\x00\x00", b"\x00")
-
-
-@functools.lru_cache(maxsize=4096)
-def _xor_peer_ipv4(ip: str, port: int) -> bytes:
-    return XorPeerAddress(ip, port).encode(bytes(12))
-
-
-def data_indication(transaction_id: bytes, peer: Address, payload: bytes) -> bytes:
-    """A Data indication (RFC 8656 §11.4) carrying ``payload`` from ``peer``.
-
-    Built directly rather than through :func:`encode_message`: it is sent for every packet a
-    peer relays to a client without a channel. Raises ValueError when it would not fit.
-    """
-    ip, port = peer[0], peer[1]
-    if ":" in ip:
-        peer_value = XorPeerAddress(ip, port).encode(transaction_id)
-    else:  # an IPv4 address is XOR-ed with the cookie alone: the same bytes every time
-        peer_value = _xor_peer_ipv4(ip, port)
-    size = len(payload)
-    length = 8 + len(peer_value) + size + (-size & 3)
-    if length > 0xFFFF:
-        raise ValueError("payload too large for a Data indication")
-    header = _DATA_INDICATION.pack(
-        0x0017, length, _COOKIE, transaction_id, XorPeerAddress.TYPE, len(peer_value)
-    )
-    return b"".join((header, peer_value, _TLV.pack(Data.TYPE, size), payload, _PADDING[size & 3]))
 
 
 class TurnServer:
