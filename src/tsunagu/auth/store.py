@@ -12,7 +12,7 @@ import hashlib
 from collections.abc import Iterable
 
 from ..stun.attributes import PASSWORD_ALGORITHM_MD5, PASSWORD_ALGORITHM_SHA256
-from ..turn.server import long_term_key
+from ..turn.authentication import long_term_key
 from .rest import rest_expiry, rest_password
 
 __all__ = ["StaticCredentialStore"]

@@ -2,16 +2,15 @@
 
 from ..stun.indication import data_indication
 from .allocation import Allocation, FiveTuple, RelaySocket
+from .authentication import CredentialStore, long_term_key
 from .events import AllocationCreated, AllocationEnded, Event
 from .policy import PeerPolicy
 from .server import (
-    CredentialStore,
     Forward,
     RandomSource,
     RelayBinder,
     TurnServer,
     TurnSettings,
-    long_term_key,
 )
 
 __all__ = [

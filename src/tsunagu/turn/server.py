@@ -37,8 +37,6 @@ from typing import Any, NamedTuple, Protocol
 from ..stun.attributes import (
     FAMILY_IPV4,
     FAMILY_IPV6,
-    PASSWORD_ALGORITHM_MD5,
-    PASSWORD_ALGORITHM_SHA256,
     TRANSPORT_UDP,
     AdditionalAddressFamily,
     Address,
@@ -53,17 +51,11 @@ from ..stun.attributes import (
     EvenPort,
     Lifetime,
     MappedAddress,
-    Nonce,
-    PasswordAlgorithm,
-    PasswordAlgorithms,
-    Realm,
     RequestedAddressFamily,
     RequestedTransport,
     ReservationToken,
     Software,
     UnknownAttributes,
-    Userhash,
-    Username,
     XorMappedAddress,
     XorPeerAddress,
     XorRelayedAddress,
@@ -77,6 +69,7 @@ from ..stun.message import (
     parse_message,
 )
 from .allocation import Allocation, FiveTuple, RelaySocket
+from .authentication import Authenticated, Authenticator, CredentialStore
 from .errors import (
     AddressFamilyNotSupported,
     AllocationMismatch,
@@ -94,22 +87,17 @@ from .errors import (
     WrongCredentials,
 )
 from .events import AllocationCreated, AllocationEnded, Event
-from .nonce import NonceManager, NonceStatus
+from .nonce import NonceManager
 from .policy import PeerPolicy
 
 __all__ = [
-    "CredentialStore",
     "Forward",
     "RandomSource",
     "RelayBinder",
     "TurnServer",
     "TurnSettings",
-    "long_term_key",
 ]
 
-OFFERED_ALGORITHMS = PasswordAlgorithms(
-    ((PASSWORD_ALGORITHM_MD5, b""), (PASSWORD_ALGORITHM_SHA256, b""))
-)
 _FAMILY_TO_VERSION = {FAMILY_IPV4: 4, FAMILY_IPV6: 6}
 _VERSION_TO_FAMILY = {4: FAMILY_IPV4, 6: FAMILY_IPV6}
 # RFC 8656 narrowed channels to 0x4000-0x4FFF; RFC 5766 clients still use 0x4000-0x7FFF
@@ -124,38 +112,6 @@ _BUCKET_LIMIT = 100_000
 
 # Timer kinds in the expiry heap.
 _ALLOCATION, _PERMISSION, _CHANNEL, _RESERVATION = range(4)
-
-
-def long_term_key(username: str, realm: str, password: str, algorithm: int) -> bytes:
-    """The long-term credential key (RFC 8489 §9.2.2): hash of ``user:realm:password``.
-
-    Passwords are taken as given (OpaqueString profile of RFC 8265 is the identity on the
-    ASCII and normalised input users actually configure).
-    """
-    text = f"{username}:{realm}:{password}".encode()
-    if algorithm == PASSWORD_ALGORITHM_SHA256:
-        return hashlib.sha256(text).digest()
-    return hashlib.md5(text, usedforsecurity=False).digest()
-
-
-class CredentialStore(Protocol):
-    """Where the core gets keys. Implementations live in :mod:`tsunagu.auth`."""
-
-    def get_keys(
-        self, username: str, realm: str, algorithm: int, now: float, *, existing: bool
-    ) -> tuple[bytes, ...]:
-        """Candidate keys for ``username`` (none if unknown or expired).
-
-        More than one when secrets are being rotated: the integrity check picks the key that
-        matches. ``existing`` is True for requests on an allocation that already exists
-        (Refresh, CreatePermission, ChannelBind), where a store may choose to accept an
-        expired time-limited credential.
-        """
-        ...
-
-    def find_userhash(self, userhash: bytes, realm: str) -> str | None:
-        """The username whose SHA-256(username:realm) is ``userhash`` (RFC 8489 §14.4)."""
-        ...
 
 
 class RelayBinder(Protocol):
@@ -230,14 +186,6 @@ class TurnSettings:
     policy: PeerPolicy = field(default_factory=PeerPolicy.create)
 
 
-@dataclass(slots=True)
-class _Auth:
-    username: str
-    realm: str
-    key: bytes
-    sha256: bool
-
-
 class TurnServer:
     """One TURN server's state: allocations, nonces, quotas, the expiry heap."""
 
@@ -249,15 +197,13 @@ class TurnServer:
         rng: RandomSource,
     ) -> None:
         self.settings = settings
-        self._credentials = credentials
         self._binder = binder
         self._rng = rng
         self._secret = settings.nonce_secret or rng.randbytes(32)
-        self._nonces = NonceManager(
-            self._secret,
-            settings.nonce_lifetime,
-            security_features=settings.security_features,
+        nonces = NonceManager(
+            self._secret, settings.nonce_lifetime, security_features=settings.security_features
         )
+        self._authenticator = Authenticator(credentials, nonces, settings.realm)
         self.allocations: dict[FiveTuple, Allocation] = {}
         self._per_user: Counter[str] = Counter()
         self._heap: list[tuple[float, int, int, Any, Any]] = []
@@ -274,7 +220,7 @@ class TurnServer:
         """Silent drops by cause; read by the metrics exporter."""
         self.responses: Counter[int] = Counter()
         """Responses sent by code (200 for success)."""
-        self._handlers: dict[int, Callable[[Message, FiveTuple, _Auth, float], bytes]] = {
+        self._handlers: dict[int, Callable[[Message, FiveTuple, Authenticated, float], bytes]] = {
             Method.ALLOCATE: self._allocate,
             Method.REFRESH: self._refresh,
             Method.CREATE_PERMISSION: self._create_permission,
@@ -400,7 +346,7 @@ class TurnServer:
             return cached[0]
         if message.rfc3489:
             return self._binding(message, five_tuple) if message.method == Method.BINDING else None
-        auth: _Auth | None = None
+        auth: Authenticated | None = None
         try:
             unknown = message.unknown_required
             if unknown:
@@ -412,7 +358,10 @@ class TurnServer:
                 raise BadRequest("unknown method")
             if self.settings.stun_only:
                 raise Forbidden("this server answers STUN only")
-            auth = self._authenticate(message, five_tuple, now)
+            existing = five_tuple in self.allocations and message.method != Method.ALLOCATE
+            auth = self._authenticator.authenticate(
+                message, five_tuple.client[0], now, existing=existing
+            )
             response: bytes | None = handler(message, five_tuple, auth, now)
             self.responses[200] += 1
         except AttributeError_ as exc:
@@ -451,7 +400,7 @@ class TurnServer:
         message: Message,
         five_tuple: FiveTuple,
         error: TurnError,
-        auth: _Auth | None,
+        auth: Authenticated | None,
         now: float,
     ) -> bytes | None:
         # Only UDP answers can be aimed at a spoofed address; over TCP and TLS a client that
@@ -471,10 +420,7 @@ class TurnServer:
             reason = f"{error.reason}: {error.detail}"[:127]
         attributes: list[Attribute] = [ErrorCode(error.code, reason), *error.attributes]
         if isinstance(error, Unauthorized | StaleNonce):
-            attributes.append(Realm(self.settings.realm))
-            attributes.append(Nonce(self._nonces.make(five_tuple.client[0], now)))
-            if self._nonces.security_features:
-                attributes.append(OFFERED_ALGORITHMS)
+            attributes.extend(self._authenticator.challenge(five_tuple.client[0], now))
         return self._encode(message, MessageClass.ERROR, attributes, auth)
 
     def _encode(
@@ -482,7 +428,7 @@ class TurnServer:
         message: Message,
         klass: MessageClass,
         attributes: list[Attribute],
-        auth: _Auth | None,
+        auth: Authenticated | None,
     ) -> bytes:
         if self.settings.software is not None and auth is not None:
             attributes.append(Software(self.settings.software))
@@ -517,48 +463,7 @@ class TurnServer:
             fingerprint=message.fingerprint_offset is not None,
         )
 
-    def _authenticate(self, message: Message, five_tuple: FiveTuple, now: float) -> _Auth:
-        """The long-term credential mechanism, server side (RFC 8489 §9.2.4)."""
-        if not message.has_integrity:
-            raise Unauthorized()
-        realm = message.get(Realm)
-        nonce = message.get(Nonce)
-        username = message.get(Username)
-        userhash = message.get(Userhash)
-        if realm is None or nonce is None or (username is None and userhash is None):
-            raise BadRequest("USERNAME or USERHASH, REALM and NONCE are required")
-        status = self._nonces.check(nonce.value, five_tuple.client[0], now)
-        if status is not NonceStatus.VALID:
-            raise StaleNonce()
-        algorithm = PASSWORD_ALGORITHM_MD5
-        if self._nonces.security_features:
-            chosen = message.get(PasswordAlgorithm)
-            offered = message.get(PasswordAlgorithms)
-            if chosen is not None or offered is not None:
-                if chosen is None or offered != OFFERED_ALGORITHMS:
-                    raise BadRequest("PASSWORD-ALGORITHMS does not match what was offered")
-                if chosen.algorithm not in (PASSWORD_ALGORITHM_MD5, PASSWORD_ALGORITHM_SHA256):
-                    raise BadRequest("unsupported PASSWORD-ALGORITHM")
-                algorithm = chosen.algorithm
-        if realm.value != self.settings.realm:
-            raise Unauthorized()
-        if username is not None:
-            name: str | None = username.value
-        else:
-            assert userhash is not None
-            name = self._credentials.find_userhash(userhash.value, realm.value)
-        if name is None:
-            raise Unauthorized()
-        existing = five_tuple in self.allocations and message.method != Method.ALLOCATE
-        keys = self._credentials.get_keys(name, realm.value, algorithm, now, existing=existing)
-        sha256 = message.integrity_sha256_offset is not None
-        check = message.check_integrity_sha256 if sha256 else message.check_integrity
-        for key in keys:
-            if check(key):
-                return _Auth(name, realm.value, key, sha256)
-        raise Unauthorized()
-
-    def _allocation_for(self, five_tuple: FiveTuple, auth: _Auth) -> Allocation:
+    def _allocation_for(self, five_tuple: FiveTuple, auth: Authenticated) -> Allocation:
         allocation = self.allocations.get(five_tuple)
         if allocation is None:
             raise AllocationMismatch("no allocation for this 5-tuple")
@@ -568,7 +473,9 @@ class TurnServer:
 
     # ------------------------------------------------------------------ Allocate
 
-    def _allocate(self, message: Message, five_tuple: FiveTuple, auth: _Auth, now: float) -> bytes:
+    def _allocate(
+        self, message: Message, five_tuple: FiveTuple, auth: Authenticated, now: float
+    ) -> bytes:
         """Allocate (RFC 8656 §7.2)."""
         settings = self.settings
         # 2. An existing allocation: a retransmission gets the same answer, anything else 437.
@@ -803,7 +710,9 @@ class TurnServer:
 
     # ------------------------------------------------------------------ Refresh
 
-    def _refresh(self, message: Message, five_tuple: FiveTuple, auth: _Auth, now: float) -> bytes:
+    def _refresh(
+        self, message: Message, five_tuple: FiveTuple, auth: Authenticated, now: float
+    ) -> bytes:
         """Refresh (RFC 8656 §7.3-7.4): extend the lifetime, or delete with lifetime 0."""
         allocation = self._allocation_for(five_tuple, auth)
         requested_family = message.get(RequestedAddressFamily)
@@ -844,7 +753,7 @@ class TurnServer:
         permissions[ip] = now + self.settings.permission_lifetime
 
     def _create_permission(
-        self, message: Message, five_tuple: FiveTuple, auth: _Auth, now: float
+        self, message: Message, five_tuple: FiveTuple, auth: Authenticated, now: float
     ) -> bytes:
         """CreatePermission (RFC 8656 §9.2): all peers are installed, or none."""
         allocation = self._allocation_for(five_tuple, auth)
@@ -862,7 +771,7 @@ class TurnServer:
         return self._encode(message, MessageClass.SUCCESS, [], auth)
 
     def _channel_bind(
-        self, message: Message, five_tuple: FiveTuple, auth: _Auth, now: float
+        self, message: Message, five_tuple: FiveTuple, auth: Authenticated, now: float
     ) -> bytes:
         """ChannelBind (RFC 8656 §11.2)."""
         allocation = self._allocation_for(five_tuple, auth)
