@@ -14,13 +14,20 @@ import logging
 import socket
 import struct
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from ..stun.attributes import Address
 from ..stun.indication import data_indication
 from ..turn.allocation import Allocation
 
-__all__ = ["RelayEndpoint", "UdpRelayBinder"]
+__all__ = [
+    "EndpointFactory",
+    "RelayEndpoint",
+    "RelayEndpointLike",
+    "StreamClient",
+    "UdpRelayBinder",
+]
 
 log = logging.getLogger("tsunagu.relay")
 
