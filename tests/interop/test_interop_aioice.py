@@ -7,12 +7,14 @@ aioice sends no REQUESTED-ADDRESS-FAMILY, so it always asks for an IPv4 relayed 
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 import time
 from typing import Any
 
 import pytest
 
+from support.audit import workers_seen
 from support.interop import (
     HOST,
     USER,
@@ -78,3 +80,45 @@ async def test_aioice_allocates_and_relays(
     assert record["to_peers"] == {"packets": len(PAYLOADS), "bytes": total}
     assert record["to_client"] == {"packets": len(PAYLOADS), "bytes": total}
     assert 0 <= record["duration"] <= elapsed + 0.5
+
+
+SPREAD_CLIENTS = 20
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+async def test_aioice_allocations_land_on_every_worker(
+    request: pytest.FixtureRequest, family: str
+) -> None:
+    """The server runs one worker per core; the kernel spreads clients over them by their
+    addresses and ports. With 20 clients per transport, the chance that all land on the same
+    one of two workers is 2 in 2**20: if one worker stays unused, it is not serving."""
+    serve: ServeProcess = request.getfixturevalue("serve" if family == "ipv4" else "serve6")
+    assert serve.workers == len(os.sched_getaffinity(0)), serve.startup
+    tls = ssl.create_default_context(cafile=str(serve.cert_path))
+    async with udp_echo_server(HOST) as (_, peer):
+        for transport in ("udp", "tcp", "tls"):
+            clients = await asyncio.gather(
+                *(
+                    turn_allocate(
+                        serve,
+                        "udp" if transport == "udp" else "tcp",
+                        ssl=tls if transport == "tls" else None,
+                    )
+                    for _ in range(SPREAD_CLIENTS)
+                )
+            )
+            for client in clients:
+                assert await client.echo(b"which worker?", peer) == b"which worker?"
+            await asyncio.gather(*(client.close() for client in clients))
+            server_port = serve.tls_port if transport == "tls" else serve.port
+            records = [
+                await wait_for_record(
+                    serve, client_field(transport, client.mapped, (serve.host, server_port))
+                )
+                for client in clients
+            ]
+            for client, record in zip(clients, records, strict=True):
+                assert record["relay"] == [address_field(client.relayed)]
+                assert record["to_client"]["packets"] == 1, record
+            seen = workers_seen(records, serve.workers)
+            assert set(seen) == set(range(serve.workers)), (transport, seen)

@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from support.audit import workers_seen
 from support.interop import (
     HOST,
     HOST6,
@@ -275,3 +277,26 @@ async def test_wrong_password_is_refused_and_server_keeps_serving(
     assert [r["client"] for r in records] == [
         client_field("udp", mapped, (HOST, fresh_serve.port))
     ], records
+
+
+def test_uclient_allocations_land_on_every_worker(uclient_runs: dict[str, UclientRun]) -> None:
+    """Every server above runs the default worker count, one per core, and the kernel spreads
+    uclient's sockets over the workers by their addresses and ports.
+
+    Each mode makes at least four allocations whose workers the kernel picks independently
+    (a redeemed EVEN-PORT reservation counts for the worker that made it, see
+    ``support.audit``): 28 over UDP, 16 over TCP and TLS together. All of them on one of two
+    workers would mean the other is not serving; by chance that has odds of 1 in 2**15.
+    """
+    cores = len(os.sched_getaffinity(0))
+    seen: dict[str, Counter[int]] = {}
+    for mode, run in uclient_runs.items():
+        code, out, _ = run.result()
+        assert code == 0, out
+        assert run.server.workers == cores, run.server.startup
+        records = wait_for_audit_packets(run.server, MESSAGES * CLIENTS)
+        kind = "udp" if mode.startswith("udp") else "stream"
+        seen.setdefault(kind, Counter()).update(workers_seen(records, run.server.workers))
+    assert set(seen) == {"udp", "stream"}
+    for kind, workers in seen.items():
+        assert set(workers) == set(range(cores)), (kind, workers)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import random
 import re
@@ -24,6 +23,8 @@ from typing import Any
 
 import aioice.stun
 import aioice.turn
+
+from support.audit import audit_records, worker_count
 
 HOST = "127.0.0.1"
 HOST6 = "::1"
@@ -167,8 +168,8 @@ class ServeProcess:
             str(self.drain_timeout),
             "--log-file",
             str(self.log_path),
-            # One process unless a test asks for workers: audit logs and CPU figures are its.
-            *(() if "--workers" in self.extra else ("--workers", "1")),
+            # As many worker processes as the server picks by default (one per usable core),
+            # unless a test asks otherwise: what users run. Every worker appends to the log.
             *self.extra,
         ]
         env = dict(os.environ, XDG_STATE_HOME=str(self.state_dir), PYTHONUNBUFFERED="1")
@@ -194,14 +195,14 @@ class ServeProcess:
         except FileNotFoundError:
             return ""
 
+    @property
+    def workers(self) -> int:
+        """How many worker processes serve TURN (known once the server is ready)."""
+        return worker_count(self.startup)
+
     def audit_records(self) -> list[dict[str, Any]]:
-        """The JSON records the server wrote on the ``tsunagu.audit`` logger so far."""
-        records = []
-        for line in self.log_text().splitlines():
-            _, marker, payload = line.partition(" tsunagu.audit INFO ")
-            if marker:
-                records.append(json.loads(payload))
-        return records
+        """The JSON records every worker wrote on the ``tsunagu.audit`` logger so far."""
+        return audit_records(self.log_text())
 
     def wait_for_log(self, text: str, timeout: float = 5.0) -> bool:
         deadline = time.monotonic() + timeout

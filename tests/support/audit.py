@@ -1,0 +1,75 @@
+"""Reading what ``tsunagu serve`` logs about allocations, whichever worker process served them.
+
+Every worker writes to the same place as the process that started it (the ``--log-file``,
+else the inherited stderr), so one file holds the audit records of all workers. An audit
+record names its worker in ``"worker"`` when the server writes that field; otherwise the
+relayed port tells: worker ``i`` of ``n`` binds only ports whose pair number
+``port // 2`` is ``i`` modulo ``n``.
+
+The port rule is exact for every port a worker bound itself. The one exception, the odd
+port of an EVEN-PORT reservation redeemed by another worker, is still attributed to a worker
+that served an allocation (the one that made the reservation), so "these workers served
+allocations" never claims a worker that served none.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = [
+    "AUDIT_MARKER",
+    "audit_records",
+    "relay_port",
+    "warning_lines",
+    "worker_count",
+    "worker_of",
+    "workers_seen",
+]
+
+AUDIT_MARKER = " tsunagu.audit INFO "
+_WORKERS = re.compile(r"tsunagu: (\d+) worker processes")
+
+
+def audit_records(text: str) -> list[dict[str, Any]]:
+    """The JSON records logged on ``tsunagu.audit`` in ``text`` (a log file's content)."""
+    records = []
+    for line in text.splitlines():
+        _, marker, payload = line.partition(AUDIT_MARKER)
+        if marker:
+            records.append(json.loads(payload))
+    return records
+
+
+def warning_lines(text: str) -> list[str]:
+    """Lines the server logged at WARNING or above."""
+    return [line for line in text.splitlines() if re.search(r" (WARNING|ERROR|CRITICAL) ", line)]
+
+
+def worker_count(startup: Iterable[str]) -> int:
+    """How many worker processes the server said it runs (it says nothing when it is one)."""
+    for line in startup:
+        match = _WORKERS.search(line)
+        if match:
+            return int(match.group(1))
+    return 1
+
+
+def relay_port(record: dict[str, Any]) -> int:
+    """The port of the first relayed address of an audit record."""
+    return int(record["relay"][0].rsplit(":", 1)[1])
+
+
+def worker_of(record: dict[str, Any], workers: int) -> int:
+    """Which worker served the allocation of ``record`` (see the module's note)."""
+    if "worker" in record:
+        return int(record["worker"])
+    return (relay_port(record) // 2) % workers
+
+
+def workers_seen(records: Iterable[dict[str, Any]], workers: int) -> Counter[int]:
+    """Allocations per worker among ``records``."""
+    return Counter(worker_of(record, workers) for record in records if record["relay"])
