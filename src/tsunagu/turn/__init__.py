@@ -5,13 +5,9 @@ from .allocation import Allocation, FiveTuple, RelaySocket
 from .authentication import CredentialStore, long_term_key
 from .events import AllocationCreated, AllocationEnded, Event
 from .policy import PeerPolicy
-from .server import (
-    Forward,
-    RandomSource,
-    RelayBinder,
-    TurnServer,
-    TurnSettings,
-)
+from .ports import RandomSource, RelayBinder, RelayPortPool
+from .server import Forward, TurnServer
+from .settings import TurnSettings
 
 __all__ = [
     "Allocation",
@@ -24,6 +20,7 @@ __all__ = [
     "PeerPolicy",
     "RandomSource",
     "RelayBinder",
+    "RelayPortPool",
     "RelaySocket",
     "TurnServer",
     "TurnSettings",

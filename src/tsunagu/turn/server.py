@@ -26,13 +26,9 @@ How it works, in order, for a request:
 
 from __future__ import annotations
 
-import hashlib
-import heapq
-import hmac
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, assert_never
 
 from ..stun.attributes import (
     FAMILY_IPV4,
@@ -88,7 +84,16 @@ from .errors import (
 )
 from .events import AllocationCreated, AllocationEnded, Event
 from .nonce import NonceManager
-from .policy import PeerPolicy
+from .ports import RandomSource, RelayBinder, RelayPortPool
+from .settings import TurnSettings
+from .timers import (
+    AllocationExpiry,
+    ChannelExpiry,
+    ExpiryHeap,
+    PermissionExpiry,
+    ReservationExpiry,
+    SetAsideExpiry,
+)
 
 __all__ = [
     "Forward",
@@ -106,32 +111,8 @@ _VERSION_TO_FAMILY = {4: FAMILY_IPV4, 6: FAMILY_IPV6}
 _CHANNEL_MIN = 0x4000
 _CHANNEL_MAX_RFC5766 = 0x7FFF
 _MAX_PERMISSIONS = 1000
-_MAX_FAILED_BINDS = 32
 _RESPONSE_CACHE_LIMIT = 100_000
 _BUCKET_LIMIT = 100_000
-
-# Timer kinds in the expiry heap.
-_ALLOCATION, _PERMISSION, _CHANNEL, _RESERVATION = range(4)
-
-
-class RelayBinder(Protocol):
-    """Binds and releases relay sockets for the core."""
-
-    def bind(self, ip: str, port: int, *, dont_fragment: bool) -> RelaySocket | None:
-        """Bind a UDP relay socket on ``ip:port``; None if that port is taken."""
-        ...
-
-    def release(self, relay: RelaySocket) -> None:
-        """Close a relay socket the core no longer needs."""
-        ...
-
-
-class RandomSource(Protocol):
-    """What the core needs of randomness; :class:`random.SystemRandom` fits."""
-
-    def randrange(self, start: int, stop: int) -> int: ...
-
-    def randbytes(self, n: int) -> bytes: ...
 
 
 class Forward(NamedTuple):
@@ -140,50 +121,6 @@ class Forward(NamedTuple):
     relay: Any
     data: bytes
     peer: Address
-
-
-@dataclass(frozen=True, slots=True)
-class TurnSettings:
-    """Limits and behaviour of the server; every one has a safe default."""
-
-    realm: str = "tsunagu"
-    relay_ips: tuple[str, ...] = ()
-    """Explicit relay IPs; when empty the IP the client reached is used."""
-    fallback_relay_ips: tuple[str, ...] = ()
-    """Used for a family the client's listener does not have (IPv6 relay asked on IPv4)."""
-    external_ips: tuple[tuple[str, str | None], ...] = ()
-    """(public, private or None): advertise ``public`` for relays on ``private``."""
-    min_port: int = 49152
-    max_port: int = 65535
-    default_lifetime: int = 600
-    max_lifetime: int = 3600
-    permission_lifetime: int = 300
-    channel_lifetime: int = 600
-    nonce_lifetime: int = 600
-    reservation_lifetime: int = 30
-    response_cache_lifetime: float = 40.0
-    user_quota: int = 0
-    total_quota: int = 0
-    software: str | None = None
-    rfc3489_compat: bool = False
-    stun_only: bool = False
-    no_stun: bool = False
-    alternate_server: Address | None = None
-    unauth_rate: float = 20.0
-    security_features: bool = True
-    nonce_secret: bytes | None = None
-    """Shared by worker processes so that a nonce minted by one is valid at all."""
-    port_share: tuple[int, int] = (0, 1)
-    """(index, count): this worker relays only from ports whose pair number
-    (``port // 2``) is ``index`` modulo ``count``. Workers thus never pick each other's
-    ports, and the port after an even one (what EVEN-PORT reserves) stays with its worker."""
-    shared_reservations: bool = False
-    """Worker processes share the relay range: an EVEN-PORT reservation is then a signed
-    token that any worker can redeem, and port + 1 is set aside rather than held bound
-    (another worker could not take it over from this one's socket)."""
-    strict_channel_numbers: bool = False
-    """Accept only RFC 8656's 0x4000-0x4FFF instead of RFC 5766's 0x4000-0x7FFF."""
-    policy: PeerPolicy = field(default_factory=PeerPolicy.create)
 
 
 class TurnServer:
@@ -197,23 +134,17 @@ class TurnServer:
         rng: RandomSource,
     ) -> None:
         self.settings = settings
-        self._binder = binder
-        self._rng = rng
-        self._secret = settings.nonce_secret or rng.randbytes(32)
+        secret = settings.nonce_secret or rng.randbytes(32)
         nonces = NonceManager(
-            self._secret, settings.nonce_lifetime, security_features=settings.security_features
+            secret, settings.nonce_lifetime, security_features=settings.security_features
         )
         self._authenticator = Authenticator(credentials, nonces, settings.realm)
         self.allocations: dict[FiveTuple, Allocation] = {}
         self._per_user: Counter[str] = Counter()
-        self._heap: list[tuple[float, int, int, Any, Any]] = []
-        self._sequence = 0
+        self._timers = ExpiryHeap()
+        self._ports = RelayPortPool(settings, binder, rng, secret, self._timers)
         self._events: deque[Event] = deque()
         self._cache: dict[tuple[FiveTuple, bytes], tuple[bytes, float]] = {}
-        self._reservations: dict[bytes, tuple[RelaySocket, float]] = {}
-        # Ports set aside for signed reservations (shared_reservations), until they expire.
-        self._set_aside: dict[tuple[str, int], float] = {}
-        self._ports: dict[str, set[int]] = {}
         self._buckets: dict[str, tuple[float, float]] = {}
         self.draining = False
         self.drops: Counter[str] = Counter()
@@ -282,60 +213,51 @@ class TurnServer:
         """End every allocation (the drain timed out or the operator insisted)."""
         for allocation in list(self.allocations.values()):
             self._end(allocation, "shutdown", now)
-        for relay, _ in self._reservations.values():
-            self._release(relay)
-        self._reservations.clear()
+        self._ports.release_reservations()
 
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` must next be called, or None if nothing expires."""
-        return self._heap[0][0] if self._heap else None
+        return self._timers.next_deadline()
 
     def handle_timer(self, now: float) -> None:
         """Expire allocations, permissions, channels and reservations that are due."""
-        heap = self._heap
-        while heap and heap[0][0] <= now:
-            _, _, kind, owner, key = heapq.heappop(heap)
-            if kind == _RESERVATION and isinstance(key, tuple):
-                expiry = self._set_aside.get(key)
-                if expiry is not None and expiry <= now:
-                    del self._set_aside[key]
-                    self._ports.get(key[0], set()).discard(key[1])
-                continue
-            if kind == _RESERVATION:
-                reserved = self._reservations.get(key)
-                if reserved is not None and reserved[1] <= now:
-                    del self._reservations[key]
-                    self._release(reserved[0])
-                continue
-            allocation: Allocation = owner
-            if allocation.ended:
-                continue
-            if kind == _ALLOCATION:
-                if allocation.expiry <= now:
-                    self._end(allocation, "expired", now)
-                else:
-                    self._schedule(allocation.expiry, _ALLOCATION, allocation)
-            elif kind == _PERMISSION:
-                expiry = allocation.permissions.get(key)
-                if expiry is None:
-                    continue
-                if expiry <= now:
-                    del allocation.permissions[key]
-                else:
-                    self._schedule(expiry, _PERMISSION, allocation, key)
-            else:
-                expiry = allocation.channel_expiry.get(key)
-                if expiry is None:
-                    continue
-                if expiry <= now:
-                    del allocation.channel_expiry[key]
-                    _, peer = allocation.channels.pop(key)
-                    allocation.peer_channels.pop(peer, None)
-                else:
-                    self._schedule(expiry, _CHANNEL, allocation, key)
+        timers = self._timers
+        while (entry := timers.pop_due(now)) is not None:
+            match entry:
+                case AllocationExpiry(allocation):
+                    if allocation.ended:
+                        continue
+                    if allocation.expiry <= now:
+                        self._end(allocation, "expired", now)
+                    else:
+                        timers.schedule(allocation.expiry, entry)
+                case PermissionExpiry(allocation, ip):
+                    expiry = allocation.permissions.get(ip)
+                    if allocation.ended or expiry is None:
+                        continue
+                    if expiry <= now:
+                        del allocation.permissions[ip]
+                    else:
+                        timers.schedule(expiry, entry)
+                case ChannelExpiry(allocation, number):
+                    expiry = allocation.channel_expiry.get(number)
+                    if allocation.ended or expiry is None:
+                        continue
+                    if expiry <= now:
+                        del allocation.channel_expiry[number]
+                        _, peer = allocation.channels.pop(number)
+                        allocation.peer_channels.pop(peer, None)
+                    else:
+                        timers.schedule(expiry, entry)
+                case ReservationExpiry(token):
+                    self._ports.expire_reservation(token, now)
+                case SetAsideExpiry(ip, port):
+                    self._ports.expire_set_aside(ip, port, now)
+                case _:  # pragma: no cover
+                    assert_never(entry)
 
     # ------------------------------------------------------------------ requests
 
@@ -520,16 +442,18 @@ class TurnServer:
         reservation: bytes | None = None
         try:
             if token is not None:
-                relay = self._redeem(token.value, five_tuple, dont_fragment, now)
+                relay = self._ports.redeem(
+                    token.value, five_tuple, dont_fragment=dont_fragment, now=now
+                )
                 relays[6 if ":" in relay.address[0] else 4] = relay
             else:
                 version = 4
                 if requested_family is not None:
                     version = _FAMILY_TO_VERSION[requested_family.family]
-                relay_ip = self._relay_ip(five_tuple, version)
+                relay_ip = self._ports.relay_ip(five_tuple, version)
                 if relay_ip is None:
                     raise AddressFamilyNotSupported()
-                relay, reservation = self._bind_relay(
+                relay, reservation = self._ports.bind(
                     relay_ip,
                     even=even_port is not None,
                     reserve=even_port is not None and even_port.reserve,
@@ -538,14 +462,14 @@ class TurnServer:
                 )
                 relays[version] = relay
                 if additional_family is not None:
-                    ip6 = self._relay_ip(five_tuple, 6)
+                    ip6 = self._ports.relay_ip(five_tuple, 6)
                     if ip6 is None:
                         address_error = AddressErrorCode(
                             FAMILY_IPV6, 440, "Address Family not Supported"
                         )
                     else:
                         try:
-                            relays[6], _ = self._bind_relay(
+                            relays[6], _ = self._ports.bind(
                                 ip6, even=False, reserve=False, dont_fragment=dont_fragment, now=now
                             )
                         except InsufficientCapacity:
@@ -554,7 +478,7 @@ class TurnServer:
                             )
         except TurnError:
             for relay in relays.values():
-                self._release(relay)
+                self._ports.release(relay)
             raise
 
         lifetime = self._lifetime(message)
@@ -584,7 +508,7 @@ class TurnServer:
         )
         self.allocations[five_tuple] = allocation
         self._per_user[auth.username] += 1
-        self._schedule(allocation.expiry, _ALLOCATION, allocation)
+        self._timers.schedule(allocation.expiry, AllocationExpiry(allocation))
         self._events.append(AllocationCreated(allocation))
         return response
 
@@ -595,118 +519,12 @@ class TurnServer:
             return settings.default_lifetime
         return max(settings.default_lifetime, min(requested.value, settings.max_lifetime))
 
-    def _relay_ip(self, five_tuple: FiveTuple, version: int) -> str | None:
-        explicit = [ip for ip in self.settings.relay_ips if (":" in ip) == (version == 6)]
-        if explicit:
-            return explicit[0]
-        server_ip = five_tuple.server[0]
-        if (":" in server_ip) == (version == 6) and server_ip not in ("0.0.0.0", "::"):
-            return server_ip
-        for ip in self.settings.fallback_relay_ips:
-            if (":" in ip) == (version == 6):
-                return ip
-        return None
-
     def _advertise(self, address: Address) -> Address:
         ip = address[0]
         for public, private in self.settings.external_ips:
             if private == ip or (private is None and (":" in public) == (":" in ip)):
                 return (public, address[1])
         return (address[0], address[1])
-
-    def _bind_relay(
-        self, ip: str, *, even: bool, reserve: bool, dont_fragment: bool, now: float
-    ) -> tuple[RelaySocket, bytes | None]:
-        """Pick a free port in the range and bind it; with ``reserve`` also hold port + 1."""
-        settings = self.settings
-        used = self._ports.setdefault(ip, set())
-        low, high = settings.min_port, settings.max_port
-        span = high - low + 1
-        start = self._rng.randrange(0, span)
-        failures = 0
-        share_index, share_count = settings.port_share
-        for step in range(span):
-            port = low + (start + step) % span
-            if (even and port % 2) or port in used or (port // 2) % share_count != share_index:
-                continue
-            if reserve and (port + 1 > high or port + 1 in used):
-                continue
-            relay = self._binder.bind(ip, port, dont_fragment=dont_fragment)
-            if relay is None:
-                failures += 1
-                if failures >= _MAX_FAILED_BINDS:
-                    break
-                continue
-            used.add(port)
-            if not reserve:
-                return relay, None
-            if settings.shared_reservations:
-                # Set aside, not held (another worker may redeem the token), but only if
-                # nothing else holds it now.
-                probe = self._binder.bind(ip, port + 1, dont_fragment=False)
-                if probe is None:
-                    self._release(relay)
-                    failures += 1
-                    if failures >= _MAX_FAILED_BINDS:
-                        break
-                    continue
-                self._binder.release(probe)
-                expiry = now + settings.reservation_lifetime
-                used.add(port + 1)
-                self._set_aside[(ip, port + 1)] = expiry
-                self._schedule(expiry, _RESERVATION, None, (ip, port + 1))
-                return relay, self._signed_token(ip, port + 1, int(now // 16))
-            reserved = self._binder.bind(ip, port + 1, dont_fragment=dont_fragment)
-            if reserved is None:
-                self._release(relay)
-                failures += 1
-                if failures >= _MAX_FAILED_BINDS:
-                    break
-                continue
-            used.add(port + 1)
-            token = self._rng.randbytes(8)
-            expiry = now + settings.reservation_lifetime
-            self._reservations[token] = (reserved, expiry)
-            self._schedule(expiry, _RESERVATION, None, token)
-            return relay, token
-        raise InsufficientCapacity("no relay port available")
-
-    def _signed_token(self, ip: str, port: int, bucket: int) -> bytes:
-        # port | IPv6 flag and a 15-bit count of 16-second periods | MAC over both and the IP
-        stamp = (bucket & 0x7FFF) | (0x8000 if ":" in ip else 0)
-        head = port.to_bytes(2, "big") + stamp.to_bytes(2, "big")
-        mac = hmac.new(self._secret, b"reservation" + ip.encode() + head, hashlib.sha256)
-        return head + mac.digest()[:4]
-
-    def _redeem(
-        self, token: bytes, five_tuple: FiveTuple, dont_fragment: bool, now: float
-    ) -> RelaySocket:
-        """The relay socket a RESERVATION-TOKEN stands for (RFC 8656 §7.2, step 5)."""
-        reserved = self._reservations.pop(token, None)
-        if reserved is not None:
-            return reserved[0]
-        if self.settings.shared_reservations:
-            stamp = int.from_bytes(token[2:4], "big")
-            ip = self._relay_ip(five_tuple, 6 if stamp & 0x8000 else 4)
-            port = int.from_bytes(token[:2], "big")
-            # The period count wraps after six days; a token is good for its lifetime only.
-            age = (int(now // 16) - stamp) & 0x7FFF
-            if (
-                ip is not None
-                and age * 16 <= self.settings.reservation_lifetime + 16
-                and hmac.compare_digest(token, self._signed_token(ip, port, stamp))
-            ):
-                self._set_aside.pop((ip, port), None)
-                relay = self._binder.bind(ip, port, dont_fragment=dont_fragment)
-                if relay is not None:
-                    self._ports.setdefault(ip, set()).add(port)
-                    return relay
-        raise InsufficientCapacity("unknown or expired reservation token")
-
-    def _release(self, relay: RelaySocket) -> None:
-        ip, port = relay.address[0], relay.address[1]
-        self._ports.get(ip, set()).discard(port)
-        self._binder.release(relay)
 
     # ------------------------------------------------------------------ Refresh
 
@@ -748,7 +566,9 @@ class TurnServer:
         if ip not in permissions:
             if len(permissions) >= _MAX_PERMISSIONS:
                 raise InsufficientCapacity("too many permissions")
-            self._schedule(now + self.settings.permission_lifetime, _PERMISSION, allocation, ip)
+            self._timers.schedule(
+                now + self.settings.permission_lifetime, PermissionExpiry(allocation, ip)
+            )
             allocation.peers_seen.add(ip)
         permissions[ip] = now + self.settings.permission_lifetime
 
@@ -795,7 +615,9 @@ class TurnServer:
         if bound is None:
             allocation.channels[number] = (relay, address)
             allocation.peer_channels[address] = number
-            self._schedule(now + self.settings.channel_lifetime, _CHANNEL, allocation, number)
+            self._timers.schedule(
+                now + self.settings.channel_lifetime, ChannelExpiry(allocation, number)
+            )
         allocation.channel_expiry[number] = now + self.settings.channel_lifetime
         return self._encode(message, MessageClass.SUCCESS, [], auth)
 
@@ -827,10 +649,6 @@ class TurnServer:
 
     # ------------------------------------------------------------------ bookkeeping
 
-    def _schedule(self, deadline: float, kind: int, owner: Any, key: Any = None) -> None:
-        self._sequence += 1
-        heapq.heappush(self._heap, (deadline, self._sequence, kind, owner, key))
-
     def _end(self, allocation: Allocation, reason: str, now: float) -> None:
         if allocation.ended:
             return
@@ -840,7 +658,7 @@ class TurnServer:
         if self._per_user[allocation.username] <= 0:
             del self._per_user[allocation.username]
         for relay in allocation.relays.values():
-            self._release(relay)
+            self._ports.release(relay)
         allocation.permissions.clear()
         allocation.channels.clear()
         allocation.peer_channels.clear()

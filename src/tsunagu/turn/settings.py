@@ -1,0 +1,54 @@
+"""The TURN server's settings: limits and behaviour, each with a safe default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..stun.attributes import Address
+from .policy import PeerPolicy
+
+__all__ = ["TurnSettings"]
+
+
+@dataclass(frozen=True, slots=True)
+class TurnSettings:
+    """Limits and behaviour of the server; every one has a safe default."""
+
+    realm: str = "tsunagu"
+    relay_ips: tuple[str, ...] = ()
+    """Explicit relay IPs; when empty the IP the client reached is used."""
+    fallback_relay_ips: tuple[str, ...] = ()
+    """Used for a family the client's listener does not have (IPv6 relay asked on IPv4)."""
+    external_ips: tuple[tuple[str, str | None], ...] = ()
+    """(public, private or None): advertise ``public`` for relays on ``private``."""
+    min_port: int = 49152
+    max_port: int = 65535
+    default_lifetime: int = 600
+    max_lifetime: int = 3600
+    permission_lifetime: int = 300
+    channel_lifetime: int = 600
+    nonce_lifetime: int = 600
+    reservation_lifetime: int = 30
+    response_cache_lifetime: float = 40.0
+    user_quota: int = 0
+    total_quota: int = 0
+    software: str | None = None
+    rfc3489_compat: bool = False
+    stun_only: bool = False
+    no_stun: bool = False
+    alternate_server: Address | None = None
+    unauth_rate: float = 20.0
+    security_features: bool = True
+    nonce_secret: bytes | None = None
+    """Shared by worker processes so that a nonce minted by one is valid at all."""
+    port_share: tuple[int, int] = (0, 1)
+    """(index, count): this worker relays only from ports whose pair number
+    (``port // 2``) is ``index`` modulo ``count``. Workers thus never pick each other's
+    ports, and the port after an even one (what EVEN-PORT reserves) stays with its worker."""
+    shared_reservations: bool = False
+    """Worker processes share the relay range: an EVEN-PORT reservation is then a signed
+    token that any worker can redeem, and port + 1 is set aside rather than held bound
+    (another worker could not take it over from this one's socket)."""
+    strict_channel_numbers: bool = False
+    """Accept only RFC 8656's 0x4000-0x4FFF instead of RFC 5766's 0x4000-0x7FFF."""
+    policy: PeerPolicy = field(default_factory=PeerPolicy.create)
