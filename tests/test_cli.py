@@ -82,8 +82,8 @@ def test_python_dash_m_runs_main() -> None:
 
 
 @pytest.fixture
-def fake_runtime(monkeypatch: pytest.MonkeyPatch) -> Callable[[Any], list[Any]]:
-    """Stand in for tsunagu.transport.runtime; the argument is what serve() returns or raises."""
+def fake_serve(monkeypatch: pytest.MonkeyPatch) -> Callable[[Any], list[Any]]:
+    """Stand in for tsunagu.serve; the argument is what serve() returns or raises."""
 
     def install(outcome: Any) -> list[Any]:
         calls: list[Any] = []
@@ -94,18 +94,18 @@ def fake_runtime(monkeypatch: pytest.MonkeyPatch) -> Callable[[Any], list[Any]]:
                 raise outcome
             return int(outcome)
 
-        module = types.ModuleType("tsunagu.transport.runtime")
+        module = types.ModuleType("tsunagu.serve")
         module.serve = serve  # type: ignore[attr-defined]
-        monkeypatch.setitem(sys.modules, "tsunagu.transport.runtime", module)
+        monkeypatch.setitem(sys.modules, "tsunagu.serve", module)
         return calls
 
     return install
 
 
 def test_serve_bad_config_prints_one_line_and_exits_2(
-    capsys: Captured, fake_runtime: Callable[[Any], list[Any]]
+    capsys: Captured, fake_serve: Callable[[Any], list[Any]]
 ) -> None:
-    calls = fake_runtime(0)
+    calls = fake_serve(0)
     status, out, err = run(["serve", "--max-port", "70000"], capsys)
     assert status == 2 and out == ""
     assert err == "config: max_port: must be an integer 1-65535, got 70000\n"
@@ -130,10 +130,8 @@ def test_serve_help(capsys: Captured) -> None:
     assert "--static-auth-secret" in out
 
 
-def test_serve_runs_the_runtime_on_uvloop(
-    capsys: Captured, fake_runtime: Callable[[Any], list[Any]]
-) -> None:
-    calls = fake_runtime(7)
+def test_serve_runs_on_uvloop(capsys: Captured, fake_serve: Callable[[Any], list[Any]]) -> None:
+    calls = fake_serve(7)
     status, _, _ = run(["serve", "-p", "3479", "--no-web", "--realm", "example.org"], capsys)
     assert status == 7
     [(config, loop)] = calls
@@ -143,10 +141,10 @@ def test_serve_runs_the_runtime_on_uvloop(
 
 
 def test_serve_falls_back_to_asyncio_without_uvloop(
-    capsys: Captured, fake_runtime: Callable[[Any], list[Any]], monkeypatch: pytest.MonkeyPatch
+    capsys: Captured, fake_serve: Callable[[Any], list[Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "uvloop", None)  # makes "import uvloop" fail
-    calls = fake_runtime(0)
+    calls = fake_serve(0)
     assert run(["serve"], capsys)[0] == 0
     [(_, loop)] = calls
     assert isinstance(loop, asyncio.BaseEventLoop)
@@ -154,23 +152,23 @@ def test_serve_falls_back_to_asyncio_without_uvloop(
 
 
 def test_serve_reports_startup_config_errors(
-    capsys: Captured, fake_runtime: Callable[[Any], list[Any]]
+    capsys: Captured, fake_serve: Callable[[Any], list[Any]]
 ) -> None:
-    fake_runtime(TlsError("config: cert: cannot read /nope.pem: No such file or directory"))
+    fake_serve(TlsError("config: cert: cannot read /nope.pem: No such file or directory"))
     status, _, err = run(["serve"], capsys)
     assert status == 2
     assert err == "config: cert: cannot read /nope.pem: No such file or directory\n"
 
 
 def test_serve_interrupted_exits_130(
-    capsys: Captured, fake_runtime: Callable[[Any], list[Any]]
+    capsys: Captured, fake_serve: Callable[[Any], list[Any]]
 ) -> None:
-    fake_runtime(KeyboardInterrupt())
+    fake_serve(KeyboardInterrupt())
     assert run(["serve"], capsys)[0] == 130
 
 
-def test_serve_lets_unexpected_errors_through(fake_runtime: Callable[[Any], list[Any]]) -> None:
-    fake_runtime(RuntimeError("boom"))
+def test_serve_lets_unexpected_errors_through(fake_serve: Callable[[Any], list[Any]]) -> None:
+    fake_serve(RuntimeError("boom"))
     with pytest.raises(RuntimeError, match="boom"):
         main(["serve"])
 

@@ -108,18 +108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 ServeFunction = Callable[[Config], Coroutine[Any, Any, int]]
 
 
-def _runtime_serve() -> ServeFunction:
+def _serve_function() -> ServeFunction:
     # Imported here so that the other commands never load the network stack.
-    runtime = importlib.import_module("tsunagu.transport.runtime")
-    return cast(ServeFunction, runtime.serve)
-
-
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
+    module = importlib.import_module("tsunagu.serve")
+    return cast(ServeFunction, module.serve)
 
 
 def serve_command(argv: list[str], prog: str) -> int:
@@ -129,11 +121,11 @@ def serve_command(argv: list[str], prog: str) -> int:
     except ConfigError as exc:
         _error(str(exc))
         return 2
-    serve = _runtime_serve()
+    serve = _serve_function()
+    from tsunagu.workers import loop_factory
+
     try:
-        # A Runner with a loop factory rather than a global event loop policy: uvloop's
-        # install() is deprecated, and this leaves the process-wide policy alone.
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
             return int(runner.run(serve(config)))
     except ConfigError as exc:
         # Problems only found while starting up (an unusable certificate, say).

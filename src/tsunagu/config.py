@@ -29,6 +29,8 @@ __all__ = [
     "IPAddress",
     "build_parser",
     "config_from_args",
+    "config_from_json",
+    "config_to_json",
     "load_config",
     "parse_alternate_server",
     "parse_config",
@@ -559,6 +561,28 @@ def parse_config(mapping: Mapping[str, Any]) -> Config:
         values[name] = check(name, given[name]) if name in given else f.default
     _cross_check(values)
     return Config(**values)
+
+
+def config_to_json(config: Config) -> dict[str, Any]:
+    """``config`` as a JSON-ready mapping that :func:`config_from_json` reads back.
+
+    Each value is written in the form a TOML file would give it, so that the receiving
+    side validates it again like any other configuration.
+    """
+    return {name: _to_json(getattr(config, name)) for name in _FIELDS}
+
+
+def config_from_json(mapping: Mapping[str, Any]) -> Config:
+    """The Config :func:`config_to_json` wrote (how worker processes get theirs)."""
+    return parse_config(mapping)
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_to_json(item) for item in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
 
 
 # ---------------------------------------------------------------------------------------------

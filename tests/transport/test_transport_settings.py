@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tsunagu.config import load_config
-from tsunagu.transport.runtime import settings_from_config
+from tsunagu.serve import settings_from_config
 
 
 def test_flags_reach_the_core() -> None:

@@ -1,8 +1,13 @@
 """STUN/TURN listeners: UDP datagrams and TCP/TLS streams from clients.
 
 Each listener feeds the core and performs what it returns. The one exception is
-ChannelData on UDP, the hot path: the listener relays it itself with three dictionary
-look-ups on state the core maintains (see :mod:`tsunagu.turn.allocation`).
+ChannelData, the hot path: the listener relays it itself with three dictionary look-ups on
+state the core maintains (see :mod:`tsunagu.turn.allocation`).
+
+What differs between the relay engines (who reads a UDP socket, who frames a stream, who
+pads frames to a stream client) is carried by the objects the engine makes: the listener
+:class:`~.engine.RelayEngine` built, its relay endpoints and its stream framer. Nothing here
+asks which engine runs.
 """
 
 from __future__ import annotations
@@ -11,16 +16,23 @@ import asyncio
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol, cast
 
 from ..stun.framing import FramingError, StreamFramer
 from ..turn.allocation import Allocation, FiveTuple
-from ..turn.server import Forward
+from ..turn.server import Forward, TurnServer
+from .relay import RelayEndpointLike
 
-if TYPE_CHECKING:
-    from .runtime import TurnRuntime
-
-__all__ = ["StreamConnection", "UdpListener"]
+__all__ = [
+    "ClientSide",
+    "CoreDriver",
+    "FrameHandler",
+    "PythonStreamFramer",
+    "StreamConnection",
+    "StreamFramerLike",
+    "UdpListener",
+]
 
 log = logging.getLogger("tsunagu.transport")
 
@@ -29,6 +41,48 @@ _READ_BUFFER = memoryview(bytearray(256 * 1024))
 _PADDING = (b"", b"\x00\x00\x00", b"\x00\x00", b"\x00")
 # A TCP/TLS client must allocate within this time, or it is disconnected.
 _IDLE_STREAM_TIMEOUT = 60.0
+
+# Handles one frame of a stream; True when the connection is closing and reading must stop.
+FrameHandler = Callable[[bool, bytes], bool]
+
+
+class StreamFramerLike(Protocol):
+    """A stream's framer: relays ChannelData for ``allocation`` itself, hands the rest over.
+
+    ``feed`` raises :class:`~tsunagu.stun.framing.FramingError` when the stream is not TURN.
+    """
+
+    allocation: Allocation | None
+
+    def feed(self, data: bytes | memoryview) -> Any: ...
+
+
+class ClientSide(Protocol):
+    """A listener or connection the driver attaches a newly created allocation to."""
+
+    def attach(self, allocation: Allocation, addr: Any) -> None: ...
+
+
+class CoreDriver(Protocol):
+    """What the listeners need of :class:`~.driver.TurnDriver`."""
+
+    @property
+    def server(self) -> TurnServer: ...
+
+    @property
+    def streams(self) -> set[StreamConnection]: ...
+
+    @property
+    def stream_framer(self) -> Callable[[FrameHandler], StreamFramerLike]: ...
+
+    def after_message(self, origin: ClientSide, addr: Any) -> None: ...
+
+    def after_core_call(self) -> None: ...
+
+
+def _relays(allocation: Allocation) -> list[RelayEndpointLike]:
+    # The core types relay sockets as its own RelaySocket; the transports made them.
+    return cast(list[RelayEndpointLike], list(allocation.relays.values()))
 
 
 def _forward(forward: Forward | bytes) -> None:
@@ -40,11 +94,7 @@ def _forward(forward: Forward | bytes) -> None:
 
 
 class UdpClientLink:
-    """Ties an allocation to the UDP listener that serves its client, until it ends.
-
-    Relay sockets reach the client through ``to_client``/``client_address``, set by
-    :meth:`UdpListener.attach`.
-    """
+    """Ties an allocation to the UDP listener that serves its client, until it ends."""
 
     __slots__ = ("address", "listener")
 
@@ -65,8 +115,8 @@ class UdpListener(asyncio.DatagramProtocol):
     without bound.
     """
 
-    def __init__(self, runtime: TurnRuntime, sock: socket.socket) -> None:
-        self.runtime = runtime
+    def __init__(self, driver: CoreDriver, sock: socket.socket) -> None:
+        self.driver = driver
         self.sock = sock
         self.local: tuple[str, int] = sock.getsockname()[:2]
         self.transport: asyncio.BaseTransport | None = None
@@ -114,26 +164,21 @@ class UdpListener(asyncio.DatagramProtocol):
         self._stun(data, addr)
 
     def _stun(self, data: bytes, addr: Any) -> None:
-        runtime = self.runtime
+        driver = self.driver
         five_tuple = FiveTuple("udp", (addr[0], addr[1]), self.local)
-        result = runtime.server.receive(data, five_tuple, time.time())
+        result = driver.server.receive(data, five_tuple, time.time())
         if result is not None:
             if type(result) is bytes:
                 self.send(result, addr)
             else:
                 _forward(result)
-        runtime.after_receive(self, addr)
+        driver.after_message(self, addr)
 
     def attach(self, allocation: Allocation, addr: Any) -> None:
         allocation.client_link = UdpClientLink(self, addr)
         self.allocations[addr] = allocation
-        for relay in allocation.relays.values():
-            self._connect(relay, addr)
-
-    def _connect(self, relay: Any, addr: Any) -> None:
-        """Point a relay socket at this client."""
-        relay.to_client = self.sock.sendto
-        relay.client_address = addr
+        for relay in _relays(allocation):
+            relay.connect_udp(self.sock, addr)
 
 
 class StreamClientLink:
@@ -145,7 +190,11 @@ class StreamClientLink:
         self.connection = connection
         self.transport = connection.transport
 
-    def send(self, data: bytes, _address: Any = None) -> None:
+    @property
+    def paused(self) -> bool:
+        return self.connection.paused
+
+    def send(self, data: bytes, address: Any = None) -> None:
         # A client that lets too much pile up unread loses packets instead of our memory.
         if not self.connection.paused:
             self.transport.write(data + _PADDING[len(data) & 3])
@@ -156,21 +205,40 @@ class StreamClientLink:
         self.transport.close()
 
 
+class PythonStreamFramer(StreamFramer):
+    """The pure-Python stream framer: every frame goes to the connection's handler.
+
+    It has the native framer's interface, so that a connection feeds either the same way.
+    """
+
+    __slots__ = ("_handle", "allocation")
+
+    def __init__(self, handle: FrameHandler) -> None:
+        super().__init__()
+        self._handle = handle
+        self.allocation: Allocation | None = None
+
+    def feed(self, data: bytes | memoryview) -> None:
+        """Buffer ``data`` and handle every complete frame, until the handler says stop."""
+        super().feed(data)
+        handle = self._handle
+        for is_channel_data, frame in self.frames():
+            if handle(is_channel_data, frame):
+                return
+
+
 class StreamConnection(asyncio.BufferedProtocol):
     """One TCP or TLS client connection."""
 
-    def __init__(self, runtime: TurnRuntime, protocol: str) -> None:
-        self.runtime = runtime
+    def __init__(self, driver: CoreDriver, protocol: str) -> None:
+        self.driver = driver
         self.protocol = protocol
-        self.framer = StreamFramer()
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.five_tuple: FiveTuple | None = None
         self.allocation: Allocation | None = None
         self.paused = False
         self._idle: asyncio.TimerHandle | None = None
-        # The C framer and ChannelData path, when the runtime has it (see native.py).
-        stream = runtime.native_stream
-        self._native: Any = None if stream is None else stream(self._frame)
+        self.framer = driver.stream_framer(self._frame)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -178,8 +246,8 @@ class StreamConnection(asyncio.BufferedProtocol):
         local = transport.get_extra_info("sockname")
         self.five_tuple = FiveTuple(self.protocol, (peer[0], peer[1]), (local[0], local[1]))
         # Beyond this much unsent, pause_writing() stops the relaying to this client.
-        transport.set_write_buffer_limits(high=_MAX_STREAM_BACKLOG)  # type: ignore[attr-defined]
-        self.runtime.streams.add(self)
+        self.transport.set_write_buffer_limits(high=_MAX_STREAM_BACKLOG)
+        self.driver.streams.add(self)
         self._idle = asyncio.get_running_loop().call_later(_IDLE_STREAM_TIMEOUT, self._check_idle)
 
     def pause_writing(self) -> None:
@@ -190,9 +258,9 @@ class StreamConnection(asyncio.BufferedProtocol):
 
     def _set_paused(self, paused: bool) -> None:
         self.paused = paused
-        if self._native is not None and self.allocation is not None:
-            for relay in self.allocation.relays.values():
-                relay.paused = paused  # type: ignore[attr-defined]
+        if self.allocation is not None:
+            for relay in _relays(self.allocation):
+                relay.set_paused(paused)
 
     def _check_idle(self) -> None:
         if self.allocation is None:
@@ -205,26 +273,16 @@ class StreamConnection(asyncio.BufferedProtocol):
         return _READ_BUFFER
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(_READ_BUFFER[:nbytes])
-
-    def data_received(self, data: bytes | memoryview) -> None:
-        native = self._native
-        if native is not None:
-            try:
-                native.feed(data)
-            except FramingError:
-                self.transport.close()
-            return
-        framer = self.framer
         try:
-            framer.feed(data)
-            frames = framer.frames()
+            self.framer.feed(_READ_BUFFER[:nbytes])
         except FramingError:
             self.transport.close()
-            return
-        for is_channel_data, frame in frames:
-            if self._frame(is_channel_data, frame):
-                return
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        try:
+            self.framer.feed(data)
+        except FramingError:
+            self.transport.close()
 
     def _frame(self, is_channel_data: bool, frame: bytes) -> bool:
         """Handle one frame; True when the connection is closing and reading must stop."""
@@ -247,39 +305,32 @@ class StreamConnection(asyncio.BufferedProtocol):
             # ChannelData before any allocation: not a TURN client (say, "GET /").
             self.transport.close()
             return True
-        runtime = self.runtime
+        driver = self.driver
         assert self.five_tuple is not None
-        result = runtime.server.receive(frame, self.five_tuple, time.time())
+        result = driver.server.receive(frame, self.five_tuple, time.time())
         if result is not None:
             if type(result) is bytes:
                 self.transport.write(result)
             else:
                 _forward(result)
-        runtime.after_receive(self, None)
+        driver.after_message(self, None)
         return False
 
     def set_allocation(self, allocation: Allocation | None) -> None:
         self.allocation = allocation
-        if self._native is not None:
-            self._native.allocation = allocation
+        self.framer.allocation = allocation
 
     def attach(self, allocation: Allocation, addr: Any) -> None:
         self.set_allocation(allocation)
         link = StreamClientLink(self)
         allocation.client_link = link
-        for relay in allocation.relays.values():
-            if self._native is not None:
-                # C pads and writes itself, and stops while the transport is paused.
-                relay.to_client = self.transport.write  # type: ignore[attr-defined]
-                relay.pad_stream = True  # type: ignore[attr-defined]
-                relay.paused = self.paused  # type: ignore[attr-defined]
-            else:
-                relay.to_client = link.send  # type: ignore[attr-defined]
+        for relay in _relays(allocation):
+            relay.connect_stream(link)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.runtime.streams.discard(self)
+        self.driver.streams.discard(self)
         if self._idle is not None:
             self._idle.cancel()
         if self.five_tuple is not None:
-            self.runtime.server.connection_closed(self.five_tuple, time.time())
-            self.runtime.after_receive(None, None)
+            self.driver.server.connection_closed(self.five_tuple, time.time())
+            self.driver.after_core_call()

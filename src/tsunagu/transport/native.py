@@ -1,37 +1,31 @@
-"""The UDP per-packet path in C (:mod:`._fastpath`), behind the same interface as the
-pure-Python :class:`~.relay.RelayEndpoint` and :class:`~.listeners.UdpListener`.
+"""The native relay engine: the per-packet path in C (:mod:`._fastpath`).
 
-Importing this module fails with ImportError where the extension was not built; the runtime
-then uses the pure-Python path. The C code relays only what is relayable right now and hands
-everything else to the Python path unchanged, so the core's decisions and counters are the
-same on both.
+Importing this module fails with ImportError where the extension was not built; the
+engine choice then falls back to :class:`~.engine.PythonEngine`. The C code relays only
+what is relayable right now and hands everything else to the Python path unchanged, so the
+core's decisions and counters are the same with both engines.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..stun.attributes import Address
 from ..turn.allocation import Allocation
 from . import _fastpath
-from .listeners import UdpListener
+from .listeners import CoreDriver, FrameHandler, StreamFramerLike, UdpListener
+from .relay import StreamClient
 
-if TYPE_CHECKING:
-    from .runtime import TurnRuntime
-
-__all__ = ["NativeRelayEndpoint", "NativeUdpListener", "Stream", "fold_counters"]
-
-# A TCP/TLS connection's framer: relays ChannelData itself, hands other frames back.
-Stream = _fastpath.Stream
+__all__ = ["NativeEngine", "NativeRelayEndpoint", "NativeUdpListener"]
 
 
 class NativeRelayEndpoint(_fastpath.Relay):
     """A relay socket read by C: ``readable`` relays what arrived (a batch when busy).
 
-    Counters live in C while the allocation lasts; :func:`fold_counters` adds them to the
-    allocation's when it ends.
+    Counters live in C while the allocation lasts; :meth:`NativeEngine.fold_counters` adds
+    them to the allocation's when it ends.
     """
 
     __slots__ = ("_address", "_closed", "_loop", "_sock")
@@ -54,6 +48,18 @@ class NativeRelayEndpoint(_fastpath.Relay):
     def address(self) -> Address:
         return self._address
 
+    def connect_udp(self, sock: socket.socket, address: Any) -> None:
+        self.set_client(sock.fileno(), address)
+
+    def connect_stream(self, client: StreamClient) -> None:
+        # C pads and writes itself, and stops while the transport is paused.
+        self.to_client = client.transport.write
+        self.pad_stream = True
+        self.paused = client.paused
+
+    def set_paused(self, paused: bool) -> None:
+        self.paused = paused
+
     def close(self) -> None:
         if self._closed:
             return
@@ -63,30 +69,19 @@ class NativeRelayEndpoint(_fastpath.Relay):
         self._sock.close()
 
 
-def fold_counters(allocation: Allocation) -> None:
-    """Add the C counters of an ended allocation's relay sockets to the allocation's own."""
-    for relay in allocation.relays.values():
-        if isinstance(relay, _fastpath.Relay):
-            allocation.packets_to_peers += relay.packets_to_peers
-            allocation.bytes_to_peers += relay.bytes_to_peers
-            allocation.packets_to_client += relay.packets_to_client
-            allocation.bytes_to_client += relay.bytes_to_client
-            allocation.dropped += relay.dropped
-
-
 class NativeUdpListener(UdpListener):
     """A UDP listener read by C; what C does not relay reaches ``datagram_received``."""
 
     def __init__(
-        self, runtime: TurnRuntime, sock: socket.socket, loop: asyncio.AbstractEventLoop
+        self, driver: CoreDriver, sock: socket.socket, loop: asyncio.AbstractEventLoop
     ) -> None:
-        super().__init__(runtime, sock)
+        super().__init__(driver, sock)
         self._loop = loop
         self._fd = sock.fileno()
         self._core = _fastpath.Listener(self._fd, self.allocations, self.datagram_received)
         # C answers a plain Binding only when the answer has nothing but XOR-MAPPED-ADDRESS
         # (and FINGERPRINT); SOFTWARE, MAPPED-ADDRESS for RFC 3489 or --no-stun are Python's.
-        settings = runtime.server.settings
+        settings = driver.server.settings
         self._core.answer_binding = not (
             settings.no_stun or settings.software is not None or settings.rfc3489_compat
         )
@@ -107,5 +102,31 @@ class NativeUdpListener(UdpListener):
             self._loop.remove_reader(self._fd)
             self.sock.close()
 
-    def _connect(self, relay: Any, addr: Any) -> None:
-        relay.set_client(self._fd, addr)
+
+class NativeEngine:
+    """C reads the UDP listeners and relay sockets, and frames TCP/TLS streams."""
+
+    name = "native"
+    relay_endpoint = NativeRelayEndpoint
+
+    @staticmethod
+    def stream_framer(handle: FrameHandler) -> StreamFramerLike:
+        # Relays ChannelData itself and hands every other frame to ``handle``.
+        return _fastpath.Stream(handle)
+
+    @staticmethod
+    async def udp_listener(
+        driver: CoreDriver, sock: socket.socket, loop: asyncio.AbstractEventLoop
+    ) -> UdpListener:
+        return NativeUdpListener(driver, sock, loop)
+
+    @staticmethod
+    def fold_counters(allocation: Allocation) -> None:
+        """Add the C counters of an ended allocation's relay sockets to the allocation's."""
+        for relay in allocation.relays.values():
+            if isinstance(relay, _fastpath.Relay):
+                allocation.packets_to_peers += relay.packets_to_peers
+                allocation.bytes_to_peers += relay.bytes_to_peers
+                allocation.packets_to_client += relay.packets_to_client
+                allocation.bytes_to_client += relay.bytes_to_client
+                allocation.dropped += relay.dropped

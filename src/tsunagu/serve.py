@@ -1,9 +1,10 @@
-"""The running server: listeners, the core, its one timer, signals, drain, audit log.
+"""``tsunagu serve``: the configuration turned into running parts.
 
-``serve(config)`` is what ``tsunagu serve`` runs. It turns the configuration into
-:class:`~tsunagu.turn.TurnSettings`, binds the listeners on concrete addresses (a wildcard
-is expanded into the machine's addresses, so every listener knows the IP a client
-reached and relays from that same IP), starts the web server, and waits for a signal.
+:func:`serve` turns the configuration into :class:`~tsunagu.turn.TurnSettings`, binds the
+listeners on concrete addresses (a wildcard is expanded into the machine's addresses, so
+every listener knows the IP a client reached and relays from that same IP), starts the
+other worker processes and the web app, prints what a user needs to connect, and waits for
+a signal.
 
 The first SIGTERM or SIGINT drains: no new TCP/TLS clients, new Allocates are refused
 (300 to the alternate server, else 508), existing allocations keep relaying until they
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import ipaddress
 import json
 import logging
@@ -27,36 +27,26 @@ import ssl
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-from ..auth.rest import mint_credentials
-from ..auth.store import StaticCredentialStore
-from ..config import Config, parse_alternate_server, parse_external_ip, parse_user
-from ..turn.events import AllocationCreated, AllocationEnded
-from ..turn.policy import PeerPolicy
-from ..turn.server import TurnServer, TurnSettings
-from .listeners import StreamConnection, UdpListener
-from .relay import RelayEndpoint, UdpRelayBinder
+from .auth.rest import mint_credentials
+from .auth.store import StaticCredentialStore
+from .config import Config, parse_alternate_server, parse_external_ip, parse_user
+from .transport.driver import TurnDriver
+from .transport.engine import EngineUnavailable, load_engine
+from .transport.listeners import StreamConnection, UdpListener
+from .transport.relay import UdpRelayBinder
+from .turn.policy import PeerPolicy
+from .turn.server import TurnServer, TurnSettings
+from .workers import READY_LINE, WorkerShare, start_workers
 
-__all__ = ["TurnRuntime", "WorkerShare", "serve", "settings_from_config", "worker_main"]
+__all__ = ["local_addresses", "serve", "settings_from_config"]
 
 log = logging.getLogger("tsunagu")
-audit = logging.getLogger("tsunagu.audit")
 
 # Matching coturn's listener buffers, so that bursts are compared fairly.
 LISTENER_BUFFER_BYTES = 2 * 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerShare:
-    """What every worker process of one server must agree on."""
-
-    turn_secret: str
-    nonce_secret: bytes
-    index: int
 
 
 def _raise_open_files_limit() -> None:
@@ -70,23 +60,6 @@ def _raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         except (ValueError, OSError) as exc:
             log.warning("cannot raise the open files limit above %d: %s", soft, exc)
-
-
-def _same(listener: UdpListener) -> UdpListener:
-    return listener
-
-
-def _relay_engine(config: Config) -> ModuleType | None:
-    """The C relay path's module if the configuration wants it and it was built."""
-    if config.relay_engine == "python":
-        return None
-    try:
-        from . import native
-    except ImportError:
-        if config.relay_engine == "auto":
-            log.debug("the native relay engine is not built; using the Python path")
-        return None
-    return native
 
 
 def _check_free(ip: str, port: int, config: Config) -> None:
@@ -131,6 +104,7 @@ def _udp_socket(ip: str, port: int, *, reuse_port: bool = False) -> socket.socke
 
 
 def settings_from_config(config: Config, fallback_relay_ips: tuple[str, ...] = ()) -> TurnSettings:
+    """The core's settings for ``config``; ``fallback_relay_ips`` are the listening addresses."""
     external: list[tuple[str, str | None]] = []
     for text in config.external_ips:
         public, private = parse_external_ip(text)
@@ -182,93 +156,20 @@ def local_addresses() -> list[str]:
     return found or ["127.0.0.1"]
 
 
-class TurnRuntime:
-    """Owns the TURN core and performs what it asks of the event loop."""
-
-    def __init__(self, server: TurnServer, loop: asyncio.AbstractEventLoop) -> None:
-        self.server = server
-        self.loop = loop
-        self.streams: set[StreamConnection] = set()
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
-        self.all_ended = asyncio.Event()
-        # Set with the C relay path: adds its per-socket counters to an ended allocation,
-        # and frames TCP/TLS streams.
-        self.fold_counters: Any = None
-        self.native_stream: Any = None
-
-    def after_receive(self, origin: Any, addr: Any) -> None:
-        """Handle the core's events after a call into it, and re-arm its timer."""
-        server = self.server
-        event = server.next_event()
-        while event is not None:
-            if isinstance(event, AllocationCreated):
-                # Only the request just handled can have created an allocation.
-                for relay in event.allocation.relays.values():
-                    relay.allocation = event.allocation  # type: ignore[attr-defined]
-                if origin is not None:
-                    origin.attach(event.allocation, addr)
-            elif isinstance(event, AllocationEnded):
-                self._ended(event)
-            event = server.next_event()
-        deadline = server.get_timer()
-        if deadline != self._timer_at:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer_at = deadline
-            self._timer = (
-                None
-                if deadline is None
-                else self.loop.call_later(max(0.0, deadline - time.time()), self._on_timer)
-            )
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = None
-        self.server.handle_timer(time.time())
-        self.after_receive(None, None)
-
-    def _ended(self, event: AllocationEnded) -> None:
-        allocation = event.allocation
-        link = allocation.client_link
-        if link is not None:
-            link.detach(allocation)
-        if self.fold_counters is not None:
-            self.fold_counters(allocation)
-        audit.info(
-            json.dumps(
-                {
-                    "event": "allocation-ended",
-                    "reason": event.reason,
-                    "user": allocation.username,
-                    "client": str(allocation.five_tuple),
-                    "relay": [
-                        f"{_bracket(ip)}:{port}"
-                        for ip, port in allocation.relayed_addresses.values()
-                    ],
-                    "peers": sorted(allocation.peers_seen),
-                    "to_peers": {
-                        "packets": allocation.packets_to_peers,
-                        "bytes": allocation.bytes_to_peers,
-                    },
-                    "to_client": {
-                        "packets": allocation.packets_to_client,
-                        "bytes": allocation.bytes_to_client,
-                    },
-                    "dropped": allocation.dropped,
-                    "duration": round(event.ended_at - allocation.created, 3),
-                },
-                separators=(",", ":"),
-            )
-        )
-        if not self.server.allocations:
-            self.all_ended.set()
-
-    def shutdown(self) -> None:
-        self.server.shutdown(time.time())
-        self.after_receive(None, None)
-        if self._timer is not None:
-            self._timer.cancel()
+def listening_addresses(config: Config) -> list[str]:
+    """The concrete addresses to listen on: wildcards become the machine's addresses."""
+    wildcard = not config.listening_ips or any(
+        ip in ("0.0.0.0", "::") for ip in config.listening_ips
+    )
+    if not wildcard:
+        return list(config.listening_ips)
+    if not config.listening_ips:
+        return local_addresses()
+    return sorted(
+        {ip for ip in local_addresses() if ":" in ip and "::" in config.listening_ips}
+        | {ip for ip in local_addresses() if ":" not in ip and "0.0.0.0" in config.listening_ips}
+        | {ip for ip in config.listening_ips if ip not in ("0.0.0.0", "::")}
+    )
 
 
 def _state_dir() -> Path:
@@ -315,7 +216,7 @@ async def serve(config: Config, share: WorkerShare | None = None) -> int:
     """Run everything ``config`` enables until a signal; return the exit status.
 
     With ``workers`` > 1 this process is worker 0 (and serves the web app); it starts the
-    other workers, which run :func:`worker_main` with the same configuration and ``share``.
+    other workers, which run this function with the same configuration and ``share``.
     """
     if config.workers == 0:
         # Like coturn's relay threads: one per core this process may run on.
@@ -342,34 +243,20 @@ async def serve(config: Config, share: WorkerShare | None = None) -> int:
         secrets_in_use = (turn_secret,)
     reuse_port = config.workers > 1
     children: list[subprocess.Popen[bytes]] = []
-
-    wildcard = not config.listening_ips or any(
-        ip in ("0.0.0.0", "::") for ip in config.listening_ips
-    )
-    listening = local_addresses() if wildcard else list(config.listening_ips)
-    if config.listening_ips and wildcard:
-        listening = sorted(
-            {ip for ip in local_addresses() if ":" in ip and "::" in config.listening_ips}
-            | {
-                ip
-                for ip in local_addresses()
-                if ":" not in ip and "0.0.0.0" in config.listening_ips
-            }
-            | {ip for ip in config.listening_ips if ip not in ("0.0.0.0", "::")}
-        )
+    listening = listening_addresses(config)
 
     runner: Any = None
     ssl_context: ssl.SSLContext | None = None
     material: Any = None
     servers: list[asyncio.Server] = []
     udp_listeners: list[UdpListener] = []
-    runtime: TurnRuntime | None = None
+    driver: TurnDriver | None = None
 
     need_tls = (not config.no_turn and not config.no_tls and not config.stun_only) or (
         not config.no_web and config.cert is not None
     )
     if need_tls:
-        from ..tls import ensure_certificate, server_ssl_context
+        from .tls import ensure_certificate, server_ssl_context
 
         material = ensure_certificate(
             config.cert, config.pkey, [*listening, config.public_host or "localhost"], _state_dir()
@@ -391,18 +278,14 @@ async def serve(config: Config, share: WorkerShare | None = None) -> int:
             secrets_in_use,
             check_expiry_on_existing=config.rest_check_on_refresh,
         )
-        native = _relay_engine(config)
-        if native is None and config.relay_engine == "native":
-            log.error("the native relay engine is not built; --relay-engine python runs without")
+        try:
+            engine = load_engine(config.relay_engine)
+        except EngineUnavailable as exc:
+            log.error("%s", exc)
             return 1
-        binder = UdpRelayBinder(
-            loop, rng.randbytes, native.NativeRelayEndpoint if native else RelayEndpoint
-        )
+        binder = UdpRelayBinder(loop, rng.randbytes, engine.relay_endpoint)
         server = TurnServer(settings, store, binder, rng)
-        runtime = TurnRuntime(server, loop)
-        if native is not None:
-            runtime.fold_counters = native.fold_counters
-            runtime.native_stream = native.Stream
+        driver = TurnDriver(server, loop, engine, worker=share.index)
         port = config.listening_port
         for ip in listening:
             try:
@@ -410,18 +293,11 @@ async def serve(config: Config, share: WorkerShare | None = None) -> int:
                     _check_free(ip, port, config)
                 if not config.no_udp:
                     sock = _udp_socket(ip, port, reuse_port=reuse_port)
-                    if native is not None:
-                        listener = native.NativeUdpListener(runtime, sock, loop)
-                    else:
-                        listener = UdpListener(runtime, sock)
-                        await loop.create_datagram_endpoint(
-                            functools.partial(_same, listener), sock=sock
-                        )
-                    udp_listeners.append(listener)
+                    udp_listeners.append(await engine.udp_listener(driver, sock, loop))
                 if not config.no_tcp:
                     servers.append(
                         await loop.create_server(
-                            lambda: StreamConnection(runtime, "tcp"),
+                            lambda: StreamConnection(driver, "tcp"),
                             ip,
                             port,
                             reuse_address=True,
@@ -431,7 +307,7 @@ async def serve(config: Config, share: WorkerShare | None = None) -> int:
                 if ssl_context is not None and not config.no_tls and not config.stun_only:
                     servers.append(
                         await loop.create_server(
-                            lambda: StreamConnection(runtime, "tls"),
+                            lambda: StreamConnection(driver, "tls"),
                             ip,
                             config.tls_listening_port,
                             ssl=ssl_context,
@@ -447,7 +323,7 @@ async def serve(config: Config, share: WorkerShare | None = None) -> int:
                     item.close()
                 return 1
         if share.index == 0 and config.workers > 1:
-            children = await _start_workers(config, share)
+            children = await start_workers(config, share)
             if len(children) != config.workers - 1:
                 for child in children:
                     child.kill()
@@ -467,7 +343,7 @@ async def serve(config: Config, share: WorkerShare | None = None) -> int:
         ]
         _say(
             f"tsunagu: transports: {', '.join(transports)}; realm {config.realm};"
-            f" relay path: {'native' if native else 'python'}"
+            f" relay path: {engine.name}"
         )
         if material is not None:
             _say(
@@ -489,7 +365,7 @@ async def serve(config: Config, share: WorkerShare | None = None) -> int:
             _say(json.dumps(entry))
 
     if not config.no_web:
-        from ..signaling.server import run_web
+        from .signaling.server import run_web
 
         web_ssl = ssl_context if config.cert is not None else None
         runner = await run_web(config, None if config.no_turn else turn_secret, web_ssl)
@@ -523,23 +399,23 @@ async def serve(config: Config, share: WorkerShare | None = None) -> int:
                 stop.set()
 
         loop.add_reader(0, on_stdin)
-    _say("tsunagu: ready")
+    _say(READY_LINE)
     await stop.wait()
 
     for item in servers:
         item.close()
     if runner is not None:
         await runner.cleanup()
-    if runtime is not None:
-        runtime.server.start_drain()
-        if runtime.server.allocations:
-            runtime.all_ended.clear()
+    if driver is not None:
+        driver.server.start_drain()
+        if driver.server.allocations:
+            driver.all_ended.clear()
             try:
-                await asyncio.wait_for(runtime.all_ended.wait(), config.drain_timeout)
+                await asyncio.wait_for(driver.all_ended.wait(), config.drain_timeout)
             except TimeoutError:
-                log.info("drain timeout: ending %d allocations", len(runtime.server.allocations))
-        runtime.shutdown()
-        for stream in list(runtime.streams):
+                log.info("drain timeout: ending %d allocations", len(driver.server.allocations))
+        driver.shutdown()
+        for stream in list(driver.streams):
             stream.transport.close()
     for listener in udp_listeners:
         listener.close()
@@ -552,69 +428,3 @@ async def serve(config: Config, share: WorkerShare | None = None) -> int:
     await asyncio.sleep(0)
     log.info("stopped")
     return 0
-
-
-async def _start_workers(config: Config, share: WorkerShare) -> list[subprocess.Popen[bytes]]:
-    """Start workers 1..N-1 and wait (bounded) until each has bound its listeners."""
-    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    fields.update(no_web=True)
-    children: list[subprocess.Popen[bytes]] = []
-    for index in range(1, config.workers):
-        payload = {
-            "config": fields,
-            "turn_secret": share.turn_secret,
-            "nonce_secret": share.nonce_secret.hex(),
-            "index": index,
-        }
-        child = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "from tsunagu.transport.runtime import worker_main; "
-                "raise SystemExit(worker_main())",
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )
-        assert child.stdin is not None and child.stdout is not None
-        child.stdin.write(json.dumps(payload).encode() + b"\n")
-        child.stdin.flush()
-        children.append(child)
-    ready = []
-    for child in children:
-        assert child.stdout is not None
-        stdout = child.stdout
-
-        def wait_ready(stdout: Any = stdout) -> bool:
-            for line in stdout:
-                if line.startswith(b"tsunagu: ready"):
-                    return True
-            return False
-
-        try:
-            if await asyncio.wait_for(asyncio.to_thread(wait_ready), 30.0):
-                ready.append(child)
-        except TimeoutError:
-            pass
-    return ready if len(ready) == len(children) else ready[:0]
-
-
-def worker_main() -> int:
-    """Entry point of worker processes 1..N-1: configuration arrives as JSON on stdin."""
-    payload = json.loads(sys.stdin.readline())
-    values: dict[str, Any] = {
-        key: tuple(value) if isinstance(value, list) else value
-        for key, value in payload["config"].items()
-    }
-    config = Config(**values)
-    share = WorkerShare(
-        payload["turn_secret"], bytes.fromhex(payload["nonce_secret"]), payload["index"]
-    )
-    try:
-        import uvloop
-
-        factory: Any = uvloop.new_event_loop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        factory = None
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return int(runner.run(serve(config, share)))

@@ -1,0 +1,186 @@
+"""The asyncio driver of the sans-I/O TURN core.
+
+:class:`TurnDriver` owns a :class:`~tsunagu.turn.TurnServer` and does on the event loop
+what the core asks for: after each call into the core it takes the core's events
+(attaching a new allocation to the listener its Allocate came through, closing up an ended
+one and writing its audit line) and keeps one loop timer armed at the core's next deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from ..turn.allocation import Allocation
+from ..turn.events import AllocationCreated, AllocationEnded
+from ..turn.server import TurnServer
+from .engine import RelayEngine
+from .listeners import ClientSide, StreamConnection
+
+__all__ = ["TurnDriver"]
+
+log = logging.getLogger("tsunagu")
+audit = logging.getLogger("tsunagu.audit")
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+class TurnDriver:
+    """Runs the TURN core on an event loop, for the listeners of one worker process.
+
+    ``worker`` is this process's index among the workers sharing the ports; it is written
+    into every audit line.
+    """
+
+    def __init__(
+        self,
+        server: TurnServer,
+        loop: asyncio.AbstractEventLoop,
+        engine: RelayEngine,
+        *,
+        worker: int = 0,
+    ) -> None:
+        self.server = server
+        self.loop = loop
+        self.engine = engine
+        self.worker = worker
+        self.stream_framer = engine.stream_framer
+        self.streams: set[StreamConnection] = set()
+        self.all_ended = asyncio.Event()
+        self._fold_counters = engine.fold_counters
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+
+    def after_message(self, origin: ClientSide, addr: Any) -> None:
+        """Take the core's events after it handled a client's message, and re-arm the timer.
+
+        Only that message can have created an allocation, so a new one is attached to
+        ``origin``, the listener or connection it came through, with the client's ``addr``.
+        """
+        # Called for every STUN message: the event loop and the timer check stay inline.
+        server = self.server
+        event = server.next_event()
+        while event is not None:
+            if isinstance(event, AllocationCreated):
+                allocation = event.allocation
+                for relay in allocation.relays.values():
+                    relay.allocation = allocation  # type: ignore[attr-defined]
+                origin.attach(allocation, addr)
+            elif isinstance(event, AllocationEnded):
+                self._ended(event)
+            event = server.next_event()
+        deadline = server.get_timer()
+        if deadline != self._timer_at:
+            self._arm_timer(deadline)
+
+    def after_core_call(self) -> None:
+        """Take the core's events after a call that involved no client message (a closed
+        connection, the timer, shutdown), and re-arm the timer."""
+        server = self.server
+        event = server.next_event()
+        while event is not None:
+            if isinstance(event, AllocationEnded):
+                self._ended(event)
+            else:  # not expected without a message; relaying still needs the allocation
+                for relay in event.allocation.relays.values():
+                    relay.allocation = event.allocation  # type: ignore[attr-defined]
+            event = server.next_event()
+        deadline = server.get_timer()
+        if deadline != self._timer_at:
+            self._arm_timer(deadline)
+
+    def _arm_timer(self, deadline: float | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = (
+            None
+            if deadline is None
+            else self.loop.call_later(max(0.0, deadline - time.time()), self._timer_fired)
+        )
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.server.handle_timer(time.time())
+        self.after_core_call()
+
+    def _ended(self, event: AllocationEnded) -> None:
+        allocation = event.allocation
+        link = allocation.client_link
+        if link is not None:
+            link.detach(allocation)
+        self._fold_counters(allocation)
+        duration = round(event.ended_at - allocation.created, 3)
+        permission_requests: int = getattr(allocation, "permission_requests", 0)
+        refused: Mapping[str, int] = getattr(allocation, "refused", {})
+        audit.info(
+            json.dumps(
+                {
+                    "event": "allocation-ended",
+                    "worker": self.worker,
+                    "reason": event.reason,
+                    "user": allocation.username,
+                    "client": str(allocation.five_tuple),
+                    "relay": [
+                        f"{_bracket(ip)}:{port}"
+                        for ip, port in allocation.relayed_addresses.values()
+                    ],
+                    "peers": sorted(allocation.peers_seen),
+                    "permission_requests": permission_requests,
+                    "refused": dict(refused),
+                    "to_peers": {
+                        "packets": allocation.packets_to_peers,
+                        "bytes": allocation.bytes_to_peers,
+                    },
+                    "to_client": {
+                        "packets": allocation.packets_to_client,
+                        "bytes": allocation.bytes_to_client,
+                    },
+                    "dropped": allocation.dropped,
+                    "duration": duration,
+                },
+                separators=(",", ":"),
+            )
+        )
+        if not allocation.peers_seen:
+            _warn_never_permitted(allocation, permission_requests, refused, duration)
+        if not self.server.allocations:
+            self.all_ended.set()
+
+    def shutdown(self) -> None:
+        """End every allocation now and stop the timer."""
+        self.server.shutdown(time.time())
+        self.after_core_call()
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+def _warn_never_permitted(
+    allocation: Allocation, requests: int, refused: Mapping[str, int], duration: float
+) -> None:
+    # The commonest reason a call "connects to TURN but no media flows"; say which side to
+    # look at, in the operator's log rather than only in the audit record.
+    if requests == 0:
+        cause = (
+            "no CreatePermission or ChannelBind was received (the client never had a peer"
+            " address to reach: check signaling and the other side's candidates)"
+        )
+    else:
+        cause = (
+            f"its {requests} CreatePermission/ChannelBind requests were refused:"
+            f" {', '.join(sorted(refused)) or 'no reason recorded'}"
+        )
+    log.warning(
+        "allocation of user %r from %s ended after %.1f s without relaying to any peer: %s",
+        allocation.username,
+        allocation.five_tuple,
+        duration,
+        cause,
+    )

@@ -1,0 +1,116 @@
+"""Worker processes: several processes serving the same TURN ports.
+
+With ``workers`` > 1 the process that ``tsunagu serve`` started is worker 0; it starts
+workers 1..N-1 with :func:`start_workers`. Each worker binds the same ports with
+SO_REUSEPORT, so the kernel spreads clients over them. A child reads its configuration and
+the secrets every worker must share (:class:`WorkerShare`) as one JSON line on stdin, runs
+the same serve function as worker 0, and says ``tsunagu: ready`` on stdout once its
+listeners are bound. Its stdin stays open: when worker 0 goes away, the child drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import IO, Any
+
+from .config import Config, config_from_json, config_to_json
+
+__all__ = ["READY_LINE", "WorkerShare", "loop_factory", "start_workers", "worker_main"]
+
+READY_LINE = "tsunagu: ready"
+# How long a worker may take to bind its listeners before the start-up counts as failed.
+_START_TIMEOUT = 30.0
+# The child command: the serve module sits above this one, so only the child imports it.
+_CHILD = (
+    "from tsunagu.serve import serve; from tsunagu.workers import worker_main; "
+    "raise SystemExit(worker_main(serve))"
+)
+
+ServeFunction = Callable[[Config, "WorkerShare | None"], Coroutine[Any, Any, int]]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerShare:
+    """What every worker process of one server must agree on."""
+
+    turn_secret: str
+    nonce_secret: bytes
+    index: int
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop factory where uvloop is installed, else None (asyncio's own loop).
+
+    Used with :class:`asyncio.Runner` rather than a global event loop policy: uvloop's
+    ``install()`` is deprecated, and this leaves the process-wide policy alone.
+    """
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def _payload(config: Config, share: WorkerShare, index: int) -> bytes:
+    document = {
+        "config": config_to_json(config),
+        "turn_secret": share.turn_secret,
+        "nonce_secret": share.nonce_secret.hex(),
+        "index": index,
+    }
+    return json.dumps(document).encode() + b"\n"
+
+
+def _read_payload(line: str | bytes) -> tuple[Config, WorkerShare]:
+    document = json.loads(line)
+    share = WorkerShare(
+        document["turn_secret"], bytes.fromhex(document["nonce_secret"]), document["index"]
+    )
+    return config_from_json(document["config"]), share
+
+
+def _wait_ready(stdout: IO[bytes]) -> bool:
+    for line in stdout:
+        if line.startswith(READY_LINE.encode()):
+            return True
+    return False
+
+
+async def start_workers(config: Config, share: WorkerShare) -> list[subprocess.Popen[bytes]]:
+    """Start workers 1..N-1 and wait (bounded) until each has bound its listeners.
+
+    Returns the children, or an empty list if any of them did not become ready; the caller
+    kills what was started.
+    """
+    children: list[subprocess.Popen[bytes]] = []
+    for index in range(1, config.workers):
+        child = subprocess.Popen(
+            [sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        assert child.stdin is not None
+        # Only worker 0 serves the web app.
+        child.stdin.write(_payload(dataclasses.replace(config, no_web=True), share, index))
+        child.stdin.flush()
+        children.append(child)
+    ready = []
+    for child in children:
+        assert child.stdout is not None
+        try:
+            if await asyncio.wait_for(asyncio.to_thread(_wait_ready, child.stdout), _START_TIMEOUT):
+                ready.append(child)
+        except TimeoutError:
+            pass
+    return ready if len(ready) == len(children) else ready[:0]
+
+
+def worker_main(serve: ServeFunction) -> int:
+    """Entry point of worker processes 1..N-1: run ``serve`` with what arrives on stdin."""
+    config, share = _read_payload(sys.stdin.readline())
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        return int(runner.run(serve(config, share)))
