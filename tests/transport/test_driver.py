@@ -1,0 +1,303 @@
+"""The driver, the listeners and the relay sockets in one process, on loopback.
+
+No subprocess: a :class:`TurnDriver` runs the core on the test's event loop, with a UDP
+listener or a TCP server made from the engine under test, and aioice allocates through it.
+Every test runs with both relay engines. The native one is built here and in CI; where it
+cannot be imported the test is skipped with the reason, and in CI (``CI=true``) it fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import socket
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aioice.turn
+import pytest
+
+from support.interop import Collector, TurnClient, udp_echo_server
+from tsunagu.auth.store import StaticCredentialStore
+from tsunagu.transport.driver import TurnDriver
+from tsunagu.transport.engine import EngineUnavailable, PythonEngine, RelayEngine, load_engine
+from tsunagu.transport.listeners import StreamConnection, UdpListener
+from tsunagu.transport.relay import UdpRelayBinder
+from tsunagu.turn import PeerPolicy, TurnServer, TurnSettings
+
+HOST = "127.0.0.1"
+USER, PASSWORD = "alice", "alice-pw"
+
+
+def make_engine(name: str) -> RelayEngine:
+    if name == "python":
+        return PythonEngine()
+    try:
+        from tsunagu.transport.native import NativeEngine
+    except ImportError as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the native relay engine must be built in CI: {exc}")
+        pytest.skip(f"the native relay engine is not built here: {exc}")
+    return NativeEngine()
+
+
+@pytest.fixture(params=["python", "native"])
+def engine(request: pytest.FixtureRequest) -> RelayEngine:
+    return make_engine(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _logs_reach_caplog(monkeypatch: pytest.MonkeyPatch) -> None:
+    # serve() stops "tsunagu" propagating to the root logger; nothing here calls it, but a
+    # test run in the same process earlier might have.
+    monkeypatch.setattr(logging.getLogger("tsunagu"), "propagate", True)
+
+
+@dataclass
+class Rig:
+    driver: TurnDriver
+    udp: UdpListener
+    tcp: asyncio.Server
+    closers: list[Any] = field(default_factory=list)
+
+    @property
+    def udp_address(self) -> tuple[str, int]:
+        return self.udp.local
+
+    @property
+    def tcp_address(self) -> tuple[str, int]:
+        address = self.tcp.sockets[0].getsockname()
+        return (address[0], address[1])
+
+    async def allocate(self, transport: str = "udp", password: str = PASSWORD) -> TurnClient:
+        address = self.udp_address if transport == "udp" else self.tcp_address
+        turn_transport, app = await asyncio.wait_for(
+            aioice.turn.create_turn_endpoint(
+                Collector,
+                server_addr=address,
+                username=USER,
+                password=password,
+                transport=transport,
+            ),
+            5.0,
+        )
+        client = TurnClient(turn_transport, app)
+        self.closers.append(client)
+        return client
+
+
+@contextlib.asynccontextmanager
+async def running(engine: RelayEngine, *, worker: int = 0, **settings: Any) -> AsyncIterator[Rig]:
+    loop = asyncio.get_running_loop()
+    settings.setdefault("policy", PeerPolicy.create(allowed=("127.0.0.0/8",)))
+    core = TurnServer(
+        TurnSettings(fallback_relay_ips=(HOST,), **settings),
+        StaticCredentialStore("tsunagu", [(USER, PASSWORD)], ()),
+        UdpRelayBinder(loop, random.randbytes, engine.relay_endpoint),
+        random.Random(),
+    )
+    driver = TurnDriver(core, loop, engine, worker=worker)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    sock.bind((HOST, 0))
+    udp = await engine.udp_listener(driver, sock, loop)
+    tcp = await loop.create_server(lambda: StreamConnection(driver, "tcp"), HOST, 0)
+    rig = Rig(driver, udp, tcp)
+    try:
+        yield rig
+    finally:
+        for client in rig.closers:
+            client.transport.close()
+        driver.shutdown()
+        for stream in list(driver.streams):
+            stream.transport.close()
+        tcp.close()
+        udp.close()
+        await asyncio.sleep(0)
+
+
+def audit_records(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    return [json.loads(r.getMessage()) for r in caplog.records if r.name == "tsunagu.audit"]
+
+
+def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "tsunagu" and r.levelno == logging.WARNING
+    ]
+
+
+async def wait_for(predicate: Any, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("timed out")
+        await asyncio.sleep(0.01)
+
+
+# --- relaying through a UDP listener and a TCP connection --------------------------------------
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_channel_data_both_ways_and_the_audit_line(
+    engine: RelayEngine, transport: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tsunagu")
+    async with running(engine, worker=3) as rig, udp_echo_server(HOST) as (echo, peer):
+        client = await rig.allocate(transport)
+        assert client.relayed[0] == HOST
+        payloads = [b"x" * size for size in (1, 3, 4, 100, 1200)]
+        for payload in payloads:
+            assert await client.echo(payload, peer) == payload
+        assert [data for data, _ in echo.received] == payloads
+        await client.close()
+        await wait_for(lambda: audit_records(caplog))
+    [record] = audit_records(caplog)
+    total = sum(map(len, payloads))
+    assert record["event"] == "allocation-ended" and record["reason"] == "deleted"
+    assert record["worker"] == 3
+    assert record["user"] == USER
+    assert record["client"].startswith(f"{transport}:{HOST}:")
+    assert record["relay"] == [f"{client.relayed[0]}:{client.relayed[1]}"]
+    assert record["peers"] == [HOST]
+    assert record["to_peers"] == {"packets": len(payloads), "bytes": total}
+    assert record["to_client"] == {"packets": len(payloads), "bytes": total}
+    assert record["dropped"] == 0
+    assert isinstance(record["permission_requests"], int)
+    assert isinstance(record["refused"], dict)
+    assert warnings(caplog) == []
+
+
+async def test_a_peer_without_a_channel_reaches_the_client_in_a_data_indication(
+    engine: RelayEngine,
+) -> None:
+    async with running(engine) as rig, udp_echo_server(HOST) as (_, peer):
+        client = await rig.allocate("udp")
+        assert await client.echo(b"open", peer) == b"open"  # permission for the peer's IP
+        other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with other:
+            other.bind((HOST, 0))
+            other.sendto(b"no channel", client.relayed)
+            data, addr = await client.app.next()
+            assert (data, addr) == (b"no channel", other.getsockname())
+
+
+async def test_a_peer_without_permission_is_dropped_and_counted(
+    engine: RelayEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tsunagu")
+    async with running(engine) as rig, udp_echo_server(HOST) as (_, peer):
+        client = await rig.allocate("udp")
+        assert await client.echo(b"open", peer) == b"open"
+        # Permissions are per IP address: 127.0.0.2 has none.
+        outsider = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with outsider:
+            outsider.bind(("127.0.0.2", 0))
+            outsider.sendto(b"stranger", client.relayed)
+            await asyncio.sleep(0.1)
+        assert client.app.queue.empty()
+        await client.close()
+        await wait_for(lambda: audit_records(caplog))
+    [record] = audit_records(caplog)
+    assert record["dropped"] == 1
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [b"\xff\x00\x00\x00", b"\x40\x00\x00\x04abcd"],
+    ids=["not-stun-nor-channel-data", "channel-data-before-allocating"],
+)
+async def test_tcp_connection_that_is_not_turn_is_closed(
+    engine: RelayEngine, stream: bytes
+) -> None:
+    async with running(engine) as rig:
+        reader, writer = await asyncio.open_connection(*rig.tcp_address)
+        writer.write(stream)
+        assert await asyncio.wait_for(reader.read(), 5.0) == b""
+        writer.close()
+        await wait_for(lambda: not rig.driver.streams)
+
+
+# --- the driver ---------------------------------------------------------------------------------
+
+
+async def test_an_allocation_that_never_had_a_peer_is_explained_once(
+    engine: RelayEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tsunagu")
+    async with running(engine, worker=1) as rig:
+        client = await rig.allocate("udp")
+        mapped = client.mapped
+        await client.close()
+        await wait_for(lambda: audit_records(caplog))
+    [record] = audit_records(caplog)
+    assert record["peers"] == [] and record["permission_requests"] == 0
+    [line] = warnings(caplog)
+    assert "no CreatePermission or ChannelBind was received" in line
+    assert "check signaling and the other side's candidates" in line
+    assert f"'{USER}'" in line
+    assert f"udp:{mapped[0]}:{mapped[1]}->{HOST}:{rig.udp_address[1]}" in line
+    assert " ended after 0." in line
+
+
+async def test_the_timer_ends_an_allocation_that_is_not_refreshed(
+    engine: RelayEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tsunagu")
+    async with running(engine, max_lifetime=1, default_lifetime=1) as rig:
+        client = await rig.allocate("udp")
+        await client.abort()  # no Refresh will come
+        assert rig.driver.server.allocations
+        await wait_for(lambda: audit_records(caplog))
+        assert not rig.driver.server.allocations
+    [record] = audit_records(caplog)
+    assert record["reason"] == "expired"
+    assert 1.0 <= record["duration"] < 3.0
+
+
+async def test_shutdown_ends_every_allocation_and_says_so(
+    engine: RelayEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tsunagu")
+    async with running(engine) as rig, udp_echo_server(HOST) as (_, peer):
+        udp_client = await rig.allocate("udp")
+        tcp_client = await rig.allocate("tcp")
+        for client in (udp_client, tcp_client):
+            assert await client.echo(b"hi", peer) == b"hi"
+        rig.driver.all_ended.clear()
+        rig.driver.shutdown()
+        assert rig.driver.all_ended.is_set()
+        await wait_for(lambda: not rig.driver.streams)
+        assert not rig.driver.server.allocations
+    records = audit_records(caplog)
+    assert sorted(r["reason"] for r in records) == ["shutdown", "shutdown"]
+    assert sorted(r["client"][:4] for r in records) == ["tcp:", "udp:"]
+
+
+# --- choosing an engine -------------------------------------------------------------------------
+
+
+def test_load_engine_python() -> None:
+    assert load_engine("python").name == "python"
+
+
+def test_load_engine_native_and_auto_where_built() -> None:
+    make_engine("native")
+    assert load_engine("native").name == "native"
+    assert load_engine("auto").name == "native"
+
+
+def test_without_the_extension_auto_runs_python_and_native_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "tsunagu.transport.native", None)
+    assert load_engine("auto").name == "python"
+    with pytest.raises(EngineUnavailable, match="--relay-engine python"):
+        load_engine("native")
