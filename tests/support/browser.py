@@ -16,8 +16,11 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from playwright.async_api import Browser, async_playwright
+
+from support.audit import audit_records, worker_count
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -71,18 +74,42 @@ def relay_range(size: int = 200) -> tuple[int, int]:
 
 @dataclass
 class Server:
-    """A running ``tsunagu serve``; ``output`` holds what it printed so far."""
+    """A running ``tsunagu serve``; ``output`` holds what it printed so far.
+
+    Its log (audit records included) goes to ``log_path``; worker processes inherit that
+    file as their stderr, so it holds what every worker logged.
+    """
 
     process: subprocess.Popen[bytes]
     web_port: int
     turn_port: int
     tls_port: int
     spki: str | None
+    log_path: Path
+    scheme: str = "http"
     output: list[str] = field(default_factory=list)
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.web_port}"
+        return f"{self.scheme}://127.0.0.1:{self.web_port}"
+
+    @property
+    def workers(self) -> int:
+        """How many worker processes serve TURN."""
+        return worker_count(self.output)
+
+    def log_text(self, start: int = 0) -> str:
+        """What the server logged, from byte offset ``start`` on."""
+        with open(self.log_path, "rb") as log:
+            log.seek(start)
+            return log.read().decode(errors="replace")
+
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size
+
+    def audit_records(self, start: int = 0) -> list[dict[str, Any]]:
+        """The audit records of every worker, logged from byte offset ``start`` on."""
+        return audit_records(self.log_text(start))
 
 
 def _read_until_ready(process: subprocess.Popen[bytes], deadline: float) -> list[str]:
@@ -141,12 +168,15 @@ def run_server(tmp: Path, *extra: str) -> Iterator[Server]:
         *extra,
     ]
     env = dict(os.environ, XDG_STATE_HOME=str(tmp / "state"), PYTHONUNBUFFERED="1")
-    log = open(tmp / "serve.stderr", "w")  # noqa: SIM115 - closed below
+    log_path = tmp / "serve.stderr"
+    log = open(log_path, "w")  # noqa: SIM115 - closed below
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, env=env, cwd=ROOT)
     try:
         lines = _read_until_ready(process, time.monotonic() + START_TIMEOUT)
         match = re.search(r"\bspki (\S+)", "".join(lines))
-        server = Server(process, web_port, turn_port, tls_port, match and match.group(1), lines)
+        scheme = "https" if "--cert" in extra else "http"
+        spki = match and match.group(1)
+        server = Server(process, web_port, turn_port, tls_port, spki, log_path, scheme, lines)
         # Keep draining stdout so that a chatty server never blocks on a full pipe.
         threading.Thread(target=_drain, args=(process, server.output), daemon=True).start()
         yield server
