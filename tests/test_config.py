@@ -12,9 +12,14 @@ from typing import Any
 import pytest
 
 from tsunagu.config import (
+    AlternateServer,
     Config,
     ConfigError,
+    ExternalIp,
+    StaticUser,
     build_parser,
+    config_from_json,
+    config_to_json,
     load_config,
     parse_alternate_server,
     parse_config,
@@ -72,6 +77,9 @@ CONTRACT_FIELDS = [
 ]
 
 
+ip = ipaddress.ip_address
+
+
 def write_toml(tmp_path: Path, text: str) -> str:
     path = tmp_path / "tsunagu.toml"
     path.write_text(text, encoding="utf-8")
@@ -125,16 +133,16 @@ EVERY_FIELD: list[tuple[str, str, list[str], Any]] = [
         "listening_ips",
         '["127.0.0.1", "::1"]',
         ["-L", "127.0.0.1", "-L", "::1"],
-        ("127.0.0.1", "::1"),
+        (ip("127.0.0.1"), ip("::1")),
     ),
     ("listening_port", "3479", ["-p", "3479"], 3479),
     ("tls_listening_port", "5350", ["--tls-listening-port", "5350"], 5350),
-    ("relay_ips", '["192.0.2.7"]', ["-E", "192.0.2.7"], ("192.0.2.7",)),
+    ("relay_ips", '["192.0.2.7"]', ["-E", "192.0.2.7"], (ip("192.0.2.7"),)),
     (
         "external_ips",
         '["203.0.113.5/10.0.0.5"]',
         ["-X", "203.0.113.5/10.0.0.5"],
-        ("203.0.113.5/10.0.0.5",),
+        (ExternalIp(ip("203.0.113.5"), ip("10.0.0.5")),),
     ),
     ("min_port", "50000", ["--min-port", "50000"], 50000),
     ("max_port", "60000", ["--max-port", "60000"], 60000),
@@ -143,7 +151,7 @@ EVERY_FIELD: list[tuple[str, str, list[str], Any]] = [
         "users",
         '["alice:pw1", "bob:p:w"]',
         ["-u", "alice:pw1", "--user", "bob:p:w"],
-        ("alice:pw1", "bob:p:w"),
+        (StaticUser("alice", "pw1"), StaticUser("bob", "p:w")),
     ),
     (
         "static_auth_secrets",
@@ -183,7 +191,7 @@ EVERY_FIELD: list[tuple[str, str, list[str], Any]] = [
         "alternate_servers",
         '["192.0.2.1:3478", "[2001:db8::1]:3478"]',
         ["--alternate-server", "192.0.2.1:3478", "--alternate-server", "[2001:db8::1]:3478"],
-        ("192.0.2.1:3478", "[2001:db8::1]:3478"),
+        (AlternateServer(ip("192.0.2.1"), 3478), AlternateServer(ip("2001:db8::1"), 3478)),
     ),
     ("unauth_rate", "2.5", ["--unauth-rate", "2.5"], 2.5),
     ("drain_timeout", "0", ["--drain-timeout", "0"], 0.0),
@@ -248,7 +256,7 @@ def test_flags_win_over_the_file(tmp_path: Path) -> None:
     assert config.listening_port == 4001
     assert config.verbose is False
     # A repeatable flag replaces the file's list instead of extending it.
-    assert config.listening_ips == ("127.0.0.2",)
+    assert config.listening_ips == (ip("127.0.0.2"),)
     # Untouched keys keep the file's values.
     assert config.realm == "file" and config.workers == 3
 
@@ -261,11 +269,11 @@ def test_file_may_switch_a_default_on_and_a_flag_back_off(tmp_path: Path) -> Non
 
 def test_flag_order_is_kept_and_duplicates_dropped() -> None:
     config = load_config(["-L", "::1", "-L", "127.0.0.1", "-L", "0:0::1"])
-    assert config.listening_ips == ("::1", "127.0.0.1")
+    assert config.listening_ips == (ip("::1"), ip("127.0.0.1"))
 
 
 def test_single_string_is_a_one_item_list() -> None:
-    assert parse_config({"relay_ips": "192.0.2.1"}).relay_ips == ("192.0.2.1",)
+    assert parse_config({"relay_ips": "192.0.2.1"}).relay_ips == (ip("192.0.2.1"),)
 
 
 # --- normalisation and helpers --------------------------------------------------------------
@@ -280,7 +288,7 @@ def test_addresses_are_normalised() -> None:
             "web_ip": "2001:DB8::A",
         }
     )
-    assert config.listening_ips == ("2001:db8::1",)
+    assert config.listening_ips == (ip("2001:db8::1"),)
     assert config.denied_peer_ips == ("2001:db8::/32", "10.0.0.1-10.0.0.5", "192.0.2.9")
     assert config.public_host == "2001:db8::7"
     assert config.web_ip == "2001:db8::a"
@@ -407,8 +415,9 @@ def test_transport_switches_that_leave_something_running_are_fine() -> None:
 
 def test_wildcards_of_both_families_together_are_fine() -> None:
     config = parse_config({"listening_ips": ["0.0.0.0", "::"]})
-    assert config.listening_ips == ("0.0.0.0", "::")
-    assert parse_config({"listening_ips": ["0.0.0.0", "::1"]}).listening_ips == ("0.0.0.0", "::1")
+    assert config.listening_ips == (ip("0.0.0.0"), ip("::"))
+    config = parse_config({"listening_ips": ["0.0.0.0", "::1"]})
+    assert config.listening_ips == (ip("0.0.0.0"), ip("::1"))
 
 
 @pytest.mark.parametrize(
@@ -518,3 +527,47 @@ def test_readme_toml_example_is_valid(repo_root: Path) -> None:
     assert blocks, "README.md should show a TOML example"
     for block in blocks:
         parse_config(tomllib.loads(block))
+
+
+# --- typed values and the worker hand-over ----------------------------------------------------
+
+
+def test_list_entries_are_typed_once() -> None:
+    config = parse_config(
+        {
+            "external_ips": ["203.0.113.1", "2001:db8::1/fd00::1"],
+            "alternate_servers": ["[2001:db8::2]:3479"],
+            "users": ["alice:pa:ss"],
+        }
+    )
+    first, second = config.external_ips
+    assert (first.public, first.private) == (ip("203.0.113.1"), None)
+    assert (second.public, second.private) == (ip("2001:db8::1"), ip("fd00::1"))
+    assert [entry.text for entry in config.external_ips] == ["203.0.113.1", "2001:db8::1/fd00::1"]
+    [alternate] = config.alternate_servers
+    assert (alternate.ip, alternate.port, alternate.text) == (
+        ip("2001:db8::2"),
+        3479,
+        "[2001:db8::2]:3479",
+    )
+    [user] = config.users
+    assert (user.name, user.password) == ("alice", "pa:ss")
+    assert "pa:ss" not in repr(user)
+
+
+def every_field_set() -> Config:
+    mapping: dict[str, Any] = {}
+    for name, toml_value, _, _ in EVERY_FIELD:
+        mapping.update(tomllib.loads(f"{name} = {toml_value}\n"))
+    # Every field off its default, but for the switches that would leave nothing to run.
+    mapping.update(use_auth_secret=True, pkey="k.pem", stun_only=False, no_tls=False, no_web=False)
+    return parse_config(mapping)
+
+
+def test_a_config_survives_the_json_hand_over_to_workers() -> None:
+    import json
+
+    for config in (Config(), every_field_set()):
+        sent = json.dumps(config_to_json(config))
+        assert config_from_json(json.loads(sent)) == config
+    assert config_to_json(every_field_set())["users"] == ["alice:pw1", "bob:p:w"]

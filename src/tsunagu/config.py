@@ -24,9 +24,12 @@ from dataclasses import dataclass, field, fields
 from typing import Any, NoReturn, TypeVar
 
 __all__ = [
+    "AlternateServer",
     "Config",
     "ConfigError",
+    "ExternalIp",
     "IPAddress",
+    "StaticUser",
     "build_parser",
     "config_from_args",
     "config_from_json",
@@ -60,7 +63,8 @@ def _fail(key: str, requirement: str, value: Any = None, *, show: bool = True) -
 
 
 # ---------------------------------------------------------------------------------------------
-# Value parsers, public so that the runtime interprets the strings exactly as validated here.
+# Value parsers. Config holds what they return (see the typed values below); they are public
+# for other commands that read the same forms (``tsunagu probe``).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -141,6 +145,61 @@ def parse_user(text: str) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Typed values of the list options, made once when the configuration is checked. Each has
+# ``text``, the form it was written in, so that a Config can be written out and read back.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ExternalIp:
+    """An ``external_ips`` entry: the public address, and the private one it maps to."""
+
+    public: IPAddress
+    private: IPAddress | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ExternalIp:
+        return cls(*parse_external_ip(text))
+
+    @property
+    def text(self) -> str:
+        return str(self.public) if self.private is None else f"{self.public}/{self.private}"
+
+
+@dataclass(frozen=True, slots=True)
+class AlternateServer:
+    """An ``alternate_servers`` entry: where a refused Allocate is redirected (300)."""
+
+    ip: IPAddress
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> AlternateServer:
+        return cls(*parse_alternate_server(text))
+
+    @property
+    def text(self) -> str:
+        host = f"[{self.ip}]" if self.ip.version == 6 else str(self.ip)
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class StaticUser:
+    """A ``users`` entry. The password stays out of ``repr``."""
+
+    name: str
+    password: str = field(repr=False)
+
+    @classmethod
+    def parse(cls, text: str) -> StaticUser:
+        return cls(*parse_user(text))
+
+    @property
+    def text(self) -> str:
+        return f"{self.name}:{self.password}"
+
+
+# ---------------------------------------------------------------------------------------------
 # Per-field checks. Each takes (key, value) and returns the normalised value or calls _fail.
 # ---------------------------------------------------------------------------------------------
 
@@ -210,15 +269,19 @@ def _check_choice(*choices: str) -> _Check:
     return check
 
 
+def _address(key: str, value: Any, *, wildcard: bool) -> IPAddress:
+    try:
+        address = _ip(value)
+    except (ValueError, AttributeError):
+        _fail(key, "must be an IPv4 or IPv6 address", value)
+    if address.is_unspecified and not wildcard:
+        _fail(key, "must be a specific address, not a wildcard", value)
+    return address
+
+
 def _check_ip(*, wildcard: bool) -> _Check:
     def check(key: str, value: Any) -> str:
-        try:
-            address = _ip(value)
-        except (ValueError, AttributeError):
-            _fail(key, "must be an IPv4 or IPv6 address", value)
-        if address.is_unspecified and not wildcard:
-            _fail(key, "must be a specific address, not a wildcard", value)
-        return str(address)
+        return str(_address(key, value, wildcard=wildcard))
 
     return check
 
@@ -242,12 +305,12 @@ def _check_host(key: str, value: Any) -> str:
 def _check_each(item: _Check, *, what: str, secret: bool = False) -> _Check:
     """Validate a list of strings item by item; a single string is taken as a one-item list."""
 
-    def check(key: str, value: Any) -> tuple[str, ...]:
+    def check(key: str, value: Any) -> tuple[Any, ...]:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
             _fail(key, f"must be a list of strings ({what})", value, show=not secret)
-        out: list[str] = []
+        out: list[Any] = []
         for entry in value:
             normalised = item(key, entry)
             if normalised not in out:
@@ -258,21 +321,18 @@ def _check_each(item: _Check, *, what: str, secret: bool = False) -> _Check:
 
 
 def _entry(parse: Callable[[str], Any], what: str) -> _Check:
-    def check(key: str, value: str) -> str:
+    def check(key: str, value: str) -> Any:
         try:
-            parse(value)
+            return parse(value)
         except ValueError as exc:
             _fail(key, f"each entry must be {what} ({exc})", value, show=False)
-        return value.strip()
 
     return check
 
 
 def _ip_entry(*, wildcard: bool) -> _Check:
-    single = _check_ip(wildcard=wildcard)
-
-    def check(key: str, value: str) -> str:
-        return str(single(key, value))
+    def check(key: str, value: str) -> IPAddress:
+        return _address(key, value, wildcard=wildcard)
 
     return check
 
@@ -287,14 +347,14 @@ def _range_entry(key: str, value: str) -> str:
     return str(first) if first == last and "-" not in value else f"{first}-{last}"
 
 
-def _user_entry(key: str, value: str) -> str:
+def _user_entry(key: str, value: str) -> StaticUser:
     try:
-        name, _ = parse_user(value)
+        user = StaticUser.parse(value)
     except ValueError:
         # Never echo the entry: it holds a password.
         _fail(key, "each entry must be name:password with both parts non-empty", show=False)
-    _check_text(508)(key, name)
-    return value
+    _check_text(508)(key, user.name)
+    return user
 
 
 def _secret_entry(key: str, value: str) -> str:
@@ -328,7 +388,7 @@ _QUOTA = _check_int(0, note=" (0 = unlimited)")
 class Config:
     """Effective server configuration. Build it with :func:`load_config` or :func:`parse_config`."""
 
-    listening_ips: tuple[str, ...] = _opt(
+    listening_ips: tuple[IPAddress, ...] = _opt(
         (),
         _check_each(_ip_entry(wildcard=True), what="IP addresses"),
         "address to listen on for STUN/TURN (repeatable; default: all IPv4 and IPv6)",
@@ -338,7 +398,7 @@ class Config:
     )
     listening_port: int = _opt(3478, _PORT, "STUN/TURN port for UDP and TCP", short="-p")
     tls_listening_port: int = _opt(5349, _PORT, "STUN/TURN port for TLS")
-    relay_ips: tuple[str, ...] = _opt(
+    relay_ips: tuple[IPAddress, ...] = _opt(
         (),
         _check_each(_ip_entry(wildcard=False), what="IP addresses"),
         "address to open relayed transport addresses on (repeatable; default: the listening "
@@ -347,9 +407,9 @@ class Config:
         flag="--relay-ip",
         metavar="IP",
     )
-    external_ips: tuple[str, ...] = _opt(
+    external_ips: tuple[ExternalIp, ...] = _opt(
         (),
-        _check_each(_entry(parse_external_ip, "public or public/private"), what="public[/private]"),
+        _check_each(_entry(ExternalIp.parse, "public or public/private"), what="public[/private]"),
         "public address to advertise, or public/private mapping behind a 1:1 NAT (repeatable)",
         short="-X",
         flag="--external-ip",
@@ -364,7 +424,7 @@ class Config:
         short="-r",
         metavar="REALM",
     )
-    users: tuple[str, ...] = _opt(
+    users: tuple[StaticUser, ...] = _opt(
         (),
         _check_each(_user_entry, what="name:password", secret=True),
         "static long-term user (repeatable)",
@@ -372,7 +432,11 @@ class Config:
         flag="--user",
         metavar="NAME:PASSWORD",
     )
-    use_auth_secret: bool = _opt(False, _check_bool, "accept TURN REST API credentials")
+    use_auth_secret: bool = _opt(
+        False,
+        _check_bool,
+        "TURN REST API credentials only, as coturn: static users are not accepted",
+    )
     static_auth_secrets: tuple[str, ...] = _opt(
         (),
         _check_each(_secret_entry, what="secrets", secret=True),
@@ -429,9 +493,9 @@ class Config:
     strict_channel_numbers: bool = _opt(
         False, _check_bool, "accept only RFC 8656 channel numbers 0x4000-0x4FFF (not up to 0x7FFF)"
     )
-    alternate_servers: tuple[str, ...] = _opt(
+    alternate_servers: tuple[AlternateServer, ...] = _opt(
         (),
-        _check_each(_entry(parse_alternate_server, "ip:port or [ipv6]:port"), what="ip:port"),
+        _check_each(_entry(AlternateServer.parse, "ip:port or [ipv6]:port"), what="ip:port"),
         "server to redirect Allocate requests to (repeatable: ip:port or [ipv6]:port)",
         flag="--alternate-server",
         metavar="ADDR",
@@ -517,18 +581,17 @@ def _cross_check(values: dict[str, Any]) -> None:
         _fail("no_tls", "with no_udp and no_tcp leaves no STUN/TURN listener; use no_turn", True)
     if values["no_turn"] and values["no_web"]:
         _fail("no_web", "with no_turn leaves nothing to serve", True)
-    names = [parse_user(entry)[0] for entry in values["users"]]
+    names = [user.name for user in values["users"]]
     for name in names:
         if names.count(name) > 1:
             _fail("users", "each user name may appear only once", name)
-    wild = {v for v in values["listening_ips"] if ipaddress.ip_address(v).is_unspecified}
+    wild = {v for v in values["listening_ips"] if v.is_unspecified}
     for address in values["listening_ips"]:
-        version = ipaddress.ip_address(address).version
-        if address not in wild and any(ipaddress.ip_address(w).version == version for w in wild):
+        if address not in wild and any(w.version == address.version for w in wild):
             _fail(
                 "listening_ips",
                 "a wildcard address already covers every address of its family",
-                address,
+                str(address),
             )
 
 
@@ -580,9 +643,11 @@ def config_from_json(mapping: Mapping[str, Any]) -> Config:
 def _to_json(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_to_json(item) for item in value]
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return str(value)
+    if isinstance(value, ExternalIp | AlternateServer | StaticUser):
+        return value.text
+    if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        return str(value)
+    return value
 
 
 # ---------------------------------------------------------------------------------------------

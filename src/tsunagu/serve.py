@@ -32,7 +32,7 @@ from typing import Any
 
 from .auth.rest import mint_credentials
 from .auth.store import StaticCredentialStore
-from .config import Config, parse_alternate_server, parse_external_ip, parse_user
+from .config import Config
 from .transport.driver import TurnDriver
 from .transport.engine import EngineUnavailable, load_engine
 from .transport.listeners import StreamConnection, UdpListener
@@ -41,7 +41,13 @@ from .turn.policy import PeerPolicy
 from .turn.server import TurnServer, TurnSettings
 from .workers import READY_LINE, WorkerShare, start_workers
 
-__all__ = ["local_addresses", "serve", "settings_from_config"]
+__all__ = [
+    "credential_store",
+    "listening_addresses",
+    "local_addresses",
+    "serve",
+    "settings_from_config",
+]
 
 log = logging.getLogger("tsunagu")
 
@@ -105,19 +111,19 @@ def _udp_socket(ip: str, port: int, *, reuse_port: bool = False) -> socket.socke
 
 def settings_from_config(config: Config, fallback_relay_ips: tuple[str, ...] = ()) -> TurnSettings:
     """The core's settings for ``config``; ``fallback_relay_ips`` are the listening addresses."""
-    external: list[tuple[str, str | None]] = []
-    for text in config.external_ips:
-        public, private = parse_external_ip(text)
-        external.append((str(public), None if private is None else str(private)))
+    external = tuple(
+        (str(entry.public), None if entry.private is None else str(entry.private))
+        for entry in config.external_ips
+    )
     alternate = None
     if config.alternate_servers:
-        ip, port = parse_alternate_server(config.alternate_servers[0])
-        alternate = (str(ip), port)
+        first = config.alternate_servers[0]
+        alternate = (str(first.ip), first.port)
     return TurnSettings(
         realm=config.realm,
-        relay_ips=config.relay_ips,
+        relay_ips=tuple(str(ip) for ip in config.relay_ips),
         fallback_relay_ips=fallback_relay_ips,
-        external_ips=tuple(external),
+        external_ips=external,
         min_port=config.min_port,
         max_port=config.max_port,
         max_lifetime=config.max_allocate_lifetime,
@@ -135,6 +141,28 @@ def settings_from_config(config: Config, fallback_relay_ips: tuple[str, ...] = (
         alternate_server=alternate,
         unauth_rate=config.unauth_rate,
         policy=PeerPolicy.create(config.allowed_peer_ips, config.denied_peer_ips),
+    )
+
+
+def credential_store(config: Config, rest_secrets: tuple[str, ...]) -> StaticCredentialStore:
+    """The TURN credentials: static users and TURN REST API credentials from ``rest_secrets``.
+
+    REST credentials are always accepted (the web app mints them). ``use_auth_secret`` makes
+    them the only ones, as coturn's ``use-auth-secret`` does: coturn then neither loads
+    ``user`` entries nor looks them up. Here they are left out too, and the log says so.
+    """
+    users = [(user.name, user.password) for user in config.users]
+    if config.use_auth_secret and users:
+        log.warning(
+            "use_auth_secret: TURN REST API credentials only; %d static user(s) not accepted",
+            len(users),
+        )
+        users = []
+    return StaticCredentialStore(
+        config.realm,
+        users,
+        rest_secrets,
+        check_expiry_on_existing=config.rest_check_on_refresh,
     )
 
 
@@ -157,19 +185,16 @@ def local_addresses() -> list[str]:
 
 
 def listening_addresses(config: Config) -> list[str]:
-    """The concrete addresses to listen on: wildcards become the machine's addresses."""
-    wildcard = not config.listening_ips or any(
-        ip in ("0.0.0.0", "::") for ip in config.listening_ips
-    )
-    if not wildcard:
-        return list(config.listening_ips)
+    """The concrete addresses to listen on: a wildcard becomes the machine's addresses of its
+    family (both families when no address is configured)."""
+    wildcards = {ip.version for ip in config.listening_ips if ip.is_unspecified}
     if not config.listening_ips:
         return local_addresses()
-    return sorted(
-        {ip for ip in local_addresses() if ":" in ip and "::" in config.listening_ips}
-        | {ip for ip in local_addresses() if ":" not in ip and "0.0.0.0" in config.listening_ips}
-        | {ip for ip in config.listening_ips if ip not in ("0.0.0.0", "::")}
-    )
+    specific = [str(ip) for ip in config.listening_ips if not ip.is_unspecified]
+    if not wildcards:
+        return specific
+    expanded = {ip for ip in local_addresses() if ipaddress.ip_address(ip).version in wildcards}
+    return sorted(expanded | set(specific))
 
 
 def _state_dir() -> Path:
@@ -195,7 +220,7 @@ def _host_for_uris(config: Config, listening: list[str]) -> str:
     if config.public_host:
         return config.public_host
     if config.external_ips:
-        return str(parse_external_ip(config.external_ips[0])[0])
+        return str(config.external_ips[0].public)
     for ip in listening:
         if not ipaddress.ip_address(ip).is_loopback:
             return ip
@@ -271,13 +296,7 @@ async def serve(config: Config, share: WorkerShare | None = None) -> int:
             shared_reservations=reuse_port,
             port_share=(share.index, config.workers),
         )
-        users = [parse_user(text) for text in config.users]
-        store = StaticCredentialStore(
-            config.realm,
-            users,
-            secrets_in_use,
-            check_expiry_on_existing=config.rest_check_on_refresh,
-        )
+        store = credential_store(config, secrets_in_use)
         try:
             engine = load_engine(config.relay_engine)
         except EngineUnavailable as exc:

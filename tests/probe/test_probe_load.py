@@ -118,7 +118,8 @@ def tsunagu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         HOST,
         "-u",
         "alice:secret",
-        "--use-auth-secret",
+        # A REST secret beside the static user (with --use-auth-secret, as in coturn, the
+        # static user would not be accepted).
         "--static-auth-secret",
         "s3cret",
         "--min-port",

@@ -16,8 +16,6 @@ from tsunagu.config import Config
 
 __all__ = ["TurnCredentials", "choose_host", "format_host", "stun_uris", "turn_uris", "ice_config"]
 
-_WILDCARDS = frozenset({"0.0.0.0", "::", ""})
-
 
 @dataclass(frozen=True, slots=True)
 class TurnCredentials:
@@ -66,13 +64,11 @@ def choose_host(config: Config, request_host: str | None) -> str | None:
     else the host the browser reached us by. Returned bracketed when IPv6."""
     if config.public_host:
         return format_host(config.public_host)
-    for mapping in config.external_ips:
-        public = mapping.partition("/")[0].strip()
-        if public:
-            return format_host(public)
+    if config.external_ips:
+        return format_host(str(config.external_ips[0].public))
     for ip in config.listening_ips:
-        if ip.strip() not in _WILDCARDS:
-            return format_host(ip.strip())
+        if not ip.is_unspecified:
+            return format_host(str(ip))
     host = host_from_header(request_host)
     return None if host is None else format_host(host)
 

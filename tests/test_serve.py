@@ -1,0 +1,74 @@
+"""The wiring of ``tsunagu serve`` that runs before anything listens, in-process."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from tsunagu import serve
+from tsunagu.auth.rest import mint_credentials
+from tsunagu.config import parse_config
+from tsunagu.stun import PASSWORD_ALGORITHM_MD5
+
+NOW = 1_700_000_000.0
+
+
+def keys(store: object, username: str) -> tuple[bytes, ...]:
+    get_keys = store.get_keys  # type: ignore[attr-defined]
+    return tuple(get_keys(username, "tsunagu", PASSWORD_ALGORITHM_MD5, NOW, existing=False))
+
+
+def test_static_users_and_rest_credentials_are_both_accepted_by_default() -> None:
+    config = parse_config({"users": ["alice:pw"], "static_auth_secrets": ["s"]})
+    store = serve.credential_store(config, config.static_auth_secrets)
+    rest_user, _ = mint_credentials("s", "bob", 600, NOW)
+    assert keys(store, "alice") and keys(store, rest_user)
+
+
+def test_use_auth_secret_accepts_rest_credentials_only_and_says_so(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(logging.getLogger("tsunagu"), "propagate", True)
+    config = parse_config(
+        {"users": ["alice:pw", "carol:pw"], "static_auth_secrets": ["s"], "use_auth_secret": True}
+    )
+    with caplog.at_level(logging.WARNING, logger="tsunagu"):
+        store = serve.credential_store(config, config.static_auth_secrets)
+    rest_user, _ = mint_credentials("s", "alice", 600, NOW)
+    assert keys(store, "alice") == () and keys(store, "carol") == ()
+    assert keys(store, rest_user)
+    [record] = caplog.records
+    assert "2 static user(s) not accepted" in record.getMessage()
+
+
+def test_settings_take_the_typed_values() -> None:
+    config = parse_config(
+        {
+            "relay_ips": ["192.0.2.7"],
+            "external_ips": ["203.0.113.5/192.0.2.7", "2001:db8::1"],
+            "alternate_servers": ["[2001:db8::9]:3479", "192.0.2.9:3478"],
+        }
+    )
+    settings = serve.settings_from_config(config, ("127.0.0.1",))
+    assert settings.relay_ips == ("192.0.2.7",)
+    assert settings.fallback_relay_ips == ("127.0.0.1",)
+    assert settings.external_ips == (("203.0.113.5", "192.0.2.7"), ("2001:db8::1", None))
+
+
+@pytest.mark.parametrize(
+    ("listening", "expected"),
+    [
+        ([], ["127.0.0.1", "192.0.2.1", "::1", "2001:db8::1"]),
+        (["0.0.0.0"], ["127.0.0.1", "192.0.2.1"]),
+        (["::"], ["2001:db8::1", "::1"]),
+        (["0.0.0.0", "::1"], ["127.0.0.1", "192.0.2.1", "::1"]),
+        (["::1", "127.0.0.1"], ["::1", "127.0.0.1"]),
+    ],
+)
+def test_listening_addresses_expand_wildcards_by_family(
+    monkeypatch: pytest.MonkeyPatch, listening: list[str], expected: list[str]
+) -> None:
+    machine = ["127.0.0.1", "192.0.2.1", "::1", "2001:db8::1"]
+    monkeypatch.setattr(serve, "local_addresses", lambda: list(machine))
+    assert serve.listening_addresses(parse_config({"listening_ips": listening})) == expected
