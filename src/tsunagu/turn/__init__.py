@@ -1,12 +1,13 @@
 """The TURN server core (RFC 8656, RFC 6156): pure state machine, no I/O."""
 
 from ..stun.indication import data_indication
-from .allocation import Allocation, FiveTuple, RelaySocket
+from .allocation import Allocation, FiveTuple, ForwardingState, RelaySocket
 from .authentication import CredentialStore, long_term_key
 from .events import AllocationCreated, AllocationEnded, Event
+from .forwarding import Forward, channel_data_forward
 from .policy import PeerPolicy
 from .ports import RandomSource, RelayBinder, RelayPortPool
-from .server import Forward, TurnServer
+from .server import TurnServer
 from .settings import TurnSettings
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "Event",
     "FiveTuple",
     "Forward",
+    "ForwardingState",
     "PeerPolicy",
     "RandomSource",
     "RelayBinder",
@@ -24,6 +26,7 @@ __all__ = [
     "RelaySocket",
     "TurnServer",
     "TurnSettings",
+    "channel_data_forward",
     "data_indication",
     "long_term_key",
 ]

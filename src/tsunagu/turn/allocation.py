@@ -1,20 +1,18 @@
 """Allocations, their permissions and channels (RFC 8656 §2.2, §9, §12).
 
-An :class:`Allocation` is shared between the core and the transports on purpose: the
-transports' per-packet paths read ``permissions``, ``channels`` and ``peer_channels``
-directly and bump the plain integer counters, so relaying a packet costs a few dictionary
-look-ups and no call into the core. Only the core writes the dictionaries; expired entries
-are removed by the server's timer heap, so membership alone means "valid now".
+An :class:`Allocation` is shared between the core and the transports on purpose: what the
+per-packet paths need is its :class:`ForwardingState`, read in place, so relaying a packet
+costs a few dictionary look-ups and no call into the core.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any, Protocol
 
 from ..stun.attributes import Address
 
-__all__ = ["Allocation", "FiveTuple", "RelaySocket"]
+__all__ = ["Allocation", "FiveTuple", "ForwardingState", "RelaySocket"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,32 +40,65 @@ class RelaySocket(Protocol):
 
 
 @dataclass(slots=True, eq=False)
-class Allocation:
-    """One client's relayed transport address(es) and everything hanging off them."""
+class ForwardingState:
+    """What the per-packet paths read and count: the contract between the core and them.
+
+    These attributes are read by name by the Python per-packet paths (the listeners, the
+    relay sockets, :func:`~.forwarding.channel_data_forward`) and by the C extension
+    ``tsunagu.transport._fastpath``, which looks up ``relays``, ``permissions``,
+    ``channels`` and ``peer_channels`` with ``PyObject_GetAttr`` and keeps references to
+    the dictionaries it got. Hence:
+
+    * The dictionaries are made with the allocation and never rebound: the core mutates
+      them in place (``clear()`` when the allocation ends), so a reference taken once stays
+      the live one. Only the core writes them.
+    * Membership alone means "valid now". Deadlines are kept elsewhere (the values of
+      ``permissions``, the allocation's ``channel_expiry``) and the core's expiry heap
+      removes what is due; no reader compares times.
+    * The counters are plain ints that the transports bump: packets and bytes relayed
+      towards the peers and towards the client, and packets ``dropped`` on the way (no
+      permission, unbound channel, short ChannelData, a send that failed).
+    """
+
+    relays: dict[int, RelaySocket] = field(default_factory=dict, init=False)
+    """Relay socket by IP version (4 and/or 6), fixed for the allocation's life."""
+    permissions: dict[str, float] = field(default_factory=dict, init=False)
+    """Peer IP -> expiry (RFC 8656 §9)."""
+    channels: dict[int, tuple[Any, Address]] = field(default_factory=dict, init=False)
+    """Channel number -> (relay socket, peer address) (RFC 8656 §12)."""
+    peer_channels: dict[Address, int] = field(default_factory=dict, init=False)
+    """Peer address -> channel number: ``channels`` the other way, changed with it."""
+    packets_to_peers: int = field(default=0, init=False)
+    bytes_to_peers: int = field(default=0, init=False)
+    packets_to_client: int = field(default=0, init=False)
+    bytes_to_client: int = field(default=0, init=False)
+    dropped: int = field(default=0, init=False)
+
+
+@dataclass(slots=True, eq=False)
+class Allocation(ForwardingState):
+    """One client's relayed transport address(es) and everything hanging off them.
+
+    ``relay_sockets`` fills :attr:`ForwardingState.relays`; the other fields are the core's
+    own bookkeeping.
+    """
 
     five_tuple: FiveTuple
     username: str
     realm: str
-    relays: dict[int, RelaySocket]  # by IP version, 4 and/or 6
+    relay_sockets: InitVar[dict[int, RelaySocket]]
     relayed_addresses: dict[int, Address]  # as advertised (after external IP mapping)
     created: float
     expiry: float
     allocate_transaction_id: bytes
     allocate_response: bytes
     dont_fragment: bool = False
-    # ip -> expiry. The per-packet paths test membership only.
-    permissions: dict[str, float] = field(default_factory=dict)
-    # channel number -> (relay socket, peer); peer -> channel number; channel -> expiry
-    channels: dict[int, tuple[Any, Address]] = field(default_factory=dict)
-    peer_channels: dict[Address, int] = field(default_factory=dict)
+    # channel number -> expiry, for the channels in ``channels``
     channel_expiry: dict[int, float] = field(default_factory=dict)
     peers_seen: set[str] = field(default_factory=set)
-    # Plain counters, bumped by the transports' per-packet paths.
-    packets_to_peers: int = 0
-    bytes_to_peers: int = 0
-    packets_to_client: int = 0
-    bytes_to_client: int = 0
-    dropped: int = 0
     # Opaque handle of the transport serving the client; told when the allocation ends.
     client_link: Any = None
     ended: bool = False
+
+    def __post_init__(self, relay_sockets: dict[int, RelaySocket]) -> None:
+        self.relays.update(relay_sockets)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Callable
-from typing import Any, NamedTuple, assert_never
+from typing import Any, assert_never
 
 from ..stun.attributes import (
     FAMILY_IPV4,
@@ -83,6 +83,7 @@ from .errors import (
     WrongCredentials,
 )
 from .events import AllocationCreated, AllocationEnded, Event
+from .forwarding import Forward, channel_data_forward
 from .nonce import NonceManager
 from .ports import RandomSource, RelayBinder, RelayPortPool
 from .settings import TurnSettings
@@ -113,14 +114,6 @@ _CHANNEL_MAX_RFC5766 = 0x7FFF
 _MAX_PERMISSIONS = 1000
 _RESPONSE_CACHE_LIMIT = 100_000
 _BUCKET_LIMIT = 100_000
-
-
-class Forward(NamedTuple):
-    """Send ``data`` from ``relay`` to ``peer``."""
-
-    relay: Any
-    data: bytes
-    peer: Address
 
 
 class TurnServer:
@@ -163,7 +156,7 @@ class TurnServer:
     def receive(self, data: bytes, five_tuple: FiveTuple, now: float) -> bytes | Forward | None:
         """Handle one STUN message or ChannelData message from a client."""
         if len(data) >= 4 and 0x40 <= data[0] <= 0x7F:
-            return self.receive_channel_data(data, five_tuple)
+            return channel_data_forward(self.allocations.get(five_tuple), data, self.drops)
         try:
             message = parse_message(data, allow_rfc3489=self.settings.rfc3489_compat)
         except StunError:
@@ -181,23 +174,12 @@ class TurnServer:
         return None
 
     def receive_channel_data(self, data: bytes, five_tuple: FiveTuple) -> Forward | None:
-        """ChannelData from a client (RFC 8656 §12.4). Transports inline this on UDP."""
-        allocation = self.allocations.get(five_tuple)
-        if allocation is None:
-            self.drops["no allocation"] += 1
-            return None
-        length = (data[2] << 8) | data[3]
-        if len(data) < 4 + length:
-            self.drops["short channel data"] += 1
-            return None
-        entry = allocation.channels.get((data[0] << 8) | data[1])
-        if entry is None or entry[1][0] not in allocation.permissions:
-            allocation.dropped += 1
-            self.drops["unbound channel"] += 1
-            return None
-        allocation.packets_to_peers += 1
-        allocation.bytes_to_peers += length
-        return Forward(entry[0], data[4 : 4 + length], entry[1])
+        """ChannelData from a client (RFC 8656 §12.4, §12.6); ``data`` is at least 4 bytes long.
+
+        Listeners that keep their own client -> allocation map call
+        :func:`~.forwarding.channel_data_forward` directly.
+        """
+        return channel_data_forward(self.allocations.get(five_tuple), data, self.drops)
 
     def connection_closed(self, five_tuple: FiveTuple, now: float) -> None:
         """A TCP/TLS client went away: its allocation dies with the connection."""
@@ -498,7 +480,7 @@ class TurnServer:
             five_tuple=five_tuple,
             username=auth.username,
             realm=auth.realm,
-            relays=relays,
+            relay_sockets=relays,
             relayed_addresses=advertised,
             created=now,
             expiry=now + lifetime,
