@@ -13,13 +13,14 @@ import json
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from ..turn.allocation import Allocation
 from ..turn.events import AllocationCreated, AllocationEnded
 from ..turn.server import TurnServer
 from .engine import RelayEngine
 from .listeners import ClientSide, StreamConnection
+from .relay import RelayEndpointLike
 
 __all__ = ["TurnDriver"]
 
@@ -68,10 +69,8 @@ class TurnDriver:
         event = server.next_event()
         while event is not None:
             if isinstance(event, AllocationCreated):
-                allocation = event.allocation
-                for relay in allocation.relays.values():
-                    relay.allocation = allocation  # type: ignore[attr-defined]
-                origin.attach(allocation, addr)
+                _hand_to_relays(event.allocation)
+                origin.attach(event.allocation, addr)
             elif isinstance(event, AllocationEnded):
                 self._ended(event)
             event = server.next_event()
@@ -88,8 +87,7 @@ class TurnDriver:
             if isinstance(event, AllocationEnded):
                 self._ended(event)
             else:  # not expected without a message; relaying still needs the allocation
-                for relay in event.allocation.relays.values():
-                    relay.allocation = event.allocation  # type: ignore[attr-defined]
+                _hand_to_relays(event.allocation)
             event = server.next_event()
         deadline = server.get_timer()
         if deadline != self._timer_at:
@@ -160,6 +158,12 @@ class TurnDriver:
         self.after_core_call()
         if self._timer is not None:
             self._timer.cancel()
+
+
+def _hand_to_relays(allocation: Allocation) -> None:
+    # A relay endpoint reads its allocation's state without a look-up per packet.
+    for relay in allocation.relays.values():
+        cast(RelayEndpointLike, relay).allocation = allocation
 
 
 def _warn_never_permitted(

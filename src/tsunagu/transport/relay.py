@@ -36,10 +36,10 @@ _BURST = 16
 _monotonic = time.monotonic
 # Matching coturn's relay sockets, whose 64 KiB the kernel doubles.
 RELAY_BUFFER_BYTES = 64 * 1024
-_DF_OPTIONS = (
-    getattr(socket, "IP_MTU_DISCOVER", None),
-    getattr(socket, "IP_PMTUDISC_DO", None),
-)
+# The socket option that sets IPv4's DF bit, where the platform has it (Linux).
+_DF_OPTION: tuple[int, int] | None = None
+if hasattr(socket, "IP_MTU_DISCOVER") and getattr(socket, "IP_PMTUDISC_DO", None) is not None:
+    _DF_OPTION = (socket.IP_MTU_DISCOVER, getattr(socket, "IP_PMTUDISC_DO", 0))
 
 
 class StreamClient(Protocol):
@@ -226,8 +226,8 @@ class UdpRelayBinder:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, RELAY_BUFFER_BYTES)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            if dont_fragment and family == socket.AF_INET and None not in _DF_OPTIONS:
-                sock.setsockopt(socket.IPPROTO_IP, _DF_OPTIONS[0], _DF_OPTIONS[1])  # type: ignore[arg-type]
+            if dont_fragment and family == socket.AF_INET and _DF_OPTION is not None:
+                sock.setsockopt(socket.IPPROTO_IP, *_DF_OPTION)
             sock.bind((ip, port))
         except OSError as exc:
             sock.close()
