@@ -27,6 +27,7 @@ import ssl
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from .auth.rest import mint_credentials
 from .auth.store import StaticCredentialStore
 from .config import Config
 from .transport.driver import TurnDriver
-from .transport.engine import EngineUnavailable, load_engine
+from .transport.engine import EngineUnavailable, RelayEngine, load_engine
 from .transport.listeners import StreamConnection, UdpListener
 from .transport.relay import UdpRelayBinder
 from .turn.policy import PeerPolicy
@@ -237,6 +238,150 @@ def _bracket(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+@dataclass
+class _Turn:
+    """The running STUN/TURN side of one worker: the core's driver and its listeners."""
+
+    driver: TurnDriver
+    engine: RelayEngine
+    servers: list[asyncio.Server] = field(default_factory=list)
+    udp_listeners: list[UdpListener] = field(default_factory=list)
+
+    def close_listeners(self) -> None:
+        for listener in self.udp_listeners:
+            listener.close()
+        for server in self.servers:
+            server.close()
+
+
+def _tls_enabled(config: Config, ssl_context: ssl.SSLContext | None) -> bool:
+    return ssl_context is not None and not config.no_tls and not config.stun_only
+
+
+async def _start_turn(
+    config: Config,
+    share: WorkerShare,
+    listening: list[str],
+    rest_secrets: tuple[str, ...],
+    ssl_context: ssl.SSLContext | None,
+) -> _Turn | None:
+    """Build the core and bind every listener; None (after logging why) if that fails."""
+    loop = asyncio.get_running_loop()
+    rng = random.SystemRandom()
+    reuse_port = config.workers > 1
+    settings = dataclasses.replace(
+        settings_from_config(config, tuple(listening)),
+        nonce_secret=share.nonce_secret,
+        shared_reservations=reuse_port,
+        port_share=(share.index, config.workers),
+    )
+    try:
+        engine = load_engine(config.relay_engine)
+    except EngineUnavailable as exc:
+        log.error("%s", exc)
+        return None
+    binder = UdpRelayBinder(loop, rng.randbytes, engine.relay_endpoint)
+    server = TurnServer(settings, credential_store(config, rest_secrets), binder, rng)
+    driver = TurnDriver(server, loop, engine, worker=share.index)
+    turn = _Turn(driver, engine)
+    port = config.listening_port
+    for ip in listening:
+        try:
+            if reuse_port and share.index == 0:
+                _check_free(ip, port, config)
+            if not config.no_udp:
+                sock = _udp_socket(ip, port, reuse_port=reuse_port)
+                turn.udp_listeners.append(await engine.udp_listener(driver, sock, loop))
+            if not config.no_tcp:
+                turn.servers.append(
+                    await loop.create_server(
+                        lambda: StreamConnection(driver, "tcp"),
+                        ip,
+                        port,
+                        reuse_address=True,
+                        reuse_port=reuse_port,
+                    )
+                )
+            if _tls_enabled(config, ssl_context):
+                turn.servers.append(
+                    await loop.create_server(
+                        lambda: StreamConnection(driver, "tls"),
+                        ip,
+                        config.tls_listening_port,
+                        ssl=ssl_context,
+                        reuse_address=True,
+                        reuse_port=reuse_port,
+                    )
+                )
+        except OSError as exc:
+            log.error("cannot listen on %s: %s", ip, exc.strerror or exc)
+            turn.close_listeners()
+            return None
+    return turn
+
+
+def _say_turn(
+    config: Config,
+    listening: list[str],
+    engine: RelayEngine,
+    ssl_context: ssl.SSLContext | None,
+    material: Any,
+    turn_secret: str,
+) -> None:
+    """What a user needs to reach the TURN side; tests and scripts parse these lines."""
+    port = config.listening_port
+    _say(f"tsunagu: STUN/TURN on {', '.join(listening)} port {port}")
+    if config.workers > 1:
+        _say(f"tsunagu: {config.workers} worker processes")
+    transports = [
+        name
+        for name, enabled in (
+            ("udp", not config.no_udp),
+            ("tcp", not config.no_tcp),
+            ("tls", _tls_enabled(config, ssl_context)),
+        )
+        if enabled
+    ]
+    _say(
+        f"tsunagu: transports: {', '.join(transports)}; realm {config.realm};"
+        f" relay path: {engine.name}"
+    )
+    if material is not None:
+        _say(
+            f"tsunagu: TLS certificate {material.cert_path}"
+            f"{' (self-signed)' if material.generated else ''}"
+            f" sha256 {material.sha256_fingerprint} spki {material.spki_sha256_b64}"
+        )
+    if not config.stun_only:
+        host = _bracket(_host_for_uris(config, listening))
+        username, password = mint_credentials(turn_secret, "test", 86400, time.time())
+        urls = [f"stun:{host}:{port}"]
+        if not config.no_udp:
+            urls.append(f"turn:{host}:{port}?transport=udp")
+        if not config.no_tcp:
+            urls.append(f"turn:{host}:{port}?transport=tcp")
+        if ssl_context is not None and not config.no_tls:
+            urls.append(f"turns:{host}:{config.tls_listening_port}?transport=tcp")
+        entry = {"urls": urls, "username": username, "credential": password}
+        _say("tsunagu: ICE server entry (valid 24 h):")
+        _say(json.dumps(entry))
+
+
+async def _drain(turn: _Turn, timeout: float) -> None:
+    """Refuse new allocations, let the others end for up to ``timeout`` seconds, end the rest."""
+    driver = turn.driver
+    driver.server.start_drain()
+    if driver.server.allocations:
+        driver.all_ended.clear()
+        try:
+            await asyncio.wait_for(driver.all_ended.wait(), timeout)
+        except TimeoutError:
+            log.info("drain timeout: ending %d allocations", len(driver.server.allocations))
+    driver.shutdown()
+    for stream in list(driver.streams):
+        stream.transport.close()
+
+
 async def serve(config: Config, share: WorkerShare | None = None) -> int:
     """Run everything ``config`` enables until a signal; return the exit status.
 
@@ -255,28 +400,20 @@ async def serve(config: Config, share: WorkerShare | None = None) -> int:
         log.error("unexpected error: %s", context.get("message"), exc_info=context.get("exception"))
 
     loop.set_exception_handler(on_loop_error)
-    rng = random.SystemRandom()
 
-    secrets_in_use = config.static_auth_secrets
+    rest_secrets = config.static_auth_secrets
     if share is None:
         # The web page mints time-limited credentials; without an operator's secret a fresh
         # one per start keeps that working with no configuration.
-        turn_secret = secrets_in_use[0] if secrets_in_use else secrets.token_urlsafe(24)
-        share = WorkerShare(turn_secret, rng.randbytes(32), 0)
+        turn_secret = rest_secrets[0] if rest_secrets else secrets.token_urlsafe(24)
+        share = WorkerShare(turn_secret, random.SystemRandom().randbytes(32), 0)
     turn_secret = share.turn_secret
-    if not secrets_in_use:
-        secrets_in_use = (turn_secret,)
-    reuse_port = config.workers > 1
-    children: list[subprocess.Popen[bytes]] = []
+    if not rest_secrets:
+        rest_secrets = (turn_secret,)
     listening = listening_addresses(config)
 
-    runner: Any = None
     ssl_context: ssl.SSLContext | None = None
     material: Any = None
-    servers: list[asyncio.Server] = []
-    udp_listeners: list[UdpListener] = []
-    driver: TurnDriver | None = None
-
     need_tls = (not config.no_turn and not config.no_tls and not config.stun_only) or (
         not config.no_web and config.cert is not None
     )
@@ -288,59 +425,12 @@ async def serve(config: Config, share: WorkerShare | None = None) -> int:
         )
         ssl_context = server_ssl_context(material)
 
-    host = _host_for_uris(config, listening)
+    turn: _Turn | None = None
+    children: list[subprocess.Popen[bytes]] = []
     if not config.no_turn:
-        settings = dataclasses.replace(
-            settings_from_config(config, tuple(listening)),
-            nonce_secret=share.nonce_secret,
-            shared_reservations=reuse_port,
-            port_share=(share.index, config.workers),
-        )
-        store = credential_store(config, secrets_in_use)
-        try:
-            engine = load_engine(config.relay_engine)
-        except EngineUnavailable as exc:
-            log.error("%s", exc)
+        turn = await _start_turn(config, share, listening, rest_secrets, ssl_context)
+        if turn is None:
             return 1
-        binder = UdpRelayBinder(loop, rng.randbytes, engine.relay_endpoint)
-        server = TurnServer(settings, store, binder, rng)
-        driver = TurnDriver(server, loop, engine, worker=share.index)
-        port = config.listening_port
-        for ip in listening:
-            try:
-                if reuse_port and share.index == 0:
-                    _check_free(ip, port, config)
-                if not config.no_udp:
-                    sock = _udp_socket(ip, port, reuse_port=reuse_port)
-                    udp_listeners.append(await engine.udp_listener(driver, sock, loop))
-                if not config.no_tcp:
-                    servers.append(
-                        await loop.create_server(
-                            lambda: StreamConnection(driver, "tcp"),
-                            ip,
-                            port,
-                            reuse_address=True,
-                            reuse_port=reuse_port,
-                        )
-                    )
-                if ssl_context is not None and not config.no_tls and not config.stun_only:
-                    servers.append(
-                        await loop.create_server(
-                            lambda: StreamConnection(driver, "tls"),
-                            ip,
-                            config.tls_listening_port,
-                            ssl=ssl_context,
-                            reuse_address=True,
-                            reuse_port=reuse_port,
-                        )
-                    )
-            except OSError as exc:
-                log.error("cannot listen on %s: %s", ip, exc.strerror or exc)
-                for listener in udp_listeners:
-                    listener.close()
-                for item in servers:
-                    item.close()
-                return 1
         if share.index == 0 and config.workers > 1:
             children = await start_workers(config, share)
             if len(children) != config.workers - 1:
@@ -348,41 +438,9 @@ async def serve(config: Config, share: WorkerShare | None = None) -> int:
                     child.kill()
                 log.error("worker processes did not start")
                 return 1
-        _say(f"tsunagu: STUN/TURN on {', '.join(listening)} port {port}")
-        if config.workers > 1:
-            _say(f"tsunagu: {config.workers} worker processes")
-        transports = [
-            name
-            for name, enabled in (
-                ("udp", not config.no_udp),
-                ("tcp", not config.no_tcp),
-                ("tls", ssl_context is not None and not config.no_tls and not config.stun_only),
-            )
-            if enabled
-        ]
-        _say(
-            f"tsunagu: transports: {', '.join(transports)}; realm {config.realm};"
-            f" relay path: {engine.name}"
-        )
-        if material is not None:
-            _say(
-                f"tsunagu: TLS certificate {material.cert_path}"
-                f"{' (self-signed)' if material.generated else ''}"
-                f" sha256 {material.sha256_fingerprint} spki {material.spki_sha256_b64}"
-            )
-        if not config.stun_only:
-            username, password = mint_credentials(turn_secret, "test", 86400, time.time())
-            urls = [f"stun:{_bracket(host)}:{port}"]
-            if not config.no_udp:
-                urls.append(f"turn:{_bracket(host)}:{port}?transport=udp")
-            if not config.no_tcp:
-                urls.append(f"turn:{_bracket(host)}:{port}?transport=tcp")
-            if ssl_context is not None and not config.no_tls:
-                urls.append(f"turns:{_bracket(host)}:{config.tls_listening_port}?transport=tcp")
-            entry = {"urls": urls, "username": username, "credential": password}
-            _say("tsunagu: ICE server entry (valid 24 h):")
-            _say(json.dumps(entry))
+        _say_turn(config, listening, turn.engine, ssl_context, material, turn_secret)
 
+    runner: Any = None
     if not config.no_web:
         from .signaling.server import run_web
 
@@ -421,23 +479,15 @@ async def serve(config: Config, share: WorkerShare | None = None) -> int:
     _say(READY_LINE)
     await stop.wait()
 
-    for item in servers:
-        item.close()
+    if turn is not None:
+        for item in turn.servers:
+            item.close()
     if runner is not None:
         await runner.cleanup()
-    if driver is not None:
-        driver.server.start_drain()
-        if driver.server.allocations:
-            driver.all_ended.clear()
-            try:
-                await asyncio.wait_for(driver.all_ended.wait(), config.drain_timeout)
-            except TimeoutError:
-                log.info("drain timeout: ending %d allocations", len(driver.server.allocations))
-        driver.shutdown()
-        for stream in list(driver.streams):
-            stream.transport.close()
-    for listener in udp_listeners:
-        listener.close()
+    if turn is not None:
+        await _drain(turn, config.drain_timeout)
+        for listener in turn.udp_listeners:
+            listener.close()
     deadline = time.monotonic() + 5.0
     for child in children:
         try:
