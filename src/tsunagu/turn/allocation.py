@@ -12,7 +12,9 @@ from typing import Any, Protocol
 
 from ..stun.attributes import Address
 
-__all__ = ["Allocation", "FiveTuple", "ForwardingState", "RelaySocket"]
+__all__ = ["MAX_REFUSAL_CAUSES", "Allocation", "FiveTuple", "ForwardingState", "RelaySocket"]
+
+MAX_REFUSAL_CAUSES = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +101,21 @@ class Allocation(ForwardingState):
     # Opaque handle of the transport serving the client; told when the allocation ends.
     client_link: Any = None
     ended: bool = False
+    # Why a client may never have got a permission, for the operator's log.
+    permission_requests: int = 0
+    """Authenticated CreatePermission and ChannelBind requests that reached their handler."""
+    refused: dict[str, int] = field(default_factory=dict)
+    """Error answers to Refresh, CreatePermission and ChannelBind on this allocation's
+    5-tuple, by "<method> <code> <cause>" (e.g. ``"ChannelBind 438 stale nonce"``). Every
+    error answer counts, the 401 that only hands out a first nonce too; an answer withheld
+    by the rate limit does not. At most ``MAX_REFUSAL_CAUSES`` causes, then ``"other"``."""
 
     def __post_init__(self, relay_sockets: dict[int, RelaySocket]) -> None:
         self.relays.update(relay_sockets)
+
+    def count_refusal(self, cause: str) -> None:
+        """Count an error answer in :attr:`refused`; memory stays bounded."""
+        refused = self.refused
+        if cause not in refused and len(refused) >= MAX_REFUSAL_CAUSES:
+            cause = "other"
+        refused[cause] = refused.get(cause, 0) + 1

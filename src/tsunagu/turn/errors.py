@@ -30,15 +30,27 @@ __all__ = [
 
 
 class TurnError(Exception):
-    """A request that gets an error response. ``attributes`` go into that response."""
+    """A request that gets an error response. ``attributes`` go into that response.
+
+    ``detail`` is the cause an authenticated client reads in the reason phrase; ``note``,
+    when given, is a more precise one kept for the operator's diagnostics only (it may name
+    what the phrase does not).
+    """
 
     code = 500
     reason = "Server Error"
 
-    def __init__(self, detail: str | None = None, attributes: Sequence[Attribute] = ()) -> None:
+    def __init__(
+        self,
+        detail: str | None = None,
+        attributes: Sequence[Attribute] = (),
+        *,
+        note: str | None = None,
+    ) -> None:
         super().__init__(detail or self.reason)
         self.detail = detail
         self.attributes = tuple(attributes)
+        self.note = note
 
 
 class TryAlternate(TurnError):

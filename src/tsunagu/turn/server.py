@@ -114,6 +114,12 @@ _CHANNEL_MAX_RFC5766 = 0x7FFF
 _MAX_PERMISSIONS = 1000
 _RESPONSE_CACHE_LIMIT = 100_000
 _BUCKET_LIMIT = 100_000
+# Requests on an existing allocation whose error answers are counted in its ``refused``.
+_DIAGNOSED_METHODS: dict[int, str] = {
+    Method.REFRESH: "Refresh",
+    Method.CREATE_PERMISSION: "CreatePermission",
+    Method.CHANNEL_BIND: "ChannelBind",
+}
 
 
 class TurnServer:
@@ -317,6 +323,12 @@ class TurnServer:
             self.drops["unauthenticated rate limit"] += 1
             return None
         self.responses[error.code] += 1
+        name = _DIAGNOSED_METHODS.get(message.method)
+        if name is not None:
+            allocation = self.allocations.get(five_tuple)
+            if allocation is not None:
+                cause = error.note or error.detail or error.reason.lower()
+                allocation.count_refusal(f"{name} {error.code} {cause}"[:127])
         # An authenticated client gets the precise cause, which is what makes a failure
         # debuggable; an unauthenticated one gets the short phrase (no amplification).
         reason = error.reason
@@ -540,7 +552,7 @@ class TurnServer:
         if relay is None:
             raise PeerAddressFamilyMismatch()
         if not self.settings.policy.permits(peer.ip):
-            raise Forbidden("peer address not allowed")
+            raise Forbidden("peer address not allowed", note=f"peer {peer.ip} not allowed")
         return relay
 
     def _permit(self, allocation: Allocation, ip: str, now: float) -> None:
@@ -559,6 +571,7 @@ class TurnServer:
     ) -> bytes:
         """CreatePermission (RFC 8656 §9.2): all peers are installed, or none."""
         allocation = self._allocation_for(five_tuple, auth)
+        allocation.permission_requests += 1
         peers = message.get_all(XorPeerAddress)
         if not peers:
             raise BadRequest("XOR-PEER-ADDRESS is required")
@@ -577,6 +590,7 @@ class TurnServer:
     ) -> bytes:
         """ChannelBind (RFC 8656 §11.2)."""
         allocation = self._allocation_for(five_tuple, auth)
+        allocation.permission_requests += 1
         channel = message.get(ChannelNumber)
         peer = message.get(XorPeerAddress)
         if channel is None or peer is None:
