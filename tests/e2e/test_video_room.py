@@ -9,12 +9,16 @@ transport end to end. Screenshots for the documentation are written to ``docs/``
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 from playwright.async_api import Browser, Page
 
+from support.audit import workers_seen
 from support.browser import ROOT, Server, chromium, run_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
@@ -220,6 +224,34 @@ async def test_three_people_relayed(relay_server: Server, transport: str) -> Non
         assert await linus.evaluate("window.tsunagu.state().ended") is True
         remaining = await pages[0].evaluate("window.tsunagu.peers()")
         assert remaining[0]["connectionState"] == "connected"
+
+    # Stopping the server ends what the browser left open (a UDP allocation outlives a closed
+    # browser); every allocation, one per person and peer and more after the ICE restart,
+    # has its audit record then.
+    server.process.send_signal(signal.SIGTERM)
+    await asyncio.to_thread(server.process.wait, 15)
+    records = server.audit_records()
+    assert all(r["client"].startswith(transport + ":") for r in records), records
+    assert sum(r["to_peers"]["packets"] > 0 and r["to_client"]["packets"] > 0 for r in records) >= 6
+    check_workers(server, transport, records)
+
+
+# Workers that served each transport's run of test_three_people_relayed, kept by the module.
+_workers_seen: dict[str, Counter[int]] = {}
+
+
+def check_workers(server: Server, transport: str, records: list[dict[str, Any]]) -> None:
+    """Once all three transports ran, their allocations must have landed on every worker.
+
+    The server runs the default worker count (one per core); the kernel spreads browsers'
+    connections and UDP sockets over the workers by their ports. Each run makes at least six
+    allocations, so all of the 18 on one of two workers has odds of 1 in 2**17 by chance.
+    """
+    assert server.workers == len(os.sched_getaffinity(0)), server.output
+    _workers_seen[transport] = workers_seen(records, server.workers)
+    if set(_workers_seen) == {"udp", "tcp", "tls"}:
+        total = sum(_workers_seen.values(), Counter())
+        assert set(total) == set(range(server.workers)), _workers_seen
 
 
 async def test_landing_page_creates_a_room(relay_server: Server) -> None:
