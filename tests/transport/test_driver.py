@@ -209,6 +209,27 @@ async def test_a_peer_without_permission_is_dropped_and_counted(
     assert record["dropped"] == 1
 
 
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_channel_data_that_cannot_be_relayed_is_counted_by_cause(
+    engine: RelayEngine, transport: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tsunagu")
+    async with running(engine) as rig, udp_echo_server(HOST) as (_, peer):
+        client = await rig.allocate(transport)
+        assert await client.echo(b"open", peer) == b"open"
+        drops = rig.driver.server.drops
+        before = drops["unbound channel"]
+        # The core's rule (turn.forwarding) decides on both listeners: channel 0x4FFF is not
+        # bound, so the packet is dropped and counted against the allocation.
+        client.inner._send(b"\x4f\xff\x00\x04data")
+        await wait_for(lambda: drops["unbound channel"] == before + 1)
+        await client.close()
+        await wait_for(lambda: audit_records(caplog))
+    [record] = audit_records(caplog)
+    assert record["dropped"] == 1
+    assert record["to_peers"] == {"packets": 1, "bytes": 4}
+
+
 @pytest.mark.parametrize(
     "stream",
     [b"\xff\x00\x00\x00", b"\x40\x00\x00\x04abcd"],

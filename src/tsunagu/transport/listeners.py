@@ -1,8 +1,9 @@
 """STUN/TURN listeners: UDP datagrams and TCP/TLS streams from clients.
 
 Each listener feeds the core and performs what it returns. The one exception is
-ChannelData, the hot path: the listener relays it itself with three dictionary look-ups on
-state the core maintains (see :mod:`tsunagu.turn.allocation`).
+ChannelData, the hot path: the listener finds the allocation itself and applies the core's
+rule, :func:`~tsunagu.turn.forwarding.channel_data_forward`, without a call through the
+core (see :mod:`tsunagu.turn.allocation`).
 
 What differs between the relay engines (who reads a UDP socket, who frames a stream, who
 pads frames to a stream client) is carried by the objects the engine makes: the listener
@@ -21,7 +22,8 @@ from typing import Any, Protocol, cast
 
 from ..stun.framing import FramingError, StreamFramer
 from ..turn.allocation import Allocation, FiveTuple
-from ..turn.server import Forward, TurnServer
+from ..turn.forwarding import Forward, channel_data_forward
+from ..turn.server import TurnServer
 from .relay import RelayEndpointLike
 
 __all__ = [
@@ -123,6 +125,7 @@ class UdpListener(asyncio.DatagramProtocol):
         # client address -> allocation, for the ChannelData path.
         self.allocations: dict[Any, Allocation] = {}
         self.dropped = 0
+        self._drops = driver.server.drops
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -143,23 +146,17 @@ class UdpListener(asyncio.DatagramProtocol):
             self.dropped += 1
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        if data and 0x40 <= data[0] <= 0x7F:
+        if len(data) >= 4 and 0x40 <= data[0] <= 0x7F:
+            # ChannelData: the core's rule on this listener's own client -> allocation map.
             allocation = self.allocations.get(addr)
-            if allocation is not None and len(data) >= 4:
-                entry = allocation.channels.get((data[0] << 8) | data[1])
-                if entry is not None and entry[1][0] in allocation.permissions:
-                    length = (data[2] << 8) | data[3]
-                    if 4 + length <= len(data):
-                        try:
-                            entry[0].sendto(data[4 : 4 + length], entry[1])
-                        except OSError:  # unreachable peer or full buffer: drop it
-                            allocation.dropped += 1
-                            return
-                        allocation.packets_to_peers += 1
-                        allocation.bytes_to_peers += length
-                        return
-                allocation.dropped += 1
-            self.dropped += 1
+            forward = channel_data_forward(allocation, data, self._drops)
+            if forward is not None:
+                relay, payload, peer = forward
+                try:
+                    relay.sendto(payload, peer)
+                except OSError:  # unreachable peer or full buffer: the packet is lost
+                    assert allocation is not None
+                    allocation.dropped += 1
             return
         self._stun(data, addr)
 
@@ -238,6 +235,7 @@ class StreamConnection(asyncio.BufferedProtocol):
         self.allocation: Allocation | None = None
         self.paused = False
         self._idle: asyncio.TimerHandle | None = None
+        self._drops = driver.server.drops
         self.framer = driver.stream_framer(self._frame)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -288,23 +286,18 @@ class StreamConnection(asyncio.BufferedProtocol):
         """Handle one frame; True when the connection is closing and reading must stop."""
         if is_channel_data:
             allocation = self.allocation
-            if allocation is not None:
-                entry = allocation.channels.get((frame[0] << 8) | frame[1])
-                if entry is not None and entry[1][0] in allocation.permissions:
-                    payload = frame[4:]
-                    try:
-                        entry[0].sendto(payload, entry[1])
-                    except OSError:
-                        allocation.dropped += 1
-                        return False
-                    allocation.packets_to_peers += 1
-                    allocation.bytes_to_peers += len(payload)
-                    return False
-                allocation.dropped += 1
-                return False
-            # ChannelData before any allocation: not a TURN client (say, "GET /").
-            self.transport.close()
-            return True
+            if allocation is None:
+                # ChannelData before any allocation: not a TURN client (say, "GET /").
+                self.transport.close()
+                return True
+            forward = channel_data_forward(allocation, frame, self._drops)
+            if forward is not None:
+                relay, payload, peer = forward
+                try:
+                    relay.sendto(payload, peer)
+                except OSError:  # unreachable peer or full buffer: the packet is lost
+                    allocation.dropped += 1
+            return False
         driver = self.driver
         assert self.five_tuple is not None
         result = driver.server.receive(frame, self.five_tuple, time.time())
