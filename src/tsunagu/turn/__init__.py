@@ -6,7 +6,7 @@ from .authentication import CredentialStore, long_term_key
 from .events import AllocationCreated, AllocationEnded, Event
 from .forwarding import Forward, channel_data_forward
 from .policy import PeerPolicy
-from .ports import RandomSource, RelayBinder, RelayPortPool
+from .ports import RandomSource, RelayBinder
 from .server import TurnServer
 from .settings import TurnSettings
 
@@ -22,7 +22,6 @@ __all__ = [
     "PeerPolicy",
     "RandomSource",
     "RelayBinder",
-    "RelayPortPool",
     "RelaySocket",
     "TurnServer",
     "TurnSettings",

@@ -8,13 +8,19 @@ Events (:class:`~.events.AllocationCreated`, :class:`~.events.AllocationEnded`) 
 timer at :meth:`get_timer` and calls :meth:`handle_timer`.
 
 Two things are injected because they are I/O the core cannot avoid deciding about: a
-:class:`CredentialStore` that answers "what is the key of this user?" and a
-:class:`RelayBinder` that binds relay sockets on the ports the core picks. Randomness comes
-from an injected :class:`RandomSource`.
+:class:`~.authentication.CredentialStore` that answers "what is the key of this user?" and
+a :class:`~.ports.RelayBinder` that binds relay sockets on the ports the core picks.
+Randomness comes from an injected :class:`~.ports.RandomSource`.
+
+This module is the request pipeline and the method handlers; each other concern has its
+own module: :mod:`.authentication` (the long-term credential check), :mod:`.ports` (relay
+ports and EVEN-PORT reservations), :mod:`.timers` (the expiry heap), :mod:`.forwarding`
+(the ChannelData rule) and :mod:`.allocation` (what the per-packet paths read).
 
 How it works, in order, for a request:
 
-1. Parse strictly; drop anything malformed, or with a wrong FINGERPRINT.
+1. Parse strictly; drop anything malformed, or with a wrong FINGERPRINT. ChannelData
+   goes to :func:`~.forwarding.channel_data_forward` instead.
 2. A retransmission (same 5-tuple and transaction id) gets the cached answer again.
 3. Unknown comprehension-required attributes: 420 with UNKNOWN-ATTRIBUTES.
 4. Binding is answered without authentication. Every TURN request goes through the
@@ -22,6 +28,8 @@ How it works, in order, for a request:
    stale nonce. Unauthenticated answers are rate-limited per source IP, so the server can
    not be used to amplify traffic towards a spoofed address.
 5. The method's handler follows the numbered steps of its RFC section.
+6. An error answer to Refresh, CreatePermission or ChannelBind on an existing allocation
+   is counted in its ``refused``, for the operator.
 """
 
 from __future__ import annotations
