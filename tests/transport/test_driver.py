@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import aioice.stun
 import aioice.turn
 import pytest
 
@@ -170,8 +171,8 @@ async def test_channel_data_both_ways_and_the_audit_line(
     assert record["to_peers"] == {"packets": len(payloads), "bytes": total}
     assert record["to_client"] == {"packets": len(payloads), "bytes": total}
     assert record["dropped"] == 0
-    assert isinstance(record["permission_requests"], int)
-    assert isinstance(record["refused"], dict)
+    assert record["permission_requests"] == 1  # aioice's ChannelBind
+    assert record["refused"] == {}
     assert warnings(caplog) == []
 
 
@@ -266,6 +267,27 @@ async def test_an_allocation_that_never_had_a_peer_is_explained_once(
     assert f"'{USER}'" in line
     assert f"udp:{mapped[0]}:{mapped[1]}->{HOST}:{rig.udp_address[1]}" in line
     assert " ended after 0." in line
+
+
+async def test_an_allocation_whose_permissions_were_refused_says_why(
+    engine: RelayEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tsunagu")
+    # The default peer policy denies loopback peers.
+    async with running(engine, policy=PeerPolicy.create()) as rig:
+        client = await rig.allocate("udp")
+        with pytest.raises(aioice.stun.TransactionFailed):
+            await client.inner.send_data(b"x", (HOST, 9))
+        await client.close()
+        await wait_for(lambda: audit_records(caplog))
+    [record] = audit_records(caplog)
+    assert record["permission_requests"] == 1
+    assert record["refused"] == {"ChannelBind 403 peer 127.0.0.1 not allowed": 1}
+    [line] = warnings(caplog)
+    assert (
+        "its 1 CreatePermission/ChannelBind requests were refused:"
+        " ChannelBind 403 peer 127.0.0.1 not allowed"
+    ) in line
 
 
 async def test_the_timer_ends_an_allocation_that_is_not_refreshed(

@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Mapping
 from typing import Any, cast
 
 from ..turn.allocation import Allocation
@@ -64,7 +63,7 @@ class TurnDriver:
         Only that message can have created an allocation, so a new one is attached to
         ``origin``, the listener or connection it came through, with the client's ``addr``.
         """
-        # Called for every STUN message: the event loop and the timer check stay inline.
+        # Called after every STUN message: the loop over events and the timer check are inline.
         server = self.server
         event = server.next_event()
         while event is not None:
@@ -116,8 +115,6 @@ class TurnDriver:
             link.detach(allocation)
         self._fold_counters(allocation)
         duration = round(event.ended_at - allocation.created, 3)
-        permission_requests: int = getattr(allocation, "permission_requests", 0)
-        refused: Mapping[str, int] = getattr(allocation, "refused", {})
         audit.info(
             json.dumps(
                 {
@@ -131,8 +128,8 @@ class TurnDriver:
                         for ip, port in allocation.relayed_addresses.values()
                     ],
                     "peers": sorted(allocation.peers_seen),
-                    "permission_requests": permission_requests,
-                    "refused": dict(refused),
+                    "permission_requests": allocation.permission_requests,
+                    "refused": allocation.refused,
                     "to_peers": {
                         "packets": allocation.packets_to_peers,
                         "bytes": allocation.bytes_to_peers,
@@ -148,7 +145,7 @@ class TurnDriver:
             )
         )
         if not allocation.peers_seen:
-            _warn_never_permitted(allocation, permission_requests, refused, duration)
+            _warn_never_permitted(allocation, duration)
         if not self.server.allocations:
             self.all_ended.set()
 
@@ -166,20 +163,26 @@ def _hand_to_relays(allocation: Allocation) -> None:
         cast(RelayEndpointLike, relay).allocation = allocation
 
 
-def _warn_never_permitted(
-    allocation: Allocation, requests: int, refused: Mapping[str, int], duration: float
-) -> None:
+def _warn_never_permitted(allocation: Allocation, duration: float) -> None:
     # The commonest reason a call "connects to TURN but no media flows"; say which side to
     # look at, in the operator's log rather than only in the audit record.
-    if requests == 0:
+    refusals = {
+        cause: count
+        for cause, count in allocation.refused.items()
+        if cause.startswith(("CreatePermission ", "ChannelBind ")) or cause == "other"
+    }
+    if not allocation.permission_requests and not refusals:
         cause = (
             "no CreatePermission or ChannelBind was received (the client never had a peer"
             " address to reach: check signaling and the other side's candidates)"
         )
     else:
+        # A request refused before its handler (a stale nonce, say) is not in
+        # permission_requests, and a retried one is in both: at least this many were refused.
+        requests = max(allocation.permission_requests, sum(refusals.values()))
         cause = (
             f"its {requests} CreatePermission/ChannelBind requests were refused:"
-            f" {', '.join(sorted(refused)) or 'no reason recorded'}"
+            f" {', '.join(sorted(refusals)) or 'no reason recorded'}"
         )
     log.warning(
         "allocation of user %r from %s ended after %.1f s without relaying to any peer: %s",
