@@ -332,13 +332,30 @@ def test_draining_gets_508_and_keeps_existing(allocated: Client) -> None:
 
 
 def test_draining_with_alternate_server_gets_300() -> None:
-    server, binder = make_server(TurnSettings(alternate_server=("203.0.113.5", 3478)))
+    server, binder = make_server(TurnSettings(alternate_servers=(("203.0.113.5", 3478),)))
     server.start_drain()
     response = Client(server).allocate()
     assert error_code(response) == 300
     assert response.get(AlternateServer) == AlternateServer("203.0.113.5", 3478)
     assert response.has_integrity
     assert not binder.binds
+
+
+def test_draining_names_each_alternate_server_in_turn() -> None:
+    alternates = (("203.0.113.5", 3478), ("2001:db8::5", 3479), ("203.0.113.6", 443))
+    server, _ = make_server(TurnSettings(alternate_servers=alternates))
+    server.start_drain()
+    named = []
+    for n in range(7):
+        client = other(server, n)
+        response = client.allocate()
+        assert error_code(response) == 300
+        alternate = response.get(AlternateServer)
+        assert alternate is not None
+        named.append(alternate.address)
+        # A retransmission gets the same answer, not the next server.
+        assert client.exchange(client.last_request).get(AlternateServer) == alternate
+    assert named == [*alternates, *alternates, alternates[0]]
 
 
 def test_all_ports_taken_gets_508() -> None:

@@ -154,6 +154,7 @@ class TurnServer:
         self._cache: dict[tuple[FiveTuple, bytes], tuple[bytes, float]] = {}
         self._buckets: dict[str, tuple[float, float]] = {}
         self.draining = False
+        self._alternates_given = 0
         self.drops: Counter[str] = Counter()
         """Silent drops by cause; read by the metrics exporter."""
         self.responses: Counter[int] = Counter()
@@ -202,7 +203,7 @@ class TurnServer:
             self._end(allocation, "connection closed", now)
 
     def start_drain(self) -> None:
-        """Refuse new allocations (300 to the alternate server, else 508); keep the rest."""
+        """Refuse new allocations (300 to an alternate server, else 508); keep the rest."""
         self.draining = True
 
     def shutdown(self, now: float) -> None:
@@ -430,8 +431,8 @@ class TurnServer:
             raise BadRequest("ADDITIONAL-ADDRESS-FAMILY must be IPv6")
         # 8. Quotas and draining.
         if self.draining:
-            if settings.alternate_server is not None:
-                ip, port = settings.alternate_server
+            if settings.alternate_servers:
+                ip, port = self._next_alternate()
                 raise TryAlternate(attributes=[AlternateServer(ip, port)])
             raise InsufficientCapacity("server is draining")
         if settings.user_quota and self._per_user[auth.username] >= settings.user_quota:
@@ -513,6 +514,13 @@ class TurnServer:
         self._timers.schedule(allocation.expiry, AllocationExpiry(allocation))
         self._events.append(AllocationCreated(allocation))
         return response
+
+    def _next_alternate(self) -> Address:
+        # Round-robin spreads the clients of a draining server over all the others.
+        servers = self.settings.alternate_servers
+        server = servers[self._alternates_given % len(servers)]
+        self._alternates_given += 1
+        return server
 
     def _lifetime(self, message: Message) -> int:
         settings = self.settings

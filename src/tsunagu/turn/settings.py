@@ -36,7 +36,9 @@ class TurnSettings:
     rfc3489_compat: bool = False
     stun_only: bool = False
     no_stun: bool = False
-    alternate_server: Address | None = None
+    alternate_servers: tuple[Address, ...] = ()
+    """Where a draining server sends new allocations (300, RFC 8489 §10): each 300 names
+    the next one in turn."""
     unauth_rate: float = 20.0
     security_features: bool = True
     nonce_secret: bytes | None = None
