@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from playwright.async_api import Browser, BrowserContext, Page
 
-from support.audit import warning_lines, workers_seen
+from support.audit import relay_port, warning_lines, workers_seen
 from support.browser import ROOT, Server, chromium, run_server
 from support.interop import relay_range
 
@@ -221,6 +222,7 @@ class Call:
     relay_ports: set[int] = field(default_factory=set)
     peer_ids: list[str] = field(default_factory=list)
     connect_seconds: float = 0.0
+    notes: Counter[str] = field(default_factory=Counter)
 
     @property
     def room(self) -> str:
@@ -264,7 +266,14 @@ async def run_call(browser: Browser, server: Server, call: Call) -> None:
         b.wait_for_function(connected, timeout=CONNECT_MS),
     )
     call.connect_seconds = time.monotonic() - joined
-    call.peer_ids = [(await page.evaluate("window.tsunagu.peers()"))[0]["id"] for page in (a, b)]
+    for page in (a, b):
+        (peer,) = await page.evaluate("window.tsunagu.peers()")
+        call.peer_ids.append(peer["id"])
+        # What the negotiation went through on the way, for the summary.
+        call.notes["offer collisions"] += sum("collision" in e for e in peer["events"])
+        call.notes["candidate errors"] += len(peer["candidateErrors"])
+        call.notes["ICE restarts"] += peer["restarts"]
+        call.notes["renewed connections"] += peer["renewals"]
     for page in (a, b):
         stats = await wait_video(page)
         local, remote = stats["local"], stats["remote"]
@@ -305,11 +314,18 @@ async def close_call(call: Call) -> None:
             await context.close()
 
 
-async def call_audit(server: Server, call: Call, expected: int) -> list[dict[str, Any]]:
-    """The audit records logged since the call started, once ``expected`` are there."""
+async def call_audit(server: Server, call: Call) -> list[dict[str, Any]]:
+    """The audit records logged since the call started, once the call's are there (bounded):
+    those of the relayed ports it used, or two if it did not get that far."""
+
+    def complete(records: list[dict[str, Any]]) -> bool:
+        if call.relay_ports:
+            return call.relay_ports <= {relay_port(r) for r in records if r["relay"]}
+        return len(records) >= 2
+
     deadline = time.monotonic() + AUDIT_WITHIN
     records = server.audit_records(call.log_start)
-    while len(records) < expected and time.monotonic() < deadline:
+    while not complete(records) and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
         records = server.audit_records(call.log_start)
     return records
@@ -325,6 +341,7 @@ async def test_relayed_calls_under_loopback_load(
     failures: list[str] = []
     records_by_call: list[list[dict[str, Any]]] = []
     connects: list[float] = []
+    notes: Counter[str] = Counter()
     with loopback_load(tmp_path) as load:
         async with chromium(f"--ignore-certificate-errors-spki-list={server.spki}") as browser:
             started = time.monotonic()
@@ -340,16 +357,15 @@ async def test_relayed_calls_under_loopback_load(
                 await close_call(call)
                 # Each page held one allocation over its own connection; closing the page
                 # closes the connection, and the allocation ends with it.
-                records = await call_audit(server, call, 2)
+                records = await call_audit(server, call)
                 records_by_call.append(records)
                 if error is None:
-                    relayed = [
-                        r
-                        for r in records
-                        if int(r["relay"][0].rsplit(":", 1)[1]) in call.relay_ports
-                    ]
+                    relayed = [r for r in records if relay_port(r) in call.relay_ports]
+                    # Others, if any, are allocations a negotiation made and dropped (an
+                    # offer collision under load rolls one back); the summary counts them.
+                    call.notes["unused allocations"] += len(records) - len(relayed)
                     try:
-                        assert len(records) == 2 and len(relayed) == 2, records
+                        assert len(relayed) == 2, records
                         for record in relayed:
                             assert record["client"].startswith(f"{transport}:127.0.0.1:"), record
                             assert record["peers"] == ["127.0.0.1"], record
@@ -357,6 +373,7 @@ async def test_relayed_calls_under_loopback_load(
                             assert record["to_client"]["packets"] > 0, record
                     except AssertionError as exc:
                         error = exc
+                notes.update(call.notes)
                 if error is None:
                     connects.append(call.connect_seconds)
                 else:
@@ -373,7 +390,7 @@ async def test_relayed_calls_under_loopback_load(
     slowest = max(connects, default=0.0)
     sys.stdout.write(
         f"{transport}: {CALLS} calls in {elapsed:.1f} s, {len(failures)} failed,"
-        f" slowest connect {slowest:.2f} s; load: {load_status}\n"
+        f" slowest connect {slowest:.2f} s; {dict(notes)}; load: {load_status}\n"
     )
     assert not failures, f"{len(failures)} of {CALLS} calls failed:\n" + "\n".join(failures)
     # The kernel spreads the browsers' connections over the workers: 60 allocations, all on
