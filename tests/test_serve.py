@@ -54,6 +54,8 @@ def test_settings_take_the_typed_values() -> None:
     assert settings.relay_ips == ("192.0.2.7",)
     assert settings.fallback_relay_ips == ("127.0.0.1",)
     assert settings.external_ips == (("203.0.113.5", "192.0.2.7"), ("2001:db8::1", None))
+    # Every alternate server, in order: the core names them in turn.
+    assert settings.alternate_servers == (("2001:db8::9", 3479), ("192.0.2.9", 3478))
 
 
 @pytest.mark.parametrize(

@@ -116,10 +116,6 @@ def settings_from_config(config: Config, fallback_relay_ips: tuple[str, ...] = (
         (str(entry.public), None if entry.private is None else str(entry.private))
         for entry in config.external_ips
     )
-    alternate = None
-    if config.alternate_servers:
-        first = config.alternate_servers[0]
-        alternate = (str(first.ip), first.port)
     return TurnSettings(
         realm=config.realm,
         relay_ips=tuple(str(ip) for ip in config.relay_ips),
@@ -139,7 +135,7 @@ def settings_from_config(config: Config, fallback_relay_ips: tuple[str, ...] = (
         strict_channel_numbers=config.strict_channel_numbers,
         stun_only=config.stun_only,
         no_stun=config.no_stun,
-        alternate_server=alternate,
+        alternate_servers=tuple((str(entry.ip), entry.port) for entry in config.alternate_servers),
         unauth_rate=config.unauth_rate,
         policy=PeerPolicy.create(config.allowed_peer_ips, config.denied_peer_ips),
     )

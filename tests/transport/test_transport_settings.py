@@ -24,5 +24,5 @@ def test_flags_reach_the_core() -> None:
     assert settings.strict_channel_numbers and settings.rfc3489_compat
     assert settings.user_quota == 3
     assert settings.external_ips == (("203.0.113.10", "10.0.0.10"),)
-    assert settings.alternate_server == ("198.51.100.1", 3478)
+    assert settings.alternate_servers == (("198.51.100.1", 3478),)
     assert not settings_from_config(load_config([])).strict_channel_numbers
