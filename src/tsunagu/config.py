@@ -496,7 +496,8 @@ class Config:
     alternate_servers: tuple[AlternateServer, ...] = _opt(
         (),
         _check_each(_entry(AlternateServer.parse, "ip:port or [ipv6]:port"), what="ip:port"),
-        "server to redirect Allocate requests to (repeatable: ip:port or [ipv6]:port)",
+        "server to redirect Allocate requests to while draining, each in turn (repeatable:"
+        " ip:port or [ipv6]:port)",
         flag="--alternate-server",
         metavar="ADDR",
     )
