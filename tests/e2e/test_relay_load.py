@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from playwright.async_api import Browser, BrowserContext, Page
 
-from support.audit import relay_port, warning_lines, workers_seen
+from support.audit import relay_port, required_workers, warning_lines, workers_seen
 from support.browser import ROOT, Server, chromium, run_server
 from support.interop import relay_range
 
@@ -369,6 +369,7 @@ async def test_relayed_calls_under_loopback_load(
                         for record in relayed:
                             assert record["client"].startswith(f"{transport}:127.0.0.1:"), record
                             assert record["peers"] == ["127.0.0.1"], record
+                            assert not record.get("refused"), record
                             assert record["to_peers"]["packets"] > 0, record
                             assert record["to_client"]["packets"] > 0, record
                     except AssertionError as exc:
@@ -395,6 +396,8 @@ async def test_relayed_calls_under_loopback_load(
     assert not failures, f"{len(failures)} of {CALLS} calls failed:\n" + "\n".join(failures)
     # The kernel spreads the browsers' connections over the workers: 60 allocations, all on
     # one of two workers only if the other does not serve (by chance: 1 in 2**59).
-    seen = workers_seen([r for records in records_by_call for r in records], server.workers)
-    assert set(seen) == set(range(server.workers)), seen
     assert server.workers == len(os.sched_getaffinity(0)), server.output
+    records = [r for call_records in records_by_call for r in call_records]
+    seen = workers_seen(records, server.workers)
+    assert set(seen) <= set(range(server.workers)), seen
+    assert len(seen) >= required_workers(server.workers, 2 * CALLS), seen

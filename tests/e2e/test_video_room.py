@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from playwright.async_api import Browser, Page
 
-from support.audit import workers_seen
+from support.audit import required_workers, workers_seen
 from support.browser import ROOT, Server, chromium, run_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
@@ -245,13 +245,15 @@ def check_workers(server: Server, transport: str, records: list[dict[str, Any]])
 
     The server runs the default worker count (one per core); the kernel spreads browsers'
     connections and UDP sockets over the workers by their ports. Each run makes at least six
-    allocations, so all of the 18 on one of two workers has odds of 1 in 2**17 by chance.
+    allocations, so all of the 18 on one of two workers has odds of 1 in 2**17 by chance
+    (more workers: as many as 18 allocations can tell, see ``required_workers``).
     """
     assert server.workers == len(os.sched_getaffinity(0)), server.output
     _workers_seen[transport] = workers_seen(records, server.workers)
     if set(_workers_seen) == {"udp", "tcp", "tls"}:
         total = sum(_workers_seen.values(), Counter())
-        assert set(total) == set(range(server.workers)), _workers_seen
+        assert set(total) <= set(range(server.workers)), _workers_seen
+        assert len(total) >= required_workers(server.workers, 18), _workers_seen
 
 
 async def test_landing_page_creates_a_room(relay_server: Server) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from support.audit import workers_seen
+from support.audit import required_workers, workers_seen
 from support.interop import (
     HOST,
     USER,
@@ -82,7 +82,8 @@ async def test_aioice_allocates_and_relays(
     assert 0 <= record["duration"] <= elapsed + 0.5
 
 
-SPREAD_CLIENTS = 20
+# Clients per transport and worker.
+SPREAD_CLIENTS = 16
 
 
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
@@ -90,8 +91,9 @@ async def test_aioice_allocations_land_on_every_worker(
     request: pytest.FixtureRequest, family: str
 ) -> None:
     """The server runs one worker per core; the kernel spreads clients over them by their
-    addresses and ports. With 20 clients per transport, the chance that all land on the same
-    one of two workers is 2 in 2**20: if one worker stays unused, it is not serving."""
+    addresses and ports. With 16 clients per transport and worker, a worker left without any
+    by chance has odds below 1 in 10**6 (two workers: 1 in 2**31), so a worker that got none
+    is not serving."""
     serve: ServeProcess = request.getfixturevalue("serve" if family == "ipv4" else "serve6")
     assert serve.workers == len(os.sched_getaffinity(0)), serve.startup
     tls = ssl.create_default_context(cafile=str(serve.cert_path))
@@ -104,7 +106,7 @@ async def test_aioice_allocations_land_on_every_worker(
                         "udp" if transport == "udp" else "tcp",
                         ssl=tls if transport == "tls" else None,
                     )
-                    for _ in range(SPREAD_CLIENTS)
+                    for _ in range(SPREAD_CLIENTS * serve.workers)
                 )
             )
             for client in clients:
@@ -121,4 +123,5 @@ async def test_aioice_allocations_land_on_every_worker(
                 assert record["relay"] == [address_field(client.relayed)]
                 assert record["to_client"]["packets"] == 1, record
             seen = workers_seen(records, serve.workers)
-            assert set(seen) == set(range(serve.workers)), (transport, seen)
+            assert set(seen) <= set(range(serve.workers)), (transport, seen)
+            assert len(seen) >= required_workers(serve.workers, len(records)), (transport, seen)

@@ -24,6 +24,7 @@ __all__ = [
     "AUDIT_MARKER",
     "audit_records",
     "relay_port",
+    "required_workers",
     "warning_lines",
     "worker_count",
     "worker_of",
@@ -73,3 +74,17 @@ def worker_of(record: dict[str, Any], workers: int) -> int:
 def workers_seen(records: Iterable[dict[str, Any]], workers: int) -> Counter[int]:
     """Allocations per worker among ``records``."""
     return Counter(worker_of(record, workers) for record in records if record["relay"])
+
+
+def required_workers(workers: int, allocations: int, odds: float = 1e-6) -> int:
+    """How many distinct workers ``allocations`` independently placed allocations must reach.
+
+    The kernel places each client socket on a worker by a hash of its addresses and ports:
+    all ``workers`` when the chance of missing one of them is below ``odds``; else two, since
+    all allocations on a single worker has odds of ``workers ** (1 - allocations)``.
+    """
+    if workers <= 1:
+        return 1
+    if workers * (1 - 1 / workers) ** allocations < odds:
+        return workers
+    return 2
