@@ -7,7 +7,7 @@ other worker processes and the web app, prints what a user needs to connect, and
 a signal.
 
 The first SIGTERM or SIGINT drains: no new TCP/TLS clients, new Allocates are refused
-(300 to the alternate server, else 508), existing allocations keep relaying until they
+(300 to the alternate servers in turn, else 508), existing allocations keep relaying until they
 end or ``drain_timeout`` passes. A second signal exits at once.
 """
 
@@ -38,8 +38,7 @@ from .transport.driver import TurnDriver
 from .transport.engine import EngineUnavailable, RelayEngine, load_engine
 from .transport.listeners import StreamConnection, UdpListener
 from .transport.relay import UdpRelayBinder
-from .turn.policy import PeerPolicy
-from .turn.server import TurnServer, TurnSettings
+from .turn import PeerPolicy, TurnServer, TurnSettings
 from .workers import READY_LINE, WorkerShare, start_workers
 
 __all__ = [
