@@ -16,6 +16,7 @@ from tsunagu.config import (
     Config,
     ConfigError,
     ExternalIp,
+    PeerRange,
     StaticUser,
     build_parser,
     config_from_json,
@@ -160,12 +161,20 @@ EVERY_FIELD: list[tuple[str, str, list[str], Any]] = [
         ("s1", "s2"),
     ),
     ("rest_check_on_refresh", "false", ["--no-rest-check-on-refresh"], False),
-    ("allowed_peer_ips", '["10.1.2.3"]', ["--allowed-peer-ip", "10.1.2.3"], ("10.1.2.3",)),
+    (
+        "allowed_peer_ips",
+        '["10.1.2.3"]',
+        ["--allowed-peer-ip", "10.1.2.3"],
+        (PeerRange(ip("10.1.2.3"), ip("10.1.2.3")),),
+    ),
     (
         "denied_peer_ips",
         '["198.51.100.0/24", "192.0.2.1-192.0.2.9"]',
         ["--denied-peer-ip", "198.51.100.0/24", "--denied-peer-ip", "192.0.2.1-192.0.2.9"],
-        ("198.51.100.0/24", "192.0.2.1-192.0.2.9"),
+        (
+            PeerRange(ip("198.51.100.0"), ip("198.51.100.255")),
+            PeerRange(ip("192.0.2.1"), ip("192.0.2.9")),
+        ),
     ),
     (
         "cert",
@@ -289,7 +298,8 @@ def test_addresses_are_normalised() -> None:
         }
     )
     assert config.listening_ips == (ip("2001:db8::1"),)
-    assert config.denied_peer_ips == ("2001:db8::/32", "10.0.0.1-10.0.0.5", "192.0.2.9")
+    texts = [entry.text for entry in config.denied_peer_ips]
+    assert texts == ["2001:db8::/32", "10.0.0.1-10.0.0.5", "192.0.2.9"]
     assert config.public_host == "2001:db8::7"
     assert config.web_ip == "2001:db8::a"
 

@@ -10,6 +10,7 @@ from tsunagu import serve
 from tsunagu.auth.rest import mint_credentials
 from tsunagu.config import parse_config
 from tsunagu.stun import PASSWORD_ALGORITHM_MD5
+from tsunagu.turn import PeerPolicy
 
 NOW = 1_700_000_000.0
 
@@ -74,3 +75,11 @@ def test_listening_addresses_expand_wildcards_by_family(
     machine = ["127.0.0.1", "192.0.2.1", "::1", "2001:db8::1"]
     monkeypatch.setattr(serve, "local_addresses", lambda: list(machine))
     assert serve.listening_addresses(parse_config({"listening_ips": listening})) == expected
+
+
+def test_peer_policy_is_the_cores_own_for_the_same_ranges() -> None:
+    allowed = ["10.1.2.3", "192.168.0.0/16"]
+    denied = ["8.8.8.0-8.8.8.9", "2001:4860::/32"]
+    config = parse_config({"allowed_peer_ips": allowed, "denied_peer_ips": denied})
+    assert serve.peer_policy(config) == PeerPolicy.create(allowed, denied)
+    assert serve.peer_policy(parse_config({})) == PeerPolicy.create()

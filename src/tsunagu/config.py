@@ -29,6 +29,7 @@ __all__ = [
     "ConfigError",
     "ExternalIp",
     "IPAddress",
+    "PeerRange",
     "StaticUser",
     "build_parser",
     "config_from_args",
@@ -199,6 +200,30 @@ class StaticUser:
         return f"{self.name}:{self.password}"
 
 
+@dataclass(frozen=True, slots=True)
+class PeerRange:
+    """An ``allowed_peer_ips`` or ``denied_peer_ips`` entry: an inclusive address range."""
+
+    first: IPAddress
+    last: IPAddress
+
+    @classmethod
+    def parse(cls, text: str) -> PeerRange:
+        return cls(*parse_ip_range(text))
+
+    @property
+    def networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """The range as the fewest networks that cover it exactly."""
+        return tuple(ipaddress.summarize_address_range(self.first, self.last))
+
+    @property
+    def text(self) -> str:
+        if self.first == self.last:
+            return str(self.first)
+        networks = self.networks
+        return str(networks[0]) if len(networks) == 1 else f"{self.first}-{self.last}"
+
+
 # ---------------------------------------------------------------------------------------------
 # Per-field checks. Each takes (key, value) and returns the normalised value or calls _fail.
 # ---------------------------------------------------------------------------------------------
@@ -337,14 +362,11 @@ def _ip_entry(*, wildcard: bool) -> _Check:
     return check
 
 
-def _range_entry(key: str, value: str) -> str:
+def _range_entry(key: str, value: str) -> PeerRange:
     try:
-        first, last = parse_ip_range(value)
+        return PeerRange.parse(value)
     except ValueError as exc:
         _fail(key, f"each entry must be an IP, a CIDR network or ip1-ip2 ({exc})", show=False)
-    if "/" in value:
-        return str(ipaddress.ip_network(value.strip()))
-    return str(first) if first == last and "-" not in value else f"{first}-{last}"
 
 
 def _user_entry(key: str, value: str) -> StaticUser:
@@ -447,14 +469,14 @@ class Config:
     rest_check_on_refresh: bool = _opt(
         True, _check_bool, "refuse a Refresh once the REST credential has expired"
     )
-    allowed_peer_ips: tuple[str, ...] = _opt(
+    allowed_peer_ips: tuple[PeerRange, ...] = _opt(
         (),
         _check_each(_range_entry, what="ip, cidr or ip1-ip2"),
         "peer addresses to allow even if denied by default (repeatable: ip, cidr, ip1-ip2)",
         flag="--allowed-peer-ip",
         metavar="RANGE",
     )
-    denied_peer_ips: tuple[str, ...] = _opt(
+    denied_peer_ips: tuple[PeerRange, ...] = _opt(
         (),
         _check_each(_range_entry, what="ip, cidr or ip1-ip2"),
         "additional peer addresses to deny (repeatable: ip, cidr, ip1-ip2)",
@@ -644,7 +666,7 @@ def config_from_json(mapping: Mapping[str, Any]) -> Config:
 def _to_json(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_to_json(item) for item in value]
-    if isinstance(value, ExternalIp | AlternateServer | StaticUser):
+    if isinstance(value, ExternalIp | AlternateServer | StaticUser | PeerRange):
         return value.text
     if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
         return str(value)

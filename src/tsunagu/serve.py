@@ -45,6 +45,7 @@ __all__ = [
     "credential_store",
     "listening_addresses",
     "local_addresses",
+    "peer_policy",
     "serve",
     "settings_from_config",
 ]
@@ -136,7 +137,16 @@ def settings_from_config(config: Config, fallback_relay_ips: tuple[str, ...] = (
         no_stun=config.no_stun,
         alternate_servers=tuple((str(entry.ip), entry.port) for entry in config.alternate_servers),
         unauth_rate=config.unauth_rate,
-        policy=PeerPolicy.create(config.allowed_peer_ips, config.denied_peer_ips),
+        policy=peer_policy(config),
+    )
+
+
+def peer_policy(config: Config) -> PeerPolicy:
+    """The default peer policy with the configured ranges allowed and denied."""
+    return PeerPolicy(
+        allowed=tuple(net for entry in config.allowed_peer_ips for net in entry.networks),
+        denied=PeerPolicy.create().denied
+        + tuple(net for entry in config.denied_peer_ips for net in entry.networks),
     )
 
 
