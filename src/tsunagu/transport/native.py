@@ -15,7 +15,7 @@ from typing import Any
 from ..stun.attributes import Address
 from ..turn.allocation import Allocation
 from . import _fastpath
-from .listeners import CoreDriver, FrameHandler, StreamFramerLike, UdpListener
+from .listeners import CoreDriver, UdpListener
 from .relay import StreamClient
 
 __all__ = ["NativeEngine", "NativeRelayEndpoint", "NativeUdpListener"]
@@ -108,11 +108,8 @@ class NativeEngine:
 
     name = "native"
     relay_endpoint = NativeRelayEndpoint
-
-    @staticmethod
-    def stream_framer(handle: FrameHandler) -> StreamFramerLike:
-        # Relays ChannelData itself and hands every other frame to ``handle``.
-        return _fastpath.Stream(handle)
+    # Relays ChannelData itself and hands every other frame to the connection's handler.
+    stream_framer = _fastpath.Stream
 
     @staticmethod
     async def udp_listener(
