@@ -227,10 +227,12 @@ class PythonStreamFramer(StreamFramer):
 class StreamConnection(asyncio.BufferedProtocol):
     """One TCP or TLS client connection."""
 
+    # Set by connection_made, before anything else can run on the connection.
+    transport: asyncio.Transport
+
     def __init__(self, driver: CoreDriver, protocol: str) -> None:
         self.driver = driver
         self.protocol = protocol
-        self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.five_tuple: FiveTuple | None = None
         self.allocation: Allocation | None = None
         self.paused = False
@@ -239,7 +241,7 @@ class StreamConnection(asyncio.BufferedProtocol):
         self.framer = driver.stream_framer(self._frame)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         local = transport.get_extra_info("sockname")
         self.five_tuple = FiveTuple(self.protocol, (peer[0], peer[1]), (local[0], local[1]))
