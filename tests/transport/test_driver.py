@@ -9,141 +9,21 @@ cannot be imported the test is skipped with the reason, and in CI (``CI=true``) 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
-import os
 import random
 import socket
 import sys
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import aioice.stun
 import aioice.turn
 import pytest
 
-from support.interop import Collector, TurnClient, udp_echo_server
-from tsunagu.auth.store import StaticCredentialStore
-from tsunagu.transport.driver import TurnDriver
-from tsunagu.transport.engine import EngineUnavailable, PythonEngine, RelayEngine, load_engine
-from tsunagu.transport.listeners import StreamConnection, UdpListener
+from support.engines import HOST, USER, audit_records, make_engine, running, wait_for, warnings
+from support.interop import udp_echo_server
+from tsunagu.transport.engine import EngineUnavailable, RelayEngine, load_engine
 from tsunagu.transport.relay import UdpRelayBinder
-from tsunagu.turn import PeerPolicy, TurnServer, TurnSettings
-
-HOST = "127.0.0.1"
-USER, PASSWORD = "alice", "alice-pw"
-
-
-def make_engine(name: str) -> RelayEngine:
-    if name == "python":
-        return PythonEngine()
-    try:
-        from tsunagu.transport.native import NativeEngine
-    except ImportError as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"the native relay engine must be built in CI: {exc}")
-        pytest.skip(f"the native relay engine is not built here: {exc}")
-    return NativeEngine()
-
-
-@pytest.fixture(params=["python", "native"])
-def engine(request: pytest.FixtureRequest) -> RelayEngine:
-    return make_engine(request.param)
-
-
-@pytest.fixture(autouse=True)
-def _logs_reach_caplog(monkeypatch: pytest.MonkeyPatch) -> None:
-    # serve() stops "tsunagu" propagating to the root logger; nothing here calls it, but a
-    # test run in the same process earlier might have.
-    monkeypatch.setattr(logging.getLogger("tsunagu"), "propagate", True)
-
-
-@dataclass
-class Rig:
-    driver: TurnDriver
-    udp: UdpListener
-    tcp: asyncio.Server
-    closers: list[Any] = field(default_factory=list)
-
-    @property
-    def udp_address(self) -> tuple[str, int]:
-        return self.udp.local
-
-    @property
-    def tcp_address(self) -> tuple[str, int]:
-        address = self.tcp.sockets[0].getsockname()
-        return (address[0], address[1])
-
-    async def allocate(self, transport: str = "udp", password: str = PASSWORD) -> TurnClient:
-        address = self.udp_address if transport == "udp" else self.tcp_address
-        turn_transport, app = await asyncio.wait_for(
-            aioice.turn.create_turn_endpoint(
-                Collector,
-                server_addr=address,
-                username=USER,
-                password=password,
-                transport=transport,
-            ),
-            5.0,
-        )
-        client = TurnClient(turn_transport, app)
-        self.closers.append(client)
-        return client
-
-
-@contextlib.asynccontextmanager
-async def running(engine: RelayEngine, *, worker: int = 0, **settings: Any) -> AsyncIterator[Rig]:
-    loop = asyncio.get_running_loop()
-    settings.setdefault("policy", PeerPolicy.create(allowed=("127.0.0.0/8",)))
-    core = TurnServer(
-        TurnSettings(fallback_relay_ips=(HOST,), **settings),
-        StaticCredentialStore("tsunagu", [(USER, PASSWORD)], ()),
-        UdpRelayBinder(loop, random.randbytes, engine.relay_endpoint),
-        random.Random(),
-    )
-    driver = TurnDriver(core, loop, engine, worker=worker)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setblocking(False)
-    sock.bind((HOST, 0))
-    udp = await engine.udp_listener(driver, sock, loop)
-    tcp = await loop.create_server(lambda: StreamConnection(driver, "tcp"), HOST, 0)
-    rig = Rig(driver, udp, tcp)
-    try:
-        yield rig
-    finally:
-        for client in rig.closers:
-            client.transport.close()
-        driver.shutdown()
-        for stream in list(driver.streams):
-            stream.transport.close()
-        tcp.close()
-        udp.close()
-        await asyncio.sleep(0)
-
-
-def audit_records(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
-    return [json.loads(r.getMessage()) for r in caplog.records if r.name == "tsunagu.audit"]
-
-
-def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [
-        r.getMessage()
-        for r in caplog.records
-        if r.name == "tsunagu" and r.levelno == logging.WARNING
-    ]
-
-
-async def wait_for(predicate: Any, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("timed out")
-        await asyncio.sleep(0.01)
-
-
-# --- relaying through a UDP listener and a TCP connection --------------------------------------
+from tsunagu.turn import PeerPolicy
 
 
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
@@ -344,3 +224,25 @@ def test_without_the_extension_auto_runs_python_and_native_is_refused(
     assert load_engine("auto").name == "python"
     with pytest.raises(EngineUnavailable, match="--relay-engine python"):
         load_engine("native")
+
+
+@pytest.mark.parametrize("dont_fragment", [False, True])
+async def test_dont_fragment_sets_the_df_bit_on_the_relay_socket(
+    engine: RelayEngine, dont_fragment: bool
+) -> None:
+    """DONT-FRAGMENT (RFC 8656 §14.8): IPv4 packets from the relay leave with DF set."""
+    made: list[socket.socket] = []
+
+    def endpoint(loop: asyncio.AbstractEventLoop, sock: socket.socket, *args: Any) -> Any:
+        made.append(sock)
+        return engine.relay_endpoint(loop, sock, *args)
+
+    binder = UdpRelayBinder(asyncio.get_running_loop(), random.randbytes, endpoint)
+    relay = binder.bind(HOST, 0, dont_fragment=dont_fragment)
+    assert relay is not None
+    try:
+        # <linux/in.h>: IP_MTU_DISCOVER 10; IP_PMTUDISC_DO 2 (DF set), IP_PMTUDISC_DONT 0.
+        mode = made[0].getsockopt(socket.IPPROTO_IP, 10)
+        assert (mode == 2) is dont_fragment
+    finally:
+        binder.release(relay)

@@ -9,6 +9,7 @@ import pytest
 from support.turn_harness import NOW, PEER, PEER2, Client, FakeRelay, channel_data, success
 from tsunagu.stun import ChannelNumber, Method, XorPeerAddress
 from tsunagu.turn import Forward, ForwardingState, channel_data_forward
+from tsunagu.turn.forwarding import send_failed
 
 RELAY = FakeRelay("192.0.2.1", 50000)
 
@@ -97,3 +98,13 @@ def test_the_core_uses_the_same_rule(allocated: Client) -> None:
     counted = (allocation.packets_to_peers, allocation.bytes_to_peers, allocation.dropped)
     assert counted == (mirror.packets_to_peers, mirror.bytes_to_peers, mirror.dropped)
     assert counted == (1, 4, 2)
+
+
+def test_a_send_that_failed_counts_as_dropped_not_relayed(state: ForwardingState) -> None:
+    drops: Counter[str] = Counter()
+    forward = channel_data_forward(state, channel_data(0x4000, b"hello"), drops)
+    assert forward is not None
+    send_failed(state, forward)
+    assert (state.packets_to_peers, state.bytes_to_peers, state.dropped) == (0, 0, 1)
+    send_failed(None, forward)  # the allocation is gone already: nothing to count
+    assert not drops

@@ -22,7 +22,7 @@ from typing import Any, Protocol, cast
 
 from ..stun.framing import FramingError, StreamFramer
 from ..turn.allocation import Allocation, FiveTuple
-from ..turn.forwarding import Forward, channel_data_forward
+from ..turn.forwarding import Forward, channel_data_forward, send_failed
 from ..turn.server import TurnServer
 from .relay import RelayEndpointLike
 
@@ -87,12 +87,12 @@ def _relays(allocation: Allocation) -> list[RelayEndpointLike]:
     return cast(list[RelayEndpointLike], list(allocation.relays.values()))
 
 
-def _forward(forward: Forward | bytes) -> None:
+def _forward(forward: Forward | bytes, server: TurnServer, five_tuple: FiveTuple) -> None:
     assert isinstance(forward, Forward)
     try:
         forward.relay.sendto(forward.data, forward.peer)
-    except OSError:  # unreachable peer or full buffer: the datagram is lost, nothing else
-        pass
+    except OSError:  # unreachable peer or full buffer: the datagram is lost
+        send_failed(server.allocations.get(five_tuple), forward)
 
 
 class UdpClientLink:
@@ -155,8 +155,7 @@ class UdpListener(asyncio.DatagramProtocol):
                 try:
                     relay.sendto(payload, peer)
                 except OSError:  # unreachable peer or full buffer: the packet is lost
-                    assert allocation is not None
-                    allocation.dropped += 1
+                    send_failed(allocation, forward)
             return
         self._stun(data, addr)
 
@@ -168,7 +167,7 @@ class UdpListener(asyncio.DatagramProtocol):
             if type(result) is bytes:
                 self.send(result, addr)
             else:
-                _forward(result)
+                _forward(result, driver.server, five_tuple)
         driver.after_message(self, addr)
 
     def attach(self, allocation: Allocation, addr: Any) -> None:
@@ -298,7 +297,7 @@ class StreamConnection(asyncio.BufferedProtocol):
                 try:
                     relay.sendto(payload, peer)
                 except OSError:  # unreachable peer or full buffer: the packet is lost
-                    allocation.dropped += 1
+                    send_failed(allocation, forward)
             return False
         driver = self.driver
         assert self.five_tuple is not None
@@ -307,7 +306,7 @@ class StreamConnection(asyncio.BufferedProtocol):
             if type(result) is bytes:
                 self.transport.write(result)
             else:
-                _forward(result)
+                _forward(result, driver.server, self.five_tuple)
         driver.after_message(self, None)
         return False
 

@@ -13,6 +13,7 @@ import errno
 import logging
 import socket
 import struct
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -36,10 +37,11 @@ _BURST = 16
 _monotonic = time.monotonic
 # Matching coturn's relay sockets, whose 64 KiB the kernel doubles.
 RELAY_BUFFER_BYTES = 64 * 1024
-# The socket option that sets IPv4's DF bit, where the platform has it (Linux).
+# The socket option that sets IPv4's DF bit on Linux: IP_MTU_DISCOVER = IP_PMTUDISC_DO.
+# Python's socket module does not export these two constants before 3.12 (<linux/in.h>: 10, 2).
 _DF_OPTION: tuple[int, int] | None = None
-if hasattr(socket, "IP_MTU_DISCOVER") and getattr(socket, "IP_PMTUDISC_DO", None) is not None:
-    _DF_OPTION = (socket.IP_MTU_DISCOVER, getattr(socket, "IP_PMTUDISC_DO", 0))
+if sys.platform == "linux":
+    _DF_OPTION = (getattr(socket, "IP_MTU_DISCOVER", 10), getattr(socket, "IP_PMTUDISC_DO", 2))
 
 
 class StreamClient(Protocol):

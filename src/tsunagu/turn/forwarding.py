@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 from ..stun.attributes import Address
 from .allocation import ForwardingState
 
-__all__ = ["Forward", "channel_data_forward"]
+__all__ = ["Forward", "channel_data_forward", "send_failed"]
 
 
 class Forward(NamedTuple):
@@ -41,7 +41,7 @@ def channel_data_forward(
 
     Returns a :class:`Forward` when the channel is bound and its peer has a permission, and
     counts the packet and its bytes as relayed to the peers; a caller whose send then fails
-    adds one to ``state.dropped``. Otherwise returns None and counts the drop by cause in
+    calls :func:`send_failed`. Otherwise returns None and counts the drop by cause in
     ``drops`` ("no allocation", "short channel data", "unbound channel"; a channel without
     a live permission is "unbound" too) and, when there is an allocation, in its
     ``dropped``.
@@ -62,3 +62,15 @@ def channel_data_forward(
     state.packets_to_peers += 1
     state.bytes_to_peers += length
     return _new_forward(Forward, (entry[0], data[4 : 4 + length], entry[1]))
+
+
+def send_failed(state: ForwardingState | None, forward: Forward) -> None:
+    """The transport could not send ``forward`` (unreachable peer, full buffer).
+
+    The packet was counted as relayed when the forward was decided; it was lost instead, as
+    a router loses it, so it moves from the relayed counters to ``dropped``.
+    """
+    if state is not None:
+        state.packets_to_peers -= 1
+        state.bytes_to_peers -= len(forward.data)
+        state.dropped += 1
