@@ -62,7 +62,13 @@ export class PeerLink extends EventTarget {
     const pc = new RTCPeerConnection(config);
     this.pc = pc;
 
-    pc.addEventListener("negotiationneeded", () => this.negotiate());
+    // Chromium also fires this when setConfiguration() changes the ICE servers (fresh TURN
+    // credentials after a signaling resume), even on a connection with nothing to offer yet.
+    // Such an offer has no media section, fails under max-bundle and leaves the connection
+    // refusing the other side's offer: until start() there is nothing to negotiate.
+    pc.addEventListener("negotiationneeded", () => {
+      if (this.started) this.negotiate();
+    });
     pc.addEventListener("signalingstatechange", () => this.note(`signaling ${pc.signalingState}`));
     pc.addEventListener("icecandidate", ({ candidate }) => {
       this.note(candidate ? `local candidate ${candidate.type || ""} ${candidate.usernameFragment || ""}` : "local gathering done");
