@@ -1,0 +1,106 @@
+"""A call whose signaling connection drops while it is being set up still connects.
+
+Under load a signaling WebSocket may miss its heartbeat and come back (the page resumes its
+seat with its token). On resuming, the page hands each connection the fresh TURN credentials
+of the new "joined" with ``setConfiguration()``; Chromium takes changed ICE servers as a
+reason to renegotiate and fires ``negotiationneeded``, also on a connection that has nothing
+to negotiate yet: the polite side of a call, still waiting for the first offer. An offer made
+then has no media section, fails under max-bundle, and leaves the connection refusing the
+other side's real offer: the call never connects, and the server sees the other side's
+allocation end without any permission.
+
+The test makes that order certain: the impolite page's first offer is held back for a moment,
+and the polite page's signaling drops and resumes meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from playwright.async_api import Page
+
+from support.audit import warning_lines
+from support.browser import Server, chromium
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
+
+HOLD_OFFER_MS = 1500
+STEP_MS = 15_000
+
+# Holds back this page's first offer to a peer it is impolite to.
+HOLD_FIRST_OFFER = """
+(() => {
+  const send = WebSocket.prototype.send;
+  let held = false;
+  WebSocket.prototype.send = function (data) {
+    try {
+      const message = JSON.parse(data);
+      const peer = message.type === "offer" && !held && window.tsunagu
+        && window.tsunagu.peers().find((p) => p.id === message.to);
+      if (peer && !peer.polite) {
+        held = true;
+        setTimeout(() => send.call(this, data), %HOLD%);
+        return undefined;
+      }
+    } catch (error) {
+      // Not JSON: not ours to hold.
+    }
+    return send.call(this, data);
+  };
+})();
+""".replace("%HOLD%", str(HOLD_OFFER_MS))
+
+CONNECTED = """() => {
+    const peers = window.tsunagu.peers();
+    return peers.length === 1 && peers[0].connectionState === "connected";
+}"""
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_call_connects_when_signaling_resumes_before_the_first_offer(
+    relay_server: Server, transport: str
+) -> None:
+    server = relay_server
+    console: list[str] = []
+    async with chromium() as browser:
+        pages: list[Page] = []
+        for name in ("Ada", "Bo"):
+            context = await browser.new_context()
+            await context.add_init_script(HOLD_FIRST_OFFER)
+            page = await context.new_page()
+            page.on("console", lambda m, name=name: console.append(f"{name} {m.type}: {m.text}"))
+            await page.goto(f"{server.base}/r/resume-{transport}?name={name}&transport={transport}")
+            await page.wait_for_function(
+                "() => window.tsunagu?.state?.().joined && window.tsunagu.peers().length === 1"
+                if name == "Bo"
+                else "() => window.tsunagu?.state?.().joined",
+                timeout=STEP_MS,
+            )
+            pages.append(page)
+        await pages[0].wait_for_function(
+            "() => window.tsunagu.peers().length === 1", timeout=STEP_MS
+        )
+        polite = [p for p in pages if (await p.evaluate("window.tsunagu.peers()"))[0]["polite"]]
+        assert len(polite) == 1
+        (waiting,) = polite
+        # Its link has not started: the first offer is still held back by the other page.
+        (peer,) = await waiting.evaluate("window.tsunagu.peers()")
+        assert peer["signalingState"] == "stable" and peer["gathered"] == [], peer
+        seat = (await waiting.evaluate("window.tsunagu.state()"))["id"]
+        await waiting.evaluate("window.tsunagu.breakSignaling()")
+        await waiting.wait_for_function(
+            "(id) => ((s) => s.signaling === 'open' && s.id === id)(window.tsunagu.state())",
+            arg=seat,
+            timeout=STEP_MS,
+        )
+        try:
+            await asyncio.gather(*(p.wait_for_function(CONNECTED, timeout=STEP_MS) for p in pages))
+        except Exception as exc:
+            report = [repr(await p.evaluate("window.tsunagu.peers()")) for p in pages]
+            raise AssertionError(
+                "\n".join([*console, *report, *warning_lines(server.log_text())])
+            ) from exc
+        stats = [s for p in pages for s in await p.evaluate("window.tsunagu.stats()")]
+        assert all(s["local"] and s["local"]["relayProtocol"] == transport for s in stats), stats
+    assert not [line for line in console if "negotiation failed" in line], console
