@@ -236,6 +236,8 @@ async def open_page(browser: Browser, call: Call, server: Server, name: str) -> 
     call.pages.append(page)
     page.on("console", lambda m: call.console.append(f"{name} {m.type}: {m.text}"))
     page.on("pageerror", lambda e: call.console.append(f"{name} page error: {e}"))
+    # A second signaling WebSocket is a reconnection (the page resumes its seat).
+    page.on("websocket", lambda ws: call.notes.update({"signaling sockets": 1}))
     await page.goto(f"{server.base}/r/{call.room}?name={name}&transport={call.transport}")
     await page.wait_for_function("() => window.tsunagu?.state?.().joined", timeout=JOIN_MS)
     return page
@@ -389,6 +391,7 @@ async def test_relayed_calls_under_loopback_load(
             elapsed = time.monotonic() - started
         load_status = load.status()
     slowest = max(connects, default=0.0)
+    notes["signaling reconnects"] = notes.pop("signaling sockets", 0) - 2 * CALLS
     sys.stdout.write(
         f"{transport}: {CALLS} calls in {elapsed:.1f} s, {len(failures)} failed,"
         f" slowest connect {slowest:.2f} s; {dict(notes)}; load: {load_status}\n"
