@@ -67,7 +67,8 @@ export class Signaling extends EventTarget {
         this.setState("open");
         const pending = this.queue;
         this.queue = [];
-        for (const item of pending) this.send(item);
+        // Only a resumed seat still has the peers these messages were meant for.
+        if (message.resumed) for (const item of pending) this.send(item);
       }
       this.dispatchEvent(new CustomEvent("message", { detail: message }));
     });
@@ -116,14 +117,18 @@ export class Signaling extends EventTarget {
     clearTimeout(this.pongTimer);
   }
 
-  /** Send a message; while reconnecting it waits (bounded) for the new connection. */
+  /**
+   * Send a message; while reconnecting it waits (bounded) for the new connection. Candidates
+   * wait too: trickled while the connection was down, they are the only ones the other side
+   * would get of this ICE generation, and nothing restarts ICE for a call that is setting up.
+   */
   send(message) {
     const ws = this.ws;
     if (ws && ws.readyState === WebSocket.OPEN && this.state === "open") {
       ws.send(JSON.stringify(message));
       return true;
     }
-    if (this.queue.length < 200 && message.type !== "candidate") this.queue.push(message);
+    if (this.queue.length < 200) this.queue.push(message);
     return false;
   }
 
