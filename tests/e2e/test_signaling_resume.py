@@ -9,8 +9,14 @@ then has no media section, fails under max-bundle, and leaves the connection ref
 other side's real offer: the call never connects, and the server sees the other side's
 allocation end without any permission.
 
-The test makes that order certain: the impolite page's first offer is held back for a moment,
-and the polite page's signaling drops and resumes meanwhile.
+The first test makes that order certain: the impolite page's first offer is held back for a
+moment, and the polite page's signaling drops and resumes meanwhile.
+
+The second drops the polite page's signaling as the first offer arrives: it answers and
+trickles its candidates while reconnecting. The answer waits for the new connection; its
+candidates must too, or the other side never learns where to reach it and the two
+allocations wait with no permission (nothing on the other side restarts ICE: only the page
+that resumed looks at its connections, and only an impolite page restarts).
 """
 
 from __future__ import annotations
@@ -104,3 +110,55 @@ async def test_call_connects_when_signaling_resumes_before_the_first_offer(
         stats = [s for p in pages for s in await p.evaluate("window.tsunagu.stats()")]
         assert all(s["local"] and s["local"]["relayProtocol"] == transport for s in stats), stats
     assert not [line for line in console if "negotiation failed" in line], console
+
+
+# Drops this page's signaling connection as soon as the first offer reaches it.
+DROP_ON_FIRST_OFFER = """
+(() => {
+  const Native = window.WebSocket;
+  let dropped = false;
+  window.WebSocket = function (...args) {
+    const ws = new Native(...args);
+    ws.addEventListener("message", (event) => {
+      if (dropped || !event.data.includes('"offer"')) return;
+      dropped = true;
+      setTimeout(() => window.tsunagu.breakSignaling(), 0);
+    });
+    return ws;
+  };
+  window.WebSocket.prototype = Native.prototype;
+  Object.assign(window.WebSocket, { CONNECTING: 0, OPEN: 1, CLOSING: 2, CLOSED: 3 });
+})();
+"""
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_candidates_trickled_while_signaling_resumes_reach_the_other_side(
+    relay_server: Server, transport: str
+) -> None:
+    server = relay_server
+    console: list[str] = []
+    sockets = {"Ada": 0, "Bo": 0}
+    async with chromium() as browser:
+        pages: list[Page] = []
+        for name in ("Ada", "Bo"):
+            context = await browser.new_context()
+            await context.add_init_script(DROP_ON_FIRST_OFFER)
+            page = await context.new_page()
+            page.on("console", lambda m, name=name: console.append(f"{name} {m.type}: {m.text}"))
+            page.on("websocket", lambda _, name=name: sockets.update({name: sockets[name] + 1}))
+            room = f"trickle-{transport}"
+            await page.goto(f"{server.base}/r/{room}?name={name}&transport={transport}")
+            await page.wait_for_function("() => window.tsunagu?.state?.().joined", timeout=STEP_MS)
+            pages.append(page)
+        try:
+            await asyncio.gather(*(p.wait_for_function(CONNECTED, timeout=STEP_MS) for p in pages))
+        except Exception as exc:
+            report = [repr(await p.evaluate("window.tsunagu.peers()")) for p in pages]
+            raise AssertionError(
+                "\n".join([*console, *report, *warning_lines(server.log_text())])
+            ) from exc
+        # The polite page did drop its connection and resume its seat on a second one.
+        assert sorted(sockets.values()) == [1, 2], sockets
+        states = [await p.evaluate("window.tsunagu.state()") for p in pages]
+        assert all(s["signaling"] == "open" for s in states), states
