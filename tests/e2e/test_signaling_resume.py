@@ -31,7 +31,9 @@ from support.browser import Server, chromium
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
-HOLD_OFFER_MS = 1500
+# Long enough for the other page to drop and resume its signaling, shorter than the 4 s after
+# which a polite page stops waiting and offers itself.
+HOLD_OFFER_MS = 3000
 STEP_MS = 15_000
 
 # Holds back this page's first offer to a peer it is impolite to.
@@ -112,7 +114,8 @@ async def test_call_connects_when_signaling_resumes_before_the_first_offer(
     assert not [line for line in console if "negotiation failed" in line], console
 
 
-# Drops this page's signaling connection as soon as the first offer reaches it.
+# Drops this page's signaling connection as soon as the first offer reaches it, if this page
+# is the polite side (the one that answers).
 DROP_ON_FIRST_OFFER = """
 (() => {
   const Native = window.WebSocket;
@@ -121,6 +124,8 @@ DROP_ON_FIRST_OFFER = """
     const ws = new Native(...args);
     ws.addEventListener("message", (event) => {
       if (dropped || !event.data.includes('"offer"')) return;
+      const peers = window.tsunagu.peers();
+      if (peers.length !== 1 || !peers[0].polite) return;
       dropped = true;
       setTimeout(() => window.tsunagu.breakSignaling(), 0);
     });
