@@ -130,18 +130,25 @@ async def test_tcp_connection_that_is_not_turn_is_closed(
 # --- the driver ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("short_lived", [0.0, 60.0])
 async def test_an_allocation_that_never_had_a_peer_is_explained_once(
-    engine: RelayEngine, caplog: pytest.LogCaptureFixture
+    engine: RelayEngine, caplog: pytest.LogCaptureFixture, short_lived: float
 ) -> None:
+    """Explained as a warning, unless it was too short-lived to be more than routine."""
     caplog.set_level(logging.INFO, logger="tsunagu")
     async with running(engine, worker=1) as rig:
+        rig.driver.short_lived = short_lived
         client = await rig.allocate("udp")
         mapped = client.mapped
         await client.close()
         await wait_for(lambda: audit_records(caplog))
     [record] = audit_records(caplog)
     assert record["peers"] == [] and record["permission_requests"] == 0
-    [line] = warnings(caplog)
+    explained = [
+        r for r in caplog.records if r.name == "tsunagu" and "without relaying" in r.getMessage()
+    ]
+    assert [r.levelno for r in explained] == [logging.INFO if short_lived else logging.WARNING]
+    line = explained[0].getMessage()
     assert "no CreatePermission or ChannelBind was received" in line
     assert "check signaling and the other side's candidates" in line
     assert f"'{USER}'" in line

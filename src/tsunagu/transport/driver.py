@@ -56,6 +56,10 @@ class TurnDriver:
         self._fold_counters = engine.fold_counters
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        # An allocation that ends sooner than this without a peer and without a refused request
+        # is routine (a browser drops the allocations of the candidates it did not pick, at
+        # once, or after an offer collision): its explanation is logged at INFO, not WARNING.
+        self.short_lived = 5.0
 
     def after_message(self, origin: ClientSide, addr: Any) -> None:
         """Take the core's events after it handled a client's message, and re-arm the timer.
@@ -145,7 +149,7 @@ class TurnDriver:
             )
         )
         if not allocation.peers_seen:
-            _warn_never_permitted(allocation, duration)
+            _explain_never_permitted(allocation, duration, self.short_lived)
         if not self.server.allocations:
             self.all_ended.set()
 
@@ -163,7 +167,7 @@ def _hand_to_relays(allocation: Allocation) -> None:
         cast(RelayEndpointLike, relay).allocation = allocation
 
 
-def _warn_never_permitted(allocation: Allocation, duration: float) -> None:
+def _explain_never_permitted(allocation: Allocation, duration: float, short_lived: float) -> None:
     # The commonest reason a call "connects to TURN but no media flows"; say which side to
     # look at, in the operator's log rather than only in the audit record.
     refusals = {
@@ -171,7 +175,10 @@ def _warn_never_permitted(allocation: Allocation, duration: float) -> None:
         for cause, count in allocation.refused.items()
         if cause.startswith(("CreatePermission ", "ChannelBind ")) or cause == "other"
     }
+    level = logging.WARNING
     if not allocation.permission_requests and not refusals:
+        if duration < short_lived:
+            level = logging.INFO
         cause = (
             "no CreatePermission or ChannelBind was received (the client never had a peer"
             " address to reach: check signaling and the other side's candidates)"
@@ -184,7 +191,8 @@ def _warn_never_permitted(allocation: Allocation, duration: float) -> None:
             f"its {requests} CreatePermission/ChannelBind requests were refused:"
             f" {', '.join(sorted(refusals)) or 'no reason recorded'}"
         )
-    log.warning(
+    log.log(
+        level,
         "allocation of user %r from %s ended after %.1f s without relaying to any peer: %s",
         allocation.username,
         allocation.five_tuple,
