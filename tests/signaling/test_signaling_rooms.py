@@ -6,6 +6,8 @@ import itertools
 import json
 from typing import Any
 
+import pytest
+
 from tsunagu.signaling.rooms import Action, Close, Hub, Limits, Send, TokenBucket
 
 
@@ -14,8 +16,12 @@ def make_hub(**limits: Any) -> Hub:
     return Hub(Limits(**limits), new_token=lambda n: f"t{next(counter)}")
 
 
-def sends(actions: list[Action], conn: int | None = None) -> list[dict[str, Any]]:
-    return [a.message for a in actions if isinstance(a, Send) and (conn is None or a.conn == conn)]
+def sends(
+    actions: list[Action], conn: int | None = None, *, seq: bool = False
+) -> list[dict[str, Any]]:
+    """The messages sent (to ``conn``), without their ``seq`` unless asked for."""
+    found = [a.message for a in actions if isinstance(a, Send) and (conn is None or a.conn == conn)]
+    return found if seq else [{k: v for k, v in x.items() if k != "seq"} for x in found]
 
 
 def closes(actions: list[Action]) -> list[Close]:
@@ -58,16 +64,17 @@ def test_offer_answer_candidate_go_only_to_the_named_peer() -> None:
     hub = make_hub()
     ids = [joined_id(join(hub, c), c) for c in (1, 2, 3)]
     out = send(hub, 1, type="offer", to=ids[1], sdp="v=0 offer")
-    assert out == [Send(2, {"type": "offer", "from": ids[0], "sdp": "v=0 offer"})]
+    # Every message delivered to a peer carries its own count: 2 had peer-joined (3) first.
+    assert out == [Send(2, {"type": "offer", "from": ids[0], "sdp": "v=0 offer", "seq": 2})]
     out = send(hub, 2, type="answer", to=ids[0], sdp="v=0 answer")
-    assert out == [Send(1, {"type": "answer", "from": ids[1], "sdp": "v=0 answer"})]
+    assert out == [Send(1, {"type": "answer", "from": ids[1], "sdp": "v=0 answer", "seq": 3})]
     cand = {"candidate": "candidate:1 1 udp 1 192.0.2.1 9 typ host", "sdpMid": "0"}
     out = send(hub, 3, type="candidate", to=ids[0], candidate=cand)
     assert [a.conn for a in out if isinstance(a, Send)] == [1]
     assert sends(out)[0]["candidate"]["sdpMid"] == "0"
     assert sends(out)[0]["candidate"]["sdpMLineIndex"] is None
     out = send(hub, 3, type="candidate", to=ids[0], candidate=None)
-    assert out == [Send(1, {"type": "candidate", "from": ids[2], "candidate": None})]
+    assert out == [Send(1, {"type": "candidate", "from": ids[2], "candidate": None, "seq": 5})]
 
 
 def test_cross_room_target_is_refused_and_reveals_nothing() -> None:
@@ -138,7 +145,7 @@ def test_room_disappears_when_empty_and_leave_is_announced() -> None:
     a = joined_id(join(hub, 1), 1)
     join(hub, 2)
     out = send(hub, 1, type="leave")
-    assert Send(2, {"type": "peer-left", "id": a, "reason": "left"}) in out
+    assert Send(2, {"type": "peer-left", "id": a, "reason": "left", "seq": 1}) in out
     assert Close(1, 1000, "left") in out
     assert [p for p, _ in hub.room_peers("alpha")] != [a]
     assert hub.disconnect(1, 0.0, graceful=False) == []
@@ -260,7 +267,9 @@ def test_vanished_peer_is_announced_after_grace() -> None:
     assert hub.disconnect(2, 10.0, graceful=False) == []
     assert hub.is_away(b)
     assert hub.tick(13.9) == []
-    assert hub.tick(14.0) == [Send(1, {"type": "peer-left", "id": b, "reason": "timeout"})]
+    assert hub.tick(14.0) == [
+        Send(1, {"type": "peer-left", "id": b, "reason": "timeout", "seq": 2})
+    ]
     assert hub.room_peers("alpha") == [(hub.peer_of(1), "user1")]
 
 
@@ -295,6 +304,77 @@ def test_resume_keeps_identity_and_delivers_what_was_missed() -> None:
     assert not hub.is_away(bo["id"])
     out = send(hub, 1, now=100.0, type="offer", to=bo["id"], sdp="v=0")
     assert [x.conn for x in out] == [4]
+
+
+def _resume(hub: Hub, conn: int, bo: dict[str, Any], now: float, **seq: Any) -> list[Action]:
+    hub.connect(conn, now, {"iceServers": []})
+    resume = {"id": bo["id"], "token": bo["token"], **seq}
+    return send(hub, conn, now=now, type="join", v=1, room="alpha", name="Bo", resume=resume)
+
+
+def test_resume_replays_what_the_dropped_connection_may_not_have_read() -> None:
+    """Written to a connection just before it dropped is not the same as read: a resume that
+    says the last ``seq`` it saw gets everything after it again, then what was kept."""
+    hub = make_hub(resume_grace=5.0)
+    a = joined_id(join(hub, 1), 1)
+    bo = sends(join(hub, 2, name="Bo"), 2)[0]
+    cand = {"candidate": "candidate:1 1 udp 1 192.0.2.1 9 typ host", "sdpMid": "0"}
+    offer = send(hub, 1, now=1.0, type="offer", to=bo["id"], sdp="v=0 offer")
+    trickled = send(hub, 1, now=1.0, type="candidate", to=bo["id"], candidate=cand)
+    assert [m["seq"] for m in sends(offer + trickled, 2, seq=True)] == [1, 2]
+    # Bo read the offer (seq 1); the candidate was in flight when its connection dropped.
+    hub.disconnect(2, 1.1, graceful=False)
+    queued = send(hub, 1, now=1.2, type="candidate", to=bo["id"], candidate=None)
+    assert queued == []
+    msgs = sends(_resume(hub, 3, bo, 2.0, seq=1), 3, seq=True)
+    assert [m["type"] for m in msgs] == ["joined", "candidate", "candidate"]
+    assert [m.get("seq") for m in msgs] == [None, 2, 3]
+    assert msgs[1]["candidate"]["candidate"] == cand["candidate"] and msgs[1]["from"] == a
+    assert msgs[2]["candidate"] is None
+    # What the new connection was given can be replayed to the next one too.
+    hub.disconnect(3, 3.0, graceful=False)
+    msgs = sends(_resume(hub, 4, bo, 3.5, seq=2), 4, seq=True)
+    assert [m.get("seq") for m in msgs] == [None, 3]
+
+
+def test_resume_without_seq_gets_only_what_was_kept_while_away() -> None:
+    hub = make_hub(resume_grace=5.0)
+    joined_id(join(hub, 1), 1)
+    bo = sends(join(hub, 2, name="Bo"), 2)[0]
+    send(hub, 1, now=1.0, type="offer", to=bo["id"], sdp="v=0 offer")
+    hub.disconnect(2, 1.1, graceful=False)
+    send(hub, 1, now=1.2, type="offer", to=bo["id"], sdp="v=0 again")
+    msgs = sends(_resume(hub, 3, bo, 2.0), 3)
+    assert [m.get("sdp") for m in msgs] == [None, "v=0 again"]
+
+
+def test_replay_is_bounded() -> None:
+    hub = make_hub(resume_grace=5.0, replay_messages=3, rate=1e6, burst=1e6)
+    joined_id(join(hub, 1), 1)
+    bo = sends(join(hub, 2, name="Bo"), 2)[0]
+    for n in range(10):
+        send(hub, 1, now=1.0, type="offer", to=bo["id"], sdp=f"v=0 {n}")
+    hub.disconnect(2, 1.1, graceful=False)
+    msgs = sends(_resume(hub, 3, bo, 2.0, seq=0), 3, seq=True)
+    assert [m.get("seq") for m in msgs] == [None, 8, 9, 10]
+    hub = make_hub(resume_grace=5.0, replay_bytes=300, rate=1e6, burst=1e6)
+    joined_id(join(hub, 1), 1)
+    bo = sends(join(hub, 2, name="Bo"), 2)[0]
+    for _ in range(10):
+        send(hub, 1, now=1.0, type="offer", to=bo["id"], sdp="v=0 " + "x" * 100)
+    hub.disconnect(2, 1.1, graceful=False)
+    replayed = sends(_resume(hub, 3, bo, 2.0, seq=0), 3)[1:]
+    assert 1 <= len(replayed) <= 2
+
+
+@pytest.mark.parametrize("seq", [-1, 1.5, "3", True, 2**53])
+def test_resume_seq_must_be_a_count(seq: Any) -> None:
+    hub = make_hub()
+    joined_id(join(hub, 1), 1)
+    bo = sends(join(hub, 2, name="Bo"), 2)[0]
+    hub.disconnect(2, 1.0, graceful=False)
+    (refused,) = sends(_resume(hub, 3, bo, 2.0, seq=seq), 3)
+    assert refused["type"] == "error" and refused["field"] == "resume"
 
 
 def test_resume_replaces_a_connection_the_server_thinks_alive() -> None:

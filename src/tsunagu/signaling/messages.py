@@ -106,10 +106,13 @@ class MessageError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Resume:
-    """Credentials to take over a peer whose connection dropped."""
+    """Credentials to take over a peer whose connection dropped, and the ``seq`` of the last
+    message the client received (None: it does not say, and gets only what was kept while
+    it was away)."""
 
     id: str
     token: str
+    seq: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,12 +335,17 @@ def _parse_join(f: _Fields) -> Join:
     raw_resume = f.obj.get("resume")
     if raw_resume is not None:
         if not isinstance(raw_resume, dict):
-            raise f.bad("resume", "must be an object {id, token}")
+            raise f.bad("resume", "must be an object {id, token, seq}")
         sub = _Fields(raw_resume, "join")
         peer_id = sub.peer_id("id")
         token = sub.string("token", limit=MAX_TOKEN_CHARS)
         assert peer_id is not None and token is not None
-        resume = Resume(peer_id, token)
+        seq = raw_resume.get("seq")
+        if seq is not None and (
+            not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq < 2**53
+        ):
+            raise f.bad("resume", "seq must be a whole number of at least 0")
+        resume = Resume(peer_id, token, seq)
     return Join(room=room, name=name, version=version, password=password or None, resume=resume)
 
 

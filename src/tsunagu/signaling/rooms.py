@@ -18,12 +18,18 @@ Rules enforced here:
   its peer "away" for ``Limits.resume_grace`` seconds: messages for it are kept, and a new
   connection presenting the peer's id and token takes over without the others noticing more
   than an ICE restart. After the grace period the peer is announced as left.
+- Every message delivered to a peer carries ``seq``, counting up per peer. The last
+  ``Limits.replay_messages`` delivered (within ``Limits.replay_bytes``) are kept, because
+  what was written to a connection just before it dropped may never have been read: a
+  resume that names the last ``seq`` its client saw gets what came after it again, then what
+  was kept while it was away.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -63,6 +69,10 @@ class Limits:
     join_timeout: float = 30.0
     outbox_bytes: int = 512 * 1024
     """Bound on what is kept for an away peer; past it the peer is dropped."""
+    replay_messages: int = 64
+    """How many of the messages last delivered to a peer a resume can get again."""
+    replay_bytes: int = 64 * 1024
+    """Bound on the bytes of those messages."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +122,11 @@ class _Peer:
     away_since: float | None = None
     outbox: list[dict[str, Any]] = field(default_factory=list)
     outbox_size: int = 0
+    seq: int = 0
+    """``seq`` of the last message delivered (or queued) to this peer."""
+    sent: deque[tuple[int, dict[str, Any]]] = field(default_factory=deque)
+    """The last messages written to its connection, for a resume to replay."""
+    sent_size: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -304,13 +319,24 @@ class Hub:
         return actions
 
     def _deliver(self, peer: _Peer, message: dict[str, Any]) -> list[Action]:
+        peer.seq += 1
+        message = {**message, "seq": peer.seq}
         if peer.conn is not None:
+            self._keep_sent(peer, message)
             return [Send(peer.conn, message)]
         peer.outbox.append(message)
         peer.outbox_size += _size(message)
         if peer.outbox_size > self.limits.outbox_bytes:
             return self._remove(peer, "timeout")
         return []
+
+    def _keep_sent(self, peer: _Peer, message: dict[str, Any]) -> None:
+        sent = peer.sent
+        sent.append((message["seq"], message))
+        peer.sent_size += _size(message)
+        limits = self.limits
+        while sent and (len(sent) > limits.replay_messages or peer.sent_size > limits.replay_bytes):
+            peer.sent_size -= _size(sent.popleft()[1])
 
     def _join(self, c: _Conn, msg: m.Join, now: float) -> list[Action]:
         if c.peer is not None:
@@ -382,7 +408,13 @@ class Hub:
         c.peer = peer
         room = self._rooms[peer.room]
         actions.append(Send(c.id, self._joined(c, peer, room, resumed=True)))
-        actions += [Send(c.id, queued) for queued in peer.outbox]
+        seen = msg.resume.seq
+        if seen is not None:
+            # Written to the old connection, perhaps never read: again, in order.
+            actions += [Send(c.id, sent) for seq, sent in peer.sent if seq > seen]
+        for queued in peer.outbox:
+            self._keep_sent(peer, queued)
+            actions.append(Send(c.id, queued))
         peer.outbox = []
         peer.outbox_size = 0
         return actions

@@ -2,8 +2,11 @@
 //
 // The connection is kept alive with an application ping; when it drops the client reconnects
 // with its peer id and resume token, so the server keeps its seat in the room and queues what
-// others sent meanwhile. Events: "message" (detail: the message), "state" (detail: one of
-// "connecting", "open", "reconnecting", "closed"), "fatal" (detail: {code, reason}).
+// others sent meanwhile. What the server wrote to the old connection just before it dropped
+// may never have been read (a candidate, say): the resume names the seq of the last message
+// this client saw, and the server sends what came after it again.
+// Events: "message" (detail: the message), "state" (detail: one of "connecting", "open",
+// "reconnecting", "closed"), "fatal" (detail: {code, reason}).
 
 const PING_EVERY_MS = 8000;
 const PONG_WITHIN_MS = 5000;
@@ -24,6 +27,7 @@ export class Signaling extends EventTarget {
     this.pongTimer = 0;
     this.retryTimer = 0;
     this.queue = [];
+    this.seq = 0; // of the last message read from the server, for a resume
   }
 
   url() {
@@ -47,7 +51,7 @@ export class Signaling extends EventTarget {
       if (ws !== this.ws) return;
       const join = { type: "join", v: 1, room: this.room, name: this.name };
       if (this.password) join.password = this.password;
-      if (this.resume) join.resume = this.resume;
+      if (this.resume) join.resume = { ...this.resume, seq: this.seq };
       ws.send(JSON.stringify(join));
       this.keepAlive();
     });
@@ -61,8 +65,10 @@ export class Signaling extends EventTarget {
       }
       this.sawTraffic();
       if (message.type === "pong") return;
+      if (typeof message.seq === "number") this.seq = message.seq;
       if (message.type === "joined") {
         this.resume = { id: message.id, token: message.token };
+        if (!message.resumed) this.seq = 0; // a new seat counts from the start
         this.attempt = 0;
         this.setState("open");
         const pending = this.queue;
