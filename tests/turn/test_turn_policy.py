@@ -49,7 +49,6 @@ def test_default_list_parses() -> None:
         "93.184.216.34",
         "2001:4860:4860::8888",
         "2606:4700::1111",
-        "::ffff:8.8.8.8",  # mapped global address
         "2002:808:808::1",  # 6to4 of 8.8.8.8
         "64:ff9b::808:808",  # NAT64 of 8.8.8.8
     ],
@@ -84,6 +83,9 @@ def test_global_addresses_are_permitted(ip: str) -> None:
         "::ffff:127.0.0.1",
         "::ffff:169.254.169.254",
         "::ffff:0.0.0.0",
+        "::ffff:8.8.8.8",  # IPv4-mapped, even of a global address: not an IPv6 destination
+        "2001:0:4136:e378:8000:63bf:3fff:fdd2",  # Teredo
+        "2001::1",
         "64:ff9b::7f00:1",  # NAT64 of 127.0.0.1
         "64:ff9b:1::1",
         "2002:a00:1::1",  # 6to4 of 10.0.0.1
@@ -106,11 +108,35 @@ def test_non_global_addresses_are_denied(ip: str) -> None:
 def test_allowed_wins_over_default_denied() -> None:
     policy = PeerPolicy.create(allowed=["127.0.0.1", "10.0.0.0/8", "fd00::/8"])
     assert policy.permits("127.0.0.1")
-    assert policy.permits("::ffff:127.0.0.1")  # the same address, spelled as IPv6
     assert policy.permits("10.20.30.40")
     assert policy.permits("fd00::5")
     assert not policy.permits("127.0.0.2")
     assert not policy.permits("192.168.0.1")
+
+
+@pytest.mark.parametrize(
+    "ip",
+    [
+        "::ffff:127.0.0.1",  # mapped
+        "::127.0.0.1",  # IPv4-compatible
+        "2002:7f00:1::1",  # 6to4 of 127.0.0.1: routed to a 6to4 relay
+        "64:ff9b::7f00:1",  # NAT64 of 127.0.0.1: routed to a NAT64 gateway
+        "2002:a14:1e28::1",  # 6to4 of 10.20.30.40
+        "64:ff9b::a14:1e28",  # NAT64 of 10.20.30.40
+    ],
+)
+def test_allowing_an_ipv4_range_does_not_allow_its_ipv6_embeddings(ip: str) -> None:
+    policy = PeerPolicy.create(allowed=["127.0.0.1", "10.0.0.0/8"])
+    assert not policy.permits(ip)
+
+
+def test_an_embedding_can_be_allowed_by_name() -> None:
+    policy = PeerPolicy.create(allowed=["64:ff9b::/96", "2001::/32"])
+    assert policy.permits("64:ff9b::808:808")
+    assert policy.permits("2001::1")
+    # An allowed range opens exactly what it names, whatever an address in it carries.
+    assert policy.permits("64:ff9b::7f00:1")
+    assert not policy.permits("127.0.0.1")
 
 
 def test_allowed_wins_over_operator_denied() -> None:

@@ -6,9 +6,13 @@ internet reach the server's loopback, its private network and the cloud metadata
 ranges with ``allowed`` (an enterprise allows its internal network) and closes more with
 ``denied``. An allowed range wins over a denied one, the default or the operator's.
 
-IPv4-mapped and IPv4-compatible IPv6 forms (``::ffff:127.0.0.1``) and NAT64/6to4
-embeddings are judged by the IPv4 address they carry, so the v6 spelling of a denied v4
-address is denied too.
+IPv6 addresses that carry an IPv4 address (IPv4-compatible ``::a.b.c.d``, 6to4 and NAT64)
+are denied when the IPv4 address they carry is, so the v6 spelling of a denied v4 address is
+denied too. An allowed range opens exactly the addresses it names: allowing ``127.0.0.1``
+does not allow ``2002:7f00:1::`` or ``64:ff9b::7f00:1``, which are routed to a 6to4 relay or
+a NAT64 gateway, elsewhere. IPv4-mapped addresses (``::ffff:0:0/96``) are not IPv6
+destinations at all, and Teredo (``2001::/32``) tunnels through third-party relays: both are
+denied by default.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ DEFAULT_DENIED: tuple[str, ...] = (
     "240.0.0.0/4",  # reserved, and broadcast
     "::/128",
     "::1/128",
+    "::ffff:0:0/96",  # IPv4-mapped: an IPv4 peer spelled as IPv6, never an IPv6 destination
+    "2001::/32",  # Teredo: tunnelled through third-party relays
     "64:ff9b:1::/48",
     "100::/64",
     "2001:db8::/32",
@@ -100,11 +106,11 @@ class PeerPolicy:
             address = ipaddress.ip_address(ip)
         except ValueError:
             return False
+        if self._matches(address, self.allowed):
+            return True
         candidates: list[IPAddress] = [address]
         if isinstance(address, ipaddress.IPv6Address):
             embedded = _embedded_ipv4(address)
             if embedded is not None:
                 candidates.append(embedded)
-        if any(self._matches(candidate, self.allowed) for candidate in candidates):
-            return True
         return not any(self._matches(candidate, self.denied) for candidate in candidates)
