@@ -50,6 +50,8 @@ __all__ = [
     "settings_from_config",
 ]
 
+# Lifetime of the credential in the start-up output.
+_BANNER_CREDENTIAL_TTL = 600
 log = logging.getLogger("tsunagu")
 
 # Matching coturn's listener buffers, so that bursts are compared fairly.
@@ -359,7 +361,11 @@ def _say_turn(
         )
     if not config.stun_only:
         host = _bracket(_host_for_uris(config, listening))
-        username, password = mint_credentials(turn_secret, "test", 86400, time.time())
+        # Start-up output ends up in logs (journald keeps it): a credential for a first test
+        # only, not one that stays good for a day.
+        username, password = mint_credentials(
+            turn_secret, "test", _BANNER_CREDENTIAL_TTL, time.time()
+        )
         urls = [f"stun:{host}:{port}"]
         if not config.no_udp:
             urls.append(f"turn:{host}:{port}?transport=udp")
@@ -368,7 +374,7 @@ def _say_turn(
         if ssl_context is not None and not config.no_tls:
             urls.append(f"turns:{host}:{config.tls_listening_port}?transport=tcp")
         entry = {"urls": urls, "username": username, "credential": password}
-        _say("tsunagu: ICE server entry (valid 24 h):")
+        _say(f"tsunagu: ICE server entry (valid {_BANNER_CREDENTIAL_TTL // 60} min):")
         _say(json.dumps(entry))
 
 

@@ -7,18 +7,22 @@ aioice sends no REQUESTED-ADDRESS-FAMILY, so it always asks for an IPv4 relayed 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import ssl
 import time
 from typing import Any
 
+import aioice.turn
 import pytest
 
 from support.audit import required_workers, workers_seen
 from support.interop import (
     HOST,
     USER,
+    Collector,
     ServeProcess,
+    TurnClient,
     address_field,
     client_field,
     turn_allocate,
@@ -125,3 +129,29 @@ async def test_aioice_allocations_land_on_every_worker(
             seen = workers_seen(records, serve.workers)
             assert set(seen) <= set(range(serve.workers)), (transport, seen)
             assert len(seen) >= required_workers(serve.workers, len(records)), (transport, seen)
+
+
+async def test_the_start_up_credential_works_and_is_short_lived(serve: ServeProcess) -> None:
+    """The ready-to-paste entry relays, and expires within 10 minutes: the start-up output
+    ends up in logs, where a day-long credential would be there for anyone to use."""
+    (heading,) = [line for line in serve.startup if "ICE server entry" in line]
+    assert "valid 10 min" in heading
+    entry = json.loads(serve.startup[serve.startup.index(heading) + 1])
+    assert any(url.startswith("turn:") for url in entry["urls"])
+    expiry = int(entry["username"].split(":")[0])
+    assert time.time() < expiry <= time.time() + 600
+    turn_transport, app = await asyncio.wait_for(
+        aioice.turn.create_turn_endpoint(
+            Collector,
+            server_addr=(serve.host, serve.port),
+            username=entry["username"],
+            password=entry["credential"],
+        ),
+        10.0,
+    )
+    client = TurnClient(turn_transport, app)
+    try:
+        async with udp_echo_server(HOST) as (_, peer):
+            assert await client.echo(b"pasted", peer) == b"pasted"
+    finally:
+        await client.close()

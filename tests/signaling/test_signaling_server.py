@@ -234,6 +234,13 @@ async def test_pages_and_redirects(make_client: MakeClient) -> None:
     assert health["ok"] is True
 
 
+async def test_server_header_names_no_versions(make_client: MakeClient) -> None:
+    client = await make_client()
+    for path in ("/", "/r/bad%20name", "/healthz", "/no-such-page"):
+        response = await client.get(path)
+        assert response.headers["Server"] == "tsunagu", (path, response.headers["Server"])
+
+
 async def test_turn_credentials_endpoint(make_client: MakeClient) -> None:
     now = 1_700_000_000.0
     client = await make_client(now=lambda: now, config={"credential_ttl": 600})

@@ -176,6 +176,8 @@ async def run_web(
 
 
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    # aiohttp would name itself and Python with their versions: nothing a scanner needs.
+    response.headers["Server"] = "tsunagu"
     for key, value in _SECURITY_HEADERS.items():
         response.headers.setdefault(key, value)
     if request.path == "/" or request.path.startswith(("/r/", "/api/")):
