@@ -80,11 +80,17 @@ STATS_JS = """async (peerId) => {
 }"""
 
 # The answering side of the DataChannel echo: a negotiated channel (no renegotiation needed
-# on a connection whose SCTP association is up) that sends back what it receives.
+# on a connection whose SCTP association is up) that sends back what it receives. Chromium
+# may deliver the other side's first message before this side's channel has fired "open"
+# (both were created on a live association; "open" is a task still queued), and send()
+# throws until then: such an echo waits for "open".
 ECHO_SERVER_JS = """(peerId) => {
     const pc = window.tsunagu.peerConnection(peerId);
     const channel = pc.createDataChannel("echo", { negotiated: true, id: 7 });
-    channel.addEventListener("message", (event) => channel.send(event.data));
+    channel.addEventListener("message", (event) => {
+        if (channel.readyState === "open") channel.send(event.data);
+        else channel.addEventListener("open", () => channel.send(event.data), { once: true });
+    });
     window.echoChannel = channel;
     return channel.readyState;
 }"""
