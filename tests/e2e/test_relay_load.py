@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
-import ipaddress
 import os
 import subprocess
 import sys
@@ -30,15 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from playwright.async_api import Browser, BrowserContext, Page
 
 from support.audit import relay_port, required_workers, warning_lines, workers_seen
 from support.browser import ROOT, Server, chromium, run_server
 from support.interop import relay_range
+from tsunagu.tls import ensure_certificate
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(480)]
 
@@ -112,36 +107,10 @@ ECHO_CLIENT_JS = """async ([peerId, text, ms]) => {
 
 
 def make_certificate(directory: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1, as an operator would give ``--cert``."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tsunagu load test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
+    """A self-signed certificate for 127.0.0.1, given to the server as an operator's ``--cert``
+    (made by tsunagu's own generator, in a directory the server does not use)."""
+    material = ensure_certificate(None, None, ["127.0.0.1"], directory / "operator-tls")
+    return material.cert_path, material.key_path
 
 
 @dataclass
