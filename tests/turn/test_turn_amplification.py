@@ -9,8 +9,10 @@ The bound asserted here is for the smallest Allocate a client can legitimately s
 REALM (4 + padded realm), NONCE (4 + 40: nonce cookie, feature bits and 24 characters of
 base64) and PASSWORD-ALGORITHMS (12): 108 bytes with the default 7-byte realm, a ratio of
 108 / 28 ≈ 3.86. A request with no attribute at all (20 bytes) draws the same 401, 5.4 times
-its size; that is what the per-IP token bucket (``unauth_rate`` per second, burst of twice
-that) is for: it caps what any one victim address can receive.
+its size; that is what :mod:`tsunagu.turn.unauthenticated` is for: full answers up to a
+budget per source address (``unauth_rate`` per second, burst of twice that), and beyond it
+an answer only once its request has been received often enough to have paid for it in
+bytes, so that a flood gains nothing and a victim's retransmissions still get their 401.
 """
 
 from __future__ import annotations
@@ -76,29 +78,65 @@ def test_attributeless_requests_are_bounded_by_the_limiter() -> None:
     assert ratio(server, request, ("198.51.100.7", 1)) == 108 / 20
 
 
-def test_rate_limiter_drops_beyond_the_burst_and_recovers() -> None:
+def test_beyond_the_burst_an_answer_waits_until_its_request_paid_for_it() -> None:
     rate = 10.0
     server, _ = make_server(TurnSettings(unauth_rate=rate))
     victim = ("198.51.100.66", 1)
+    burst = [stun(Method.ALLOCATE, [RequestedTransport(TRANSPORT_UDP)]) for _ in range(20)]
+    assert all(server.receive(request, udp(victim), NOW) is not None for request in burst)
+    # Over budget: a 28-byte request draws its 108-byte 401 on its 4th transmission.
     request = stun(Method.ALLOCATE, [RequestedTransport(TRANSPORT_UDP)])
-    answered = sum(
-        server.receive(request, udp(victim), NOW) is not None for _ in range(int(3 * rate))
-    )
-    assert answered == 2 * rate  # the burst
-    assert server.drops["unauthenticated rate limit"] == rate
-    assert server.responses[401] == 2 * rate
-    # Another address has its own bucket.
+    answers = [server.receive(request, udp(victim), NOW) for _ in range(4)]
+    assert answers[:3] == [None, None, None]
+    assert isinstance(answers[3], bytes) and len(answers[3]) == 108
+    assert server.drops["unauthenticated rate limit"] == 3
+    assert server.unauthenticated.answered_over_budget == 1
+    # Another address has its own budget.
     assert server.receive(request, udp(("198.51.100.67", 1)), NOW) is not None
-    # One token comes back every 1/rate seconds...
-    assert server.receive(request, udp(victim), NOW + 0.5 / rate) is None
-    assert server.receive(request, udp(victim), NOW + 1.5 / rate) is not None
-    assert server.receive(request, udp(victim), NOW + 1.5 / rate) is None
+    # One full answer comes back every 1/rate seconds...
+    assert server.receive(stun(Method.ALLOCATE), udp(victim), NOW + 0.5 / rate) is None
+    assert server.receive(stun(Method.ALLOCATE), udp(victim), NOW + 1.5 / rate) is not None
     # ...and after long enough the full burst, never more.
     later = NOW + 3600
     answered = sum(
-        server.receive(request, udp(victim), later) is not None for _ in range(int(3 * rate))
+        server.receive(stun(Method.ALLOCATE), udp(victim), later) is not None
+        for _ in range(int(3 * rate))
     )
     assert answered == 2 * rate
+
+
+def test_a_flood_from_the_victims_address_does_not_deny_it_its_401() -> None:
+    """The flood shares the victim's IP (a spoofer, or a neighbour behind the same NAT)."""
+    server, _ = make_server(TurnSettings(unauth_rate=10.0))
+    victim = udp(("198.51.100.66", 5000))
+    request = stun(Method.ALLOCATE, [RequestedTransport(TRANSPORT_UDP)])
+    answered_at = None
+    for step in range(2000):  # 1,000 forged requests a second for two seconds
+        now = NOW + step / 1000
+        server.receive(stun(Method.REFRESH), udp(("198.51.100.66", 6000 + step % 50)), now)
+        if step % 500 == 100:  # the victim starts after the flood, retransmits every 0.5 s
+            answer = server.receive(request, victim, now)
+            if answer is not None and answered_at is None:
+                answered_at = step
+    # Its fourth transmission (4 x 28 bytes >= 108) at the latest.
+    assert answered_at is not None and answered_at <= 1600
+    assert error_code(parse_message(server.receive(request, victim, NOW + 2) or b"")) == 401
+
+
+def test_over_budget_bytes_out_never_exceed_bytes_in() -> None:
+    rate = 10.0
+    server, _ = make_server(TurnSettings(unauth_rate=rate))
+    bytes_in = bytes_out = 0
+    for step in range(10_000):
+        # Attribute-less requests (20 bytes, the worst ratio), each sent twice.
+        request = stun(Method.REFRESH)
+        for _ in range(2):
+            bytes_in += len(request)
+            answer = server.receive(request, udp(("198.51.100.66", 7)), NOW + step / 1000)
+            bytes_out += len(answer or b"")
+    budget = (2 * rate + rate * 10) * 108  # the burst and 10 s of refill, full size
+    assert bytes_out <= bytes_in + budget
+    assert bytes_out / bytes_in < 1.05
 
 
 def test_rate_limit_covers_every_unauthenticated_error() -> None:
@@ -117,13 +155,23 @@ def test_authenticated_answers_are_not_limited() -> None:
         assert error_code(client.allocate(transport=False)) == 400
 
 
-def test_bucket_table_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    import tsunagu.turn.server as server_module
+def test_limiter_tables_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tsunagu.turn.unauthenticated as limiter_module
 
-    monkeypatch.setattr(server_module, "_BUCKET_LIMIT", 8)
-    server, _ = make_server()
+    monkeypatch.setattr(limiter_module, "_BUCKET_LIMIT", 8)
+    monkeypatch.setattr(limiter_module, "_PENDING_LIMIT", 16)
+    server, _ = make_server(TurnSettings(unauth_rate=1.0))
     request = stun(Method.ALLOCATE)
     for n in range(50):
         assert server.receive(request, udp((f"198.51.100.{n}", 1)), NOW) is not None
-        assert len(server._buckets) <= 8  # memory stays bounded whatever the sources
+        assert len(server.unauthenticated._buckets) <= 8  # whatever the sources
     assert server.responses[401] == 50
+    for n in range(100):  # one address over its budget, many pending requests
+        server.receive(stun(Method.ALLOCATE), udp(("198.51.100.1", n)), NOW)
+        assert len(server.unauthenticated._pending) <= 16
+
+
+def test_streams_are_never_limited() -> None:
+    server, _ = make_server(TurnSettings(unauth_rate=1.0))
+    tcp = udp(("198.51.100.66", 1), protocol="tcp")
+    assert all(server.receive(stun(Method.ALLOCATE), tcp, NOW) is not None for _ in range(50))

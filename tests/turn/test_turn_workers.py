@@ -126,7 +126,14 @@ def test_signed_reservation_redeemed_by_the_same_worker() -> None:
 
 
 def test_set_aside_port_is_not_handed_out_until_it_expires() -> None:
-    settings = dataclasses.replace(SHARED, min_port=50000, max_port=50003, reservation_lifetime=30)
+    settings = dataclasses.replace(
+        SHARED,
+        min_port=50000,
+        max_port=50003,
+        reservation_lifetime=30,
+        user_quota=0,
+        address_quota=0,
+    )
     server, _ = make_server(settings)
     port, _token = reserve(server)
     ports = set()
@@ -190,7 +197,14 @@ def test_local_reservations_still_work_without_sharing() -> None:
 
 
 def test_redeemed_port_stays_taken_after_the_set_aside_lapses() -> None:
-    settings = dataclasses.replace(SHARED, min_port=50000, max_port=50003, reservation_lifetime=30)
+    settings = dataclasses.replace(
+        SHARED,
+        min_port=50000,
+        max_port=50003,
+        reservation_lifetime=30,
+        user_quota=0,
+        address_quota=0,
+    )
     server, binder = make_server(settings)
     port, token = reserve(server)
     assert redeem(server, token) == port + 1

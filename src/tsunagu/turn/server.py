@@ -25,11 +25,14 @@ How it works, in order, for a request:
 3. Unknown comprehension-required attributes: 420 with UNKNOWN-ATTRIBUTES.
 4. Binding is answered without authentication. Every TURN request goes through the
    long-term credential mechanism (RFC 8489 §9.2): 401 with REALM and NONCE, 438 for a
-   stale nonce. Unauthenticated answers are rate-limited per source IP, so the server can
-   not be used to amplify traffic towards a spoofed address.
+   stale nonce. Unauthenticated answers over UDP go through
+   :class:`~.unauthenticated.UnauthenticatedLimiter`, so the server cannot be used to
+   amplify traffic towards a spoofed address, nor a spoofer deny a victim its 401.
 5. The method's handler follows the numbered steps of its RFC section.
 6. An error answer to Refresh, CreatePermission or ChannelBind on an existing allocation
-   is counted in its ``refused``, for the operator.
+   is counted in its ``refused``, for the operator. Refusals (quotas, capacity, a denied
+   peer, failed authentication, answers held back by the limiter) are tallied in
+   :attr:`TurnServer.refusals` (:class:`~.quotas.RefusalTally`), which the driver logs.
 """
 
 from __future__ import annotations
@@ -94,6 +97,7 @@ from .events import AllocationCreated, AllocationEnded, Event
 from .forwarding import Forward, channel_data_forward
 from .nonce import NonceManager
 from .ports import RandomSource, RelayBinder, RelayPortPool
+from .quotas import RefusalTally, address_key, resolve_quotas, user_id
 from .settings import TurnSettings
 from .timers import (
     AllocationExpiry,
@@ -103,6 +107,7 @@ from .timers import (
     ReservationExpiry,
     SetAsideExpiry,
 )
+from .unauthenticated import UnauthenticatedLimiter
 
 __all__ = [
     "Forward",
@@ -121,7 +126,6 @@ _CHANNEL_MIN = 0x4000
 _CHANNEL_MAX_RFC5766 = 0x7FFF
 _MAX_PERMISSIONS = 1000
 _RESPONSE_CACHE_LIMIT = 100_000
-_BUCKET_LIMIT = 100_000
 # Requests on an existing allocation whose error answers are counted in its ``refused``.
 _DIAGNOSED_METHODS: dict[int, str] = {
     Method.REFRESH: "Refresh",
@@ -147,12 +151,24 @@ class TurnServer:
         )
         self._authenticator = Authenticator(credentials, nonces, settings.realm)
         self.allocations: dict[FiveTuple, Allocation] = {}
+        self.quotas = resolve_quotas(
+            settings.user_quota,
+            settings.address_quota,
+            settings.total_quota,
+            min_port=settings.min_port,
+            max_port=settings.max_port,
+            share=settings.port_share,
+        )
+        """The effective limits (defaults filled in from the relay port range)."""
         self._per_user: Counter[str] = Counter()
+        self._per_address: Counter[str] = Counter()
+        self.refusals = RefusalTally()
+        """Refusals by reason and by user or address, since the driver last took them."""
         self._timers = ExpiryHeap()
         self._ports = RelayPortPool(settings, binder, rng, secret, self._timers)
         self._events: deque[Event] = deque()
         self._cache: dict[tuple[FiveTuple, bytes], tuple[bytes, float]] = {}
-        self._buckets: dict[str, tuple[float, float]] = {}
+        self.unauthenticated = UnauthenticatedLimiter(settings.unauth_rate)
         self.draining = False
         self._alternates_given = 0
         self.drops: Counter[str] = Counter()
@@ -301,19 +317,6 @@ class TurnServer:
             del cache[oldest]
         cache[cache_key] = (response, now + self.settings.response_cache_lifetime)
 
-    def _allowed_unauthenticated(self, ip: str, now: float) -> bool:
-        """Token bucket per source IP for answers that carry no integrity."""
-        rate = self.settings.unauth_rate
-        tokens, last = self._buckets.get(ip, (2 * rate, now))
-        tokens = min(2 * rate, tokens + (now - last) * rate)
-        if tokens < 1:
-            self._buckets[ip] = (tokens, now)
-            return False
-        if len(self._buckets) >= _BUCKET_LIMIT and ip not in self._buckets:
-            self._buckets.clear()
-        self._buckets[ip] = (tokens - 1, now)
-        return True
-
     def _error(
         self,
         message: Message,
@@ -322,22 +325,12 @@ class TurnServer:
         auth: Authenticated | None,
         now: float,
     ) -> bytes | None:
-        # Only UDP answers can be aimed at a spoofed address; over TCP and TLS a client that
-        # gets no answer would wait forever, so streams are not rate-limited here.
-        if (
-            auth is None
-            and five_tuple.protocol == "udp"
-            and not self._allowed_unauthenticated(five_tuple.client[0], now)
+        if isinstance(error, Unauthorized | WrongCredentials) and (
+            message.has_integrity or auth is not None
         ):
-            self.drops["unauthenticated rate limit"] += 1
-            return None
-        self.responses[error.code] += 1
-        name = _DIAGNOSED_METHODS.get(message.method)
-        if name is not None:
-            allocation = self.allocations.get(five_tuple)
-            if allocation is not None:
-                cause = error.note or error.detail or error.reason.lower()
-                allocation.count_refusal(f"{name} {error.code} {cause}"[:127])
+            # A plain 401 is the first step of every client; one for a request that carried
+            # credentials is a failure the operator wants to see.
+            self.refusals.add(f"auth failed ({error.code})", five_tuple.client[0])
         # An authenticated client gets the precise cause, which is what makes a failure
         # debuggable; an unauthenticated one gets the short phrase (no amplification).
         reason = error.reason
@@ -346,7 +339,32 @@ class TurnServer:
         attributes: list[Attribute] = [ErrorCode(error.code, reason), *error.attributes]
         if isinstance(error, Unauthorized | StaleNonce):
             attributes.extend(self._authenticator.challenge(five_tuple.client[0], now))
-        return self._encode(message, MessageClass.ERROR, attributes, auth)
+        answer = self._encode(message, MessageClass.ERROR, attributes, auth)
+        # Only UDP answers can be aimed at a spoofed address; over TCP and TLS the handshake
+        # proved it, and a client that gets no answer would wait forever.
+        if (
+            auth is None
+            and five_tuple.protocol == "udp"
+            and not self.unauthenticated.allow(
+                five_tuple.client[0],
+                five_tuple.client[1],
+                message.transaction_id,
+                len(message.raw),
+                len(answer),
+                now,
+            )
+        ):
+            self.drops["unauthenticated rate limit"] += 1
+            self.refusals.add("unauthenticated answer withheld", five_tuple.client[0])
+            return None
+        self.responses[error.code] += 1
+        name = _DIAGNOSED_METHODS.get(message.method)
+        if name is not None:
+            allocation = self.allocations.get(five_tuple)
+            if allocation is not None:
+                cause = error.note or error.detail or error.reason.lower()
+                allocation.count_refusal(f"{name} {error.code} {cause}"[:127])
+        return answer
 
     def _encode(
         self,
@@ -434,11 +452,20 @@ class TurnServer:
             if settings.alternate_servers:
                 ip, port = self._next_alternate()
                 raise TryAlternate(attributes=[AlternateServer(ip, port)])
+            self.refusals.add("draining", five_tuple.client[0])
             raise InsufficientCapacity("server is draining")
-        if settings.user_quota and self._per_user[auth.username] >= settings.user_quota:
-            raise AllocationQuotaReached()
-        if settings.total_quota and len(self.allocations) >= settings.total_quota:
+        quotas = self.quotas
+        user = user_id(auth.username, settings.rest_api_separator)
+        source = address_key(five_tuple.client[0])
+        if quotas.total and len(self.allocations) >= quotas.total:
+            self.refusals.add("total quota", source)
             raise InsufficientCapacity("total allocation quota reached")
+        if quotas.user and self._per_user[user] >= quotas.user:
+            self.refusals.add("user quota", user)
+            raise AllocationQuotaReached("user quota reached")
+        if quotas.address and self._per_address[source] >= quotas.address:
+            self.refusals.add("address quota", source)
+            raise AllocationQuotaReached("address quota reached")
 
         relays: dict[int, RelaySocket] = {}
         address_error: AddressErrorCode | None = None
@@ -479,9 +506,11 @@ class TurnServer:
                             address_error = AddressErrorCode(
                                 FAMILY_IPV6, 508, "Insufficient Capacity"
                             )
-        except TurnError:
+        except TurnError as exc:
             for relay in relays.values():
                 self._ports.release(relay)
+            if isinstance(exc, InsufficientCapacity):
+                self.refusals.add("no relay port", source)
             raise
 
         lifetime = self._lifetime(message)
@@ -510,7 +539,8 @@ class TurnServer:
             dont_fragment=dont_fragment,
         )
         self.allocations[five_tuple] = allocation
-        self._per_user[auth.username] += 1
+        self._per_user[user] += 1
+        self._per_address[source] += 1
         self._timers.schedule(allocation.expiry, AllocationExpiry(allocation))
         self._events.append(AllocationCreated(allocation))
         return response
@@ -568,6 +598,8 @@ class TurnServer:
         if relay is None:
             raise PeerAddressFamilyMismatch()
         if not self.settings.policy.permits(peer.ip):
+            user = user_id(allocation.username, self.settings.rest_api_separator)
+            self.refusals.add("peer denied", f"{user} -> {peer.ip}")
             raise Forbidden("peer address not allowed", note=f"peer {peer.ip} not allowed")
         return relay
 
@@ -666,9 +698,14 @@ class TurnServer:
             return
         allocation.ended = True
         del self.allocations[allocation.five_tuple]
-        self._per_user[allocation.username] -= 1
-        if self._per_user[allocation.username] <= 0:
-            del self._per_user[allocation.username]
+        user = user_id(allocation.username, self.settings.rest_api_separator)
+        self._per_user[user] -= 1
+        if self._per_user[user] <= 0:
+            del self._per_user[user]
+        source = address_key(allocation.five_tuple.client[0])
+        self._per_address[source] -= 1
+        if self._per_address[source] <= 0:
+            del self._per_address[source]
         for relay in allocation.relays.values():
             self._ports.release(relay)
         allocation.permissions.clear()

@@ -30,8 +30,15 @@ class TurnSettings:
     nonce_lifetime: int = 600
     reservation_lifetime: int = 30
     response_cache_lifetime: float = 40.0
-    user_quota: int = 0
-    total_quota: int = 0
+    user_quota: int | None = None
+    """Allocations per user id (:func:`~.quotas.user_id`); None: derived, 0: unlimited."""
+    address_quota: int | None = None
+    """Allocations per client address (IPv6: per /64); None: derived, 0: unlimited."""
+    total_quota: int | None = None
+    """Allocations of this worker; None: derived from its relay ports, 0: unlimited.
+    :mod:`.quotas` explains the derived defaults."""
+    rest_api_separator: str = ":"
+    """What separates the expiry from the user id in a TURN REST username."""
     software: str | None = None
     rfc3489_compat: bool = False
     stun_only: bool = False
@@ -39,7 +46,10 @@ class TurnSettings:
     alternate_servers: tuple[Address, ...] = ()
     """Where a draining server sends new allocations (300, RFC 8489 §10): each 300 names
     the next one in turn."""
-    unauth_rate: float = 20.0
+    unauth_rate: float = 200.0
+    """Full-size unauthenticated UDP answers per second per source address (burst: twice
+    that); beyond it an answer waits until its request has paid for it in bytes
+    (:mod:`.unauthenticated`)."""
     security_features: bool = True
     nonce_secret: bytes | None = None
     """Shared by worker processes so that a nonce minted by one is valid at all."""

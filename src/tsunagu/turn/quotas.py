@@ -1,0 +1,189 @@
+"""Allocation quotas: per user, per client address, in total; and the refusal tally.
+
+Who a quota counts
+------------------
+``user_quota`` counts the *user id*, not the whole USERNAME. A TURN REST username is
+``<expiry>:<user id>`` (:mod:`tsunagu.auth.rest`); keyed on the whole name, a client that can
+mint credentials resets its quota with each new one. :func:`user_id` follows coturn's
+``get_real_username`` (``--rest-api-separator``, default ``:``): the part after the
+separator when what precedes it is all digits (or empty), the part before it when the
+timestamp comes last (``alice:1700000000``), and the whole name when there is no
+separator. Static user names cannot contain ``:`` (``--user`` splits at the first one), so
+only REST names are affected. Where coturn leaves a name with an empty user id
+(``1700000000:``) out of the user quota altogether, the whole username is counted here:
+a credential minted without a user id still has a quota, for as long as it is valid.
+
+``address_quota`` counts allocations per client address: the IPv4 address, or the /64 of an
+IPv6 one (one subscriber's or one LAN's prefix; counting single IPv6 addresses would let a
+host pick a new one per allocation). It is what stops one source from taking the relay
+range whatever credentials it holds, including many fresh REST credentials from a web page.
+
+Default numbers (``None`` in :class:`~.settings.TurnSettings`; ``0`` means unlimited)
+-------------------------------------------------------------------------------------
+A browser makes up to about 3 allocations per peer connection per TURN URL (one per local
+interface or address family it gathers on), and the web app hands out 3 URLs (UDP, TCP,
+TLS). In an 8-person mesh each person has 7 peer connections: 7 x 3 x 3 = 63 allocations at
+the worst. ICE restarts and renegotiation allocate anew before the old ones are deleted, so
+``DEFAULT_USER_QUOTA`` is twice that, 128. A whole 8-person room behind one office NAT is
+8 x 63 = 504 allocations from one address: ``DEFAULT_ADDRESS_QUOTA`` is 512.
+
+The total is derived from the relay ports this worker owns (its share of
+``min_port``-``max_port``, see :mod:`.ports`): every allocation holds at least one port, so
+more allocations than ports can never succeed, and the pool would scan the whole range
+before answering 508. A margin of ``PORT_MARGIN_FRACTION`` of them is kept for EVEN-PORT
+reservations and ports other programs hold. Neither per-source quota
+may exceed half of that total, so that with a small range one user or one address still
+cannot take it all. The limits are per worker process; a client's allocations are spread
+over the workers (the kernel hashes each 4-tuple to one), so the effective limits grow with
+the number of workers, as the range does. With several relay addresses each has the whole
+range: raise ``total_quota`` explicitly.
+
+The refusal tally
+-----------------
+:class:`RefusalTally` counts every refusal the core decides (quota, address cap, capacity,
+peer denied, failed authentication, answers held back by the unauthenticated limiter) by
+reason, with the user or address most often refused. The driver takes it every few seconds
+and writes one line per reason; nothing is logged per packet.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter
+from dataclasses import dataclass
+
+__all__ = [
+    "DEFAULT_ADDRESS_QUOTA",
+    "DEFAULT_USER_QUOTA",
+    "PORT_MARGIN_FRACTION",
+    "Quotas",
+    "RefusalSummary",
+    "RefusalTally",
+    "address_key",
+    "relay_ports_in_share",
+    "resolve_quotas",
+    "user_id",
+]
+
+DEFAULT_USER_QUOTA = 128
+DEFAULT_ADDRESS_QUOTA = 512
+PORT_MARGIN_FRACTION = 0.02
+
+
+def user_id(username: str, separator: str = ":") -> str:
+    """The user a quota counts for ``username`` (coturn's ``get_real_username``)."""
+    if not separator:
+        return username
+    head, sep, tail = username.partition(separator)
+    if not sep:
+        return username
+    if not head or (head.isascii() and head.isdigit()):
+        found = tail
+    else:
+        found = head
+    return found or username
+
+
+def address_key(ip: str) -> str:
+    """What ``address_quota`` counts: the IPv4 address, or the /64 of an IPv6 address."""
+    if ":" not in ip:
+        return ip
+    try:
+        network = ipaddress.IPv6Network((ip.split("%", 1)[0], 64), strict=False)
+    except ValueError:
+        return ip
+    return str(network)
+
+
+def relay_ports_in_share(min_port: int, max_port: int, share: tuple[int, int]) -> int:
+    """How many ports of ``min_port``-``max_port`` belong to worker ``share`` (index, count)."""
+    index, count = share
+    if count <= 1:
+        return max(0, max_port - min_port + 1)
+    return sum(1 for port in range(min_port, max_port + 1) if (port // 2) % count == index)
+
+
+@dataclass(frozen=True, slots=True)
+class Quotas:
+    """The effective limits of one worker; 0 means unlimited."""
+
+    user: int
+    address: int
+    total: int
+
+
+def resolve_quotas(
+    user: int | None,
+    address: int | None,
+    total: int | None,
+    *,
+    min_port: int,
+    max_port: int,
+    share: tuple[int, int],
+) -> Quotas:
+    """Fill in the defaults (``None``) as the module docstring explains."""
+    ports = relay_ports_in_share(min_port, max_port, share)
+    if total is None:
+        margin = int(ports * PORT_MARGIN_FRACTION)
+        total = max(1, ports - margin)
+    half = max(1, total // 2) if total else 0
+    if user is None:
+        user = min(DEFAULT_USER_QUOTA, half) if half else DEFAULT_USER_QUOTA
+    if address is None:
+        address = min(DEFAULT_ADDRESS_QUOTA, half) if half else DEFAULT_ADDRESS_QUOTA
+    return Quotas(user=user, address=address, total=total)
+
+
+@dataclass(frozen=True, slots=True)
+class RefusalSummary:
+    """One reason's refusals since the last :meth:`RefusalTally.take`."""
+
+    reason: str
+    count: int
+    top: str
+    """The user or address refused most often for this reason ("" when none was named)."""
+    top_count: int
+    distinct: int
+    """How many different users or addresses were refused (at most ``_OFFENDER_LIMIT``)."""
+
+
+# Memory stays bounded under a flood from many sources: beyond this many names per reason,
+# further names are counted under the reason only.
+_OFFENDER_LIMIT = 1024
+
+
+class RefusalTally:
+    """Refusals by reason and by who was refused; read and reset with :meth:`take`."""
+
+    __slots__ = ("_counts", "_offenders")
+
+    def __init__(self) -> None:
+        self._counts: Counter[str] = Counter()
+        self._offenders: dict[str, Counter[str]] = {}
+
+    def add(self, reason: str, offender: str = "") -> None:
+        self._counts[reason] += 1
+        if not offender:
+            return
+        names = self._offenders.get(reason)
+        if names is None:
+            names = self._offenders[reason] = Counter()
+        if offender in names or len(names) < _OFFENDER_LIMIT:
+            names[offender] += 1
+
+    def __bool__(self) -> bool:
+        return bool(self._counts)
+
+    def count(self, reason: str) -> int:
+        return self._counts[reason]
+
+    def take(self) -> list[RefusalSummary]:
+        """The summary per reason, most frequent first; the tally starts again empty."""
+        out: list[RefusalSummary] = []
+        for reason, count in self._counts.most_common():
+            names = self._offenders.get(reason)
+            top, top_count = names.most_common(1)[0] if names else ("", 0)
+            out.append(RefusalSummary(reason, count, top, top_count, len(names or ())))
+        self._counts.clear()
+        self._offenders.clear()
+        return out
