@@ -4,6 +4,8 @@
 what the core asks for: after each call into the core it takes the core's events
 (attaching a new allocation to the listener its Allocate came through, closing up an ended
 one and writing its audit line) and keeps one loop timer armed at the core's next deadline.
+Every ``report_interval`` seconds it writes what the core refused meanwhile: one line per
+reason, with the count and the user or address refused most often (never one per packet).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class TurnDriver:
         engine: RelayEngine,
         *,
         worker: int = 0,
+        report_interval: float = 10.0,
     ) -> None:
         self.server = server
         self.loop = loop
@@ -60,6 +63,39 @@ class TurnDriver:
         # is routine (a browser drops the allocations of the candidates it did not pick, at
         # once, or after an offer collision): its explanation is logged at INFO, not WARNING.
         self.short_lived = 5.0
+        self.report_interval = report_interval
+        self._report: asyncio.TimerHandle | None = None
+
+    def start_reports(self) -> None:
+        """Write the refusal summary every ``report_interval`` seconds until :meth:`shutdown`."""
+        if self._report is None and self.report_interval > 0:
+            self._report = self.loop.call_later(self.report_interval, self._report_fired)
+
+    def _report_fired(self) -> None:
+        self._report = None
+        self.report_refusals()
+        self.start_reports()
+
+    def report_refusals(self) -> None:
+        """Log what the core refused since the last report, one line per reason."""
+        refusals = self.server.refusals
+        if not refusals:
+            return
+        for summary in refusals.take():
+            top = ""
+            if summary.top:
+                top = (
+                    f"; most often {summary.top!r} ({summary.top_count})"
+                    f" of {summary.distinct}{'+' if summary.distinct >= 1024 else ''}"
+                )
+            log.warning(
+                "refused (worker %d, last %gs): %s x%d%s",
+                self.worker,
+                self.report_interval,
+                summary.reason,
+                summary.count,
+                top,
+            )
 
     def after_message(self, origin: ClientSide, addr: Any) -> None:
         """Take the core's events after it handled a client's message, and re-arm the timer.
@@ -159,6 +195,10 @@ class TurnDriver:
         self.after_core_call()
         if self._timer is not None:
             self._timer.cancel()
+        if self._report is not None:
+            self._report.cancel()
+            self._report = None
+        self.report_refusals()
 
 
 def _hand_to_relays(allocation: Allocation) -> None:
