@@ -526,6 +526,24 @@ class Config:
     unauth_rate: float = _opt(
         20.0, _check_float(0, inclusive=False), "401 responses per second per source IP"
     )
+    # coturn has no per-address or total connection caps to name these after.
+    max_tcp_connections_per_ip: int = _opt(
+        256,
+        _QUOTA,
+        "TCP and TLS connections per client IPv4 address or IPv6 /64 (enough for an office"
+        " behind one NAT)",
+    )
+    max_tcp_connections: int = _opt(
+        0,
+        _check_int(0, note=" (0 = a quarter of each worker's open files limit)"),
+        "TCP and TLS connections in total (0: a quarter of each worker's open files limit, so"
+        " that TCP clients never use up the descriptors relay sockets need)",
+    )
+    tcp_allocate_timeout: float = _opt(
+        10.0,
+        _check_float(0, inclusive=False),
+        "seconds a TCP or TLS client has to complete its TLS handshake and allocate",
+    )
     drain_timeout: float = _opt(
         30.0, _check_float(0, inclusive=True), "seconds to let allocations drain on shutdown"
     )

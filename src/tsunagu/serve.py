@@ -27,6 +27,7 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,17 @@ from typing import Any
 from .auth.rest import mint_credentials
 from .auth.store import StaticCredentialStore
 from .config import Config
+from .transport.admission import (
+    ConnectionCounter,
+    ConnectionLimits,
+    StreamListener,
+    descriptor_budget,
+    stream_socket,
+    worker_share,
+)
 from .transport.driver import TurnDriver
 from .transport.engine import EngineUnavailable, RelayEngine, load_engine
-from .transport.listeners import StreamConnection, UdpListener
+from .transport.listeners import StreamConnection, StreamLimits, UdpListener
 from .transport.relay import UdpRelayBinder
 from .turn import PeerPolicy, TurnServer, TurnSettings
 from .workers import READY_LINE, WorkerShare, start_workers
@@ -69,6 +78,20 @@ def _raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         except (ValueError, OSError) as exc:
             log.warning("cannot raise the open files limit above %d: %s", soft, exc)
+
+
+def _connection_limits(config: Config) -> ConnectionLimits:
+    """This worker's caps on TCP/TLS connections: its share of the configured ones, and never
+    more than its open files limit leaves room for (see ``descriptor_budget``)."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    budget = descriptor_budget(1 << 20 if soft == resource.RLIM_INFINITY else soft)
+    total = worker_share(config.max_tcp_connections, config.workers)
+    return ConnectionLimits(
+        per_address=worker_share(config.max_tcp_connections_per_ip, config.workers),
+        total=min(total, budget) if total else budget,
+    )
 
 
 def _check_free(ip: str, port: int, config: Config) -> None:
@@ -251,7 +274,7 @@ class _Turn:
 
     driver: TurnDriver
     engine: RelayEngine
-    servers: list[asyncio.Server] = field(default_factory=list)
+    servers: list[StreamListener] = field(default_factory=list)
     udp_listeners: list[UdpListener] = field(default_factory=list)
 
     def close_listeners(self) -> None:
@@ -292,6 +315,16 @@ async def _start_turn(
     driver = TurnDriver(server, loop, engine, worker=share.index)
     turn = _Turn(driver, engine)
     port = config.listening_port
+    # TCP and TLS clients of this worker, counted together against the caps.
+    counter = ConnectionCounter(_connection_limits(config))
+    limits = StreamLimits(allocate_timeout=config.tcp_allocate_timeout)
+
+    def tcp(release: Callable[[], None]) -> StreamConnection:
+        return StreamConnection(driver, "tcp", limits, release)
+
+    def tls(release: Callable[[], None]) -> StreamConnection:
+        return StreamConnection(driver, "tls", limits, release)
+
     for ip in listening:
         try:
             if reuse_port and share.index == 0:
@@ -300,24 +333,18 @@ async def _start_turn(
                 sock = _udp_socket(ip, port, reuse_port=reuse_port)
                 turn.udp_listeners.append(await engine.udp_listener(driver, sock, loop))
             if not config.no_tcp:
-                turn.servers.append(
-                    await loop.create_server(
-                        lambda: StreamConnection(driver, "tcp"),
-                        ip,
-                        port,
-                        reuse_address=True,
-                        reuse_port=reuse_port,
-                    )
-                )
+                sock = stream_socket(ip, port, reuse_port=reuse_port)
+                turn.servers.append(StreamListener(loop, sock, tcp, counter))
             if _tls_enabled(config, ssl_context):
+                sock = stream_socket(ip, config.tls_listening_port, reuse_port=reuse_port)
                 turn.servers.append(
-                    await loop.create_server(
-                        lambda: StreamConnection(driver, "tls"),
-                        ip,
-                        config.tls_listening_port,
+                    StreamListener(
+                        loop,
+                        sock,
+                        tls,
+                        counter,
                         ssl=ssl_context,
-                        reuse_address=True,
-                        reuse_port=reuse_port,
+                        handshake_timeout=config.tcp_allocate_timeout,
                     )
                 )
         except OSError as exc:
@@ -390,7 +417,7 @@ async def _drain(turn: _Turn, timeout: float) -> None:
             log.info("drain timeout: ending %d allocations", len(driver.server.allocations))
     driver.shutdown()
     for stream in list(driver.streams):
-        stream.transport.close()
+        stream.close("the server is stopping")
 
 
 async def serve(config: Config, share: WorkerShare | None = None) -> int:

@@ -18,6 +18,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 from ..stun.framing import FramingError, StreamFramer
@@ -27,22 +28,48 @@ from ..turn.server import TurnServer
 from .relay import RelayEndpointLike
 
 __all__ = [
+    "DEFAULT_STREAM_LIMITS",
     "ClientSide",
     "CoreDriver",
     "FrameHandler",
     "PythonStreamFramer",
     "StreamConnection",
     "StreamFramerLike",
+    "StreamLimits",
     "UdpListener",
 ]
 
 log = logging.getLogger("tsunagu.transport")
 
-_MAX_STREAM_BACKLOG = 1 << 20
 _READ_BUFFER = memoryview(bytearray(256 * 1024))
 _PADDING = (b"", b"\x00\x00\x00", b"\x00\x00", b"\x00")
-# A TCP/TLS client must allocate within this time, or it is disconnected.
-_IDLE_STREAM_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class StreamLimits:
+    """What one TCP/TLS client may cost: buffered bytes and time.
+
+    Above ``high_water`` bytes unsent (asyncio's write buffer limits; for TLS the TLS
+    layer's buffers) the client is not reading what it is sent: reading from it pauses, so
+    it gets no further answers to pile up, and what its peers send it is dropped, as a
+    congested UDP path would drop it. Both resume below ``low_water``. A client paused for
+    ``stall_timeout`` seconds, or with more than ``hard_cap`` bytes unsent (what one read
+    of requests can add beyond the mark), is disconnected. So is one that has no allocation
+    ``allocate_timeout`` seconds after connecting (a TLS handshake must end within it too).
+    """
+
+    # 256 KiB is about a second of a 2 Mbit/s video stream on top of the kernel's own
+    # send buffer: beyond that, relayed media is too late to be of use anyway.
+    high_water: int = 256 * 1024
+    low_water: int = 64 * 1024
+    # One 256 KiB read of the smallest requests draws at most a few times that in answers.
+    hard_cap: int = 4 << 20
+    stall_timeout: float = 30.0
+    # Like coturn's and eturnal's limits on unauthenticated TCP sessions.
+    allocate_timeout: float = 10.0
+
+
+DEFAULT_STREAM_LIMITS = StreamLimits()
 
 # Handles one frame of a stream; True when the connection is closing and reading must stop.
 FrameHandler = Callable[[bool, bytes], bool]
@@ -198,7 +225,7 @@ class StreamClientLink:
     def detach(self, allocation: Allocation) -> None:
         # An allocation tied to a stream dies with it, and the stream with the allocation.
         self.connection.set_allocation(None)
-        self.transport.close()
+        self.connection.close()
 
 
 class PythonStreamFramer(StreamFramer):
@@ -224,18 +251,32 @@ class PythonStreamFramer(StreamFramer):
 
 
 class StreamConnection(asyncio.BufferedProtocol):
-    """One TCP or TLS client connection."""
+    """One TCP or TLS client connection, within :class:`StreamLimits`.
+
+    ``on_lost`` is called once the connection is gone (the listener's connection count).
+    """
 
     # Set by connection_made, before anything else can run on the connection.
     transport: asyncio.Transport
 
-    def __init__(self, driver: CoreDriver, protocol: str) -> None:
+    def __init__(
+        self,
+        driver: CoreDriver,
+        protocol: str,
+        limits: StreamLimits = DEFAULT_STREAM_LIMITS,
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
         self.driver = driver
         self.protocol = protocol
+        self.limits = limits
         self.five_tuple: FiveTuple | None = None
         self.allocation: Allocation | None = None
         self.paused = False
+        # Why the server ended the connection, if it did (for tests and the debug log).
+        self.closed_because: str | None = None
         self._idle: asyncio.TimerHandle | None = None
+        self._stalled: asyncio.TimerHandle | None = None
+        self._on_lost = on_lost
         self._drops = driver.server.drops
         self.framer = driver.stream_framer(self._frame)
 
@@ -244,16 +285,34 @@ class StreamConnection(asyncio.BufferedProtocol):
         peer = transport.get_extra_info("peername")
         local = transport.get_extra_info("sockname")
         self.five_tuple = FiveTuple(self.protocol, (peer[0], peer[1]), (local[0], local[1]))
-        # Beyond this much unsent, pause_writing() stops the relaying to this client.
-        self.transport.set_write_buffer_limits(high=_MAX_STREAM_BACKLOG)
+        limits = self.limits
+        # Beyond the high-water mark asyncio calls pause_writing(), below the low one
+        # resume_writing() (for TLS, on the TLS layer's buffers).
+        self.transport.set_write_buffer_limits(high=limits.high_water, low=limits.low_water)
         self.driver.streams.add(self)
-        self._idle = asyncio.get_running_loop().call_later(_IDLE_STREAM_TIMEOUT, self._check_idle)
+        self._idle = asyncio.get_running_loop().call_later(
+            limits.allocate_timeout, self._check_idle
+        )
 
     def pause_writing(self) -> None:
+        # The client does not read: stop reading its requests (each would add an answer),
+        # and let the relay drop what its peers send. Reading from the socket stops, so the
+        # kernel's buffers fill and the client's TCP stack stops sending.
         self._set_paused(True)
+        if not self.transport.is_closing():
+            self.transport.pause_reading()
+        if self._stalled is None:
+            self._stalled = asyncio.get_running_loop().call_later(
+                self.limits.stall_timeout, self._stall_expired
+            )
 
     def resume_writing(self) -> None:
         self._set_paused(False)
+        if self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def _set_paused(self, paused: bool) -> None:
         self.paused = paused
@@ -261,9 +320,29 @@ class StreamConnection(asyncio.BufferedProtocol):
             for relay in _relays(self.allocation):
                 relay.set_paused(paused)
 
+    def _stall_expired(self) -> None:
+        self._stalled = None
+        self.close(f"not reading for {self.limits.stall_timeout:g} s")
+
     def _check_idle(self) -> None:
+        self._idle = None
         if self.allocation is None:
-            self.transport.close()
+            self.close(f"no allocation within {self.limits.allocate_timeout:g} s")
+
+    def close(self, reason: str = "closed by the server") -> None:
+        """End the connection; at once, dropping what is unsent, when anything is.
+
+        A graceful close waits until the client has read everything sent; one that reads
+        nothing would keep the connection, and its buffer, for ever.
+        """
+        transport = self.transport
+        if self.closed_because is None:
+            self.closed_because = reason
+            log.debug("%s: %s", self.five_tuple, reason)
+        if transport.get_write_buffer_size():
+            transport.abort()
+        else:
+            transport.close()
 
     # Reads land in one buffer shared by every connection: the event loop hands it out and
     # reports what it holds before anything else runs, and both framers copy what they keep.
@@ -275,13 +354,13 @@ class StreamConnection(asyncio.BufferedProtocol):
         try:
             self.framer.feed(_READ_BUFFER[:nbytes])
         except FramingError:
-            self.transport.close()
+            self.close("not STUN or ChannelData")
 
     def data_received(self, data: bytes | memoryview) -> None:
         try:
             self.framer.feed(data)
         except FramingError:
-            self.transport.close()
+            self.close("not STUN or ChannelData")
 
     def _frame(self, is_channel_data: bool, frame: bytes) -> bool:
         """Handle one frame; True when the connection is closing and reading must stop."""
@@ -289,7 +368,7 @@ class StreamConnection(asyncio.BufferedProtocol):
             allocation = self.allocation
             if allocation is None:
                 # ChannelData before any allocation: not a TURN client (say, "GET /").
-                self.transport.close()
+                self.close("ChannelData without an allocation")
                 return True
             forward = channel_data_forward(allocation, frame, self._drops)
             if forward is not None:
@@ -304,7 +383,14 @@ class StreamConnection(asyncio.BufferedProtocol):
         result = driver.server.receive(frame, self.five_tuple, time.time())
         if result is not None:
             if type(result) is bytes:
-                self.transport.write(result)
+                transport = self.transport
+                transport.write(result)
+                # Reading pauses at the high-water mark, but what was already read is still
+                # answered: only many small requests in one read get this far.
+                if self.paused and transport.get_write_buffer_size() > self.limits.hard_cap:
+                    self.close(f"more than {self.limits.hard_cap} bytes unread")
+                    driver.after_message(self, None)
+                    return True
             else:
                 _forward(result, driver.server, self.five_tuple)
         driver.after_message(self, None)
@@ -323,8 +409,13 @@ class StreamConnection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.driver.streams.discard(self)
-        if self._idle is not None:
-            self._idle.cancel()
+        for timer in (self._idle, self._stalled):
+            if timer is not None:
+                timer.cancel()
+        self._idle = self._stalled = None
+        if self._on_lost is not None:
+            self._on_lost()
+            self._on_lost = None
         if self.five_tuple is not None:
             self.driver.server.connection_closed(self.five_tuple, time.time())
             self.driver.after_core_call()
