@@ -201,9 +201,9 @@ def test_credential_json_output_and_defaults(capsys: Captured) -> None:
     assert status == 0
     payload = json.loads(out)
     assert set(payload) == {"username", "password", "ttl"}
-    assert payload["ttl"] == Config().credential_ttl == 86400
+    assert payload["ttl"] == Config().credential_ttl == 600
     assert payload["username"].isdigit()  # no user id: the username is just the expiry
-    assert int(payload["username"]) >= before + 86400
+    assert int(payload["username"]) >= before + 600
     assert payload["password"] == expected_password("north", payload["username"])
 
 

@@ -75,6 +75,11 @@ CONTRACT_FIELDS = [
     "public_host",
     "ice_transport_policy",
     "room_capacity",
+    "room_access",
+    "room_password",
+    "join_secrets",
+    "api_key",
+    "allowed_origins",
     "credential_ttl",
     "workers",
     "relay_engine",
@@ -125,7 +130,7 @@ def test_defaults() -> None:
     assert config.unauth_rate == 20.0 and config.drain_timeout == 30.0
     assert (config.web_ip, config.web_port) == ("127.0.0.1", 8080)
     assert config.ice_transport_policy == "all"
-    assert (config.room_capacity, config.credential_ttl, config.workers) == (8, 86400, 0)
+    assert (config.room_capacity, config.credential_ttl, config.workers) == (8, 600, 0)
     assert config.relay_engine == "auto"
 
 
@@ -214,7 +219,7 @@ EVERY_FIELD: list[tuple[str, str, list[str], Any]] = [
     ("verbose", "true", ["-v"], True),
     ("no_turn", "true", ["--no-turn"], True),
     ("no_web", "true", ["--no-web"], True),
-    ("web_ip", '"0.0.0.0"', ["--web-ip", "0.0.0.0"], "0.0.0.0"),
+    ("web_ip", '"10.1.2.3"', ["--web-ip", "10.1.2.3"], "10.1.2.3"),
     ("web_port", "8443", ["--web-port", "8443"], 8443),
     (
         "public_host",
@@ -224,6 +229,16 @@ EVERY_FIELD: list[tuple[str, str, list[str], Any]] = [
     ),
     ("ice_transport_policy", '"relay"', ["--ice-transport-policy", "relay"], "relay"),
     ("room_capacity", "4", ["--room-capacity", "4"], 4),
+    ("room_access", '"open"', ["--room-access", "open"], "open"),
+    ("room_password", '"s3cret pw"', ["--room-password", "s3cret pw"], "s3cret pw"),
+    ("join_secrets", f'["{"j" * 32}"]', ["--join-secret", "j" * 32], ("j" * 32,)),
+    ("api_key", f'"{"k" * 40}"', ["--api-key", "k" * 40], "k" * 40),
+    (
+        "allowed_origins",
+        '["https://App.example.org/"]',
+        ["--allowed-origin", "https://App.example.org/"],
+        ("https://app.example.org",),
+    ),
     ("credential_ttl", "3600", ["--credential-ttl", "3600"], 3600),
     ("workers", "2", ["--workers", "2"], 2),
     ("relay_engine", '"python"', ["--relay-engine", "python"], "python"),
@@ -526,6 +541,8 @@ def test_help_lists_every_field_flag(capsys: pytest.CaptureFixture[str]) -> None
         "allowed_peer_ips": "--allowed-peer-ip",
         "denied_peer_ips": "--denied-peer-ip",
         "alternate_servers": "--alternate-server",
+        "join_secrets": "--join-secret",
+        "allowed_origins": "--allowed-origin",
     }
     for name in CONTRACT_FIELDS:
         flag = flags.get(name, "--" + name.replace("_", "-"))
@@ -578,6 +595,25 @@ def every_field_set() -> Config:
     # Every field off its default, but for the switches that would leave nothing to run.
     mapping.update(use_auth_secret=True, pkey="k.pem", stun_only=False, no_tls=False, no_web=False)
     return parse_config(mapping)
+
+
+def test_room_access_defaults_to_tokens_where_the_internet_may_reach_the_page() -> None:
+    assert Config().effective_room_access == "open"  # 127.0.0.1
+    for private in ("10.0.0.7", "192.168.1.2", "::1", "fd00::5"):
+        assert parse_config({"web_ip": private}).effective_room_access == "open", private
+    for public in ("0.0.0.0", "::", "93.184.216.34", "2a00:1450:4001::5"):
+        message = config_error(parse_config, {"web_ip": public})
+        assert "room_access: must be chosen" in message and "tsunagu token" in message, message
+        with_secret = parse_config({"web_ip": public, "join_secrets": ["s" * 32]})
+        assert with_secret.effective_room_access == "token"
+        assert parse_config({"web_ip": public, "room_access": "open"}).effective_room_access == (
+            "open"
+        )
+    assert "room_password: is needed" in config_error(parse_config, {"room_access": "password"})
+    assert "join_secrets: at least one" in config_error(parse_config, {"room_access": "token"})
+    short = config_error(parse_config, {"api_key": "short"})
+    assert "at least 32 characters" in short and "short" not in short.split(":", 2)[2][30:]
+    assert "origin" in config_error(parse_config, {"allowed_origins": ["evil.example"]})
 
 
 def test_a_config_survives_the_json_hand_over_to_workers() -> None:

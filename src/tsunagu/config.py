@@ -383,6 +383,30 @@ def _secret_entry(key: str, value: str) -> str:
     return str(_check_text(secret=True)(key, value))
 
 
+_MIN_KEY_CHARS = 32
+
+
+def _check_long_secret(key: str, value: Any) -> str:
+    text = str(_check_text(secret=True)(key, value))
+    if len(text) < _MIN_KEY_CHARS:
+        # Guessable keys would make the endpoint or the tokens they protect open to anyone.
+        _fail(key, f"must be at least {_MIN_KEY_CHARS} characters (try: openssl rand -hex 32)",
+              value, show=False)
+    return text
+
+
+def _long_secret_entry(key: str, value: str) -> str:
+    return _check_long_secret(key, value)
+
+
+def _origin_entry(key: str, value: str) -> str:
+    text = str(_check_text(253)(key, value)).rstrip("/").lower()
+    scheme, sep, host = text.partition("://")
+    if scheme not in ("http", "https") or not sep or not host or "/" in host:
+        _fail(key, "must be an origin such as https://app.example.org[:port]", value)
+    return text
+
+
 # ---------------------------------------------------------------------------------------------
 # The configuration itself.
 # ---------------------------------------------------------------------------------------------
@@ -571,8 +595,47 @@ class Config:
         metavar="{all,relay}",
     )
     room_capacity: int = _opt(8, _POSITIVE, "people per room")
+    room_access: str | None = _opt(
+        None,
+        _optional(_check_choice("open", "password", "token")),
+        "who may enter a room: open (anyone who can reach the page), password (--room-password)"
+        " or token (a join token signed with --join-secret, see 'tsunagu token'); default: "
+        "open while the web server listens on a loopback or private address, token otherwise",
+        metavar="{open,password,token}",
+    )
+    room_password: str | None = _opt(
+        None,
+        _optional(_check_text(128, secret=True)),
+        "the password everyone needs to enter a room (room-access password)",
+        metavar="PASSWORD",
+    )
+    join_secrets: tuple[str, ...] = _opt(
+        (),
+        _check_each(_long_secret_entry, what="secrets", secret=True),
+        "HS256 key of join tokens, at least 32 characters (repeatable to rotate: the first "
+        "signs, all verify)",
+        flag="--join-secret",
+        metavar="SECRET",
+    )
+    api_key: str | None = _opt(
+        None,
+        _optional(_check_long_secret),
+        "key a backend gives to GET /api/turn-credentials (key=... or Authorization: Bearer),"
+        " at least 32 characters; without one the endpoint is off",
+        metavar="KEY",
+    )
+    allowed_origins: tuple[str, ...] = _opt(
+        (),
+        _check_each(_origin_entry, what="origins such as https://app.example.org"),
+        "another web origin whose pages may open the signaling WebSocket (repeatable; the "
+        "page's own origin is always allowed)",
+        flag="--allowed-origin",
+        metavar="ORIGIN",
+    )
     credential_ttl: int = _opt(
-        86400, _POSITIVE, "lifetime of minted TURN REST credentials, seconds"
+        600,
+        _POSITIVE,
+        "lifetime of minted TURN REST credentials, seconds (the page renews them before then)",
     )
     workers: int = _opt(
         0,
@@ -586,6 +649,22 @@ class Config:
         metavar="{auto,native,python}",
     )
 
+    @property
+    def web_is_private(self) -> bool:
+        """The web server listens only where strangers on the internet cannot reach it."""
+        try:
+            address = ipaddress.ip_address(self.web_ip)
+        except ValueError:
+            return False
+        # A wildcard listens on every address, public ones included.
+        return not address.is_unspecified and (address.is_loopback or address.is_private)
+
+    @property
+    def effective_room_access(self) -> str:
+        if self.room_access is not None:
+            return self.room_access
+        return "open" if self.web_is_private else "token"
+
     def __repr__(self) -> str:
         # A Config ends up in logs and tracebacks; passwords and secrets must not.
         parts = []
@@ -598,7 +677,9 @@ class Config:
         return f"Config({', '.join(parts)})"
 
 
-_SECRET_FIELDS = frozenset({"users", "static_auth_secrets"})
+_SECRET_FIELDS = frozenset(
+    {"users", "static_auth_secrets", "room_password", "join_secrets", "api_key"}
+)
 
 
 _FIELDS = {f.name: f for f in fields(Config)}
@@ -616,6 +697,23 @@ def _cross_check(values: dict[str, Any]) -> None:
         _fail("pkey", "needs cert as well", values["pkey"])
     if values["use_auth_secret"] and not values["static_auth_secrets"]:
         _fail("static_auth_secrets", "at least one secret is needed with use_auth_secret", ())
+    access = values["room_access"]
+    if access == "password" and values["room_password"] is None:
+        _fail("room_password", "is needed with room_access password", show=False)
+    if access == "token" and not values["join_secrets"]:
+        _fail("join_secrets", "at least one join secret is needed with room_access token", show=False)
+    if access is None and not values["join_secrets"] and values["no_web"] is False:
+        probe = Config(web_ip=values["web_ip"])
+        if not probe.web_is_private:
+            _fail(
+                "room_access",
+                f"must be chosen: the web server listens on {values['web_ip']}, which may be "
+                "reachable from the internet, where rooms need join tokens by default. Set "
+                "join_secret (and mint tokens with 'tsunagu token'), or choose room_access "
+                "password (with room_password) or open (anyone reaching the page may use "
+                "this server's TURN relay)",
+                show=False,
+            )
     if values["stun_only"] and values["no_stun"]:
         _fail("no_stun", "cannot be combined with stun_only (nothing would be answered)", True)
     if not values["no_turn"] and values["no_udp"] and values["no_tcp"] and values["no_tls"]:

@@ -28,12 +28,12 @@ def test_default_uris_use_the_request_host() -> None:
         "turn:rooms.example:3478?transport=tcp",
         "turns:rooms.example:5349?transport=tcp",
     ]
-    assert turn["username"] == f"{1000 + 86400}:web-1"
+    assert turn["username"] == f"{1000 + 600}:web-1"
     assert turn["credential"] == rest_password(SECRET, turn["username"])
     assert ice["turn"] == {
         "username": turn["username"],
         "password": turn["credential"],
-        "ttl": 86400,
+        "ttl": 600,
         "uris": turn["urls"],
     }
     assert ice["iceTransportPolicy"] == "all" and ice["relayOnlyAllowed"] is True

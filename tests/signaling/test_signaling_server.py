@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from tsunagu.auth.rest import rest_password
 from tsunagu.config import parse_config
+from tsunagu.signaling.messages import MAX_MESSAGE_BYTES
 from tsunagu.signaling.rooms import Limits
 from tsunagu.signaling.server import create_app
 
@@ -124,9 +125,9 @@ async def test_hostile_client_gets_errors_then_1008_other_room_unaffected(
     assert err["type"] == "error" and err["code"] == "unknown-peer"
     await hostile.send_json({"type": "chat", "text": "x", "room": "alpha"})
     assert (await recv(hostile))["code"] == "wrong-room"
-    await hostile.send_str("x" * (70 * 1024))
+    await hostile.send_str("x" * (28 * 1024))
     err = await recv(hostile)
-    assert err["code"] == "too-large" and "65536" in err["message"]
+    assert err["code"] == "too-large" and str(MAX_MESSAGE_BYTES) in err["message"]
     await hostile.send_bytes(b"\x00binary")
     assert (await recv(hostile))["code"] == "bad-message"
     for _ in range(20):
@@ -241,10 +242,21 @@ async def test_server_header_names_no_versions(make_client: MakeClient) -> None:
         assert response.headers["Server"] == "tsunagu", (path, response.headers["Server"])
 
 
+API_KEY = "k" * 40
+
+
 async def test_turn_credentials_endpoint(make_client: MakeClient) -> None:
     now = 1_700_000_000.0
-    client = await make_client(now=lambda: now, config={"credential_ttl": 600})
-    resp = await client.get("/api/turn-credentials?service=turn&username=alice")
+    client = await make_client(now=lambda: now, config={"api_key": API_KEY})
+    for wrong in ("", "&key=" + "x" * 40, "&key=" + API_KEY[:-1]):
+        refused = await client.get(f"/api/turn-credentials?service=turn&username=alice{wrong}")
+        assert refused.status == 401, (wrong, refused.status)
+        assert "API key" in (await refused.json())["error"]
+    bearer = await client.get(
+        "/api/turn-credentials?username=alice", headers={"Authorization": f"Bearer {API_KEY}"}
+    )
+    assert bearer.status == 200
+    resp = await client.get(f"/api/turn-credentials?service=turn&username=alice&key={API_KEY}")
     assert resp.status == 200
     body = await resp.json()
     assert body == {
@@ -258,19 +270,27 @@ async def test_turn_credentials_endpoint(make_client: MakeClient) -> None:
         ],
     }
     assert resp.headers["Cache-Control"] == "no-store"
-    bad = await client.get("/api/turn-credentials?service=stun")
+    bad = await client.get(f"/api/turn-credentials?service=stun&key={API_KEY}")
     assert bad.status == 400 and "service" in (await bad.json())["error"]
-    bad = await client.get("/api/turn-credentials?username=a:b")
+    bad = await client.get(f"/api/turn-credentials?username=a:b&key={API_KEY}")
     assert bad.status == 400
     hosted = await client.get(
-        "/api/turn-credentials?username=x", headers={"Host": "meet.example:443"}
+        f"/api/turn-credentials?username=x&key={API_KEY}", headers={"Host": "meet.example:443"}
     )
     assert (await hosted.json())["uris"][0] == "turn:meet.example:3478?transport=udp"
 
 
+async def test_turn_credentials_endpoint_is_off_without_an_api_key(
+    make_client: MakeClient,
+) -> None:
+    client = await make_client()
+    resp = await client.get("/api/turn-credentials?service=turn&username=alice")
+    assert resp.status == 404 and "--api-key" in (await resp.json())["error"]
+
+
 async def test_no_secret_means_no_turn(make_client: MakeClient) -> None:
-    client = await make_client(turn_secret=None)
-    resp = await client.get("/api/turn-credentials?service=turn")
+    client = await make_client(turn_secret=None, config={"api_key": API_KEY})
+    resp = await client.get(f"/api/turn-credentials?service=turn&key={API_KEY}")
     assert resp.status == 404
     ws, joined = await enter(client, "x", "X")
     assert joined["iceServers"] == [{"urls": ["stun:127.0.0.1:3478"]}]
@@ -291,7 +311,7 @@ async def test_slow_reader_is_dropped_and_may_resume(
     await recv(a, "peer-joined")
     # The sleeper stops reading; its socket buffers fill, then its send queue overflows and
     # the server cuts it. Offers go in small batches so that few are in flight at the cut.
-    sdp = "v=0 " + "x" * 60_000
+    sdp = "v=0 " + "x" * 20_000
     for _ in range(200):
         for _ in range(4):
             await a.send_json({"type": "offer", "to": jb["id"], "sdp": sdp})

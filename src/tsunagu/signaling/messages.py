@@ -42,13 +42,17 @@ __all__ = [
 PROTOCOL_VERSION: Final = 1
 SUPPORTED_VERSIONS: Final = frozenset({1})
 
-MAX_MESSAGE_BYTES: Final = 64 * 1024
+MAX_MESSAGE_BYTES: Final = 24 * 1024
+"""Largest frame a client may send. An offer for a full room of 8 with simulcast video is
+rarely above 16 KiB of SDP; JSON escapes each line's CR LF (a few hundred bytes more) and
+the envelope is small, so 24 KiB leaves half again as much room and no more."""
 MAX_NAME_CHARS: Final = 40
 MAX_PASSWORD_CHARS: Final = 128
 MAX_CHAT_CHARS: Final = 2000
 MAX_CANDIDATE_CHARS: Final = 1024
 MAX_MID_CHARS: Final = 64
 MAX_TOKEN_CHARS: Final = 64
+MAX_JOIN_TOKEN_CHARS: Final = 2048
 
 _ROOM_RE: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,47}")
 _PEER_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,32}")
@@ -67,6 +71,7 @@ SERVER_TYPES: Final = (
     "candidate",
     "chat",
     "pong",
+    "ice",
     "error",
 )
 
@@ -89,6 +94,8 @@ class ErrorCode(StrEnum):
     ROOM_FULL = "room-full"
     PASSWORD_REQUIRED = "password-required"
     BAD_PASSWORD = "bad-password"
+    TOKEN_REQUIRED = "token-required"
+    BAD_TOKEN = "bad-token"
 
 
 class MessageError(Exception):
@@ -122,6 +129,8 @@ class Join:
     version: int = PROTOCOL_VERSION
     password: str | None = None
     resume: Resume | None = None
+    token: str | None = None
+    """A join token (``room-access token``), see :mod:`tsunagu.signaling.tokens`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,6 +340,7 @@ def _parse_join(f: _Fields) -> Join:
     if _CONTROL_RE.search(name):
         raise f.bad("name", "must not contain control characters")
     password = f.string("password", limit=MAX_PASSWORD_CHARS, required=False)
+    join_token = f.string("token", limit=MAX_JOIN_TOKEN_CHARS, required=False)
     resume = None
     raw_resume = f.obj.get("resume")
     if raw_resume is not None:
@@ -346,7 +356,14 @@ def _parse_join(f: _Fields) -> Join:
         ):
             raise f.bad("resume", "seq must be a whole number of at least 0")
         resume = Resume(peer_id, token, seq)
-    return Join(room=room, name=name, version=version, password=password or None, resume=resume)
+    return Join(
+        room=room,
+        name=name,
+        version=version,
+        password=password or None,
+        resume=resume,
+        token=join_token or None,
+    )
 
 
 def _parse_sdp(f: _Fields) -> tuple[str, str, str | None]:
@@ -491,6 +508,11 @@ def chat(sender: str, name: str, text: str, ts: float, *, private: bool) -> dict
     if private:
         message["private"] = True
     return message
+
+
+def ice(extras: dict[str, Any]) -> dict[str, Any]:
+    """Fresh ICE servers (TURN credentials) for a peer whose previous ones will soon expire."""
+    return {"type": "ice", **extras}
 
 
 def pong() -> dict[str, Any]:

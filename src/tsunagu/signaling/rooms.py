@@ -6,8 +6,16 @@ current time, and carries out the :class:`Send` and :class:`Close` actions it re
 
 Rules enforced here:
 
+- Who may enter is :class:`Access`: ``open`` (anyone; a room's first joiner may set a
+  password for it), ``password`` (everyone needs the server's room password) or ``token``
+  (a join token signed by the embedding product names the room and the person).
+- Wrong passwords and tokens are limited per source address and per room, counted only
+  when they fail, so that guessing stays slow while the people who know it get in.
 - A room is created by its first join and removed when its last peer is gone. The first
   joiner's password (if any) becomes the room's password.
+- TURN credentials are minted at join, not when a connection opens, for the person who
+  joined, and renewed over the connection before they expire (``ice``), for as long as
+  the peer stays.
 - A room holds at most ``Limits.capacity`` peers.
 - A message naming a peer is delivered to that peer only, and only inside the sender's room;
   any other target is refused with ``unknown-peer``, so rooms cannot see each other.
@@ -32,12 +40,24 @@ import hmac
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from tsunagu.signaling import messages as m
 from tsunagu.signaling.messages import ErrorCode, MessageError
 
-__all__ = ["Limits", "Send", "Close", "Action", "TokenBucket", "Hub", "POLICY_VIOLATION"]
+__all__ = [
+    "Access",
+    "Action",
+    "Close",
+    "GrantLike",
+    "Hub",
+    "IceIssuer",
+    "Limits",
+    "POLICY_VIOLATION",
+    "Send",
+    "TokenBucket",
+    "TokenVerifier",
+]
 
 NORMAL_CLOSURE: Final = 1000
 POLICY_VIOLATION: Final = 1008
@@ -49,7 +69,54 @@ _STRIKE_WEIGHT: Final[Mapping[ErrorCode, float]] = {
     ErrorCode.ROOM_FULL: 0.5,
     ErrorCode.PASSWORD_REQUIRED: 0.5,
     ErrorCode.BAD_PASSWORD: 2.0,
+    ErrorCode.TOKEN_REQUIRED: 0.5,
+    ErrorCode.BAD_TOKEN: 2.0,
 }
+_MAX_ATTEMPT_KEYS: Final = 16384
+"""Bound on the source addresses whose failed attempts are remembered."""
+
+
+class GrantLike(Protocol):
+    """What a verified join token allows (:class:`tsunagu.signaling.tokens.Grant`)."""
+
+    @property
+    def room(self) -> str: ...
+    @property
+    def identity(self) -> str: ...
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def turn(self) -> bool: ...
+
+
+class TokenVerifier(Protocol):
+    def verify(self, token: str, now: float) -> GrantLike:
+        """The grant of a valid ``token``; raises ``ValueError`` saying why it is not."""
+        ...
+
+
+IceIssuer = Callable[[str, bool, float], tuple[dict[str, Any], float | None]]
+"""``(user id, may use TURN, now) -> (ICE configuration for the page, seconds until it must
+be renewed or None)``; the server binds it to the host the browser used."""
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """Who may enter a room: ``open``, ``password`` or ``token``."""
+
+    mode: str = "open"
+    password_digest: bytes | None = None
+    """``password`` mode: SHA-256 of the server's room password."""
+    tokens: TokenVerifier | None = None
+    """``token`` mode: verifies join tokens."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("open", "password", "token"):
+            raise ValueError(f"unknown room access {self.mode!r}")
+        if self.mode == "password" and self.password_digest is None:
+            raise ValueError("password access needs the room password")
+        if self.mode == "token" and self.tokens is None:
+            raise ValueError("token access needs a token verifier")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,13 +133,24 @@ class Limits:
     strike_decay: float = 0.2
     """Misbehaviour points forgiven per second."""
     resume_grace: float = 5.0
-    join_timeout: float = 30.0
-    outbox_bytes: int = 512 * 1024
+    join_timeout: float = 10.0
+    """A connection that has not joined by then is closed (1008): the page joins at once."""
+    idle_timeout: float = 120.0
+    """A joined connection that sends no frame at all for this long is dropped like a lost
+    link (its seat may be resumed). The page pings every 8 s, but Chromium wakes the timers of
+    a tab hidden for 5 minutes only once a minute, hence two minutes."""
+    outbox_bytes: int = 192 * 1024
     """Bound on what is kept for an away peer; past it the peer is dropped."""
     replay_messages: int = 64
     """How many of the messages last delivered to a peer a resume can get again."""
     replay_bytes: int = 64 * 1024
     """Bound on the bytes of those messages."""
+    attempt_rate: float = 1 / 6
+    """Failed passwords or tokens forgiven per second per source address (10 a minute)."""
+    attempt_burst: float = 10.0
+    room_attempt_rate: float = 0.5
+    """Failed passwords forgiven per second per room, whatever the source addresses."""
+    room_attempt_burst: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,11 +180,15 @@ class TokenBucket:
         self.tokens = burst
         self.stamp = now
 
-    def take(self, now: float, cost: float = 1.0) -> bool:
+    def refill(self, now: float) -> float:
+        """The tokens available at ``now``."""
         elapsed = max(0.0, now - self.stamp)
         self.stamp = max(self.stamp, now)
         self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
-        if self.tokens >= cost:
+        return self.tokens
+
+    def take(self, now: float, cost: float = 1.0) -> bool:
+        if self.refill(now) >= cost:
             self.tokens -= cost
             return True
         return False
@@ -127,6 +209,11 @@ class _Peer:
     sent: deque[tuple[int, dict[str, Any]]] = field(default_factory=deque)
     """The last messages written to its connection, for a resume to replay."""
     sent_size: int = 0
+    user_id: str = ""
+    """Who TURN credentials name: the join token's identity, else the peer id."""
+    turn: bool = True
+    renew_at: float | None = None
+    """When its TURN credentials are to be renewed."""
 
 
 @dataclass(slots=True, eq=False)
@@ -134,6 +221,7 @@ class _Room:
     name: str
     password_digest: bytes | None
     peers: dict[str, _Peer] = field(default_factory=dict)
+    attempts: TokenBucket | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -143,14 +231,26 @@ class _Conn:
     bucket: TokenBucket
     chat_bucket: TokenBucket
     extras: dict[str, Any]
+    address: str = ""
+    ice: IceIssuer | None = None
     peer: _Peer | None = None
     score: float = 0.0
     score_stamp: float = 0.0
     closed: bool = False
+    last_frame: float = 0.0
+    """When the connection last sent a frame (or opened)."""
 
 
 def _digest(password: str) -> bytes:
     return hashlib.sha256(password.encode()).digest()
+
+
+def _display_name(granted: str | None, chosen: str) -> str:
+    """The name a join token fixes, cleaned as a typed one would be; else the typed one."""
+    if granted is None:
+        return chosen
+    name = " ".join("".join(ch for ch in granted if ch.isprintable()).split())
+    return name[: m.MAX_NAME_CHARS] or chosen
 
 
 def _size(message: dict[str, Any]) -> int:
@@ -160,11 +260,19 @@ def _size(message: dict[str, Any]) -> int:
 class Hub:
     """All rooms of one server and the connections that joined them."""
 
-    def __init__(self, limits: Limits | None = None, *, new_token: Callable[[int], str]) -> None:
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        *,
+        new_token: Callable[[int], str],
+        access: Access | None = None,
+    ) -> None:
         """``new_token(n)`` returns a fresh unguessable URL-safe string from ``n`` random bytes
         (``secrets.token_urlsafe`` in the server); it names peers and their resume tokens."""
         self.limits = limits or Limits()
+        self.access = access or Access()
         self._new_token = new_token
+        self._attempts: dict[str, TokenBucket] = {}
         self._rooms: dict[str, _Room] = {}
         self._conns: dict[int, _Conn] = {}
         self._peers: dict[str, _Peer] = {}
@@ -193,8 +301,18 @@ class Hub:
 
     # --- events ----------------------------------------------------------------------------
 
-    def connect(self, conn: int, now: float, extras: Mapping[str, Any] | None = None) -> None:
-        """A WebSocket opened; ``extras`` are merged into the ``joined`` it will receive."""
+    def connect(
+        self,
+        conn: int,
+        now: float,
+        extras: Mapping[str, Any] | None = None,
+        *,
+        address: str = "",
+        ice: IceIssuer | None = None,
+    ) -> None:
+        """A WebSocket opened from ``address`` (the key its failed attempts are counted
+        under); ``extras`` are merged into the ``joined`` it will receive, and ``ice`` mints
+        the ICE configuration for whoever joins on it."""
         lim = self.limits
         self._conns[conn] = _Conn(
             id=conn,
@@ -202,7 +320,10 @@ class Hub:
             bucket=TokenBucket(lim.rate, lim.burst, now),
             chat_bucket=TokenBucket(lim.chat_rate, lim.chat_burst, now),
             extras=dict(extras or {}),
+            address=address,
+            ice=ice,
             score_stamp=now,
+            last_frame=now,
         )
 
     def receive(self, conn: int, data: str | bytes, now: float) -> list[Action]:
@@ -210,6 +331,7 @@ class Hub:
         c = self._conns.get(conn)
         if c is None or c.closed:
             return []
+        c.last_frame = now
         if not c.bucket.take(now):
             return self._refuse(
                 c,
@@ -235,17 +357,33 @@ class Hub:
         return []
 
     def tick(self, now: float) -> list[Action]:
-        """Expire away peers and connections that never joined; call about once a second."""
+        """Expire away peers, connections that never joined and joined ones gone silent;
+        call about once a second."""
         actions: list[Action] = []
         grace = self.limits.resume_grace
         for peer in list(self._peers.values()):
             if peer.away_since is not None and now - peer.away_since >= grace:
                 actions += self._remove(peer, "timeout")
         deadline = self.limits.join_timeout
+        idle = self.limits.idle_timeout
         for c in list(self._conns.values()):
-            if c.peer is None and not c.closed and now - c.opened >= deadline:
+            if c.closed:
+                continue
+            if c.peer is None and now - c.opened >= deadline:
                 c.closed = True
                 actions.append(Close(c.id, POLICY_VIOLATION, "join timeout"))
+            elif c.peer is not None and now - c.last_frame >= idle:
+                # Treated as a lost link: the seat waits resume_grace for a new connection.
+                peer, c.peer, c.closed = c.peer, None, True
+                if peer.conn == c.id:
+                    peer.conn = None
+                    peer.away_since = now
+                actions.append(Close(c.id, NORMAL_CLOSURE, "idle timeout"))
+        for peer in self._peers.values():
+            if peer.renew_at is not None and peer.conn is not None and now >= peer.renew_at:
+                c = self._conns.get(peer.conn)
+                if c is not None and not c.closed:
+                    actions.append(Send(c.id, m.ice(self._issue(c, peer, now))))
         return actions
 
     # --- internals -------------------------------------------------------------------------
@@ -346,27 +484,19 @@ class Hub:
                 ref="join",
             )
         if msg.resume is not None:
-            resumed = self._resume(c, msg)
+            resumed = self._resume(c, msg, now)
             if resumed is not None:
                 return resumed
+        grant = self._admit(c, msg, now)
         room = self._rooms.get(msg.room)
         if room is None:
-            room = _Room(msg.room, None if msg.password is None else _digest(msg.password))
+            # Only in open rooms does the first joiner's password lock the room.
+            own = msg.password if self.access.mode == "open" else None
+            room = _Room(msg.room, None if own is None else _digest(own))
         elif room.password_digest is not None:
-            if msg.password is None:
-                raise MessageError(
-                    ErrorCode.PASSWORD_REQUIRED,
-                    f"join: room {msg.room!r} needs a password",
-                    ref="join",
-                    field="password",
-                )
-            if not hmac.compare_digest(room.password_digest, _digest(msg.password)):
-                raise MessageError(
-                    ErrorCode.BAD_PASSWORD,
-                    f"join: wrong password for room {msg.room!r}",
-                    ref="join",
-                    field="password",
-                )
+            self._check_password(
+                c, room, room.password_digest, msg.password, now, f"room {msg.room!r}"
+            )
         if len(room.peers) >= self.limits.capacity:
             raise MessageError(
                 ErrorCode.ROOM_FULL,
@@ -374,19 +504,22 @@ class Hub:
                 ref="join",
             )
         peer_id = self._fresh_id()
-        peer = _Peer(peer_id, msg.name, msg.room, self._new_token(24), c.id)
+        name = msg.name if grant is None else _display_name(grant.name, msg.name)
+        peer = _Peer(peer_id, name, msg.room, self._new_token(24), c.id)
+        peer.user_id = peer_id if grant is None else grant.identity
+        peer.turn = True if grant is None else grant.turn
         others = list(room.peers.values())
         self._rooms[room.name] = room
         room.peers[peer_id] = peer
         self._peers[peer_id] = peer
         c.peer = peer
-        actions: list[Action] = [Send(c.id, self._joined(c, peer, room, resumed=False))]
+        actions: list[Action] = [Send(c.id, self._joined(c, peer, room, now, resumed=False))]
         announce = m.peer_joined(peer_id, peer.name)
         for other in others:
             actions += self._deliver(other, announce)
         return actions
 
-    def _resume(self, c: _Conn, msg: m.Join) -> list[Action] | None:
+    def _resume(self, c: _Conn, msg: m.Join, now: float) -> list[Action] | None:
         assert msg.resume is not None
         peer = self._peers.get(msg.resume.id)
         if (
@@ -407,7 +540,7 @@ class Hub:
         peer.away_since = None
         c.peer = peer
         room = self._rooms[peer.room]
-        actions.append(Send(c.id, self._joined(c, peer, room, resumed=True)))
+        actions.append(Send(c.id, self._joined(c, peer, room, now, resumed=True)))
         seen = msg.resume.seq
         if seen is not None:
             # Written to the old connection, perhaps never read: again, in order.
@@ -419,7 +552,112 @@ class Hub:
         peer.outbox_size = 0
         return actions
 
-    def _joined(self, c: _Conn, peer: _Peer, room: _Room, *, resumed: bool) -> dict[str, Any]:
+    def _admit(self, c: _Conn, msg: m.Join, now: float) -> GrantLike | None:
+        """Check the server's access rule for a new peer; its grant in ``token`` mode."""
+        access = self.access
+        if access.mode == "password":
+            assert access.password_digest is not None
+            self._check_password(c, None, access.password_digest, msg.password, now, "this server")
+            return None
+        if access.mode != "token":
+            return None
+        assert access.tokens is not None
+        if msg.token is None:
+            raise MessageError(
+                ErrorCode.TOKEN_REQUIRED,
+                "join: this server admits people with an invitation link only (a join token)",
+                ref="join",
+                field="token",
+            )
+        self._throttle(c, None, now)
+        try:
+            grant = access.tokens.verify(msg.token, now)
+        except ValueError as exc:
+            self._failed(c, None, now)
+            raise MessageError(ErrorCode.BAD_TOKEN, f"join: {exc}", ref="join", field="token")
+        if m.normalize_room(grant.room) != msg.room:
+            self._failed(c, None, now)
+            raise MessageError(
+                ErrorCode.BAD_TOKEN,
+                f"join: the join token is for another room, not {msg.room!r}",
+                ref="join",
+                field="token",
+            )
+        return grant
+
+    def _check_password(
+        self,
+        c: _Conn,
+        room: _Room | None,
+        digest: bytes,
+        password: str | None,
+        now: float,
+        what: str,
+    ) -> None:
+        if password is None:
+            raise MessageError(
+                ErrorCode.PASSWORD_REQUIRED,
+                f"join: {what} needs a password",
+                ref="join",
+                field="password",
+            )
+        self._throttle(c, room, now)
+        if not hmac.compare_digest(digest, _digest(password)):
+            self._failed(c, room, now)
+            raise MessageError(
+                ErrorCode.BAD_PASSWORD,
+                f"join: wrong password for {what}",
+                ref="join",
+                field="password",
+            )
+
+    def _throttle(self, c: _Conn, room: _Room | None, now: float) -> None:
+        """Refuse to even check a secret once its source or its room has failed too often."""
+        for bucket in (self._attempts.get(c.address), None if room is None else room.attempts):
+            if bucket is not None and bucket.refill(now) < 1.0:
+                wait = int((1.0 - bucket.tokens) / bucket.rate) + 1
+                raise MessageError(
+                    ErrorCode.RATE_LIMITED,
+                    f"join: too many wrong attempts; try again in {wait} s",
+                    ref="join",
+                )
+
+    def _failed(self, c: _Conn, room: _Room | None, now: float) -> None:
+        lim = self.limits
+        bucket = self._attempts.get(c.address)
+        if bucket is None:
+            if len(self._attempts) >= _MAX_ATTEMPT_KEYS:
+                self._forget_attempts(now)
+            bucket = self._attempts[c.address] = TokenBucket(
+                lim.attempt_rate, lim.attempt_burst, now
+            )
+        bucket.take(now)
+        if room is not None:
+            if room.attempts is None:
+                room.attempts = TokenBucket(lim.room_attempt_rate, lim.room_attempt_burst, now)
+            room.attempts.take(now)
+
+    def _forget_attempts(self, now: float) -> None:
+        """Drop the sources that have been forgiven; if that is not enough, the oldest half."""
+        for key, bucket in list(self._attempts.items()):
+            if bucket.refill(now) >= bucket.burst:
+                del self._attempts[key]
+        if len(self._attempts) >= _MAX_ATTEMPT_KEYS:
+            for key in list(self._attempts)[: _MAX_ATTEMPT_KEYS // 2]:
+                del self._attempts[key]
+
+    def _issue(self, c: _Conn, peer: _Peer, now: float) -> dict[str, Any]:
+        """Mint the peer's ICE configuration on its current connection."""
+        if c.ice is None:
+            peer.renew_at = None
+            return {}
+        extras, renew = c.ice(peer.user_id, peer.turn, now)
+        peer.renew_at = None if renew is None else now + renew
+        return extras
+
+    def _joined(
+        self, c: _Conn, peer: _Peer, room: _Room, now: float, *, resumed: bool
+    ) -> dict[str, Any]:
         return m.joined(
             room=room.name,
             peer_id=peer.id,
@@ -428,7 +666,7 @@ class Hub:
             peers=[m.peer_info(p.id, p.name) for p in room.peers.values() if p is not peer],
             capacity=self.limits.capacity,
             resumed=resumed,
-            extras=c.extras,
+            extras={**c.extras, **self._issue(c, peer, now)},
         )
 
     def _fresh_id(self) -> str:

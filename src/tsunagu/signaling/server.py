@@ -5,12 +5,15 @@ Routes:
 
 - ``GET /`` landing page; ``GET /r/<room>`` the room page; ``/static/...`` its assets.
 - ``GET /ws`` the signaling WebSocket (protocol in ``docs/SIGNALING.md``).
-- ``GET /api/turn-credentials?service=turn&username=<id>`` TURN REST API credentials.
+- ``GET /api/turn-credentials?service=turn&username=<id>&key=<api key>`` TURN REST API
+  credentials for a backend; off unless ``--api-key`` is set. Browsers get theirs only by
+  joining a room, over the WebSocket.
 - ``GET /healthz`` liveness.
 
 All room logic lives in :mod:`tsunagu.signaling.rooms`; this module moves frames between
 sockets and the :class:`~tsunagu.signaling.rooms.Hub`, and bounds what one client may cost:
-frame size, a send queue per connection, connections per address.
+frame size, a send queue per connection, connections per address, and which web origins
+may open the WebSocket at all (a page elsewhere must not ride on a visitor's browser).
 """
 
 from __future__ import annotations
@@ -18,23 +21,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
+import hmac
+import ipaddress
 import logging
 import re
+import resource
 import secrets
 import ssl
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from tsunagu.config import Config
 from tsunagu.signaling import messages as m
+from tsunagu.signaling.gate import (
+    Caps,
+    ConnectionGate,
+    GatedSite,
+    address_key,
+    web_connection_budget,
+)
 from tsunagu.signaling.ice import choose_host, ice_config, mint
-from tsunagu.signaling.rooms import Action, Close, Hub, Limits, Send
+from tsunagu.signaling.rooms import Access, Action, Close, Hub, IceIssuer, Limits, Send
+from tsunagu.signaling.tokens import JoinTokens
 
 __all__ = ["create_app", "run_web", "STATIC_DIR"]
 
@@ -44,11 +58,22 @@ STATIC_DIR: Final = Path(__file__).resolve().parent.parent / "web" / "static"
 
 # aiohttp refuses (and closes with 1009) frames above this; frames between the protocol
 # limit and this one get a polite "too-large" error instead.
-_WS_FRAME_CAP: Final = 1024 * 1024
+_WS_FRAME_CAP: Final = m.MAX_MESSAGE_BYTES + 8 * 1024
 send_queue_size = 256
 """Messages waiting for one slow reader before its connection is dropped."""
-_MAX_CONNECTIONS: Final = 4096
-_MAX_CONNECTIONS_PER_ADDRESS: Final = 64
+send_queue_bytes = 384 * 1024
+"""Bytes waiting for one reader before it is dropped: room for a resume's burst (the last
+64 KiB it may have missed and up to 192 KiB kept while it was away) and a few full offers."""
+send_total_bytes = 64 * 1024 * 1024
+"""Bytes waiting for all readers together; past it the reader with most waiting is dropped."""
+_MAX_WEBSOCKETS: Final = 4096
+_WEBSOCKETS_PER_ADDRESS: Final = 128
+"""While not crowded; see :meth:`tsunagu.signaling.gate.Caps.fair` for when it is."""
+_CONNECTIONS_PER_ADDRESS: Final = 256
+"""HTTP connections of one address (or IPv6 /64) while the web port is not crowded."""
+HTTP_TIMEOUT: Final = 10.0
+"""A connection's request headers must be complete this long after it opened (or after the
+previous response); an idle keep-alive connection is closed after it too."""
 _TICK: Final = 1.0
 _USER_RE: Final = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 
@@ -72,9 +97,11 @@ class _Link:
     ws: web.WebSocketResponse
     request: web.Request
     address: str
-    queue: asyncio.Queue[str | Close] = field(
+    queue: asyncio.Queue[bytes | Close] = field(
         default_factory=lambda: asyncio.Queue(maxsize=send_queue_size)
     )
+    queued: int = 0
+    """Bytes in ``queue`` or being written (not yet handed to the socket)."""
     writer: asyncio.Task[None] | None = None
     overflowed: bool = False
 
@@ -87,7 +114,11 @@ class _State:
     heartbeat: float
     hub: Hub
     links: dict[int, _Link] = field(default_factory=dict)
-    per_address: Counter[str] = field(default_factory=Counter)
+    websockets: ConnectionGate = field(
+        default_factory=lambda: ConnectionGate(Caps.fair(_MAX_WEBSOCKETS, _WEBSOCKETS_PER_ADDRESS))
+    )
+    queued: int = 0
+    """Bytes waiting in every link's queue together."""
     next_id: int = 1
 
     def apply(self, actions: Iterable[Action]) -> None:
@@ -95,22 +126,48 @@ class _State:
             link = self.links.get(action.conn)
             if link is None or link.overflowed:
                 continue
-            item: str | Close = m.encode(action.message) if isinstance(action, Send) else action
-            try:
-                link.queue.put_nowait(item)
-            except asyncio.QueueFull:
+            item: bytes | Close = (
+                m.encode(action.message).encode() if isinstance(action, Send) else action
+            )
+            size = len(item) if isinstance(item, bytes) else 0
+            if link.queue.full() or link.queued + size > send_queue_bytes:
                 # A reader this slow would hold unbounded memory, and its writer is stuck
-                # waiting for the socket to drain: cut the connection. The hub sees a link
-                # lost without a handshake, so the client can resume its seat on a new one.
-                log.info("signaling: connection %d cannot keep up; dropping it", action.conn)
-                link.overflowed = True
-                if link.writer is not None:
-                    link.writer.cancel()
-                transport = link.request.transport
-                if transport is not None:
-                    transport.abort()
-                # From now on messages for this peer wait in the hub for a resume.
-                self.apply(self.hub.disconnect(action.conn, self.now(), graceful=False))
+                # waiting for the socket to drain: cut the connection.
+                self._drop(action.conn, link, "cannot keep up")
+                continue
+            while self.queued + size > send_total_bytes:
+                # Every reader is within its own bound but together they are not: the one
+                # with the most waiting goes first.
+                conn, slowest = max(self.links.items(), key=lambda item: item[1].queued)
+                if slowest.queued == 0:
+                    break
+                self._drop(conn, slowest, "has the most waiting while the server is full")
+                if slowest is link:
+                    break
+            if link.overflowed:
+                continue
+            link.queue.put_nowait(item)
+            link.queued += size
+            self.queued += size
+
+    def written(self, link: _Link, size: int) -> None:
+        """``size`` bytes of ``link``'s queue reached the socket (or were given up)."""
+        size = min(size, link.queued)
+        link.queued -= size
+        self.queued -= size
+
+    def _drop(self, conn: int, link: _Link, why: str) -> None:
+        """Cut ``link`` without a close handshake: the hub sees a lost link, so the client
+        can resume its seat on a new connection (messages for it wait in the hub)."""
+        log.info("signaling: connection %d %s; dropping it", conn, why)
+        link.overflowed = True
+        self.written(link, link.queued)
+        if link.writer is not None:
+            link.writer.cancel()
+        transport = link.request.transport
+        if transport is not None:
+            transport.abort()
+        self.apply(self.hub.disconnect(conn, self.now(), graceful=False))
 
 
 STATE: Final = web.AppKey("tsunagu_signaling", _State)
@@ -124,20 +181,23 @@ def create_app(
     heartbeat: float = 5.0,
     resume_grace: float = 5.0,
     limits: Limits | None = None,
+    websockets: Caps | None = None,
 ) -> web.Application:
     """The page, the signaling WebSocket and the TURN REST endpoint.
 
     ``turn_secret`` is the shared secret used to mint TURN REST credentials; None means the
     page gets no TURN servers. A peer whose connection dies silently is noticed after at most
     ``1.5 * heartbeat`` seconds and announced as left ``resume_grace`` seconds later unless it
-    reconnects first. ``limits`` tunes rate limits and the like (capacity comes from config).
+    reconnects first. ``limits`` tunes rate limits and the like (capacity comes from config);
+    ``websockets`` bounds the WebSockets in total and per address.
     """
     limits = dataclasses.replace(
         limits or Limits(), capacity=config.room_capacity, resume_grace=resume_grace
     )
-    state = _State(
-        config, turn_secret, now, heartbeat, Hub(limits, new_token=secrets.token_urlsafe)
-    )
+    hub = Hub(limits, new_token=secrets.token_urlsafe, access=room_access(config))
+    state = _State(config, turn_secret, now, heartbeat, hub)
+    if websockets is not None:
+        state.websockets = ConnectionGate(websockets)
     app = web.Application(client_max_size=64 * 1024)
     app[STATE] = state
     app.on_response_prepare.append(_security_headers)
@@ -153,19 +213,63 @@ def create_app(
     return app
 
 
+def room_access(config: Config) -> Access:
+    """The hub's access rule from the configuration (``--room-access`` and its secrets)."""
+    mode = config.effective_room_access
+    if mode == "password":
+        assert config.room_password is not None
+        return Access("password", password_digest=hashlib.sha256(config.room_password.encode()).digest())
+    if mode == "token":
+        return Access("token", tokens=JoinTokens(config.join_secrets))
+    return Access("open")
+
+
 async def run_web(
     config: Config, turn_secret: str | None, ssl_context: ssl.SSLContext | None
 ) -> web.AppRunner:
-    """Start serving on ``config.web_ip:config.web_port`` and return the runner to clean up."""
-    app = create_app(config, turn_secret=turn_secret)
+    """Start serving on ``config.web_ip:config.web_port`` and return the runner to clean up.
+
+    This process relays TURN too (it is worker 0), and every allocation holds a descriptor:
+    the web port gets a fixed share of the descriptors (see ``web_connection_budget``;
+    ``serve`` has already raised the soft limit to the hard one), counted at accept time, and
+    WebSockets at most half of that share, so that no web client can starve TURN.
+    """
+    open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if open_files == resource.RLIM_INFINITY:
+        open_files = 1 << 20
+    budget = web_connection_budget(open_files)
+    sockets = Caps.fair(min(_MAX_WEBSOCKETS, budget // 2), _WEBSOCKETS_PER_ADDRESS)
+    app = create_app(config, turn_secret=turn_secret, websockets=sockets)
     runner = web.AppRunner(
         app,
         access_log=logging.getLogger("tsunagu.web.access") if config.verbose else None,
         handle_signals=False,
+        # aiohttp arms this timer when a connection opens and after each response; if the
+        # next request's headers are not complete when it fires, the connection is closed:
+        # the header read timeout (slow headers) and the keep-alive timeout in one.
+        keepalive_timeout=HTTP_TIMEOUT,
+        max_line_size=8190,
+        max_field_size=8190,
+        max_headers=64,
     )
     await runner.setup()
-    site = web.TCPSite(runner, config.web_ip, config.web_port, ssl_context=ssl_context)
+    gate = ConnectionGate(Caps.fair(budget, _CONNECTIONS_PER_ADDRESS))
+    site = GatedSite(
+        runner,
+        config.web_ip,
+        config.web_port,
+        gate=gate,
+        ssl_context=ssl_context,
+        handshake_timeout=HTTP_TIMEOUT,
+    )
     await site.start()
+    log.info(
+        "web: at most %d connections (%d per address), %d WebSockets (%d per address)",
+        gate.caps.total,
+        gate.caps.per_address,
+        sockets.total,
+        sockets.per_address,
+    )
     scheme = "https" if ssl_context is not None else "http"
     host = f"[{config.web_ip}]" if ":" in config.web_ip else config.web_ip
     log.info("web: serving the video rooms on %s://%s:%d/", scheme, host, config.web_port)
@@ -211,6 +315,18 @@ async def _health(request: web.Request) -> web.StreamResponse:
 
 async def _turn_credentials(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
+    key = state.config.api_key
+    if key is None:
+        return _json_error(
+            404,
+            "off: browsers get TURN credentials by joining a room; a backend needs --api-key",
+        )
+    given = request.query.get("key")
+    if given is None:
+        scheme, _, bearer = request.headers.get("Authorization", "").partition(" ")
+        given = bearer.strip() if scheme.lower() == "bearer" else None
+    if given is None or not hmac.compare_digest(given.encode(), key.encode()):
+        return _json_error(401, "a valid API key is required (key=... or Authorization: Bearer)")
     service = request.query.get("service", "turn")
     if service != "turn":
         return _json_error(400, f"unknown service {service[:32]!r}; only 'turn' is offered")
@@ -236,27 +352,40 @@ def _json_error(status: int, message: str) -> web.Response:
 async def _websocket(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     address = request.remote or "?"
-    if len(state.links) >= _MAX_CONNECTIONS:
+    if not _origin_allowed(request, state.config.allowed_origins):
+        log.info(
+            "signaling: refused a WebSocket from %s: page origin %r is not this site's",
+            address,
+            request.headers.get("Origin", "")[:100],
+        )
+        raise web.HTTPForbidden(
+            text="this page's origin may not use this server's signaling (see --allowed-origin)\n"
+        )
+    key = address_key(address)
+    why = state.websockets.admit(key)
+    if why == "total":
         raise web.HTTPServiceUnavailable(text="too many connections\n")
-    if state.per_address[address] >= _MAX_CONNECTIONS_PER_ADDRESS:
+    if why is not None:
         raise web.HTTPTooManyRequests(text="too many connections from this address\n")
-    ws = web.WebSocketResponse(heartbeat=state.heartbeat, max_msg_size=_WS_FRAME_CAP)
-    await ws.prepare(request)
+    try:
+        # No permessage-deflate: it would cost every connection a compressor's memory
+        # (about 128 KiB each) for SDP that is sent once.
+        ws = web.WebSocketResponse(
+            heartbeat=state.heartbeat, max_msg_size=_WS_FRAME_CAP, compress=False
+        )
+        await ws.prepare(request)
+    except BaseException:
+        state.websockets.release(key)
+        raise
 
     conn = state.next_id
     state.next_id += 1
     link = _Link(ws, request, address)
     state.links[conn] = link
-    state.per_address[address] += 1
-    extras = ice_config(
-        state.config,
-        turn_secret=state.turn_secret,
-        request_host=request.headers.get("Host") or request.host,
-        user_id=f"web-{secrets.token_hex(4)}",
-        now=state.now(),
+    state.hub.connect(
+        conn, state.now(), address=_address_key(address), ice=_ice_issuer(state, request)
     )
-    state.hub.connect(conn, state.now(), extras)
-    link.writer = asyncio.create_task(_write(link), name=f"signaling-writer-{conn}")
+    link.writer = asyncio.create_task(_write(state, link), name=f"signaling-writer-{conn}")
     graceful = False
     try:
         while True:
@@ -272,19 +401,67 @@ async def _websocket(request: web.Request) -> web.StreamResponse:
                 break
     finally:
         state.links.pop(conn, None)
-        state.per_address[address] -= 1
-        if state.per_address[address] <= 0:
-            del state.per_address[address]
+        state.websockets.release(key)
         link.writer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await link.writer
+        state.written(link, link.queued)
         state.apply(state.hub.disconnect(conn, state.now(), graceful=graceful))
         if not ws.closed:
             await ws.close()
     return ws
 
 
-async def _write(link: _Link) -> None:
+def _origin_allowed(request: web.Request, allowed: tuple[str, ...]) -> bool:
+    """A browser names the page that opens a WebSocket; only this site's pages (and the
+    operator's ``--allowed-origin``) may use it. Clients that are not browsers send no
+    Origin and cannot be made to act for someone else, so they pass."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True
+    origin = origin.strip().lower().rstrip("/")
+    if origin in allowed:
+        return True
+    scheme, sep, host = origin.partition("://")
+    # The scheme is not compared: behind a TLS-terminating proxy this side sees http.
+    own = (request.headers.get("Host") or "").strip().lower()
+    return bool(sep) and scheme in ("http", "https") and bool(own) and host == own
+
+
+def _address_key(address: str) -> str:
+    """What limits per client count by: the address, or its /64 for IPv6 (one subscriber
+    usually holds a whole /64, so counting single addresses would not bound anyone)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+def _ice_issuer(state: _State, request: web.Request) -> IceIssuer:
+    """Mints the ICE configuration for whoever joins on this connection: TURN credentials
+    name that person and are renewed at half their lifetime."""
+    host = request.headers.get("Host") or request.host
+
+    def issue(user_id: str, turn: bool, now: float) -> tuple[dict[str, Any], float | None]:
+        extras = ice_config(
+            state.config,
+            turn_secret=state.turn_secret if turn else None,
+            request_host=host,
+            user_id=user_id,
+            now=now,
+        )
+        creds = extras["turn"]
+        return extras, None if creds is None else max(1.0, creds["ttl"] / 2)
+
+    return issue
+
+
+async def _write(state: _State, link: _Link) -> None:
     ws = link.ws
     try:
         while True:
@@ -292,7 +469,10 @@ async def _write(link: _Link) -> None:
             if isinstance(item, Close):
                 await ws.close(code=item.code, message=item.reason.encode()[:120])
                 return
-            await ws.send_str(item)
+            # Returns once the frame is in the transport's buffer, which aiohttp keeps below
+            # its writer limit (64 KiB) by waiting for the socket to drain.
+            await ws.send_frame(item, WSMsgType.TEXT)
+            state.written(link, len(item))
     except (ConnectionError, RuntimeError) as exc:
         # The peer went away mid-write; the reader side notices and cleans up.
         log.debug("signaling: write failed: %s", exc)

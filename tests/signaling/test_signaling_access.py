@@ -1,0 +1,245 @@
+"""Who may enter a room, who gets TURN credentials, and from which web pages."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import WSMsgType
+from aiohttp.test_utils import TestClient, TestServer
+
+from tsunagu.auth.rest import rest_password
+from tsunagu.config import parse_config
+from tsunagu.signaling import messages as m
+from tsunagu.signaling.rooms import Access, Hub, Limits, Send
+from tsunagu.signaling.server import create_app
+from tsunagu.signaling.tokens import JoinTokens, TokenError, mint_join_token
+
+pytestmark = pytest.mark.timeout(30)
+
+SECRET = "shared-secret"
+JOIN_SECRET = "j" * 40
+WAIT = 5.0
+
+MakeClient = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+@pytest.fixture
+async def make_client() -> AsyncIterator[MakeClient]:
+    clients: list[TestClient[Any, Any]] = []
+
+    async def make(**kwargs: Any) -> TestClient[Any, Any]:
+        config = parse_config(kwargs.pop("config", {}))
+        kwargs.setdefault("turn_secret", SECRET)
+        client: TestClient[Any, Any] = TestClient(
+            TestServer(create_app(config, **kwargs), host="127.0.0.1")
+        )
+        await client.start_server()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.close()
+
+
+async def recv(ws: aiohttp.ClientWebSocketResponse, kind: str | None = None) -> dict[str, Any]:
+    async with asyncio.timeout(WAIT):
+        while True:
+            msg = await ws.receive()
+            assert msg.type is WSMsgType.TEXT, (msg.type, msg.data, msg.extra)
+            data: dict[str, Any] = json.loads(msg.data)
+            if kind is None or data["type"] == kind:
+                return data
+
+
+async def join(
+    client: TestClient[Any, Any], room: str, name: str = "Ada", **extra: Any
+) -> tuple[aiohttp.ClientWebSocketResponse, dict[str, Any]]:
+    ws = await client.ws_connect("/ws")
+    await ws.send_json({"type": "join", "v": 1, "room": room, "name": name, **extra})
+    return ws, await recv(ws)
+
+
+def turn_of(joined: dict[str, Any]) -> dict[str, Any]:
+    turn: dict[str, Any] = joined["turn"]
+    assert turn is not None, joined
+    assert turn["password"] == rest_password(SECRET, turn["username"])
+    return turn
+
+
+# --- origin --------------------------------------------------------------------------------
+
+
+async def test_a_page_on_another_site_cannot_open_the_websocket(make_client: MakeClient) -> None:
+    client = await make_client(config={"allowed_origins": ["https://app.example.org"]})
+    host = f"127.0.0.1:{client.port}"
+    for origin in ("https://evil.example", "null", f"http://{host}.evil.example", "file://"):
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await client.ws_connect("/ws", headers={"Origin": origin})
+        assert info.value.status == 403, origin
+    for origin in (f"http://{host}", f"https://{host}", "https://App.example.org"):
+        ws = await client.ws_connect("/ws", headers={"Origin": origin})
+        await ws.close()
+    # Not a browser: nothing to ride on, and it still has to join like anyone else.
+    ws, joined = await join(client, "r1")
+    assert joined["type"] == "joined"
+    await ws.close()
+
+
+# --- credentials -----------------------------------------------------------------------------
+
+
+async def test_credentials_come_only_with_joining_and_name_the_peer(
+    make_client: MakeClient,
+) -> None:
+    client = await make_client()
+    ws = await client.ws_connect("/ws")
+    await ws.send_json({"type": "ping"})
+    assert await recv(ws) == {"type": "pong"}  # connected, yet no ICE servers, no credential
+    await ws.send_json({"type": "join", "v": 1, "room": "r2", "name": "Ada"})
+    joined = await recv(ws)
+    turn = turn_of(joined)
+    expiry, _, user = turn["username"].partition(":")
+    assert user == joined["id"] and turn["ttl"] == 600
+    await ws.close()
+
+
+async def test_credentials_are_renewed_before_they_expire(make_client: MakeClient) -> None:
+    clock = [1_700_000_000.0]
+    client = await make_client(now=lambda: clock[0], config={"credential_ttl": 20})
+    ws, joined = await join(client, "renew")
+    first = turn_of(joined)
+    assert first["username"] == f"{int(clock[0]) + 20}:{joined['id']}"
+    clock[0] += 11  # past half the lifetime: the next tick (each second) sends fresh ones
+    fresh = await recv(ws, "ice")
+    turn = turn_of(fresh)
+    assert turn["username"] == f"{int(clock[0]) + 20}:{joined['id']}"
+    assert fresh["iceServers"][1]["username"] == turn["username"]
+    assert "seq" not in fresh  # not replayed on resume: a resume gets fresher ones anyway
+    await ws.close()
+
+
+# --- room access -------------------------------------------------------------------------------
+
+
+async def test_token_access(make_client: MakeClient) -> None:
+    clock = [1_700_000_000.0]
+    client = await make_client(
+        now=lambda: clock[0],
+        config={"room_access": "token", "join_secrets": [JOIN_SECRET]},
+    )
+
+    def token(**kw: Any) -> str:
+        args: dict[str, Any] = {"room": "board", "identity": "alice@corp", "ttl": 300}
+        args.update(kw)
+        secret = args.pop("secret", JOIN_SECRET)
+        return mint_join_token(secret, now=clock[0], **args)
+
+    refused = {
+        None: "token-required",
+        "not-a-jwt": "bad-token",
+        token(secret="x" * 40): "bad-token",
+        token(room="other"): "bad-token",
+        token(ttl=-60): "bad-token",
+    }
+    for given, code in refused.items():
+        extra = {} if given is None else {"token": given}
+        ws, answer = await join(client, "board", **extra)
+        assert answer["type"] == "error" and answer["code"] == code, (given, answer)
+        await ws.close()
+    ws, joined = await join(client, "board", "Typed Name", token=token(name="Alice A."))
+    assert joined["type"] == "joined" and joined["name"] == "Alice A."
+    assert turn_of(joined)["username"] == f"{int(clock[0]) + 600}:alice@corp"
+    no_relay, joined2 = await join(client, "Board", token=token(identity="bob", turn=False))
+    assert joined2["type"] == "joined" and joined2["turn"] is None
+    assert all("username" not in s for s in joined2["iceServers"])
+    for sock in (ws, no_relay):
+        await sock.close()
+
+
+async def test_password_access_and_its_attempt_limit(make_client: MakeClient) -> None:
+    client = await make_client(config={"room_access": "password", "room_password": "letmein"})
+    ws, answer = await join(client, "any")
+    assert answer["code"] == "password-required"
+    await ws.close()
+    for attempt in range(10):
+        ws, answer = await join(client, "any", password=f"guess{attempt}")
+        assert answer["code"] == "bad-password", (attempt, answer)
+        await ws.close()
+    # The eleventh try from this address is not even checked, right password or not.
+    ws, answer = await join(client, "any", password="letmein")
+    assert answer["code"] == "rate-limited" and "try again in" in answer["message"], answer
+    await ws.close()
+
+
+def test_room_passwords_are_limited_per_room_whatever_the_address() -> None:
+    hub = Hub(Limits(strike_limit=1e9), new_token=secrets.token_urlsafe)
+    hub.connect(1, 0.0, address="10.0.0.1")
+    hub.receive(1, m.encode({"type": "join", "v": 1, "room": "r", "name": "A", "password": "pw"}), 0.0)
+    codes = []
+    for i in range(40):
+        conn = 100 + i
+        hub.connect(conn, 1.0, address=f"10.1.{i}.1")  # a new address every time
+        out = hub.receive(
+            conn,
+            m.encode({"type": "join", "v": 1, "room": "r", "name": "B", "password": f"g{i}"}),
+            1.0,
+        )
+        codes.append(next(a.message["code"] for a in out if isinstance(a, Send)))
+    assert codes[:30] == ["bad-password"] * 30 and set(codes[30:]) == {"rate-limited"}, codes
+    # Forgiven with time: half a guess per second.
+    hub.connect(999, 5.0, address="10.2.0.1")
+    out = hub.receive(
+        999, m.encode({"type": "join", "v": 1, "room": "r", "name": "C", "password": "pw"}), 5.0
+    )
+    assert [a.message["type"] for a in out if isinstance(a, Send) and a.conn == 999] == ["joined"]
+
+
+def test_attempts_are_remembered_for_a_bounded_number_of_addresses() -> None:
+    from tsunagu.signaling import rooms
+
+    hub = Hub(
+        Limits(strike_limit=1e9),
+        new_token=secrets.token_urlsafe,
+        access=Access("password", password_digest=b"\0" * 32),
+    )
+    join_msg = m.encode({"type": "join", "v": 1, "room": "r", "name": "A", "password": "x"})
+    for i in range(rooms._MAX_ATTEMPT_KEYS + 100):
+        hub.connect(i, 0.0, address=f"a{i}")
+        hub.receive(i, join_msg, 0.0)
+        hub.disconnect(i, 0.0, graceful=True)
+    assert len(hub._attempts) <= rooms._MAX_ATTEMPT_KEYS
+
+
+def test_join_tokens_refuse_what_they_should() -> None:
+    tokens = JoinTokens(["new" * 11, JOIN_SECRET])
+    now = 1_700_000_000.0
+    ok = mint_join_token(JOIN_SECRET, room="r", identity="u-1", now=now, ttl=60)
+    grant = tokens.verify(ok, now + 59)
+    assert (grant.room, grant.identity, grant.turn, grant.name) == ("r", "u-1", True, None)
+    with pytest.raises(TokenError, match="expired"):
+        tokens.verify(ok, now + 60 + 31)
+    import jwt
+
+    unsigned = jwt.encode({"room": "r", "sub": "u", "exp": now + 60}, None, algorithm="none")
+    with pytest.raises(TokenError):
+        tokens.verify(unsigned, now)
+    missing = jwt.encode({"room": "r", "exp": now + 60}, JOIN_SECRET, algorithm="HS256")
+    with pytest.raises(TokenError, match="sub"):
+        tokens.verify(missing, now)
+    odd = jwt.encode({"room": "r", "sub": "a:b", "exp": now + 60}, JOIN_SECRET, algorithm="HS256")
+    with pytest.raises(TokenError, match="sub"):
+        tokens.verify(odd, now)  # ':' would let a token pick another user's TURN username
+    later = jwt.encode(
+        {"room": "r", "sub": "u", "exp": now + 600, "nbf": now + 300}, JOIN_SECRET, "HS256"
+    )
+    with pytest.raises(TokenError, match="not valid yet"):
+        tokens.verify(later, now)
+    with pytest.raises(TokenError, match="too long"):
+        tokens.verify("x" * 5000, now)
