@@ -177,7 +177,7 @@ def test_unknown_type_names_the_type_and_the_allowed_ones() -> None:
 def test_deep_nesting_is_an_error_not_a_crash() -> None:
     err = refused('{"type": "ping", "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
     assert err.code in (ErrorCode.TOO_LARGE, ErrorCode.BAD_JSON)
-    err = refused("[" * 30_000 + "]" * 30_000)
+    err = refused("[" * 10_000 + "]" * 10_000)
     assert err.code in (ErrorCode.BAD_JSON, ErrorCode.BAD_MESSAGE)
 
 
