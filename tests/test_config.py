@@ -39,8 +39,10 @@ CONTRACT_FIELDS = [
     "max_port",
     "realm",
     "users",
+    "user_file",
     "use_auth_secret",
     "static_auth_secrets",
+    "static_auth_secret_file",
     "rest_check_on_refresh",
     "allowed_peer_ips",
     "denied_peer_ips",
@@ -52,6 +54,7 @@ CONTRACT_FIELDS = [
     "no_tcp",
     "no_tls",
     "user_quota",
+    "address_quota",
     "total_quota",
     "max_allocate_lifetime",
     "channel_lifetime",
@@ -125,9 +128,9 @@ def test_defaults() -> None:
     assert (config.listening_port, config.tls_listening_port) == (3478, 5349)
     assert (config.min_port, config.max_port) == (49152, 65535)
     assert config.realm == "tsunagu"
-    assert config.rest_check_on_refresh is True
+    assert config.rest_check_on_refresh is False
     assert config.software_attribute is False
-    assert config.unauth_rate == 20.0 and config.drain_timeout == 30.0
+    assert config.unauth_rate == 200.0 and config.drain_timeout == 30.0
     assert (config.web_ip, config.web_port) == ("127.0.0.1", 8080)
     assert config.ice_transport_policy == "all"
     assert (config.room_capacity, config.credential_ttl, config.workers) == (8, 600, 0)
@@ -168,7 +171,7 @@ EVERY_FIELD: list[tuple[str, str, list[str], Any]] = [
         ["--static-auth-secret", "s1", "--static-auth-secret", "s2"],
         ("s1", "s2"),
     ),
-    ("rest_check_on_refresh", "false", ["--no-rest-check-on-refresh"], False),
+    ("rest_check_on_refresh", "true", ["--rest-check-on-refresh"], True),
     (
         "allowed_peer_ips",
         '["10.1.2.3"]',
@@ -197,6 +200,7 @@ EVERY_FIELD: list[tuple[str, str, list[str], Any]] = [
     ("no_tls", "true", ["--no-tls"], True),
     ("user_quota", "5", ["--user-quota", "5"], 5),
     ("total_quota", "100", ["--total-quota", "100"], 100),
+    ("address_quota", "0", ["--address-quota", "0"], 0),
     ("max_allocate_lifetime", "1800", ["--max-allocate-lifetime", "1800"], 1800),
     ("channel_lifetime", "700", ["--channel-lifetime", "700"], 700),
     ("permission_lifetime", "400", ["--permission-lifetime", "400"], 400),
@@ -246,7 +250,9 @@ EVERY_FIELD: list[tuple[str, str, list[str], Any]] = [
 
 
 def test_every_field_is_exercised() -> None:
-    covered = {row[0] for row in EVERY_FIELD} | {"use_auth_secret", "pkey"}
+    # The credential files are read while loading: test_users_and_secrets_from_files.
+    files = {"user_file", "static_auth_secret_file"}
+    covered = {row[0] for row in EVERY_FIELD} | {"use_auth_secret", "pkey"} | files
     assert covered == set(CONTRACT_FIELDS)
 
 
@@ -292,9 +298,9 @@ def test_flags_win_over_the_file(tmp_path: Path) -> None:
 
 
 def test_file_may_switch_a_default_on_and_a_flag_back_off(tmp_path: Path) -> None:
-    path = write_toml(tmp_path, "rest_check_on_refresh = false\n")
-    assert load_config(["-c", path]).rest_check_on_refresh is False
-    assert load_config(["-c", path, "--rest-check-on-refresh"]).rest_check_on_refresh is True
+    path = write_toml(tmp_path, "rest_check_on_refresh = true\n")
+    assert load_config(["-c", path]).rest_check_on_refresh is True
+    assert load_config(["-c", path, "--no-rest-check-on-refresh"]).rest_check_on_refresh is False
 
 
 def test_flag_order_is_kept_and_duplicates_dropped() -> None:
@@ -391,6 +397,7 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"room_capacity": 0}, "room_capacity"),
     ({"user_quota": -1}, "user_quota"),
     ({"total_quota": "lots"}, "total_quota"),
+    ({"address_quota": -2}, "address_quota"),
     ({"unauth_rate": 0}, "unauth_rate"),
     ({"unauth_rate": float("inf")}, "unauth_rate"),
     ({"drain_timeout": -1.0}, "drain_timeout"),
@@ -623,3 +630,62 @@ def test_a_config_survives_the_json_hand_over_to_workers() -> None:
         sent = json.dumps(config_to_json(config))
         assert config_from_json(json.loads(sent)) == config
     assert config_to_json(every_field_set())["users"] == ["alice:pw1", "bob:p:w"]
+
+
+# --- quotas and credentials kept out of the process list -----------------------------------
+
+
+def test_quotas_default_to_derived_values() -> None:
+    config = Config()
+    assert (config.user_quota, config.address_quota, config.total_quota) == (None, None, None)
+    assert config_from_json(config_to_json(config)).user_quota is None
+    assert load_config(["--user-quota", "0"]).user_quota == 0  # unlimited, explicitly
+
+
+def test_users_and_secrets_from_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TSUNAGU_USERS", raising=False)
+    monkeypatch.delenv("TSUNAGU_STATIC_AUTH_SECRET", raising=False)
+    users = tmp_path / "users"
+    users.write_text("# operators\nalice:pw:with:colons\n\n  bob:b0b  \n", encoding="utf-8")
+    secrets = tmp_path / "secrets"
+    secrets.write_text("# current first\nnew-secret\nold-secret\n", encoding="utf-8")
+    config = load_config(
+        ["-u", "carol:c", "--user-file", str(users), "--static-auth-secret-file", str(secrets)]
+    )
+    assert [(u.name, u.password) for u in config.users] == [
+        ("carol", "c"),
+        ("alice", "pw:with:colons"),
+        ("bob", "b0b"),
+    ]
+    assert config.static_auth_secrets == ("new-secret", "old-secret")
+    # Worker processes get the merged lists and do not read the files again.
+    users.unlink()
+    again = config_from_json(config_to_json(config))
+    assert again.users == config.users and again.static_auth_secrets == config.static_auth_secrets
+    # From a TOML file too.
+    users.write_text("dave:d\n", encoding="utf-8")
+    toml = write_toml(tmp_path, f'user_file = "{users}"\n')
+    assert [u.name for u in load_config(["-c", toml]).users] == ["dave"]
+
+
+def test_users_and_secret_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TSUNAGU_USERS", "alice:a, bob:b\ncarol:c")
+    monkeypatch.setenv("TSUNAGU_STATIC_AUTH_SECRET", "from-env")
+    config = load_config([])
+    assert [u.name for u in config.users] == ["alice", "bob", "carol"]
+    assert config.static_auth_secrets == ("from-env",)
+    # A secret given otherwise wins over the environment's.
+    assert load_config(["--static-auth-secret", "flag"]).static_auth_secrets == ("flag",)
+    assert "users=<3 redacted>" in repr(config)
+
+
+def test_credential_file_errors_name_the_key_and_not_the_content(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TSUNAGU_USERS", raising=False)
+    message = config_error(load_config, ["--user-file", str(tmp_path / "missing")])
+    assert message.startswith("config: user_file: ") and "cannot read" in message
+    bad = tmp_path / "users"
+    bad.write_text("no-password-here\n", encoding="utf-8")
+    message = config_error(load_config, ["--user-file", str(bad)])
+    assert message.startswith("config: users: ") and "no-password-here" not in message

@@ -83,3 +83,34 @@ def test_peer_policy_is_the_cores_own_for_the_same_ranges() -> None:
     config = parse_config({"allowed_peer_ips": allowed, "denied_peer_ips": denied})
     assert serve.peer_policy(config) == PeerPolicy.create(allowed, denied)
     assert serve.peer_policy(parse_config({})) == PeerPolicy.create()
+
+
+def test_the_servers_own_addresses_are_denied_as_peers_unless_allowed() -> None:
+    config = parse_config(
+        {
+            "listening_ips": ["0.0.0.0"],
+            "relay_ips": ["203.0.113.20"],
+            "external_ips": ["198.51.100.30/10.0.0.5"],
+        }
+    )
+    own = serve.own_addresses(config, ("8.8.4.4", "127.0.0.1"))
+    assert own == ("8.8.4.4", "127.0.0.1", "203.0.113.20", "198.51.100.30", "10.0.0.5")
+    policy = serve.settings_from_config(config, ("8.8.4.4", "127.0.0.1")).policy
+    # A listening address (here a public one), the relay address, the advertised one.
+    for ip in ("8.8.4.4", "203.0.113.20", "198.51.100.30"):
+        assert not policy.permits(ip), ip
+    assert policy.permits("8.8.8.8")
+    # Spelled as 6to4 it is still the server.
+    assert not policy.permits("2002:808:404::1")
+    # The operator's allowed range wins, as it does for loopback in the tests.
+    allowed = parse_config({"allowed_peer_ips": ["127.0.0.1", "8.8.4.4"]})
+    policy = serve.settings_from_config(allowed, ("8.8.4.4", "127.0.0.1")).policy
+    assert policy.permits("127.0.0.1") and policy.permits("8.8.4.4")
+
+
+def test_settings_carry_the_quotas() -> None:
+    settings = serve.settings_from_config(parse_config({}))
+    assert (settings.user_quota, settings.address_quota, settings.total_quota) == (None,) * 3
+    given = parse_config({"user_quota": 3, "address_quota": 0, "total_quota": 9})
+    settings = serve.settings_from_config(given)
+    assert (settings.user_quota, settings.address_quota, settings.total_quota) == (3, 0, 9)

@@ -16,6 +16,7 @@ import argparse
 import difflib
 import ipaddress
 import math
+import os
 import re
 import sys
 import tomllib
@@ -478,6 +479,13 @@ class Config:
         flag="--user",
         metavar="NAME:PASSWORD",
     )
+    user_file: str | None = _opt(
+        None,
+        _optional(_check_text()),
+        "file of static users, one name:password a line, # comments (keeps passwords out of"
+        " the process list; TSUNAGU_USERS adds more, comma- or newline-separated)",
+        metavar="FILE",
+    )
     use_auth_secret: bool = _opt(
         False,
         _check_bool,
@@ -490,8 +498,19 @@ class Config:
         flag="--static-auth-secret",
         metavar="SECRET",
     )
+    static_auth_secret_file: str | None = _opt(
+        None,
+        _optional(_check_text()),
+        "file of TURN REST secrets, one a line, # comments (without it and without"
+        " --static-auth-secret, TSUNAGU_STATIC_AUTH_SECRET is read)",
+        metavar="FILE",
+    )
     rest_check_on_refresh: bool = _opt(
-        True, _check_bool, "refuse a Refresh once the REST credential has expired"
+        False,
+        _check_bool,
+        "end an allocation at its REST credential's expiry: refuse its Refresh, CreatePermission "
+        "and ChannelBind (off: a credential gates new allocations only, as in coturn, so a call "
+        "outlives its short-lived credential)",
     )
     allowed_peer_ips: tuple[PeerRange, ...] = _opt(
         (),
@@ -524,8 +543,30 @@ class Config:
     no_udp: bool = _opt(False, _check_bool, "do not listen on UDP")
     no_tcp: bool = _opt(False, _check_bool, "do not listen on plain TCP")
     no_tls: bool = _opt(False, _check_bool, "do not listen on TLS")
-    user_quota: int = _opt(0, _QUOTA, "allocations per user")
-    total_quota: int = _opt(0, _QUOTA, "allocations in total")
+    # Defaults (None) are derived per worker process from its share of the relay ports;
+    # turn/quotas.py says why these numbers.
+    user_quota: int | None = _opt(
+        None,
+        _optional(_QUOTA),
+        "allocations per user, per worker: for a TURN REST username the user id after"
+        " 'expiry:' (a new credential does not reset it), else the name (default: 128, at"
+        " most half of total_quota)",
+        metavar="N",
+    )
+    address_quota: int | None = _opt(
+        None,
+        _optional(_QUOTA),
+        "allocations per client IPv4 address or IPv6 /64, per worker (default: 512, enough for"
+        " an 8-person call behind one NAT, at most half of total_quota)",
+        metavar="N",
+    )
+    total_quota: int | None = _opt(
+        None,
+        _optional(_QUOTA),
+        "allocations in total, per worker (default: the worker's share of the relay ports,"
+        " less 2%%)",
+        metavar="N",
+    )
     max_allocate_lifetime: int = _opt(3600, _POSITIVE, "longest allocation lifetime, seconds")
     channel_lifetime: int = _opt(600, _POSITIVE, "channel binding lifetime, seconds")
     permission_lifetime: int = _opt(300, _POSITIVE, "permission lifetime, seconds")
@@ -548,7 +589,11 @@ class Config:
         metavar="ADDR",
     )
     unauth_rate: float = _opt(
-        20.0, _check_float(0, inclusive=False), "401 responses per second per source IP"
+        200.0,
+        _check_float(0, inclusive=False),
+        "full-size unauthenticated answers over UDP (401, 438, 400) per second per client IPv4"
+        " address or IPv6 /64, burst twice that; beyond it an answer is sent once its"
+        " request's retransmissions add up to its size (no amplification)",
     )
     # coturn has no per-address or total connection caps to name these after.
     max_tcp_connections_per_ip: int = _opt(
@@ -855,6 +900,8 @@ def _from_flag(name: str, raw: Any) -> Any:
                 return int(raw, 10)
             if isinstance(default, float):
                 return float(raw)
+            if default is None and _FIELDS[name].type == "int | None":
+                return int(raw, 10)
         except ValueError:
             return raw
     return raw
@@ -882,7 +929,57 @@ def config_from_args(args: argparse.Namespace) -> Config:
     for name, raw in given.items():
         if name in _FIELDS:
             merged[name] = _from_flag(name, raw)
+    _add_credentials_from_files(merged, os.environ)
     return parse_config(merged)
+
+
+USERS_ENV = "TSUNAGU_USERS"
+SECRET_ENV = "TSUNAGU_STATIC_AUTH_SECRET"
+
+
+def _read_lines(key: str, path: Any) -> list[str]:
+    """The entries of a credentials file: one a line, blank lines and # comments skipped."""
+    if not isinstance(path, str) or not path:
+        _fail(key, "must be a file name", path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ConfigError(f"config: {key}: {path}: cannot read: {reason}") from None
+    lines = (line.strip() for line in text.splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _add_credentials_from_files(merged: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """Static users and REST secrets from ``user_file``, ``static_auth_secret_file`` and the
+    environment, added to those given inline: arguments are visible in ``ps``, these are not.
+
+    Only the command line and the TOML file are read this way (worker processes get the
+    merged lists, not the files again).
+    """
+    users = _as_list(merged.get("users"))
+    if merged.get("user_file") is not None:
+        users += _read_lines("user_file", merged["user_file"])
+    if environ.get(USERS_ENV):
+        entries = environ[USERS_ENV].replace(",", "\n").splitlines()
+        users += [entry.strip() for entry in entries if entry.strip()]
+    if users:
+        merged["users"] = users
+    secrets = _as_list(merged.get("static_auth_secrets"))
+    if merged.get("static_auth_secret_file") is not None:
+        secrets += _read_lines("static_auth_secret_file", merged["static_auth_secret_file"])
+    if not secrets and environ.get(SECRET_ENV):
+        entries = environ[SECRET_ENV].splitlines()
+        secrets = [entry.strip() for entry in entries if entry.strip()]
+    if secrets:
+        merged["static_auth_secrets"] = secrets
 
 
 def load_config(argv: Sequence[str] | None = None, *, prog: str = "tsunagu serve") -> Config:

@@ -54,6 +54,7 @@ __all__ = [
     "credential_store",
     "listening_addresses",
     "local_addresses",
+    "own_addresses",
     "peer_policy",
     "serve",
     "settings_from_config",
@@ -154,6 +155,7 @@ def settings_from_config(config: Config, fallback_relay_ips: tuple[str, ...] = (
         channel_lifetime=config.channel_lifetime,
         nonce_lifetime=config.stale_nonce,
         user_quota=config.user_quota,
+        address_quota=config.address_quota,
         total_quota=config.total_quota,
         software="tsunagu" if config.software_attribute else None,
         rfc3489_compat=config.stun_backward_compatibility,
@@ -162,15 +164,42 @@ def settings_from_config(config: Config, fallback_relay_ips: tuple[str, ...] = (
         no_stun=config.no_stun,
         alternate_servers=tuple((str(entry.ip), entry.port) for entry in config.alternate_servers),
         unauth_rate=config.unauth_rate,
-        policy=peer_policy(config),
+        policy=peer_policy(config, own_addresses(config, fallback_relay_ips)),
     )
 
 
-def peer_policy(config: Config) -> PeerPolicy:
-    """The default peer policy with the configured ranges allowed and denied."""
+def own_addresses(config: Config, listening: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The server's own addresses: where it listens, relays from, and what it advertises.
+
+    They are denied as peers (unless an allowed range covers them): a permission for one
+    would let a client relay to this very server, looping through itself, or reach the
+    other services of its host. The whole address is denied, every port, not only the
+    listening ports: permissions, and the native relay path that checks them per packet,
+    are per IP address (RFC 8656 §9), so a port-level rule would not hold for Send
+    indications and ChannelData; and what else listens on the host (SSH, an admin page)
+    is no more a relay's business than loopback is.
+    """
+    found: list[str] = []
+    candidates = [
+        *listening,
+        *(str(ip) for ip in config.listening_ips if not ip.is_unspecified),
+        *(str(ip) for ip in config.relay_ips),
+        *(str(entry.public) for entry in config.external_ips),
+        *(str(entry.private) for entry in config.external_ips if entry.private is not None),
+    ]
+    for ip in candidates:
+        if ip not in found:
+            found.append(ip)
+    return tuple(found)
+
+
+def peer_policy(config: Config, own: tuple[str, ...] = ()) -> PeerPolicy:
+    """The default peer policy with the configured ranges allowed and denied, and the
+    server's ``own`` addresses (:func:`own_addresses`) denied too."""
     return PeerPolicy(
         allowed=tuple(net for entry in config.allowed_peer_ips for net in entry.networks),
         denied=PeerPolicy.create().denied
+        + tuple(ipaddress.ip_network(ip) for ip in own)
         + tuple(net for entry in config.denied_peer_ips for net in entry.networks),
     )
 
@@ -313,6 +342,7 @@ async def _start_turn(
     binder = UdpRelayBinder(loop, rng.randbytes, engine.relay_endpoint)
     server = TurnServer(settings, credential_store(config, rest_secrets), binder, rng)
     driver = TurnDriver(server, loop, engine, worker=share.index)
+    driver.start_reports()
     turn = _Turn(driver, engine)
     port = config.listening_port
     # TCP and TLS clients of this worker, counted together against the caps.
