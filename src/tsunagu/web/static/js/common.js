@@ -21,11 +21,20 @@ function pick(list) {
   return list[values[0] % list.length];
 }
 
-/** A random, readable room name such as "quiet-otter-42". */
+const BASE32 = "abcdefghijklmnopqrstuvwxyz234567";
+
+/** A random room name such as "quiet-otter-k3mz8q2vd7xwa": readable words for people, and
+ * 65 random bits so that nobody finds an open room by trying names. */
 export function randomRoomName() {
-  const digits = new Uint32Array(1);
-  crypto.getRandomValues(digits);
-  return `${pick(ADJECTIVES)}-${pick(NOUNS)}-${10 + (digits[0] % 90)}`;
+  const bytes = new Uint8Array(13);
+  crypto.getRandomValues(bytes);
+  const tail = Array.from(bytes, (b) => BASE32[b & 31]).join("");
+  return `${pick(ADJECTIVES)}-${pick(NOUNS)}-${tail}`;
+}
+
+/** Where a tab keeps the join token of its invitation link, for reloads and reconnects. */
+export function tokenKey(room) {
+  return `tsunagu:token:${room}`;
 }
 
 export function randomGuestName() {

@@ -2,11 +2,12 @@
 // screen sharing and, for every remote peer, a badge telling how the media flows.
 //
 // URL parameters: ?name=<display name> joins without asking; ?transport=udp|tcp|tls keeps only
-// the TURN URIs of that transport (for debugging a network); ?relay=1 starts in relay-only mode.
+// the TURN URIs of that transport (for debugging a network); ?relay=1 starts in relay-only mode;
+// ?token=<join token> is an invitation link's pass into the room.
 
 import {
   copyText, hue, initials, parseRoom, passwordKey, randomGuestName, roomUrl, saveName, savedName,
-  toast,
+  toast, tokenKey,
 } from "./common.js";
 import { filterServers } from "./ice.js";
 import { PeerLink } from "./peer.js";
@@ -449,6 +450,8 @@ function onMessage(message) {
     }
     case "chat":
       return onChat(message);
+    case "ice":
+      return onIce(message);
     case "error":
       return onError(message);
     default:
@@ -482,11 +485,34 @@ function onJoined(message) {
   renderSettings();
 }
 
+function onIce(message) {
+  // Fresh TURN credentials: what is already relayed keeps its allocation; anything gathered
+  // from now on (a new peer, an ICE restart) uses these.
+  state.iceServers = message.iceServers || [];
+  state.turn = message.turn || null;
+  for (const { link } of state.links.values()) {
+    link.pc.setConfiguration({ ...link.pc.getConfiguration(), iceServers: rtcConfig().iceServers });
+  }
+  state.iceRenewals = (state.iceRenewals || 0) + 1;
+  renderSettings();
+}
+
 function onError(message) {
   state.errors.push(message);
   if (state.errors.length > 50) state.errors.shift();
   if (message.code === "password-required" || message.code === "bad-password") {
     askName(message.code === "bad-password" ? "Wrong password, try again." : "This room needs a password.", true);
+  } else if (message.code === "token-required" || message.code === "bad-token") {
+    end(
+      message.code === "bad-token" ? "This invitation does not work" : "Invitation needed",
+      message.code === "bad-token"
+        ? `${message.message.replace(/^join: /, "")}.`
+        : "This server admits people with an invitation link only. Ask whoever invited you for one.",
+    );
+    signaling.leave();
+  } else if (message.code === "rate-limited" && message.ref === "join") {
+    end("Too many wrong attempts", `${message.message.replace(/^join: /, "")}.`);
+    signaling.leave();
   } else if (message.code === "room-full") {
     end("This room is full", `It already has ${state.capacity || "the most"} people. Try again later.`);
     signaling.leave();
@@ -675,6 +701,25 @@ function leave() {
   end("You left the room", "The others can keep talking. You can come back with the same link.");
 }
 
+function joinToken() {
+  // An invitation link carries the token once; the tab keeps it for reloads, and the address
+  // bar (and history, and anything copied from it) does not show it.
+  const params = new URLSearchParams(location.search);
+  let token = params.get("token") || "";
+  try {
+    if (token) sessionStorage.setItem(tokenKey(room), token);
+    else token = sessionStorage.getItem(tokenKey(room)) || "";
+  } catch {
+    // Without session storage a reload needs the link again.
+  }
+  if (params.has("token")) {
+    params.delete("token");
+    const query = params.toString();
+    history.replaceState(null, "", `${location.pathname}${query ? `?${query}` : ""}${location.hash}`);
+  }
+  return token || null;
+}
+
 async function start() {
   $("room-name").textContent = room;
   document.title = `${room} · tsunagu`;
@@ -688,7 +733,7 @@ async function start() {
   } catch {
     state.password = "";
   }
-  signaling = new Signaling({ room, name: state.name, password: state.password });
+  signaling = new Signaling({ room, name: state.name, password: state.password, token: joinToken() });
   signaling.addEventListener("message", (event) => onMessage(event.detail));
   signaling.addEventListener("state", (event) => {
     setNetStatus(event.detail);
@@ -765,6 +810,8 @@ window.tsunagu = {
     sharing: !!state.screen,
     transport: transportFilter,
     iceServers: rtcConfig().iceServers,
+    turnUsername: state.turn ? state.turn.username : null,
+    iceRenewals: state.iceRenewals || 0,
     localTracks: Object.fromEntries(Object.entries(outgoingTracks()).map(([k, t]) => [k, t ? t.readyState : null])),
   }),
   peers: () =>

@@ -13,11 +13,12 @@ const PONG_WITHIN_MS = 5000;
 const BACKOFF_MS = [250, 500, 1000, 2000, 3000];
 
 export class Signaling extends EventTarget {
-  constructor({ room, name, password }) {
+  constructor({ room, name, password, token }) {
     super();
     this.room = room;
     this.name = name;
     this.password = password || null;
+    this.token = token || null;
     this.resume = null;
     this.ws = null;
     this.state = "idle";
@@ -51,6 +52,7 @@ export class Signaling extends EventTarget {
       if (ws !== this.ws) return;
       const join = { type: "join", v: 1, room: this.room, name: this.name };
       if (this.password) join.password = this.password;
+      if (this.token) join.token = this.token;
       if (this.resume) join.resume = { ...this.resume, seq: this.seq };
       ws.send(JSON.stringify(join));
       this.keepAlive();
