@@ -302,7 +302,8 @@ async def test_slow_reader_is_dropped_and_may_resume(
 ) -> None:
     from tsunagu.signaling import server
 
-    monkeypatch.setattr(server, "send_queue_size", 4)
+    # Room for a resume's burst (joined, the replay of up to 64 KiB, what was kept meanwhile).
+    monkeypatch.setattr(server, "send_queue_bytes", 200_000)
     client = await make_client(heartbeat=30.0, resume_grace=5.0, limits=Limits(rate=1e4, burst=1e4))
     assert client.app is not None
     hub = client.app[server.STATE].hub
