@@ -269,3 +269,55 @@ def test_readme_quick_start_is_exactly_two_one_line_commands(repo_root: Path) ->
     ]
     ci = (repo_root / ".ci" / "run").read_text()
     assert "./scripts/setup --test" in ci and ".venv/bin/python -m pytest" in ci
+
+
+# --- token ------------------------------------------------------------------------------------
+
+JOIN_SECRET = "t" * 40
+
+
+def test_token_mints_what_the_server_admits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tsunagu.signaling.tokens import JoinTokens
+
+    secret_file = tmp_path / "join.secret"
+    secret_file.write_text(JOIN_SECRET + "\n")
+    argv = ["token", "--room", "Board", "--identity", "alice", "--name", "Alice", "--ttl", "60"]
+    assert main([*argv, "--join-secret-file", str(secret_file), "--url", "https://m.example/"]) == 0
+    link = capsys.readouterr().out.strip()
+    prefix = "https://m.example/r/board?token="
+    assert link.startswith(prefix), link
+    grant = JoinTokens([JOIN_SECRET]).verify(link[len(prefix) :], time.time())
+    assert (grant.room, grant.identity, grant.name, grant.turn) == ("board", "alice", "Alice", True)
+    with pytest.raises(ValueError, match="expired"):
+        JoinTokens([JOIN_SECRET]).verify(link[len(prefix) :], time.time() + 60 + 31)
+
+    monkeypatch.setenv("TSUNAGU_JOIN_SECRET", JOIN_SECRET)
+    assert main(["token", "--room", "b", "--identity", "bob", "--no-turn"]) == 0
+    assert JoinTokens([JOIN_SECRET]).verify(capsys.readouterr().out.strip(), time.time()).turn is False
+
+    monkeypatch.delenv("TSUNAGU_JOIN_SECRET")
+    config = tmp_path / "tsunagu.toml"
+    config.write_text(f'join_secrets = ["{JOIN_SECRET}"]\n')
+    assert main(["token", "--room", "b", "--identity", "carol", "-c", str(config)]) == 0
+    assert JoinTokens([JOIN_SECRET]).verify(capsys.readouterr().out.strip(), time.time())
+
+    assert main(["token", "--room", "b", "--identity", "carol"]) == 2
+    assert "no join secret" in capsys.readouterr().err
+    assert main(["token", "--room", "b", "--identity", "x:y", "-c", str(config)]) == 2
+    assert "--identity" in capsys.readouterr().err
+
+
+def test_web_secrets_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tsunagu.config import load_config
+
+    monkeypatch.setenv("TSUNAGU_JOIN_SECRET", JOIN_SECRET)
+    monkeypatch.setenv("TSUNAGU_API_KEY", "a" * 32)
+    monkeypatch.setenv("TSUNAGU_ROOM_PASSWORD", "open sesame")
+    config = load_config(["--web-ip", "0.0.0.0"])
+    assert config.join_secrets == (JOIN_SECRET,) and config.effective_room_access == "token"
+    assert config.api_key == "a" * 32 and config.room_password == "open sesame"
+    assert "open sesame" not in repr(config) and JOIN_SECRET not in repr(config)
+    # A flag wins over the environment.
+    assert load_config(["--join-secret", "u" * 32]).join_secrets == ("u" * 32,)

@@ -114,3 +114,18 @@ def test_settings_carry_the_quotas() -> None:
     given = parse_config({"user_quota": 3, "address_quota": 0, "total_quota": 9})
     settings = serve.settings_from_config(given)
     assert (settings.user_quota, settings.address_quota, settings.total_quota) == (3, 0, 9)
+
+
+def test_start_up_output_says_who_may_enter_rooms() -> None:
+    from tsunagu.config import parse_config
+    from tsunagu.serve import _room_access_line
+
+    line = _room_access_line(parse_config({}))
+    assert line.startswith("tsunagu: room access open (default for this address): anyone"), line
+    assert "valid 600 s and renewed" in line and "/api/turn-credentials off" in line
+    public = parse_config({"web_ip": "0.0.0.0", "join_secrets": ["s" * 32], "api_key": "k" * 32})
+    line = _room_access_line(public)
+    assert "room access token (default for this address): rooms admit invitation links" in line
+    assert "/api/turn-credentials on" in line
+    chosen = _room_access_line(parse_config({"web_ip": "0.0.0.0", "room_access": "open"}))
+    assert "room access open: anyone" in chosen

@@ -45,6 +45,11 @@ COMMANDS: tuple[Command, ...] = (
         "tsunagu.cli:credential_command",
     ),
     Command(
+        "token",
+        "mint a join token (an invitation link) for one person and one room",
+        "tsunagu.cli:token_command",
+    ),
+    Command(
         "probe",
         "load a STUN/TURN server and report loss, RTT and cost as JSON",
         "tsunagu.probe.cli:probe_command",
@@ -205,6 +210,90 @@ def credential_command(argv: list[str], prog: str) -> int:
         sys.stdout.write(json.dumps(payload) + "\n")
     else:
         sys.stdout.write(f"username: {username}\npassword: {password}\n")
+    return 0
+
+
+# --- token ----------------------------------------------------------------------------------
+
+
+def token_command(argv: list[str], prog: str) -> int:
+    """``tsunagu token``: print a join token, or an invitation link that carries one."""
+    import os
+
+    from tsunagu.config import WEB_SECRET_ENV
+    from tsunagu.signaling.messages import is_valid_room, normalize_room
+    from tsunagu.signaling.tokens import mint_join_token
+
+    variable = WEB_SECRET_ENV["join_secrets"]
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        allow_abbrev=False,
+        description=(
+            "Mint a join token for --room-access token, as the embedding product's backend "
+            "would: a JWT (HS256) with room, sub (the identity), exp and optionally name, "
+            "signed with the server's join secret. The secret comes from --join-secret-file, "
+            f"else {variable}, else the join_secrets of the config file given with -c."
+        ),
+    )
+    parser.add_argument("--room", required=True, help="the room the token opens")
+    parser.add_argument(
+        "--identity", required=True, metavar="ID", help="who the person is (TURN usernames name it)"
+    )
+    parser.add_argument("--name", help="display name the person cannot change")
+    parser.add_argument(
+        "--ttl",
+        type=_positive_int,
+        default=3600,
+        metavar="SECONDS",
+        help="how long the token admits its holder (default: %(default)s)",
+    )
+    parser.add_argument("--no-turn", action="store_true", help="admit without a TURN relay")
+    parser.add_argument("--join-secret-file", metavar="FILE", help="first line: the secret (- = stdin)")
+    parser.add_argument("-c", "--config", metavar="FILE", help="tsunagu serve's TOML config file")
+    parser.add_argument(
+        "--url", metavar="BASE", help="print the invitation link under BASE (https://host:port)"
+    )
+    args = parser.parse_args(argv)
+
+    room = normalize_room(args.room)
+    if not is_valid_room(room):
+        _error(f"{prog}: --room: 1-48 letters, digits, '-' or '_', got {args.room!r}")
+        return 2
+    secret = ""
+    try:
+        if args.join_secret_file is not None:
+            secret = _read_secret(args.join_secret_file)
+        elif os.environ.get(variable, "").strip():
+            secret = os.environ[variable].split()[0]
+        elif args.config is not None:
+            secrets = load_config(["-c", args.config]).join_secrets
+            secret = secrets[0] if secrets else ""
+    except OSError as exc:
+        _error(f"{prog}: cannot read {args.join_secret_file}: {exc.strerror or exc}")
+        return 2
+    except ConfigError as exc:
+        _error(str(exc))
+        return 2
+    if not secret:
+        _error(f"{prog}: no join secret: give --join-secret-file, {variable} or -c with join_secrets")
+        return 2
+    try:
+        token = mint_join_token(
+            secret,
+            room=room,
+            identity=args.identity,
+            name=args.name,
+            ttl=args.ttl,
+            now=time.time(),
+            turn=not args.no_turn,
+        )
+    except ValueError as exc:
+        _error(f"{prog}: --identity: {exc}")
+        return 2
+    if args.url:
+        sys.stdout.write(f"{args.url.rstrip('/')}/r/{room}?token={token}\n")
+    else:
+        sys.stdout.write(token + "\n")
     return 0
 
 

@@ -22,7 +22,7 @@ import sys
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, NoReturn, TypeVar
+from typing import Any, Final, NoReturn, TypeVar
 
 __all__ = [
     "AlternateServer",
@@ -930,6 +930,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         if name in _FIELDS:
             merged[name] = _from_flag(name, raw)
     _add_credentials_from_files(merged, os.environ)
+    _add_web_secrets_from_env(merged, os.environ)
     return parse_config(merged)
 
 
@@ -980,6 +981,22 @@ def _add_credentials_from_files(merged: dict[str, Any], environ: Mapping[str, st
         secrets = [entry.strip() for entry in entries if entry.strip()]
     if secrets:
         merged["static_auth_secrets"] = secrets
+
+
+WEB_SECRET_ENV: Final = {
+    "join_secrets": "TSUNAGU_JOIN_SECRET",
+    "api_key": "TSUNAGU_API_KEY",
+    "room_password": "TSUNAGU_ROOM_PASSWORD",
+}
+
+
+def _add_web_secrets_from_env(merged: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """The join secret, API key and room password from the environment when neither the file
+    nor a flag gave them (a systemd credential or EnvironmentFile keeps them out of ``ps``)."""
+    for key, variable in WEB_SECRET_ENV.items():
+        value = environ.get(variable, "").strip()
+        if value and not merged.get(key):
+            merged[key] = value.split() if key == "join_secrets" else value
 
 
 def load_config(argv: Sequence[str] | None = None, *, prog: str = "tsunagu serve") -> Config:

@@ -169,16 +169,7 @@ def settings_from_config(config: Config, fallback_relay_ips: tuple[str, ...] = (
 
 
 def own_addresses(config: Config, listening: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """The server's own addresses: where it listens, relays from, and what it advertises.
-
-    They are denied as peers (unless an allowed range covers them): a permission for one
-    would let a client relay to this very server, looping through itself, or reach the
-    other services of its host. The whole address is denied, every port, not only the
-    listening ports: permissions, and the native relay path that checks them per packet,
-    are per IP address (RFC 8656 §9), so a port-level rule would not hold for Send
-    indications and ChannelData; and what else listens on the host (SSH, an admin page)
-    is no more a relay's business than loopback is.
-    """
+    """The server's own IP addresses: where it listens, relays from, and what it advertises."""
     found: list[str] = []
     candidates = [
         *listening,
@@ -195,12 +186,21 @@ def own_addresses(config: Config, listening: tuple[str, ...] = ()) -> tuple[str,
 
 def peer_policy(config: Config, own: tuple[str, ...] = ()) -> PeerPolicy:
     """The default peer policy with the configured ranges allowed and denied, and the
-    server's ``own`` addresses (:func:`own_addresses`) denied too."""
+    server's ``own`` addresses (:func:`own_addresses`) on its listening ports denied.
+
+    Only the listening ports of those addresses are denied (relaying to them would make the
+    server its own client, a loop), not the addresses: two clients of this server relaying
+    to each other's relayed addresses is the common case of a call through TURN. Requests
+    from the server's relay port range on those addresses are ignored by the core, which
+    closes the loop however a packet got there (a Send indication's permission is per IP).
+    """
+    ports = {config.listening_port, config.tls_listening_port}
     return PeerPolicy(
         allowed=tuple(net for entry in config.allowed_peer_ips for net in entry.networks),
         denied=PeerPolicy.create().denied
-        + tuple(ipaddress.ip_network(ip) for ip in own)
         + tuple(net for entry in config.denied_peer_ips for net in entry.networks),
+        own=frozenset((ip, port) for ip in own for port in ports),
+        own_relay=(frozenset(own), config.min_port, config.max_port),
     )
 
 
@@ -384,6 +384,28 @@ async def _start_turn(
     return turn
 
 
+_ROOM_ACCESS: dict[str, str] = {
+    "open": "anyone who can reach the page may create and join rooms and use the TURN relay"
+    " while in one; fine on loopback or a private network, choose token or password"
+    " (--room-access) before exposing it",
+    "password": "rooms admit whoever gives the room password (--room-password)",
+    "token": "rooms admit invitation links only: a join token signed with the join secret"
+    " names the room and the person ('tsunagu token', or three lines in the product's"
+    " backend: docs/SIGNALING.md)",
+}
+
+
+def _room_access_line(config: Config) -> str:
+    mode = config.effective_room_access
+    chosen = "" if config.room_access is not None else " (default for this address)"
+    api = "on (--api-key)" if config.api_key else "off"
+    return (
+        f"tsunagu: room access {mode}{chosen}: {_ROOM_ACCESS[mode]}; "
+        f"TURN credentials only for people in a room, valid {config.credential_ttl} s and renewed;"
+        f" /api/turn-credentials {api}"
+    )
+
+
 def _say_turn(
     config: Config,
     listening: list[str],
@@ -516,6 +538,7 @@ async def serve(config: Config, share: WorkerShare | None = None) -> int:
         runner = await run_web(config, None if config.no_turn else turn_secret, web_ssl)
         scheme = "https" if web_ssl else "http"
         _say(f"tsunagu: web app on {scheme}://{_bracket(config.web_ip)}:{config.web_port}/")
+        _say(_room_access_line(config))
 
     stop = asyncio.Event()
     signals_seen = 0
