@@ -85,27 +85,32 @@ def test_peer_policy_is_the_cores_own_for_the_same_ranges() -> None:
     assert serve.peer_policy(parse_config({})) == PeerPolicy.create()
 
 
-def test_the_servers_own_addresses_are_denied_as_peers_unless_allowed() -> None:
+def test_the_servers_listening_addresses_are_denied_as_peers_unless_allowed() -> None:
     config = parse_config(
         {
             "listening_ips": ["0.0.0.0"],
-            "relay_ips": ["203.0.113.20"],
-            "external_ips": ["198.51.100.30/10.0.0.5"],
+            "relay_ips": ["9.9.9.9"],
+            "external_ips": ["1.0.0.1/10.0.0.5"],
         }
     )
     own = serve.own_addresses(config, ("8.8.4.4", "127.0.0.1"))
-    assert own == ("8.8.4.4", "127.0.0.1", "203.0.113.20", "198.51.100.30", "10.0.0.5")
+    assert own == ("8.8.4.4", "127.0.0.1", "9.9.9.9", "1.0.0.1", "10.0.0.5")
     policy = serve.settings_from_config(config, ("8.8.4.4", "127.0.0.1")).policy
-    # A listening address (here a public one), the relay address, the advertised one.
-    for ip in ("8.8.4.4", "203.0.113.20", "198.51.100.30"):
-        assert not policy.permits(ip), ip
-    assert policy.permits("8.8.8.8")
-    # Spelled as 6to4 it is still the server.
-    assert not policy.permits("2002:808:404::1")
+    # The listening ports of a listening address, the relay address, the advertised one...
+    for ip in ("8.8.4.4", "9.9.9.9", "1.0.0.1"):
+        for port in (3478, 5349):
+            assert not policy.permits_address(ip, port), (ip, port)
+        # ...but not their other ports: two clients of this server relay to each other.
+        assert policy.permits_address(ip, 50000)
+    assert policy.permits_address("8.8.8.8", 3478)
+    # Requests from the relay port range of those addresses are the server's own.
+    assert policy.is_own_relay("9.9.9.9", 50000)
+    assert not policy.is_own_relay("9.9.9.9", 3478)
+    assert not policy.is_own_relay("8.8.8.8", 50000)
     # The operator's allowed range wins, as it does for loopback in the tests.
     allowed = parse_config({"allowed_peer_ips": ["127.0.0.1", "8.8.4.4"]})
     policy = serve.settings_from_config(allowed, ("8.8.4.4", "127.0.0.1")).policy
-    assert policy.permits("127.0.0.1") and policy.permits("8.8.4.4")
+    assert policy.permits_address("127.0.0.1", 3478) and policy.permits_address("8.8.4.4", 3478)
 
 
 def test_settings_carry_the_quotas() -> None:

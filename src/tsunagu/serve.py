@@ -200,7 +200,9 @@ def peer_policy(config: Config, own: tuple[str, ...] = ()) -> PeerPolicy:
         denied=PeerPolicy.create().denied
         + tuple(net for entry in config.denied_peer_ips for net in entry.networks),
         own=frozenset((ip, port) for ip in own for port in ports),
-        own_relay=(frozenset(own), config.min_port, config.max_port),
+        own_relay=(frozenset(own), config.min_port, config.max_port)
+        if own
+        else PeerPolicy.create().own_relay,
     )
 
 

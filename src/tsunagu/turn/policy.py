@@ -13,6 +13,15 @@ does not allow ``2002:7f00:1::`` or ``64:ff9b::7f00:1``, which are routed to a 6
 a NAT64 gateway, elsewhere. IPv4-mapped addresses (``::ffff:0:0/96``) are not IPv6
 destinations at all, and Teredo (``2001::/32``) tunnels through third-party relays: both are
 denied by default.
+
+The server's own listening addresses (``own``: IP and port, the UDP/TCP and the TLS port) are
+denied as peers too, unless an allowed range covers the IP: relaying to them would make the
+server a client of itself, a loop (RFC 8656 §21.2.4 on a peer address that is a TURN server).
+Only those ports, not the whole IP: two clients of this server relaying to each other's
+relayed addresses (both behind NATs that need TURN: the common case of a call through
+TURN) is relaying to the server's own relay IP, and must work. The core also ignores
+requests that come from the server's relay ports (:meth:`PeerPolicy.is_own_relay`), which
+closes the loop whichever way a packet got there.
 """
 
 from __future__ import annotations
@@ -86,6 +95,10 @@ class PeerPolicy:
 
     allowed: tuple[IPNetwork, ...]
     denied: tuple[IPNetwork, ...]
+    own: frozenset[tuple[str, int]] = frozenset()
+    """The server's listening addresses (IP, port), denied unless an allowed range has the IP."""
+    own_relay: tuple[frozenset[str], int, int] = (frozenset(), 0, -1)
+    """The server's relay IPs and its relay port range (``min_port``, ``max_port``)."""
 
     @classmethod
     def create(
@@ -114,3 +127,21 @@ class PeerPolicy:
             if embedded is not None:
                 candidates.append(embedded)
         return not any(self._matches(candidate, self.denied) for candidate in candidates)
+
+    def permits_address(self, ip: str, port: int) -> bool:
+        """True when relaying to ``ip:port`` is allowed: :meth:`permits` for the IP, and not
+        one of the server's own listening addresses (unless an allowed range has the IP)."""
+        if not self.permits(ip):
+            return False
+        if (ip, port) not in self.own:
+            return True
+        try:
+            return self._matches(ipaddress.ip_address(ip), self.allowed)
+        except ValueError:
+            return False
+
+    def is_own_relay(self, ip: str, port: int) -> bool:
+        """True when ``ip:port`` is (or may be, in another worker) one of this server's relay
+        sockets: a request from it is the server talking to itself."""
+        ips, low, high = self.own_relay
+        return low <= port <= high and ip in ips

@@ -275,6 +275,11 @@ class TurnServer:
     # ------------------------------------------------------------------ requests
 
     def _request(self, message: Message, five_tuple: FiveTuple, now: float) -> bytes | None:
+        client = five_tuple.client
+        if self.settings.policy.is_own_relay(client[0], client[1]):
+            # One of this server's relay sockets, sent here by a client: not a client itself.
+            self.drops["from own relay"] += 1
+            return None
         cache_key = (five_tuple, message.transaction_id)
         cached = self._cache.get(cache_key)
         if cached is not None and cached[1] > now:
@@ -597,7 +602,7 @@ class TurnServer:
         relay = allocation.relays.get(_FAMILY_TO_VERSION.get(peer.family, 0))
         if relay is None:
             raise PeerAddressFamilyMismatch()
-        if not self.settings.policy.permits(peer.ip):
+        if not self.settings.policy.permits_address(peer.ip, peer.port):
             user = user_id(allocation.username, self.settings.rest_api_separator)
             self.refusals.add("peer denied", f"{user} -> {peer.ip}")
             raise Forbidden("peer address not allowed", note=f"peer {peer.ip} not allowed")
@@ -686,6 +691,12 @@ class TurnServer:
         if relay is None or peer.ip not in allocation.permissions:
             allocation.dropped += 1
             self.drops["no permission"] += 1
+            return None
+        if peer.address in self.settings.policy.own and not self.settings.policy.permits_address(
+            peer.ip, peer.port
+        ):
+            allocation.dropped += 1
+            self.drops["peer denied"] += 1
             return None
         allocation.packets_to_peers += 1
         allocation.bytes_to_peers += len(data.value)
