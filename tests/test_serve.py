@@ -111,6 +111,13 @@ def test_the_servers_listening_addresses_are_denied_as_peers_unless_allowed() ->
     allowed = parse_config({"allowed_peer_ips": ["127.0.0.1", "8.8.4.4"]})
     policy = serve.settings_from_config(allowed, ("8.8.4.4", "127.0.0.1")).policy
     assert policy.permits_address("127.0.0.1", 3478) and policy.permits_address("8.8.4.4", 3478)
+    # Loopback (denied as a peer) and allowed addresses are never taken for a relay socket:
+    # clients on the server's own host, and the tests on loopback, are served.
+    assert not policy.is_own_relay("127.0.0.1", 50000)
+    assert not policy.is_own_relay("8.8.4.4", 50000)
+    default = serve.settings_from_config(parse_config({}), ("127.0.0.1", "10.0.0.5")).policy
+    assert not default.is_own_relay("127.0.0.1", 50000)
+    assert not default.is_own_relay("10.0.0.5", 50000)
 
 
 def test_settings_carry_the_quotas() -> None:

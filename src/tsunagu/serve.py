@@ -195,14 +195,21 @@ def peer_policy(config: Config, own: tuple[str, ...] = ()) -> PeerPolicy:
     closes the loop however a packet got there (a Send indication's permission is per IP).
     """
     ports = {config.listening_port, config.tls_listening_port}
-    return PeerPolicy(
+    policy = PeerPolicy(
         allowed=tuple(net for entry in config.allowed_peer_ips for net in entry.networks),
         denied=PeerPolicy.create().denied
         + tuple(net for entry in config.denied_peer_ips for net in entry.networks),
+    )
+    if not own:
+        return policy
+    # Where a relay can send to unless the operator chose so: see PeerPolicy.is_own_relay.
+    reachable = frozenset(
+        ip for ip in own if policy.permits(ip) and not policy.allows_explicitly(ip)
+    )
+    return dataclasses.replace(
+        policy,
         own=frozenset((ip, port) for ip in own for port in ports),
-        own_relay=(frozenset(own), config.min_port, config.max_port)
-        if own
-        else PeerPolicy.create().own_relay,
+        own_relay=(reachable, config.min_port, config.max_port),
     )
 
 

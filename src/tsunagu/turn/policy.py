@@ -128,20 +128,28 @@ class PeerPolicy:
                 candidates.append(embedded)
         return not any(self._matches(candidate, self.denied) for candidate in candidates)
 
-    def permits_address(self, ip: str, port: int) -> bool:
-        """True when relaying to ``ip:port`` is allowed: :meth:`permits` for the IP, and not
-        one of the server's own listening addresses (unless an allowed range has the IP)."""
-        if not self.permits(ip):
-            return False
-        if (ip, port) not in self.own:
-            return True
+    def allows_explicitly(self, ip: str) -> bool:
+        """True when one of the ``allowed`` ranges has ``ip``."""
         try:
             return self._matches(ipaddress.ip_address(ip), self.allowed)
         except ValueError:
             return False
 
+    def permits_address(self, ip: str, port: int) -> bool:
+        """True when relaying to ``ip:port`` is allowed: :meth:`permits` for the IP, and not
+        one of the server's own listening addresses (unless an allowed range has the IP)."""
+        if not self.permits(ip):
+            return False
+        return (ip, port) not in self.own or self.allows_explicitly(ip)
+
     def is_own_relay(self, ip: str, port: int) -> bool:
         """True when ``ip:port`` is (or may be, in another worker) one of this server's relay
-        sockets: a request from it is the server talking to itself."""
+        sockets: a request from it is the server talking to itself.
+
+        Only addresses a relay may send to count (``own_relay`` is built that way): one the
+        policy denies (loopback, private ranges, by default) cannot be reached from a relay,
+        and one the operator allowed explicitly is the operator's choice; a client on the
+        server's own host reaching it on such an address is served as any other.
+        """
         ips, low, high = self.own_relay
         return low <= port <= high and ip in ips
