@@ -720,6 +720,17 @@ function joinToken() {
   return token || null;
 }
 
+function tokenName(token) {
+  // The name a join token fixes (its payload is readable; only the server checks the signature).
+  try {
+    const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const claims = JSON.parse(new TextDecoder().decode(Uint8Array.from(atob(part), (c) => c.charCodeAt(0))));
+    return typeof claims.name === "string" ? claims.name.trim().slice(0, 40) : "";
+  } catch {
+    return "";
+  }
+}
+
 async function start() {
   $("room-name").textContent = room;
   document.title = `${room} · tsunagu`;
@@ -733,7 +744,7 @@ async function start() {
   } catch {
     state.password = "";
   }
-  signaling = new Signaling({ room, name: state.name, password: state.password, token: joinToken() });
+  signaling = new Signaling({ room, name: state.name, password: state.password, token: state.token });
   signaling.addEventListener("message", (event) => onMessage(event.detail));
   signaling.addEventListener("state", (event) => {
     setNetStatus(event.detail);
@@ -784,8 +795,13 @@ function init() {
   window.addEventListener("pagehide", () => signaling && signaling.leave());
   $("room-name").textContent = room;
 
+  state.token = joinToken();
+  const granted = state.token ? tokenName(state.token) : "";
   const given = (params.get("name") || "").trim().slice(0, 40);
-  if (given) {
+  if (granted) {
+    state.name = granted;
+    start();
+  } else if (given) {
     state.name = given;
     saveName(given);
     start();
