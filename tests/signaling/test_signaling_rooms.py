@@ -454,6 +454,44 @@ def test_connection_that_never_joins_is_closed() -> None:
     assert hub.tick(11.0) == []
 
 
+def test_default_join_timeout_is_ten_seconds() -> None:
+    hub = make_hub()
+    hub.connect(1, 100.0)
+    assert hub.tick(109.5) == [], "closed before 10 s"
+    assert hub.tick(110.0) == [Close(1, 1008, "join timeout")], "not closed at 10 s"
+
+
+def test_silent_joined_connection_is_dropped_and_its_seat_may_resume() -> None:
+    hub = make_hub(idle_timeout=60.0)
+    (first,) = sends(join(hub, 1, name="Ada"), 1)
+    ada, token = first["id"], first["token"]
+    bo = joined_id(join(hub, 2, name="Bo"), 2)
+    # Bo pings now and then; Ada sends nothing at all after joining.
+    for now in (20.0, 40.0, 59.0):
+        send(hub, 2, now, type="ping")
+        assert hub.tick(now) == [], f"something closed at {now} s"
+    assert hub.tick(60.0) == [Close(1, 1000, "idle timeout")], "the silent one stays at 60 s"
+    assert hub.is_away(ada) and not hub.is_away(bo)
+    # Like a lost link: the seat is kept for a resume, and a new connection takes it back.
+    hub.connect(3, 61.0)
+    resume = {"id": ada, "token": token}
+    msg = {"type": "join", "v": 1, "room": "alpha", "name": "Ada", "resume": resume}
+    (back,) = sends(hub.receive(3, json.dumps(msg), 61.0), 3)
+    assert back["resumed"] is True and back["id"] == ada
+    assert hub.disconnect(1, 62.0, graceful=True) == [], "the old connection's end is not a leave"
+    assert hub.tick(100.0) == [], "the resumed seat or Bo was closed as idle before 60 s"
+    assert hub.room_peers("alpha") == [(ada, "Ada"), (bo, "Bo")]
+
+
+def test_any_frame_counts_as_a_sign_of_life() -> None:
+    hub = make_hub(idle_timeout=60.0)
+    join(hub, 1)
+    # Refused frames (a bad one here) show the client is there too.
+    hub.receive(1, "not json", 50.0)
+    assert hub.tick(109.0) == [], "closed less than 60 s after the last frame"
+    assert closes(hub.tick(110.0)) == [Close(1, 1000, "idle timeout")]
+
+
 def test_token_bucket_survives_clock_going_backwards() -> None:
     bucket = TokenBucket(rate=1.0, burst=2.0, now=100.0)
     assert bucket.take(100.0) and bucket.take(100.0)

@@ -366,19 +366,19 @@ class Hub:
                 actions += self._remove(peer, "timeout")
         deadline = self.limits.join_timeout
         idle = self.limits.idle_timeout
-        for c in list(self._conns.values()):
-            if c.closed:
+        for conn in list(self._conns.values()):
+            if conn.closed:
                 continue
-            if c.peer is None and now - c.opened >= deadline:
-                c.closed = True
-                actions.append(Close(c.id, POLICY_VIOLATION, "join timeout"))
-            elif c.peer is not None and now - c.last_frame >= idle:
+            if conn.peer is None and now - conn.opened >= deadline:
+                conn.closed = True
+                actions.append(Close(conn.id, POLICY_VIOLATION, "join timeout"))
+            elif conn.peer is not None and now - conn.last_frame >= idle:
                 # Treated as a lost link: the seat waits resume_grace for a new connection.
-                peer, c.peer, c.closed = c.peer, None, True
-                if peer.conn == c.id:
+                peer, conn.peer, conn.closed = conn.peer, None, True
+                if peer.conn == conn.id:
                     peer.conn = None
                     peer.away_since = now
-                actions.append(Close(c.id, NORMAL_CLOSURE, "idle timeout"))
+                actions.append(Close(conn.id, NORMAL_CLOSURE, "idle timeout"))
         for peer in self._peers.values():
             if peer.renew_at is not None and peer.conn is not None and now >= peer.renew_at:
                 c = self._conns.get(peer.conn)
