@@ -109,6 +109,7 @@ class RelayEndpoint:
         "_tid_prefix",
         "allocation",
         "client_address",
+        "paused",
         "sendto",
         "to_client",
     )
@@ -134,6 +135,8 @@ class RelayEndpoint:
         # Set when the allocation is attached: how to reach the client, one call per packet.
         self.to_client: Any = None
         self.client_address: Any = None
+        # A stream client that does not read: what its peers send is dropped (as C does).
+        self.paused = False
         loop.add_reader(sock.fileno(), self._readable)
 
     @property
@@ -159,7 +162,7 @@ class RelayEndpoint:
                 continue
             if allocation is None:
                 return
-            if addr[0] not in allocation.permissions:
+            if addr[0] not in allocation.permissions or self.paused:
                 allocation.dropped += 1
                 continue
             if len(addr) != 2:  # IPv6 socket addresses carry flow info and scope id
@@ -184,11 +187,12 @@ class RelayEndpoint:
         self.client_address = address
 
     def connect_stream(self, client: StreamClient) -> None:
-        # The link pads frames and drops them while the client's transport is paused.
+        # The link pads frames; nothing is relayed to it while the client is paused.
         self.to_client = client.send
+        self.paused = client.paused
 
     def set_paused(self, paused: bool) -> None:
-        pass  # the stream link reads the connection's flag itself
+        self.paused = paused
 
     def close(self) -> None:
         if self._closed:
