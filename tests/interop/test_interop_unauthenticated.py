@@ -1,0 +1,240 @@
+"""Unauthenticated answers over UDP against a real ``tsunagu serve`` with default settings.
+
+Three properties of :mod:`tsunagu.turn.unauthenticated`, measured on loopback:
+
+1. A flood sharing the victim's IP address (what a per-address limiter keys on: a spoofer,
+   or a neighbour behind the same NAT) does not deny the victim its 401 and its allocation.
+   A real spoofer would forge the victim's address; on loopback the flood is simply sent
+   from the same address, 127.0.0.5, on other ports.
+2. 100 ``turnutils_uclient`` clients from one address (an office behind one NAT) are not
+   slowed: their run takes about as long as against coturn, which has no such limit.
+3. Under a flood, what the server sends towards the flooded address stays within the budget
+   plus what was sent to it: no amplification beyond the budget.
+
+Figures are printed (``-s`` shows them) and in the assertion messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from support.flood import RetransmittingClient
+from support.interop import (
+    HOST,
+    PASSWORD,
+    USER,
+    EchoPeer,
+    ServeProcess,
+    free_port,
+    free_ports,
+    relay_range,
+    run_serve,
+)
+
+pytestmark = pytest.mark.interop
+
+FLOOD_SOURCE = "127.0.0.5"
+FLOOD = Path(__file__).resolve().parents[1] / "support" / "flood.py"
+# The defaults of TurnSettings.unauth_rate: full answers per second per address per worker.
+RATE = 200.0
+ANSWER_MAX = 120  # a 401 with the default realm is 108 bytes
+
+
+def report(line: str) -> None:
+    """A figure for whoever runs the test with ``-s``."""
+    sys.stdout.write(line + "\n")
+
+
+def start_flood(server: ServeProcess, rate: float, seconds: float) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(FLOOD),
+            server.host,
+            str(server.port),
+            FLOOD_SOURCE,
+            str(rate),
+            str(seconds),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def flood_result(process: subprocess.Popen[bytes], timeout: float) -> dict[str, int]:
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate(timeout=5)
+        raise AssertionError("the flood did not finish in time") from None
+    assert process.returncode == 0, out.decode(errors="replace")
+    return dict(json.loads(out.decode().strip().splitlines()[-1]))
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServeProcess]:
+    with run_serve(tmp_path / "serve") as serve:
+        yield serve
+
+
+def test_a_flood_from_the_victims_address_does_not_deny_it(server: ServeProcess) -> None:
+    flood = start_flood(server, rate=4000, seconds=10)
+    try:
+        time.sleep(2.0)  # the address's budget is long gone by now
+        victim = RetransmittingClient(
+            (server.host, server.port), (FLOOD_SOURCE, free_port(tcp=False)), USER, PASSWORD
+        )
+        to_401, to_allocation = victim.allocate(timeout=30)
+    finally:
+        result = flood_result(flood, timeout=30)
+    report(
+        f"\nvictim under a flood of {result['sent']} requests from its address: 401 after"
+        f" {to_401:.2f} s ({len(victim.transmissions)} transmissions in all), allocated after"
+        f" {to_allocation:.2f} s; the flood got {result['received']} answers"
+    )
+    # Its 4th transmission (3.5 s after the first) pays for a 401; the signed Allocate is
+    # answered at once.
+    assert to_allocation < 8.0, (to_401, to_allocation, victim.transmissions, result)
+    assert result["sent"] > 20_000, result  # the flood was well over the budget
+
+
+def test_flood_bytes_out_stay_within_the_budget(server: ServeProcess) -> None:
+    seconds = 5.0
+    result = flood_result(start_flood(server, rate=5000, seconds=seconds), timeout=60)
+    workers = server.workers
+    budget = workers * (2 * RATE + RATE * (seconds + 1.0)) * ANSWER_MAX
+    ratio = result["received_bytes"] / result["sent_bytes"]
+    report(
+        f"\nflood: {result['sent_bytes']} bytes in ({result['sent']} requests),"
+        f" {result['received_bytes']} bytes out ({result['received']} answers),"
+        f" ratio {ratio:.3f}; budget {budget:.0f} bytes for {workers} workers"
+    )
+    assert result["sent"] > 20_000, result
+    assert result["received_bytes"] <= budget, (result, budget)
+    assert ratio < 1.0, (result, ratio)
+
+
+def _run_uclient(port: int, peer: EchoPeer, clients: int, timeout: float) -> tuple[float, str]:
+    command = [
+        "turnutils_uclient",
+        "-u",
+        USER,
+        "-w",
+        PASSWORD,
+        "-e",
+        peer.host,
+        "-r",
+        str(peer.port),
+        "-n",
+        "5",
+        "-c",  # one allocation per client (no RTCP one): 100 for the one user "alice"
+        "-m",
+        str(clients),
+        "-l",
+        "100",
+        "-p",
+        str(port),
+        HOST,
+    ]
+    started = time.monotonic()
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+    )
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, _ = process.communicate(timeout=5)
+        raise AssertionError(f"uclient did not finish in {timeout}s") from None
+    text = out.decode(errors="replace")
+    assert process.returncode == 0, text[-3000:]
+    return time.monotonic() - started, text
+
+
+@contextlib.contextmanager
+def _coturn(tmp: Path) -> Iterator[int]:
+    port, tls_port = free_ports(2)
+    low, high = relay_range(1000)
+    command = [
+        "turnserver",
+        "-n",
+        "--no-cli",
+        "--log-file",
+        "stdout",
+        "--pidfile",
+        str(tmp / "turnserver.pid"),
+        "--userdb",
+        str(tmp / "turndb"),
+        "--listening-ip",
+        HOST,
+        "-p",
+        str(port),
+        "--tls-listening-port",
+        str(tls_port),
+        "--relay-ip",
+        HOST,
+        "--min-port",
+        str(low),
+        "--max-port",
+        str(high),
+        "--realm",
+        "tsunagu",
+        "--lt-cred-mech",
+        "--user",
+        f"{USER}:{PASSWORD}",
+        "--allow-loopback-peers",
+        "--no-tls",
+        "--no-dtls",
+    ]
+    with open(tmp / "coturn.log", "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        time.sleep(1.0)
+        assert process.poll() is None, (tmp / "coturn.log").read_text(errors="replace")
+        yield port
+    finally:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+CLIENTS = 100
+
+
+def test_a_hundred_clients_behind_one_address_are_not_slowed(
+    tmp_path: Path, echo_peer: EchoPeer
+) -> None:
+    # Default settings but a relay range of 1,000 ports (the tests' own is 100, whose derived
+    # per-address limit would refuse a hundred clients from one address).
+    low, high = relay_range(1000)
+    with run_serve(tmp_path / "serve", "--min-port", str(low), "--max-port", str(high)) as serve:
+        tsunagu_time, out = _run_uclient(serve.port, echo_peer, CLIENTS, timeout=120)
+        withheld = serve.log_text().count("unauthenticated answer withheld")
+    coturn_time = None
+    if shutil.which("turnserver") is not None:
+        (tmp_path / "coturn").mkdir()
+        with _coturn(tmp_path / "coturn") as port:
+            coturn_time, _ = _run_uclient(port, echo_peer, CLIENTS, timeout=120)
+    figures = (
+        f"{CLIENTS} uclient clients from one address: tsunagu {tsunagu_time:.1f} s,"
+        f" coturn {'-' if coturn_time is None else f'{coturn_time:.1f} s'};"
+        f" withheld-answer reports in the log: {withheld}"
+    )
+    report("\n" + figures)
+    assert "tot_send_msgs" in out, out[-3000:]
+    bound = 60.0 if coturn_time is None else max(coturn_time * 1.25, coturn_time + 3.0)
+    assert tsunagu_time <= bound, figures
