@@ -88,7 +88,8 @@ class TurnDriver:
                     f"; most often {summary.top!r} ({summary.top_count})"
                     f" of {summary.distinct}{'+' if summary.distinct >= 1024 else ''}"
                 )
-            log.warning(
+            log.log(
+                logging.WARNING if summary.reason in _CAPACITY_REFUSALS else logging.INFO,
                 "refused (worker %d, last %gs): %s x%d%s",
                 self.worker,
                 self.report_interval,
@@ -199,6 +200,12 @@ class TurnDriver:
             self._report.cancel()
             self._report = None
         self.report_refusals()
+
+
+# Refusals the operator may have to act on (raise a limit, add capacity) are warnings; the
+# others (a denied peer, a wrong password, a flood held back) are what scanners and
+# misconfigured clients cause every day, and are information.
+_CAPACITY_REFUSALS = frozenset({"user quota", "address quota", "total quota", "no relay port"})
 
 
 def _hand_to_relays(allocation: Allocation) -> None:
