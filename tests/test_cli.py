@@ -295,7 +295,9 @@ def test_token_mints_what_the_server_admits(
 
     monkeypatch.setenv("TSUNAGU_JOIN_SECRET", JOIN_SECRET)
     assert main(["token", "--room", "b", "--identity", "bob", "--no-turn"]) == 0
-    assert JoinTokens([JOIN_SECRET]).verify(capsys.readouterr().out.strip(), time.time()).turn is False
+    assert (
+        JoinTokens([JOIN_SECRET]).verify(capsys.readouterr().out.strip(), time.time()).turn is False
+    )
 
     monkeypatch.delenv("TSUNAGU_JOIN_SECRET")
     config = tmp_path / "tsunagu.toml"

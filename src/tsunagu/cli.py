@@ -248,7 +248,9 @@ def token_command(argv: list[str], prog: str) -> int:
         help="how long the token admits its holder (default: %(default)s)",
     )
     parser.add_argument("--no-turn", action="store_true", help="admit without a TURN relay")
-    parser.add_argument("--join-secret-file", metavar="FILE", help="first line: the secret (- = stdin)")
+    parser.add_argument(
+        "--join-secret-file", metavar="FILE", help="first line: the secret (- = stdin)"
+    )
     parser.add_argument("-c", "--config", metavar="FILE", help="tsunagu serve's TOML config file")
     parser.add_argument(
         "--url", metavar="BASE", help="print the invitation link under BASE (https://host:port)"
@@ -275,7 +277,9 @@ def token_command(argv: list[str], prog: str) -> int:
         _error(str(exc))
         return 2
     if not secret:
-        _error(f"{prog}: no join secret: give --join-secret-file, {variable} or -c with join_secrets")
+        _error(
+            f"{prog}: no join secret: give --join-secret-file, {variable} or -c with join_secrets"
+        )
         return 2
     try:
         token = mint_join_token(

@@ -391,8 +391,12 @@ def _check_long_secret(key: str, value: Any) -> str:
     text = str(_check_text(secret=True)(key, value))
     if len(text) < _MIN_KEY_CHARS:
         # Guessable keys would make the endpoint or the tokens they protect open to anyone.
-        _fail(key, f"must be at least {_MIN_KEY_CHARS} characters (try: openssl rand -hex 32)",
-              value, show=False)
+        _fail(
+            key,
+            f"must be at least {_MIN_KEY_CHARS} characters (try: openssl rand -hex 32)",
+            value,
+            show=False,
+        )
     return text
 
 
@@ -746,7 +750,9 @@ def _cross_check(values: dict[str, Any]) -> None:
     if access == "password" and values["room_password"] is None:
         _fail("room_password", "is needed with room_access password", show=False)
     if access == "token" and not values["join_secrets"]:
-        _fail("join_secrets", "at least one join secret is needed with room_access token", show=False)
+        _fail(
+            "join_secrets", "at least one join secret is needed with room_access token", show=False
+        )
     if access is None and not values["join_secrets"] and values["no_web"] is False:
         probe = Config(web_ip=values["web_ip"])
         if not probe.web_is_private:

@@ -149,10 +149,13 @@ async def test_invitations_and_a_call_longer_than_its_credentials(token_server: 
     outlived = [
         r
         for r in ada_records
-        if r["to_peers"]["bytes"] > 0 and r["duration"] > CALL_SECONDS - 5
+        if r["to_peers"]["bytes"] > 0
+        and r["duration"] > CALL_SECONDS - 5
         and rest_expiry(r["user"]) == first_expiry
     ]
-    assert outlived, f"no allocation of Ada's first credential carried the whole call: {ada_records}"
+    assert outlived, (
+        f"no allocation of Ada's first credential carried the whole call: {ada_records}"
+    )
     later = [r for r in ada_records if (rest_expiry(r["user"]) or 0) > first_expiry + 20]
     assert any(r["to_peers"]["bytes"] > 0 for r in later), (
         f"no allocation made with a renewed credential relayed anything: {ada_records}"

@@ -181,7 +181,9 @@ async def test_password_access_and_its_attempt_limit(make_client: MakeClient) ->
 def test_room_passwords_are_limited_per_room_whatever_the_address() -> None:
     hub = Hub(Limits(strike_limit=1e9), new_token=secrets.token_urlsafe)
     hub.connect(1, 0.0, address="10.0.0.1")
-    hub.receive(1, m.encode({"type": "join", "v": 1, "room": "r", "name": "A", "password": "pw"}), 0.0)
+    hub.receive(
+        1, m.encode({"type": "join", "v": 1, "room": "r", "name": "A", "password": "pw"}), 0.0
+    )
     codes = []
     for i in range(40):
         conn = 100 + i

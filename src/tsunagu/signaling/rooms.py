@@ -574,7 +574,9 @@ class Hub:
             grant = access.tokens.verify(msg.token, now)
         except ValueError as exc:
             self._failed(c, None, now)
-            raise MessageError(ErrorCode.BAD_TOKEN, f"join: {exc}", ref="join", field="token")
+            raise MessageError(
+                ErrorCode.BAD_TOKEN, f"join: {exc}", ref="join", field="token"
+            ) from None
         if m.normalize_room(grant.room) != msg.room:
             self._failed(c, None, now)
             raise MessageError(

@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import hashlib
 import hmac
-import ipaddress
 import logging
 import re
 import resource
@@ -218,7 +217,9 @@ def room_access(config: Config) -> Access:
     mode = config.effective_room_access
     if mode == "password":
         assert config.room_password is not None
-        return Access("password", password_digest=hashlib.sha256(config.room_password.encode()).digest())
+        return Access(
+            "password", password_digest=hashlib.sha256(config.room_password.encode()).digest()
+        )
     if mode == "token":
         return Access("token", tokens=JoinTokens(config.join_secrets))
     return Access("open")
@@ -382,9 +383,7 @@ async def _websocket(request: web.Request) -> web.StreamResponse:
     state.next_id += 1
     link = _Link(ws, request, address)
     state.links[conn] = link
-    state.hub.connect(
-        conn, state.now(), address=_address_key(address), ice=_ice_issuer(state, request)
-    )
+    state.hub.connect(conn, state.now(), address=key, ice=_ice_issuer(state, request))
     link.writer = asyncio.create_task(_write(state, link), name=f"signaling-writer-{conn}")
     graceful = False
     try:
@@ -426,20 +425,6 @@ def _origin_allowed(request: web.Request, allowed: tuple[str, ...]) -> bool:
     # The scheme is not compared: behind a TLS-terminating proxy this side sees http.
     own = (request.headers.get("Host") or "").strip().lower()
     return bool(sep) and scheme in ("http", "https") and bool(own) and host == own
-
-
-def _address_key(address: str) -> str:
-    """What limits per client count by: the address, or its /64 for IPv6 (one subscriber
-    usually holds a whole /64, so counting single addresses would not bound anyone)."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-    return str(ip)
 
 
 def _ice_issuer(state: _State, request: web.Request) -> IceIssuer:
