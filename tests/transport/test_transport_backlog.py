@@ -22,7 +22,7 @@ pytestmark = pytest.mark.interop
 PAYLOAD = 1200
 # Well beyond what the kernel's TCP buffers on both ends can hold on loopback.
 FLOOD_BYTES = 48 << 20
-# The server's backlog limit is 1 MiB per connection; allow for the interpreter's noise.
+# The server pauses a connection at 256 KiB unsent; allow for the interpreter's noise.
 RSS_GROWTH_LIMIT = 12 << 20
 
 
