@@ -93,6 +93,12 @@ async def test_invitations_and_a_call_longer_than_its_credentials(token_server: 
     server = token_server
     room = "board"
     async with chromium() as browser:
+        # The landing page does not offer to make up rooms nobody could enter.
+        landing = await (await browser.new_context()).new_page()
+        await landing.goto(f"{server.base}/")
+        await landing.wait_for_selector("#invitation-only", state="visible", timeout=10_000)
+        assert not await landing.is_visible("#create-form")
+
         # Without a token, or with one for another room, the page says why it cannot enter.
         stranger = await open_page(browser, f"{server.base}/r/{room}?name=Eve")
         assert await stranger.text_content("#ended-title") == "Invitation needed"

@@ -128,6 +128,14 @@ async def test_credentials_are_renewed_before_they_expire(make_client: MakeClien
 # --- room access -------------------------------------------------------------------------------
 
 
+async def test_info_tells_the_landing_page_how_rooms_are_entered(make_client: MakeClient) -> None:
+    client = await make_client(config={"room_access": "token", "join_secrets": [JOIN_SECRET]})
+    resp = await client.get("/api/info")
+    assert await resp.json() == {"roomAccess": "token", "roomCapacity": 8}
+    client = await make_client()
+    assert (await (await client.get("/api/info")).json())["roomAccess"] == "open"
+
+
 async def test_token_access(make_client: MakeClient) -> None:
     clock = [1_700_000_000.0]
     client = await make_client(

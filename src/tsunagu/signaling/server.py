@@ -208,6 +208,7 @@ def create_app(
     app.router.add_get("/ws", _websocket)
     app.router.add_get("/api/turn-credentials", _turn_credentials)
     app.router.add_get("/healthz", _health)
+    app.router.add_get("/api/info", _info)
     app.router.add_static("/static/", STATIC_DIR, follow_symlinks=False)
     return app
 
@@ -311,6 +312,14 @@ async def _health(request: web.Request) -> web.StreamResponse:
     hub = request.app[STATE].hub
     return web.json_response(
         {"ok": True, "rooms": len(hub.room_names()), "connections": hub.connection_count}
+    )
+
+
+async def _info(request: web.Request) -> web.StreamResponse:
+    # What the landing page needs to offer the right thing; anyone can learn it by trying.
+    config = request.app[STATE].config
+    return web.json_response(
+        {"roomAccess": config.effective_room_access, "roomCapacity": config.room_capacity}
     )
 
 

@@ -82,4 +82,15 @@ joinForm.addEventListener("submit", (event) => {
   go(target);
 });
 
+// Rooms of a server with invitation links cannot be made up here: say so instead.
+fetch("/api/info")
+  .then((response) => (response.ok ? response.json() : null))
+  .then((info) => {
+    if (info && info.roomAccess === "token") {
+      document.getElementById("cards").hidden = true;
+      document.getElementById("invitation-only").hidden = false;
+    }
+  })
+  .catch(() => {});
+
 window.tsunagu = { landing: true, room: () => room };
