@@ -277,6 +277,9 @@ class StreamConnection(asyncio.BufferedProtocol):
         self._idle: asyncio.TimerHandle | None = None
         self._stalled: asyncio.TimerHandle | None = None
         self._on_lost = on_lost
+        # Made when the connection is accepted, before a TLS handshake: the allocation
+        # deadline counts from here.
+        self._accepted = asyncio.get_running_loop().time()
         self._drops = driver.server.drops
         self.framer = driver.stream_framer(self._frame)
 
@@ -290,8 +293,8 @@ class StreamConnection(asyncio.BufferedProtocol):
         # resume_writing() (for TLS, on the TLS layer's buffers).
         self.transport.set_write_buffer_limits(high=limits.high_water, low=limits.low_water)
         self.driver.streams.add(self)
-        self._idle = asyncio.get_running_loop().call_later(
-            limits.allocate_timeout, self._check_idle
+        self._idle = asyncio.get_running_loop().call_at(
+            self._accepted + limits.allocate_timeout, self._check_idle
         )
 
     def pause_writing(self) -> None:
