@@ -261,15 +261,20 @@ async def test_connections_that_never_allocate_are_closed_after_10_s(
     serve: ServeProcess,
 ) -> None:
     started = time.monotonic()
-    silent = [await _open(serve.port) for _ in range(60)]  # say nothing at all
-    binding = [await _open(serve.port) for _ in range(20)]  # STUN only
+    # From 14 addresses, 10 connections each: far below the cap per address.
+    sources = (f"127.0.1.{1 + number % 14}" for number in range(140))
+    silent = [await _open(serve.port, source=next(sources)) for _ in range(60)]  # no word
+    binding = [await _open(serve.port, source=next(sources)) for _ in range(20)]  # STUN only
     for sock in binding:
         sock.send(binding_request())
-    unauthenticated = [await _open(serve.port) for _ in range(20)]  # Allocate, 401, silence
+    unauthenticated = [await _open(serve.port, source=next(sources)) for _ in range(20)]
     for sock in unauthenticated:
         sock.send(allocate_request())
-    no_handshake = [await _open(serve.tls_port) for _ in range(20)]  # TCP to the TLS port only
-    tls = [await _open(serve.tls_port, tls=trusting(serve)) for _ in range(20)]
+    # Allocate, 401, silence (above); TCP to the TLS port only; TLS, then silence.
+    no_handshake = [await _open(serve.tls_port, source=next(sources)) for _ in range(20)]
+    tls = [
+        await _open(serve.tls_port, tls=trusting(serve), source=next(sources)) for _ in range(20)
+    ]
     opened = time.monotonic() - started
     # Meanwhile a real client allocates over TCP: its connection is not ended.
     async with udp_echo_server(HOST) as (_, peer):
