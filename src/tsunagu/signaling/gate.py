@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import ipaddress
 import logging
 import socket
 import ssl
@@ -34,6 +33,8 @@ from dataclasses import dataclass
 from typing import Final
 
 from aiohttp import web
+
+from tsunagu.turn.quotas import address_key
 
 __all__ = ["Caps", "ConnectionGate", "GatedSite", "address_key", "web_connection_budget"]
 
@@ -74,19 +75,6 @@ class Caps:
         crowded_at = total - total // 4
         crowded = max(1, total // (5 * _FAIR_HOLDERS))
         return cls(total, max(crowded, per_address), crowded_at, crowded)
-
-
-def address_key(host: str) -> str:
-    """What connections are counted under: the IPv4 address, or the IPv6 /64."""
-    try:
-        ip = ipaddress.ip_address(host.partition("%")[0])
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
 
 
 class ConnectionGate:

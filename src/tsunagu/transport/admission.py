@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import logging
 import math
 import socket
@@ -21,6 +20,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from ..turn.quotas import address_key
 
 __all__ = [
     "ConnectionCounter",
@@ -71,16 +72,6 @@ def descriptor_budget(open_files: int) -> int:
     quarter for UDP clients' relay sockets, so TCP clients can never take them all.
     """
     return max(16, (open_files - _RESERVED_DESCRIPTORS) // 4)
-
-
-def address_key(ip: str) -> str:
-    """What connections are counted by: an IPv4 address, or an IPv6 address's /64."""
-    if ":" not in ip:
-        return ip
-    address = ipaddress.IPv6Address(ip.split("%")[0])
-    if address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
-    return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
 
 
 class ConnectionCounter:

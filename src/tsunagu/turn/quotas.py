@@ -85,14 +85,18 @@ def user_id(username: str, separator: str = ":") -> str:
 
 
 def address_key(ip: str) -> str:
-    """What ``address_quota`` counts: the IPv4 address, or the /64 of an IPv6 address."""
-    if ":" not in ip:
-        return ip
+    """What limits per client count by, here and in the web and stream listeners: the IPv4
+    address (also when written IPv4-mapped), or the /64 of an IPv6 address, since one
+    subscriber usually holds a whole /64."""
     try:
-        network = ipaddress.IPv6Network((ip.split("%", 1)[0], 64), strict=False)
+        address = ipaddress.ip_address(ip.partition("%")[0])
     except ValueError:
         return ip
-    return str(network)
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 def relay_ports_in_share(min_port: int, max_port: int, share: tuple[int, int]) -> int:
