@@ -22,7 +22,7 @@ import pytest
 from playwright.async_api import Browser, Page
 
 from support.audit import audit_records
-from support.browser import Server, chromium, run_server
+from support.browser import Server, chromium, run_server, wait_connected
 from tsunagu.auth.rest import rest_expiry
 from tsunagu.signaling.tokens import mint_join_token
 
@@ -32,7 +32,6 @@ JOIN_SECRET = "e2e-join-secret-" + "x" * 24
 TTL = 20
 ALLOCATION_LIFETIME = 30
 CALL_SECONDS = 50
-CONNECT_MS = 40_000
 
 
 def invitation(server: Server, room: str, identity: str, name: str) -> str:
@@ -51,17 +50,6 @@ async def open_page(browser: Browser, url: str) -> Page:
         timeout=15_000,
     )
     return page
-
-
-async def wait_connected(page: Page, count: int) -> None:
-    await page.wait_for_function(
-        """(n) => {
-            const peers = window.tsunagu.peers();
-            return peers.length === n && peers.every((p) => p.connectionState === "connected");
-        }""",
-        arg=count,
-        timeout=CONNECT_MS,
-    )
 
 
 async def frames_from(page: Page) -> dict[str, int]:

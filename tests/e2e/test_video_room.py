@@ -20,7 +20,7 @@ import pytest
 from playwright.async_api import Browser, Page
 
 from support.audit import required_workers, workers_seen
-from support.browser import ROOT, Server, chromium, run_server
+from support.browser import ROOT, Server, chromium, run_server, wait_connected
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
 
@@ -34,7 +34,6 @@ def shots(tmp_path: Path) -> Path:
     return ROOT / "docs" if UPDATE_SCREENSHOTS else tmp_path
 
 
-CONNECT_MS = 40_000
 STEP_MS = 15_000
 NAMES = ("Ada", "Grace", "Linus")
 
@@ -45,17 +44,6 @@ async def open_person(browser: Browser, url: str) -> Page:
     await page.goto(url)
     await page.wait_for_function("() => window.tsunagu?.state?.().joined", timeout=STEP_MS)
     return page
-
-
-async def wait_connected(page: Page, count: int) -> None:
-    await page.wait_for_function(
-        """(n) => {
-            const peers = window.tsunagu.peers();
-            return peers.length === n && peers.every((p) => p.connectionState === "connected");
-        }""",
-        arg=count,
-        timeout=CONNECT_MS,
-    )
 
 
 async def wait_frames(page: Page, count: int) -> list[dict[str, Any]]:

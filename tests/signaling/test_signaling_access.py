@@ -2,60 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import WSMsgType
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
+from support.web_app import SECRET, MakeClient, recv
 from tsunagu.auth.rest import rest_password
-from tsunagu.config import parse_config
 from tsunagu.signaling import messages as m
 from tsunagu.signaling.rooms import Access, Hub, Limits, Send
-from tsunagu.signaling.server import create_app
 from tsunagu.signaling.tokens import JoinTokens, TokenError, mint_join_token
 
 pytestmark = pytest.mark.timeout(30)
 
-SECRET = "shared-secret"
 JOIN_SECRET = "j" * 40
-WAIT = 5.0
-
-MakeClient = Callable[..., Awaitable[TestClient[Any, Any]]]
-
-
-@pytest.fixture
-async def make_client() -> AsyncIterator[MakeClient]:
-    clients: list[TestClient[Any, Any]] = []
-
-    async def make(**kwargs: Any) -> TestClient[Any, Any]:
-        config = parse_config(kwargs.pop("config", {}))
-        kwargs.setdefault("turn_secret", SECRET)
-        client: TestClient[Any, Any] = TestClient(
-            TestServer(create_app(config, **kwargs), host="127.0.0.1")
-        )
-        await client.start_server()
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        await client.close()
-
-
-async def recv(ws: aiohttp.ClientWebSocketResponse, kind: str | None = None) -> dict[str, Any]:
-    async with asyncio.timeout(WAIT):
-        while True:
-            msg = await ws.receive()
-            assert msg.type is WSMsgType.TEXT, (msg.type, msg.data, msg.extra)
-            data: dict[str, Any] = json.loads(msg.data)
-            if kind is None or data["type"] == kind:
-                return data
 
 
 async def join(

@@ -4,56 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import WSMsgType
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
+from support.web_app import SECRET, WAIT, MakeClient, recv
 from tsunagu.auth.rest import rest_password
-from tsunagu.config import parse_config
 from tsunagu.signaling.messages import MAX_MESSAGE_BYTES
 from tsunagu.signaling.rooms import Limits
-from tsunagu.signaling.server import create_app
 
 pytestmark = pytest.mark.timeout(30)
-
-SECRET = "shared-secret"
-WAIT = 5.0
-
-MakeClient = Callable[..., Awaitable[TestClient[Any, Any]]]
-
-
-@pytest.fixture
-async def make_client() -> AsyncIterator[MakeClient]:
-    clients: list[TestClient[Any, Any]] = []
-
-    async def make(**kwargs: Any) -> TestClient[Any, Any]:
-        config = parse_config(kwargs.pop("config", {}))
-        kwargs.setdefault("turn_secret", SECRET)
-        app = create_app(config, **kwargs)
-        client: TestClient[Any, Any] = TestClient(TestServer(app, host="127.0.0.1"))
-        await client.start_server()
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        await client.close()
-
-
-async def recv(ws: aiohttp.ClientWebSocketResponse, kind: str | None = None) -> dict[str, Any]:
-    """Next JSON message (of ``kind`` if given), bounded in time."""
-    async with asyncio.timeout(WAIT):
-        while True:
-            msg = await ws.receive()
-            assert msg.type is WSMsgType.TEXT, (msg.type, msg.data, msg.extra)
-            data: dict[str, Any] = json.loads(msg.data)
-            data.pop("seq", None)  # checked by the room tests
-            if kind is None or data["type"] == kind:
-                return data
 
 
 async def closed(ws: aiohttp.ClientWebSocketResponse) -> list[dict[str, Any]]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from playwright.async_api import Browser, async_playwright
+from playwright.async_api import Browser, Page, async_playwright
 
 from support.audit import audit_records, worker_count
 
@@ -203,3 +203,19 @@ async def chromium(*extra_args: str) -> AsyncIterator[Browser]:
             yield browser
         finally:
             await browser.close()
+
+
+CONNECT_MS = 40_000
+"""How long a room page may take to connect to its peers (ICE over TURN included)."""
+
+
+async def wait_connected(page: Page, count: int, timeout: float = CONNECT_MS) -> None:
+    """Wait until the room page on ``page`` has ``count`` peers, all connected."""
+    await page.wait_for_function(
+        """(n) => {
+            const peers = window.tsunagu.peers();
+            return peers.length === n && peers.every((p) => p.connectionState === "connected");
+        }""",
+        arg=count,
+        timeout=timeout,
+    )

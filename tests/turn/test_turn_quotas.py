@@ -49,7 +49,11 @@ def test_user_id_other_separator() -> None:
 def test_address_key_groups_ipv6_by_64() -> None:
     assert address_key("198.51.100.7") == "198.51.100.7"
     assert address_key("2001:db8:1:2:aaaa::1") == address_key("2001:db8:1:2:bbbb::2")
+    assert address_key("2001:db8:1:2::1") == "2001:db8:1:2::/64"
     assert address_key("2001:db8:1:2::1") != address_key("2001:db8:1:3::1")
+    assert address_key("::ffff:192.0.2.7") == "192.0.2.7"
+    assert address_key("fe80::1%eth0") == "fe80::/64"
+    assert address_key("?") == "?"
 
 
 def test_defaults_derive_from_the_port_range() -> None:
