@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from support.interop import run_coturn
 from tsunagu.cli import main
 from tsunagu.probe import procstat
 from tsunagu.probe.load import LoadSpec, run
@@ -292,42 +293,8 @@ def test_command_line_errors(argv: list[str], capsys: pytest.CaptureFixture[str]
 @pytest.mark.interop
 def test_relays_through_coturn(tmp_path: Path) -> None:
     assert shutil.which("turnserver"), "coturn is part of the test setup (scripts/setup --test)"
-    port, tls_port = _free_port_pair()
-    low, high = _relay_range()
-    command = [
-        "turnserver",
-        "-n",
-        "--no-cli",
-        "--log-file",
-        "stdout",
-        "--pidfile",
-        str(tmp_path / "turnserver.pid"),
-        "--userdb",
-        str(tmp_path / "turndb"),
-        "--listening-ip",
-        HOST,
-        "-p",
-        str(port),
-        "--tls-listening-port",
-        str(tls_port),
-        "--relay-ip",
-        HOST,
-        "--min-port",
-        str(low),
-        "--max-port",
-        str(high),
-        "--realm",
-        "tsunagu",
-        "--lt-cred-mech",
-        "--user",
-        "alice:secret",
-        "--allow-loopback-peers",
-        "--no-tls",
-        "--no-dtls",
-        "-m",
-        "1",
-    ]
-    for server in _start(command, port, tls_port, tmp_path / "coturn.log"):
+    with run_coturn(tmp_path, "-m", "1", relay_ports=400) as coturn:
+        server = Server(coturn.process, coturn.port, coturn.tls_port)
         for mode in ("channel", "indication"):
             result = run(spec(server, mode=mode, allocations=3, rates=[600]))
             _check_relayed(_step(result), 600)

@@ -504,3 +504,83 @@ def address_field(address: tuple[str, int]) -> str:
 def client_field(protocol: str, client: tuple[str, int], server: tuple[str, int]) -> str:
     """How the audit log names a client's 5-tuple."""
     return f"{protocol}:{address_field(client)}->{address_field(server)}"
+
+
+def binding_answered(port: int, host: str = HOST) -> bool:
+    """A STUN server on UDP ``port`` answers a Binding request within 0.2 s."""
+    with socket.socket(_family(host), socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.2)
+        request = b"\x00\x01\x00\x00\x21\x12\xa4\x42" + os.urandom(12)
+        try:
+            sock.sendto(request, (host, port))
+            return sock.recv(2048)[8:20] == request[8:20]
+        except OSError:
+            return False
+
+
+@dataclass(frozen=True)
+class Coturn:
+    """A running coturn ``turnserver`` with user ``USER``/``PASSWORD`` in realm tsunagu."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    tls_port: int
+    log_path: Path
+
+
+@contextlib.contextmanager
+def run_coturn(tmp: Path, *extra: str, relay_ports: int = 100) -> Iterator[Coturn]:
+    """Start coturn on loopback with fresh ports, ready once it answers a Binding; stop it."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    port, tls_port = free_ports(2)
+    low, high = relay_range(relay_ports)
+    command = [
+        "turnserver",
+        "-n",
+        "--no-cli",
+        "--log-file",
+        "stdout",
+        "--pidfile",
+        str(tmp / "turnserver.pid"),
+        "--userdb",
+        str(tmp / "turndb"),
+        "--listening-ip",
+        HOST,
+        "-p",
+        str(port),
+        "--tls-listening-port",
+        str(tls_port),
+        "--relay-ip",
+        HOST,
+        "--min-port",
+        str(low),
+        "--max-port",
+        str(high),
+        "--realm",
+        "tsunagu",
+        "--lt-cred-mech",
+        "--user",
+        f"{USER}:{PASSWORD}",
+        "--allow-loopback-peers",
+        "--no-tls",
+        "--no-dtls",
+        *extra,
+    ]
+    log_path = tmp / "coturn.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while not binding_answered(port):
+            assert process.poll() is None, log_path.read_text(errors="replace")
+            assert time.monotonic() < deadline, "coturn did not answer a Binding in 20 s"
+            time.sleep(0.05)
+        yield Coturn(process, port, tls_port, log_path)
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
