@@ -30,7 +30,10 @@ FORBIDDEN = frozenset(
     }
 )
 CORE_PACKAGES = ("src/tsunagu/stun", "src/tsunagu/turn")
-CORE_FILES = ("src/tsunagu/signaling/rooms.py",)  # checked when present
+CORE_FILES = (
+    "src/tsunagu/signaling/rooms.py",
+    "src/tsunagu/signaling/access.py",
+)  # checked when present
 DYNAMIC_IMPORTERS = frozenset({"__import__", "import_module"})
 
 

@@ -12,7 +12,8 @@ from aiohttp.test_utils import TestClient
 from support.web_app import SECRET, MakeClient, recv
 from tsunagu.auth.rest import rest_password
 from tsunagu.signaling import messages as m
-from tsunagu.signaling.rooms import Access, Hub, Limits, Send
+from tsunagu.signaling.access import Access
+from tsunagu.signaling.rooms import Hub, Limits, Send
 from tsunagu.signaling.tokens import JoinTokens, TokenError, mint_join_token
 
 pytestmark = pytest.mark.timeout(30)
@@ -174,7 +175,7 @@ def test_room_passwords_are_limited_per_room_whatever_the_address() -> None:
 
 
 def test_attempts_are_remembered_for_a_bounded_number_of_addresses() -> None:
-    from tsunagu.signaling import rooms
+    from tsunagu.signaling import access
 
     hub = Hub(
         Limits(strike_limit=1e9),
@@ -182,11 +183,11 @@ def test_attempts_are_remembered_for_a_bounded_number_of_addresses() -> None:
         access=Access("password", password_digest=b"\0" * 32),
     )
     join_msg = m.encode({"type": "join", "v": 1, "room": "r", "name": "A", "password": "x"})
-    for i in range(rooms._MAX_ATTEMPT_KEYS + 100):
+    for i in range(access._MAX_KEYS + 100):
         hub.connect(i, 0.0, address=f"a{i}")
         hub.receive(i, join_msg, 0.0)
         hub.disconnect(i, 0.0, graceful=True)
-    assert len(hub._attempts) <= rooms._MAX_ATTEMPT_KEYS
+    assert len(hub._attempts) <= access._MAX_KEYS
 
 
 def test_join_tokens_refuse_what_they_should() -> None:

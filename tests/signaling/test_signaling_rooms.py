@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from tsunagu.signaling.rooms import Action, Close, Hub, Limits, Send, TokenBucket
+from tsunagu.signaling.access import TokenBucket
+from tsunagu.signaling.rooms import Action, Close, Hub, Limits, Send
 
 
 def make_hub(**limits: Any) -> Hub:

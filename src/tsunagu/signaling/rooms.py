@@ -40,24 +40,13 @@ import hmac
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from tsunagu.signaling import messages as m
+from tsunagu.signaling.access import Access, Attempts, GrantLike, TokenBucket
 from tsunagu.signaling.messages import ErrorCode, MessageError
 
-__all__ = [
-    "Access",
-    "Action",
-    "Close",
-    "GrantLike",
-    "Hub",
-    "IceIssuer",
-    "Limits",
-    "POLICY_VIOLATION",
-    "Send",
-    "TokenBucket",
-    "TokenVerifier",
-]
+__all__ = ["Action", "Close", "Hub", "IceIssuer", "Limits", "POLICY_VIOLATION", "Send"]
 
 NORMAL_CLOSURE: Final = 1000
 POLICY_VIOLATION: Final = 1008
@@ -72,51 +61,11 @@ _STRIKE_WEIGHT: Final[Mapping[ErrorCode, float]] = {
     ErrorCode.TOKEN_REQUIRED: 0.5,
     ErrorCode.BAD_TOKEN: 2.0,
 }
-_MAX_ATTEMPT_KEYS: Final = 16384
-"""Bound on the source addresses whose failed attempts are remembered."""
-
-
-class GrantLike(Protocol):
-    """What a verified join token allows (:class:`tsunagu.signaling.tokens.Grant`)."""
-
-    @property
-    def room(self) -> str: ...
-    @property
-    def identity(self) -> str: ...
-    @property
-    def name(self) -> str | None: ...
-    @property
-    def turn(self) -> bool: ...
-
-
-class TokenVerifier(Protocol):
-    def verify(self, token: str, now: float) -> GrantLike:
-        """The grant of a valid ``token``; raises ``ValueError`` saying why it is not."""
-        ...
 
 
 IceIssuer = Callable[[str, bool, float], tuple[dict[str, Any], float | None]]
 """``(user id, may use TURN, now) -> (ICE configuration for the page, seconds until it must
 be renewed or None)``; the server binds it to the host the browser used."""
-
-
-@dataclass(frozen=True, slots=True)
-class Access:
-    """Who may enter a room: ``open``, ``password`` or ``token``."""
-
-    mode: str = "open"
-    password_digest: bytes | None = None
-    """``password`` mode: SHA-256 of the server's room password."""
-    tokens: TokenVerifier | None = None
-    """``token`` mode: verifies join tokens."""
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("open", "password", "token"):
-            raise ValueError(f"unknown room access {self.mode!r}")
-        if self.mode == "password" and self.password_digest is None:
-            raise ValueError("password access needs the room password")
-        if self.mode == "token" and self.tokens is None:
-            raise ValueError("token access needs a token verifier")
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,31 +118,6 @@ class Close:
 Action = Send | Close
 
 
-class TokenBucket:
-    """Classic token bucket; time is passed in and may not go backwards."""
-
-    __slots__ = ("rate", "burst", "tokens", "stamp")
-
-    def __init__(self, rate: float, burst: float, now: float) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.tokens = burst
-        self.stamp = now
-
-    def refill(self, now: float) -> float:
-        """The tokens available at ``now``."""
-        elapsed = max(0.0, now - self.stamp)
-        self.stamp = max(self.stamp, now)
-        self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
-        return self.tokens
-
-    def take(self, now: float, cost: float = 1.0) -> bool:
-        if self.refill(now) >= cost:
-            self.tokens -= cost
-            return True
-        return False
-
-
 @dataclass(slots=True, eq=False)
 class _Peer:
     id: str
@@ -221,7 +145,6 @@ class _Room:
     name: str
     password_digest: bytes | None
     peers: dict[str, _Peer] = field(default_factory=dict)
-    attempts: TokenBucket | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -272,7 +195,10 @@ class Hub:
         self.limits = limits or Limits()
         self.access = access or Access()
         self._new_token = new_token
-        self._attempts: dict[str, TokenBucket] = {}
+        lim = self.limits
+        self._attempts = Attempts(
+            lim.attempt_rate, lim.attempt_burst, lim.room_attempt_rate, lim.room_attempt_burst
+        )
         self._rooms: dict[str, _Room] = {}
         self._conns: dict[int, _Conn] = {}
         self._peers: dict[str, _Peer] = {}
@@ -615,38 +541,16 @@ class Hub:
 
     def _throttle(self, c: _Conn, room: _Room | None, now: float) -> None:
         """Refuse to even check a secret once its source or its room has failed too often."""
-        for bucket in (self._attempts.get(c.address), None if room is None else room.attempts):
-            if bucket is not None and bucket.refill(now) < 1.0:
-                wait = int((1.0 - bucket.tokens) / bucket.rate) + 1
-                raise MessageError(
-                    ErrorCode.RATE_LIMITED,
-                    f"join: too many wrong attempts; try again in {wait} s",
-                    ref="join",
-                )
+        wait = self._attempts.wait(c.address, None if room is None else room.name, now)
+        if wait is not None:
+            raise MessageError(
+                ErrorCode.RATE_LIMITED,
+                f"join: too many wrong attempts; try again in {wait} s",
+                ref="join",
+            )
 
     def _failed(self, c: _Conn, room: _Room | None, now: float) -> None:
-        lim = self.limits
-        bucket = self._attempts.get(c.address)
-        if bucket is None:
-            if len(self._attempts) >= _MAX_ATTEMPT_KEYS:
-                self._forget_attempts(now)
-            bucket = self._attempts[c.address] = TokenBucket(
-                lim.attempt_rate, lim.attempt_burst, now
-            )
-        bucket.take(now)
-        if room is not None:
-            if room.attempts is None:
-                room.attempts = TokenBucket(lim.room_attempt_rate, lim.room_attempt_burst, now)
-            room.attempts.take(now)
-
-    def _forget_attempts(self, now: float) -> None:
-        """Drop the sources that have been forgiven; if that is not enough, the oldest half."""
-        for key, bucket in list(self._attempts.items()):
-            if bucket.refill(now) >= bucket.burst:
-                del self._attempts[key]
-        if len(self._attempts) >= _MAX_ATTEMPT_KEYS:
-            for key in list(self._attempts)[: _MAX_ATTEMPT_KEYS // 2]:
-                del self._attempts[key]
+        self._attempts.failed(c.address, None if room is None else room.name, now)
 
     def _issue(self, c: _Conn, peer: _Peer, now: float) -> dict[str, Any]:
         """Mint the peer's ICE configuration on its current connection."""

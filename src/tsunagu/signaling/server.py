@@ -38,6 +38,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from tsunagu.config import Config
 from tsunagu.signaling import messages as m
+from tsunagu.signaling.access import Access
 from tsunagu.signaling.gate import (
     Caps,
     ConnectionGate,
@@ -46,7 +47,7 @@ from tsunagu.signaling.gate import (
     web_connection_budget,
 )
 from tsunagu.signaling.ice import choose_host, ice_config, mint
-from tsunagu.signaling.rooms import Access, Action, Close, Hub, IceIssuer, Limits, Send
+from tsunagu.signaling.rooms import Action, Close, Hub, IceIssuer, Limits, Send
 from tsunagu.signaling.tokens import JoinTokens
 
 __all__ = ["create_app", "run_web", "STATIC_DIR"]
