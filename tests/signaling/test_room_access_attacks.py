@@ -22,7 +22,7 @@ import aiohttp
 import aioice.turn
 import pytest
 
-from support.browser import Server, chromium, run_server
+from support.browser import Server, browser_joins, chromium, run_server
 from support.interop import Collector, udp_echo_server
 
 pytestmark = pytest.mark.timeout(180)
@@ -89,12 +89,8 @@ async def still_served(server: Server, room: str) -> None:
                 finally:
                     relay.close()
         await ws.close()
-    async with chromium() as browser:
-        page = await (await browser.new_context()).new_page()
-        await page.goto(f"{server.base}/r/{room}-page?name=Browser")
-        await page.wait_for_function("() => window.tsunagu?.state?.().joined", timeout=15_000)
-        state = await page.evaluate("window.tsunagu.state()")
-        assert state["turnUsername"].endswith(":" + state["id"]), state
+    state = await browser_joins(server.base, f"{room}-page", "Browser")
+    assert state["turnUsername"].endswith(":" + state["id"]), state
 
 
 async def test_no_credential_without_joining_a_room(server: Server) -> None:

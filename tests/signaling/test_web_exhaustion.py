@@ -25,7 +25,7 @@ from typing import Any
 import aioice.turn
 import pytest
 
-from support.browser import Server, run_server
+from support.browser import Server, browser_joins, run_server
 from support.interop import Collector
 
 pytestmark = pytest.mark.timeout(180)
@@ -264,6 +264,9 @@ async def test_slow_headers_are_capped_closed_in_time_and_starve_nothing(server:
         f"{alive} slow clients; the web's share is {limits['connections']}"
     )
     assert all(fds[pid] - before[pid] <= 16 for pid in pids[1:]), (before, fds)
+    # And a browser joins a room and gets its TURN credentials.
+    state = await browser_joins(server.base, "during-slow-headers")
+    assert state["turnUsername"].endswith(":" + state["id"]), state
 
     # Every half-sent request is closed by the header timeout (10 s), none much later.
     done, pending = await asyncio.wait(ends, timeout=15.0)
@@ -375,6 +378,7 @@ async def test_flood_from_64_addresses_leaves_room_for_others(server: Server) ->
     status, _ = await http_get(server, "/r/after-the-flood", "127.0.2.1")
     ws = await RawSocket.connect(server, "127.0.2.1")
     joined = None if not isinstance(ws, RawSocket) else await ws.join("after-the-flood", "Ada")
+    state = await browser_joins(server.base, "during-the-flood")
     log.info(
         f"flood: 64 addresses hold {len(held)} WebSockets (cap {limits['websockets']}), "
         f"refusals {refused}, {took:.1f} s; newcomer page {status}, joined {joined is not None}"
@@ -387,6 +391,7 @@ async def test_flood_from_64_addresses_leaves_room_for_others(server: Server) ->
     assert joined is not None and joined.get("resumed") is False, (
         f"a newcomer could not join while 64 addresses held {len(held)} WebSockets: {ws!r}"
     )
+    assert state["turnUsername"].endswith(":" + state["id"]), state
     assert isinstance(ws, RawSocket)
     ws.close()
     assert len(held) <= limits["websockets"], f"{len(held)} WebSockets open"

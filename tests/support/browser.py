@@ -219,3 +219,14 @@ async def wait_connected(page: Page, count: int, timeout: float = CONNECT_MS) ->
         arg=count,
         timeout=timeout,
     )
+
+
+async def browser_joins(base: str, room: str, name: str = "Visitor") -> dict[str, Any]:
+    """A Chromium page opens ``base``'s room ``room`` and joins; its page state (ICE servers
+    and the TURN username it was given included)."""
+    async with chromium() as browser:
+        page = await (await browser.new_context()).new_page()
+        await page.goto(f"{base}/r/{room}?name={name}")
+        await page.wait_for_function("() => window.tsunagu?.state?.().joined", timeout=15_000)
+        state: dict[str, Any] = await page.evaluate("window.tsunagu.state()")
+        return state
