@@ -216,3 +216,18 @@ def test_join_tokens_refuse_what_they_should() -> None:
         tokens.verify(later, now)
     with pytest.raises(TokenError, match="too long"):
         tokens.verify("x" * 5000, now)
+
+
+def test_access_log_keeps_no_query_strings(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    from tsunagu.signaling.server import _AccessLogger
+
+    logger = logging.getLogger("tsunagu.web.access")
+    request = make_mocked_request("GET", "/r/board?token=eyJ.secret.sig&name=Ada")
+    with caplog.at_level(logging.INFO, logger="tsunagu.web.access"):
+        _AccessLogger(logger, "").log(request, web.Response(status=200), 0.0123)
+    assert "GET /r/board 200" in caplog.text and "secret" not in caplog.text, caplog.text

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp.abc import AbstractAccessLogger
 
 from tsunagu.config import Config
 from tsunagu.signaling import messages as m
@@ -246,6 +247,7 @@ async def run_web(
     runner = web.AppRunner(
         app,
         access_log=logging.getLogger("tsunagu.web.access") if config.verbose else None,
+        access_log_class=_AccessLogger,
         handle_signals=False,
         # aiohttp arms this timer when a connection opens and after each response; if the
         # next request's headers are not complete when it fires, the connection is closed:
@@ -280,6 +282,21 @@ async def run_web(
 
 
 # --- HTTP ----------------------------------------------------------------------------------
+
+
+class _AccessLogger(AbstractAccessLogger):
+    """One line per request without its query string: an invitation link's join token (and
+    an API key given as ``key=``) travel there, and logs must not keep them."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            "%s %s %s %d %.3fs",
+            request.remote,
+            request.method,
+            request.path,
+            response.status,
+            time,
+        )
 
 
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
