@@ -51,7 +51,7 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "probe",
-        "load a STUN/TURN server and report loss, RTT and cost as JSON",
+        "check a STUN/TURN server (stun, turn: what is wrong and what to do) or load it (load)",
         "tsunagu.probe.cli:probe_command",
     ),
     Command("version", "print the version", "tsunagu.cli:version_command"),

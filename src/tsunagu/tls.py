@@ -37,6 +37,7 @@ __all__ = [
     "GENERATED_KEY_NAME",
     "TlsError",
     "TlsMaterial",
+    "certificate_fingerprints",
     "ensure_certificate",
     "server_ssl_context",
 ]
@@ -72,7 +73,11 @@ class TlsMaterial:
     spki_sha256_b64: str
 
 
-def _fingerprints(cert: x509.Certificate) -> tuple[str, str]:
+def certificate_fingerprints(cert: x509.Certificate) -> tuple[str, str]:
+    """``(sha256, spki)`` of ``cert``, as :class:`TlsMaterial` holds them and serve prints them.
+
+    ``tsunagu probe`` compares a server's certificate with a pin given in either form.
+    """
     der = cert.public_bytes(serialization.Encoding.DER)
     colon_hex = hashlib.sha256(der).hexdigest().upper()
     fingerprint = ":".join(colon_hex[i : i + 2] for i in range(0, len(colon_hex), 2))
@@ -263,7 +268,7 @@ def ensure_certificate(
     cert_path = Path(cert)
     key_path = Path(pkey) if pkey is not None else cert_path
     leaf = _load_pair(cert_path, key_path)
-    fingerprint, spki = _fingerprints(leaf)
+    fingerprint, spki = certificate_fingerprints(leaf)
     return TlsMaterial(cert_path, key_path, False, fingerprint, spki)
 
 
@@ -298,7 +303,7 @@ def _ensure_generated(hosts: Sequence[str], state_dir: Path, now: datetime.datet
         raise TlsError(
             f"tls: cannot keep a self-signed certificate in {state_dir}: {exc.strerror or exc}"
         ) from None
-    fingerprint, spki = _fingerprints(leaf)
+    fingerprint, spki = certificate_fingerprints(leaf)
     return TlsMaterial(cert_path, key_path, True, fingerprint, spki)
 
 

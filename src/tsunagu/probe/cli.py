@@ -1,16 +1,37 @@
-"""``tsunagu probe``: load a STUN/TURN server (this one or any other) and report as JSON."""
+"""``tsunagu probe``: check a STUN/TURN server the way a failing call uses it, or load it.
+
+    tsunagu probe stun URL...     is it reachable, what address does it see, how fast
+    tsunagu probe turn URL...     allocate, permit, bind, relay test traffic; what is wrong
+    tsunagu probe load IP:PORT    the load generator (JSON), as used by bench/
+
+``tsunagu probe IP:PORT ...`` (no subcommand) is ``probe load``, as it was before the
+subcommands existed: the benchmark records in docs/BENCHMARKS.md are written that way.
+
+``stun`` and ``turn`` print the steps as they run and a verdict in one sentence with what to
+do about it; ``--json`` prints one JSON object instead. The exit status is 0 when every URL
+works, 1 when one does not, 2 for a usage error.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from ..auth.rest import mint_credentials
 from ..config import parse_alternate_server, parse_user
+from . import verdicts
+from .checks import CheckResult, Observer, StunOptions, TurnOptions, check_stun, check_turn
 from .load import PROBE_BYTES, LoadSpec, run
+from .net import Proxy, TlsOptions, parse_pin
+from .output import JsonOutput, TextOutput, json_report
+from .urls import IceUrl, UrlError, parse_ice_url
 
-__all__ = ["probe_command"]
+__all__ = ["SUBCOMMANDS", "Subcommand", "probe_command"]
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -61,7 +82,7 @@ def _non_negative(text: str) -> float:
     return value
 
 
-def build_parser(prog: str) -> argparse.ArgumentParser:
+def build_load_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         allow_abbrev=False,
@@ -164,9 +185,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
-def probe_command(argv: list[str], prog: str) -> int:
-    """``tsunagu probe``."""
-    parser = build_parser(prog)
+def load_command(argv: list[str], prog: str) -> int:
+    """``tsunagu probe load`` (and ``tsunagu probe IP:PORT``): the load generator."""
+    parser = build_load_parser(prog)
     args = parser.parse_args(argv)
     if args.size < PROBE_BYTES:
         parser.error(f"--size must be at least {PROBE_BYTES}")
@@ -212,3 +233,348 @@ def probe_command(argv: list[str], prog: str) -> int:
     if setup is not None and setup["ready"] == 0:
         return 1
     return 0
+
+
+# --- probe stun, probe turn -------------------------------------------------------------------
+
+
+def _url_type(turn: bool) -> Callable[[str], IceUrl]:
+    def parse(text: str) -> IceUrl:
+        try:
+            return parse_ice_url(text, turn=turn)
+        except UrlError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+def _proxy(text: str) -> Proxy:
+    try:
+        return Proxy.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _pin(text: str) -> tuple[str, str]:
+    try:
+        return parse_pin(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--timeout",
+        type=_positive(float),
+        default=5.0,
+        metavar="S",
+        help="seconds to wait for a connection or an answer (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--proxy",
+        type=_proxy,
+        metavar="http://[USER:PASSWORD@]HOST:PORT",
+        help="reach the server through this HTTP proxy (CONNECT); TCP and TLS URLs only",
+    )
+    trust = parser.add_mutually_exclusive_group()
+    trust.add_argument(
+        "--ca",
+        metavar="FILE",
+        help="trust the CA certificates in FILE (PEM) instead of the system's",
+    )
+    trust.add_argument(
+        "--pin",
+        type=_pin,
+        action="append",
+        metavar="PIN",
+        help="trust exactly this certificate: sha256/BASE64 of its key or the SHA-256 of the "
+        "certificate in hex, as tsunagu serve prints them (repeatable)",
+    )
+    trust.add_argument(
+        "--insecure", action="store_true", help="do not verify the TLS certificate at all"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object, no steps")
+
+
+def _tls_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TlsOptions:
+    options = TlsOptions(
+        insecure=args.insecure, ca_file=args.ca, pins=tuple(args.pin) if args.pin else ()
+    )
+    if args.ca is not None:
+        try:
+            open(args.ca, "rb").close()
+        except OSError as exc:
+            parser.error(f"--ca {args.ca}: {exc.strerror or exc}")
+    return options
+
+
+def _check_proxy(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.proxy is not None and all(url.transport == "udp" for url in args.urls):
+        parser.error(
+            "an HTTP proxy carries TCP only: give turn:…?transport=tcp or turns: URLs with --proxy"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    results: list[CheckResult]
+    verdict: verdicts.Verdict
+
+
+def _run_checks(
+    probe: str,
+    urls: list[IceUrl],
+    check: Callable[[IceUrl, Observer], CheckResult],
+    heading: Callable[[IceUrl], str],
+    as_json: bool,
+) -> int:
+    output: TextOutput | JsonOutput
+    if as_json:
+        output = JsonOutput()
+    else:
+        output = TextOutput(sys.stdout, live=sys.stdout.isatty())
+    results: list[CheckResult] = []
+    try:
+        for number, url in enumerate(urls):
+            if number and isinstance(output, TextOutput):
+                output.heading("")
+            output.heading(heading(url))
+            result = check(url, output)
+            results.append(result)
+            if isinstance(output, TextOutput):
+                output.verdict(result.verdict)
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        return 130
+    overall = verdicts.summary([(str(r.url), r.verdict) for r in results])
+    if isinstance(output, TextOutput):
+        if len(results) > 1:
+            output.heading("")
+            output.verdict(overall, label="overall", advice=False)
+    else:
+        sys.stdout.write(json_report(probe, results, overall) + "\n")
+    return 0 if overall.ok else 1
+
+
+def build_stun_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        allow_abbrev=False,
+        description=(
+            "Send STUN Binding requests to each URL and say whether the server is "
+            "reachable, what address it sees you at, and how long an answer takes. "
+            "URLs: stun:host[:port] (UDP), stun:host:port?transport=tcp|tls, stuns:host[:port]."
+        ),
+    )
+    parser.add_argument("urls", nargs="+", type=_url_type(False), metavar="URL")
+    parser.add_argument(
+        "--count", type=_positive(int), default=3, help="Binding requests (default: %(default)s)"
+    )
+    _common_options(parser)
+    return parser
+
+
+def stun_command(argv: list[str], prog: str) -> int:
+    """``tsunagu probe stun URL...``."""
+    parser = build_stun_parser(prog)
+    args = parser.parse_args(argv)
+    _check_proxy(args, parser)
+    options = StunOptions(
+        timeout=args.timeout, count=args.count, tls=_tls_options(args, parser), proxy=args.proxy
+    )
+
+    def heading(url: IceUrl) -> str:
+        via = f" through {options.proxy}" if options.proxy and url.transport != "udp" else ""
+        return f"STUN {url}{via}"
+
+    return _run_checks(
+        "stun",
+        args.urls,
+        lambda url, observer: check_stun(url, options, observer),
+        heading,
+        args.json,
+    )
+
+
+def _credentials(text: str) -> tuple[str, str]:
+    """``NAME:PASSWORD``; a TURN REST name keeps its colon (``1700000000:alice:PASSWORD``)."""
+    head, sep, tail = text.partition(":")
+    if sep and head.isascii() and head.isdigit() and ":" in tail:
+        user_id, _, password = tail.partition(":")
+        name = f"{head}:{user_id}"
+    else:
+        name, password = head, tail
+    if not sep or not name or not password:
+        raise argparse.ArgumentTypeError(
+            "expected NAME:PASSWORD (or -u NAME with --password PASSWORD)"
+        )
+    return name, password
+
+
+def build_turn_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        allow_abbrev=False,
+        description=(
+            "Check each TURN URL the way a call uses it: connect, allocate, allocate a "
+            "second time as the peer, permit and bind a channel each way, then relay test "
+            "traffic A -> relay A -> relay B -> B and back for a few seconds. Prints the "
+            "steps, then a verdict that names the cause of a failure and what to do. URLs as "
+            "ICE servers write them: turn:host[:port]?transport=udp|tcp, "
+            "turns:host[:port]?transport=tcp."
+        ),
+    )
+    parser.add_argument("urls", nargs="+", type=_url_type(True), metavar="URL")
+    credentials = parser.add_mutually_exclusive_group(required=True)
+    credentials.add_argument(
+        "-u",
+        "--credentials",
+        metavar="NAME:PASSWORD",
+        help="long-term credentials (a TURN REST name like 1700000000:alice keeps its colon; "
+        "with --password, NAME alone)",
+    )
+    credentials.add_argument(
+        "--secret",
+        metavar="SECRET",
+        help="mint a TURN REST credential from the server's shared secret",
+    )
+    parser.add_argument("--password", metavar="PASSWORD", help="the password, apart from -u")
+    parser.add_argument(
+        "--user",
+        default="probe",
+        metavar="ID",
+        help="user id of the credential minted with --secret (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--ttl",
+        type=_positive(int),
+        default=600,
+        metavar="S",
+        help="lifetime of the credential minted with --secret (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seconds",
+        type=_positive(float),
+        default=3.0,
+        metavar="S",
+        help="length of the relay test (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--rate",
+        type=_positive(float),
+        default=200.0,
+        metavar="N",
+        help="test packets per second (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--size",
+        type=_positive(int),
+        default=1000,
+        metavar="BYTES",
+        help="payload bytes per test packet, 12-1400 (default: %(default)s)",
+    )
+    _common_options(parser)
+    return parser
+
+
+def turn_command(argv: list[str], prog: str) -> int:
+    """``tsunagu probe turn URL... (-u NAME:PASSWORD | --secret S [--user ID])``."""
+    parser = build_turn_parser(prog)
+    args = parser.parse_args(argv)
+    _check_proxy(args, parser)
+    if not 12 <= args.size <= 1400:
+        parser.error("--size must be 12-1400 bytes")
+    if args.seconds > 60:
+        parser.error("--seconds is at most 60: this is a check, not a load test (probe load)")
+    minted = args.secret is not None
+    if minted:
+        if args.password is not None:
+            parser.error("--password goes with -u, not with --secret")
+        username, password = mint_credentials(args.secret, args.user, args.ttl, time.time())
+    elif args.password is not None:
+        username, password = args.credentials, args.password
+    else:
+        try:
+            username, password = _credentials(args.credentials)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"-u: {exc}")
+    options = TurnOptions(
+        username=username,
+        password=password,
+        minted=minted,
+        timeout=args.timeout,
+        seconds=args.seconds,
+        rate=args.rate,
+        size=args.size,
+        tls=_tls_options(args, parser),
+        proxy=args.proxy,
+    )
+
+    def heading(url: IceUrl) -> str:
+        via = f" through {options.proxy}" if options.proxy and url.transport != "udp" else ""
+        return f"TURN {url} as {username}{via}"
+
+    return _run_checks(
+        "turn",
+        args.urls,
+        lambda url, observer: check_turn(url, options, observer),
+        heading,
+        args.json,
+    )
+
+
+# --- the subcommands --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Subcommand:
+    name: str
+    summary: str
+    run: Callable[[list[str], str], int]
+
+
+SUBCOMMANDS: tuple[Subcommand, ...] = (
+    Subcommand("stun", "is a STUN server reachable, and what address does it see", stun_command),
+    Subcommand(
+        "turn",
+        "allocate, permit, bind and relay test traffic; say what is wrong and what to do",
+        turn_command,
+    ),
+    # "nat" goes here: RFC 5780 NAT behaviour discovery (mapping and filtering, from a
+    # server that answers with OTHER-ADDRESS), once the server side supports RFC 5780.
+    Subcommand(
+        "load", "load a STUN/TURN server and report loss, RTT and cost as JSON", load_command
+    ),
+)
+
+
+def _usage(prog: str) -> str:
+    width = max(len(s.name) for s in SUBCOMMANDS)
+    listing = "\n".join(f"  {s.name:<{width}}  {s.summary}" for s in SUBCOMMANDS)
+    return (
+        f"usage: {prog} {{{','.join(s.name for s in SUBCOMMANDS)}}} ...\n\n"
+        "Check a STUN/TURN server the way a failing call uses it, or load it.\n\n"
+        f"subcommands:\n{listing}\n\n"
+        f"Run '{prog} SUBCOMMAND --help' for its options. '{prog} IP:PORT ...' is "
+        f"'{prog} load IP:PORT ...'.\n"
+    )
+
+
+def probe_command(argv: list[str], prog: str) -> int:
+    """``tsunagu probe``: dispatch to a subcommand; no subcommand is ``load``, as before."""
+    if not argv:
+        sys.stderr.write(_usage(prog))
+        return 2
+    first = argv[0]
+    if first in ("-h", "--help"):
+        sys.stdout.write(_usage(prog))
+        return 0
+    for subcommand in SUBCOMMANDS:
+        if first == subcommand.name:
+            return subcommand.run(argv[1:], f"{prog} {subcommand.name}")
+    scheme = first.partition(":")[0].lower()
+    if scheme in ("stun", "stuns", "turn", "turns"):
+        kind = "stun" if scheme.startswith("stun") else "turn"
+        sys.stderr.write(f"{prog}: a URL needs its subcommand: {prog} {kind} {first} ...\n")
+        return 2
+    return load_command(argv, prog)

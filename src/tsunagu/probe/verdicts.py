@@ -1,0 +1,415 @@
+"""Every way a ``tsunagu probe stun`` or ``probe turn`` check can end, in plain words.
+
+A verdict is a stable ``code`` for machines (``--json``), one ``sentence`` that says what
+happened, and ``advice``: what to do about it. All of them are made here, by one function
+per cause, so that the wording stays consistent and the list of causes can be read in one
+place. The I/O code raises :class:`Failure` with one of them at the point where the cause is
+known (a refused connection, an SSL verification error, an error response).
+
+=====================  ============================================================
+code                   cause
+=====================  ============================================================
+ok                     everything worked
+lossy                  it worked, but more than a few test packets were lost
+dns-failed             the host name does not resolve
+connection-refused     nothing listens on that TCP port (or ICMP port unreachable)
+unreachable            no route to the host
+no-answer              nothing came back in time (UDP blocked, a dropping firewall)
+connection-closed      the server closed the connection
+not-stun               something answered, but not STUN
+tls-self-signed        certificate verification failed: self-signed
+tls-name-mismatch      certificate verification failed: not issued for this name
+tls-expired            certificate verification failed: expired or not yet valid
+tls-untrusted          certificate verification failed for another reason
+tls-pin-mismatch       the certificate is not the pinned one
+tls-failed             the TLS handshake failed before any certificate was checked
+proxy-unreachable      the HTTP proxy itself cannot be reached
+proxy-auth-failed      the proxy wants (other) credentials: 407
+proxy-refused          the proxy refused the CONNECT (403, 502, ...)
+wrong-password         401 to a request signed with the password
+credential-expired     401 to a TURN REST username whose expiry has passed
+peer-denied            403 to CreatePermission or ChannelBind
+quota-reached          486 Allocation Quota Reached
+server-full            508 Insufficient Capacity
+turn-error             any other error response
+relay-silent           everything granted, but no test packet came back
+stun-error             an error response to a Binding request
+=====================  ============================================================
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Failure", "Verdict"]
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    code: str
+    sentence: str
+    advice: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.code == "ok"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "code": self.code,
+            "ok": self.ok,
+            "sentence": self.sentence,
+            "advice": self.advice,
+        }
+
+
+class Failure(Exception):
+    """A check stopped; :attr:`verdict` says why in plain words."""
+
+    def __init__(self, verdict: Verdict) -> None:
+        super().__init__(verdict.sentence)
+        self.verdict = verdict
+
+
+def _why(reason: str, phrase: str) -> str:
+    """The server's reason beyond the standard phrase of its code, in parentheses."""
+    head, _, tail = reason.partition(":")
+    extra = tail.strip() if head.strip().lower() == phrase.lower() else reason.strip()
+    if not extra or extra.lower() == phrase.lower():
+        return ""
+    return f" ({extra})"
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms" if seconds < 0.1 else f"{seconds * 1000:.0f} ms"
+
+
+# --- reaching the server ------------------------------------------------------------------
+
+
+def dns_failed(host: str, error: str) -> Verdict:
+    return Verdict(
+        "dns-failed",
+        f"The name {host} does not resolve ({error}).",
+        "Check the host name in the URL, and that this machine's DNS works "
+        "(try the server's IP address in the URL to tell the two apart).",
+    )
+
+
+def connection_refused(where: str, transport: str) -> Verdict:
+    if transport == "UDP":
+        return Verdict(
+            "connection-refused",
+            f"Nothing listens on UDP {where}: the host answered 'port unreachable'.",
+            "Check the port in the URL and that the server is running and listens on UDP there.",
+        )
+    return Verdict(
+        "connection-refused",
+        f"The connection to {where} was refused: nothing listens on that TCP port.",
+        "Check the port in the URL (TURN over TCP usually 3478, over TLS 5349 or 443) and "
+        "that the server is running with that listener enabled; a firewall that rejects "
+        "rather than drops looks the same.",
+    )
+
+
+def unreachable(where: str, error: str) -> Verdict:
+    return Verdict(
+        "unreachable",
+        f"There is no route to {where} ({error}).",
+        "Check the address in the URL and this machine's network connection.",
+    )
+
+
+def no_answer_udp(where: str, seconds: float) -> Verdict:
+    return Verdict(
+        "no-answer",
+        f"No answer from {where} over UDP in {seconds:.1f} s: UDP is blocked on the way, "
+        "or nothing listens there.",
+        "If TCP or TLS to the same server works, this network blocks UDP: give clients "
+        "turn:…?transport=tcp and turns: URLs too (TLS on port 443 passes most firewalls). "
+        "Otherwise check that the server runs and that its firewall lets this UDP port in.",
+    )
+
+
+def no_answer_connect(where: str, seconds: float) -> Verdict:
+    return Verdict(
+        "no-answer",
+        f"The TCP connection to {where} got no answer in {seconds:.1f} s: a firewall drops "
+        "it, or the host is down.",
+        "Check the address and port, and the firewalls on the way and in front of the "
+        "server; a network that only lets the web out often allows port 443.",
+    )
+
+
+def no_answer_request(where: str, step: str, seconds: float, transport: str) -> Verdict:
+    if transport == "UDP":
+        return no_answer_udp(where, seconds)
+    return Verdict(
+        "no-answer",
+        f"{where} accepted the {transport} connection but did not answer the {step} request "
+        f"in {seconds:.1f} s.",
+        "Check that this port is the server's STUN/TURN port for this transport (a TLS "
+        "port spoken to in plain TCP stays silent), and that the server is not overloaded.",
+    )
+
+
+def connection_closed(where: str, step: str) -> Verdict:
+    return Verdict(
+        "connection-closed",
+        f"{where} closed the connection during {step}.",
+        "The server's log says why; a TURN server closes connections it limits (too many "
+        "from one address, or no allocation in time) or when it is shutting down.",
+    )
+
+
+def not_stun(where: str, detail: str) -> Verdict:
+    return Verdict(
+        "not-stun",
+        f"{where} answered, but not with STUN ({detail}).",
+        "Check the port: this one runs some other service (plain TCP on a TLS port, "
+        "or a web server, say).",
+    )
+
+
+# --- TLS ----------------------------------------------------------------------------------
+
+
+def tls_untrusted(kind: str, host: str, reason: str, trust: str) -> Verdict:
+    """``kind`` is self-signed, name-mismatch, expired, not-yet-valid or untrusted."""
+    pin_hint = (
+        "To check the server anyway, trust that one certificate: --ca FILE (the certificate "
+        "itself) or --pin sha256/… (tsunagu serve prints both at start-up)."
+    )
+    if kind == "self-signed":
+        return Verdict(
+            "tls-self-signed",
+            f"The server's TLS certificate is self-signed, so it is not trusted ({reason}).",
+            "Browsers refuse turns: URLs with a self-signed certificate: give the server a "
+            "certificate from a CA (Let's Encrypt, say) with --cert/--pkey. " + pin_hint,
+        )
+    if kind == "name-mismatch":
+        return Verdict(
+            "tls-name-mismatch",
+            f"The server's TLS certificate is not valid for {host} ({reason}).",
+            f"Use the name the certificate was issued for in the URL, or give the server a "
+            f"certificate that covers {host}.",
+        )
+    if kind in ("expired", "not-yet-valid"):
+        when = "has expired" if kind == "expired" else "is not valid yet"
+        return Verdict(
+            "tls-expired",
+            f"The server's TLS certificate {when} ({reason}).",
+            "Renew the server's certificate; if it should be valid, check the clocks of this "
+            "machine and of the server.",
+        )
+    return Verdict(
+        "tls-untrusted",
+        f"The server's TLS certificate is not trusted ({reason}; checked against {trust}).",
+        "Give the server its full certificate chain (the intermediate certificates too), or "
+        "a certificate from a CA that clients trust. " + pin_hint,
+    )
+
+
+def tls_pin_mismatch(pins: list[str], spki: str, sha256: str) -> Verdict:
+    return Verdict(
+        "tls-pin-mismatch",
+        f"The server's TLS certificate is not the pinned one: its key is sha256/{spki} "
+        f"(certificate {sha256}), the pin is {', '.join(pins)}.",
+        "The certificate changed (renewed, or a different server answers): check the pin "
+        "against what the server prints at start-up.",
+    )
+
+
+def tls_failed(where: str, reason: str) -> Verdict:
+    return Verdict(
+        "tls-failed",
+        f"The TLS handshake with {where} failed: {reason}.",
+        "Check that this is the server's TLS port and not its plain TCP one (TURN over TLS "
+        "usually 5349 or 443).",
+    )
+
+
+# --- HTTP proxy ---------------------------------------------------------------------------
+
+
+def proxy_unreachable(proxy: str, error: str) -> Verdict:
+    return Verdict(
+        "proxy-unreachable",
+        f"The HTTP proxy {proxy} cannot be reached ({error}).",
+        "Check the proxy's address and port (the browser's or the system's proxy settings "
+        "show them).",
+    )
+
+
+def proxy_auth_failed(proxy: str, status: str, sent_credentials: bool) -> Verdict:
+    if sent_credentials:
+        sentence = f"The HTTP proxy {proxy} refused the proxy credentials ({status})."
+        advice = "Check the user name and password in --proxy http://user:password@host:port."
+    else:
+        sentence = f"The HTTP proxy {proxy} wants credentials ({status})."
+        advice = "Give them in --proxy http://user:password@host:port."
+    return Verdict("proxy-auth-failed", sentence, advice)
+
+
+def proxy_refused(proxy: str, target: str, status: str) -> Verdict:
+    return Verdict(
+        "proxy-refused",
+        f"The HTTP proxy {proxy} refused to connect to {target} ({status}).",
+        "Many proxies allow CONNECT to port 443 only: run the TURN server's TLS listener on "
+        "443 and give clients turns:host:443?transport=tcp.",
+    )
+
+
+# --- TURN answers -------------------------------------------------------------------------
+
+
+def wrong_password(username: str, minted: bool) -> Verdict:
+    if minted:
+        return Verdict(
+            "wrong-password",
+            f"The server refused the TURN REST credential {username} minted with this "
+            "secret (401 after the request was signed): the server has another secret.",
+            "Use the server's static-auth-secret, and check that the server accepts TURN "
+            "REST credentials at all (tsunagu: --static-auth-secret; coturn: "
+            "use-auth-secret).",
+        )
+    return Verdict(
+        "wrong-password",
+        f"The server refused the password for user {username} (401 after the request was "
+        "signed with it): wrong password, or no such user.",
+        "Check the user name and password, and the server's realm; TURN REST credentials "
+        "must come from the server's own secret.",
+    )
+
+
+def credential_expired(username: str, expiry: int, now: float) -> Verdict:
+    ago = int(now) - expiry
+    at = datetime.datetime.fromtimestamp(expiry, datetime.UTC)
+    age = f"{ago} s" if ago < 120 else f"{ago // 60} min" if ago < 7200 else f"{ago // 3600} h"
+    return Verdict(
+        "credential-expired",
+        f"The TURN REST credential {username} expired {age} ago "
+        f"({at:%Y-%m-%d %H:%M:%S} UTC): the server refuses it (401).",
+        "Get a fresh credential from the web app (or mint one with --secret); if it was "
+        "just minted, the clocks of the web backend and the TURN server disagree.",
+    )
+
+
+def peer_denied(step: str, peer: str) -> Verdict:
+    return Verdict(
+        "peer-denied",
+        f"The server refused to relay to {peer}: 403 Forbidden to {step}.",
+        "The server denies that peer address. The probe's peer is its own second "
+        "allocation on the same server, so the server denies its own relay addresses "
+        "(tsunagu: loopback, private and special ranges unless --allowed-peer-ip; coturn: "
+        "denied-peer-ip, allow-loopback-peers). Real calls relay to public addresses and "
+        "may still work; a server that denies what clients need fails them the same way.",
+    )
+
+
+def quota_reached(reason: str) -> Verdict:
+    return Verdict(
+        "quota-reached",
+        "The server refused another allocation: 486 Allocation Quota Reached"
+        f"{_why(reason, 'Allocation Quota Reached')}.",
+        "This user or this address holds as many allocations as the server allows: close "
+        "other calls or wait for their allocations to expire, or raise the quota (tsunagu: "
+        "--user-quota, --address-quota; coturn: user-quota).",
+    )
+
+
+def server_full(reason: str) -> Verdict:
+    return Verdict(
+        "server-full",
+        f"The server is full: 508 Insufficient Capacity{_why(reason, 'Insufficient Capacity')}.",
+        "It has no relay port or allocation left, or it is draining for a restart: try "
+        "again later, or give it a larger relay port range or total quota (tsunagu: "
+        "--min-port/--max-port, --total-quota), or more servers.",
+    )
+
+
+def turn_error(step: str, code: int | None, reason: str) -> Verdict:
+    what = f"{code} {reason}".strip() if code is not None else reason or "an error"
+    return Verdict(
+        "turn-error",
+        f"The server answered {step} with {what}.",
+        "See the error's meaning in RFC 8656 §19 and the server's log.",
+    )
+
+
+def stun_error(code: int | None, reason: str) -> Verdict:
+    what = f"{code} {reason}".strip() if code is not None else "an error"
+    return Verdict(
+        "stun-error",
+        f"The server answered the Binding request with {what}.",
+        "A STUN server answers Binding without credentials; this one may serve TURN only "
+        "(tsunagu: --no-stun).",
+    )
+
+
+# --- the relay test -----------------------------------------------------------------------
+
+
+def relay_silent(sent: int, transport: str) -> Verdict:
+    return Verdict(
+        "relay-silent",
+        f"The server granted both allocations, the permissions and the channels, but none "
+        f"of {sent} test packets came back through the relay.",
+        "Relayed packets leave and enter on the server's relay ports (UDP, often "
+        "49152-65535): its firewall must let them in, and a server behind NAT must know its "
+        "public address (tsunagu and coturn: --external-ip).",
+    )
+
+
+def lossy(url: str, loss: float, rtt: float | None) -> Verdict:
+    rtt_text = f", round trip {_ms(rtt)}" if rtt is not None else ""
+    return Verdict(
+        "lossy",
+        f"TURN through {url} works, but {loss:.1%} of the test packets were lost{rtt_text}.",
+        "Calls will stutter. Packet loss comes from a congested or rate-limited link, on "
+        "this side or the server's; try another network, or TCP/TLS, to tell where.",
+    )
+
+
+def turn_ok(url: str, transport: str, rtt: float | None, mbps: float, loss: float) -> Verdict:
+    rtt_text = f"round trip {_ms(rtt)}" if rtt is not None else "no round trip measured"
+    loss_text = "no loss" if loss == 0 else f"{loss:.1%} loss"
+    return Verdict(
+        "ok",
+        f"TURN over {transport} works: {url} relayed test traffic between two allocations "
+        f"({rtt_text}, {loss_text}, {mbps:.2f} Mbit/s).",
+        "Nothing to do for this URL; if a call still fails, check the other URLs clients "
+        "are given and the signaling.",
+    )
+
+
+def stun_ok(url: str, transport: str, rtt: float, mapped: str, nat: str) -> Verdict:
+    return Verdict(
+        "ok",
+        f"The STUN server {url} answers over {transport} in {_ms(rtt)}; it sees you as "
+        f"{mapped} ({nat}).",
+        "Nothing to do: clients can learn their public address here. Whether two peers can "
+        "connect without a relay also depends on their NATs; give them a TURN server too.",
+    )
+
+
+def summary(verdicts: list[tuple[str, Verdict]]) -> Verdict:
+    """One verdict for several URLs: all well, or the first failure with a count."""
+    failed = [(url, v) for url, v in verdicts if not v.ok]
+    if len(verdicts) == 1:
+        return verdicts[0][1]
+    if not failed:
+        return Verdict(
+            "ok",
+            f"All {len(verdicts)} URLs work.",
+            "Nothing to do; if a call still fails, check the signaling.",
+        )
+    url, first = failed[0]
+    working = len(verdicts) - len(failed)
+    return Verdict(
+        first.code,
+        f"{working} of {len(verdicts)} URLs work; {url}: {first.sentence}",
+        first.advice,
+    )
