@@ -122,6 +122,7 @@ class ServeProcess:
     drain_timeout: float
     min_port: int
     max_port: int
+    allowed_peers: bool = True
     process: subprocess.Popen[bytes] = field(init=False)
     port: int = 0
     tls_port: int = 0
@@ -152,7 +153,12 @@ class ServeProcess:
             "-m",
             "tsunagu",
             "serve",
-            *(arg for host in self.hosts for arg in ("-L", host, "--allowed-peer-ip", host)),
+            *(arg for host in self.hosts for arg in ("-L", host)),
+            *(
+                arg
+                for host in (self.hosts if self.allowed_peers else ())
+                for arg in ("--allowed-peer-ip", host)
+            ),
             "-p",
             str(self.port),
             "--tls-listening-port",
@@ -295,16 +301,18 @@ def run_serve(
     drain_timeout: float = 1.0,
     check_exit: bool = True,
     wait_ready: bool = True,
+    allowed_peers: bool = True,
 ) -> Iterator[ServeProcess]:
     """Start ``tsunagu serve`` on loopback with fresh ports; stop it by PID afterwards.
 
-    It listens on ``hosts`` and allows peers there; clients use the first of them. With
+    It listens on ``hosts`` and allows peers there (unless ``allowed_peers`` is false:
+    then loopback peers are denied, as by default); clients use the first of them. With
     ``wait_ready`` false the caller waits, with :meth:`ServeProcess.wait_ready`, so that
     several servers can start side by side.
     """
     tmp.mkdir(parents=True, exist_ok=True)
     low, high = relay_range()
-    server = ServeProcess(tmp, extra, hosts, drain_timeout, low, high)
+    server = ServeProcess(tmp, extra, hosts, drain_timeout, low, high, allowed_peers)
     server.launch()
     try:
         if wait_ready:
@@ -529,8 +537,18 @@ class Coturn:
 
 
 @contextlib.contextmanager
-def run_coturn(tmp: Path, *extra: str, relay_ports: int = 100) -> Iterator[Coturn]:
-    """Start coturn on loopback with fresh ports, ready once it answers a Binding; stop it."""
+def run_coturn(
+    tmp: Path,
+    *extra: str,
+    relay_ports: int = 100,
+    loopback_peers: bool = True,
+    tls: tuple[Path, Path] | None = None,
+) -> Iterator[Coturn]:
+    """Start coturn on loopback with fresh ports, ready once it answers a Binding; stop it.
+
+    ``loopback_peers`` false leaves out ``--allow-loopback-peers`` (coturn's default: a
+    loopback peer gets 403); ``tls`` is ``(cert, key)`` for its TLS listener (else none).
+    """
     tmp.mkdir(parents=True, exist_ok=True)
     port, tls_port = free_ports(2)
     low, high = relay_range(relay_ports)
@@ -561,8 +579,8 @@ def run_coturn(tmp: Path, *extra: str, relay_ports: int = 100) -> Iterator[Cotur
         "--lt-cred-mech",
         "--user",
         f"{USER}:{PASSWORD}",
-        "--allow-loopback-peers",
-        "--no-tls",
+        *(["--allow-loopback-peers"] if loopback_peers else []),
+        *(["--cert", str(tls[0]), "--pkey", str(tls[1])] if tls else ["--no-tls"]),
         "--no-dtls",
         *extra,
     ]

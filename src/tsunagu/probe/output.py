@@ -34,6 +34,7 @@ class TextOutput:
         encoding = (getattr(stream, "encoding", None) or "ascii").lower()
         fancy = live and "utf" in encoding
         self.marks = ("✓", "✗", "…") if fancy else ("ok", "FAIL", "..")
+        self._mark_width = max(len(mark) for mark in self.marks)
         self._current = ""
 
     def _write(self, text: str) -> None:
@@ -44,7 +45,7 @@ class TextOutput:
         self._write(f"{text}\n")
 
     def _line(self, mark: str, name: str, detail: str) -> str:
-        return f"  {mark:<4} {name:<{_NAME_WIDTH}} {detail}"
+        return f"  {mark:<{self._mark_width}} {name:<{_NAME_WIDTH}} {detail}"
 
     # Observer
     def begin(self, name: str, detail: str) -> None:
