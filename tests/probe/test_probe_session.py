@@ -64,7 +64,7 @@ def session(password: str = "secret", *, channel: int | None = 0x4000, **kw: Any
     return TurnSession(
         kw.pop("username", "alice"),
         password,
-        PEER,
+        kw.pop("peer", PEER),
         channel=channel,
         random_bytes=random.Random(2).randbytes,
         **kw,
@@ -223,3 +223,50 @@ def test_requests_carry_fingerprint_unless_told_not_to() -> None:
 def test_lifetime_is_requested_when_given() -> None:
     reply = wire.parse_reply(session(lifetime=120).start(NOW))
     assert reply.attributes[wire.ATTR_LIFETIME] == (120).to_bytes(4, "big")
+
+
+def test_without_a_peer_the_session_waits_after_the_allocate() -> None:
+    server, _ = make_server()
+    client = session(peer=None)
+    rounds = exchange(server, client, client.start(NOW), NOW)
+    assert rounds == 2  # 401, Allocate
+    assert client.waiting and not client.done and client.deadline is None
+    assert client.relayed is not None and client.lifetime_granted is not None
+    assert client.poll(NOW + 100) is None and client.waiting
+    exchange(server, client, client.permit(PEER, NOW + 1), NOW + 1)
+    assert client.phase is Phase.READY
+    assert server.allocations[FIVE].channels[0x4000][1] == PEER
+    with pytest.raises(SessionError):
+        client.permit(PEER, NOW + 2)
+
+
+def test_a_bounded_timeout_gives_up_early() -> None:
+    client = session(timeout=1.2)
+    client.start(NOW)
+    times = []
+    while client.deadline is not None:
+        times.append(round(client.deadline - NOW, 3))
+        client.poll(client.deadline)
+    assert times == [0.5, 1.2]  # one retransmission, then the bound
+    assert client.phase is Phase.FAILED and client.timed_out
+    assert client.error == "no answer to allocate after 1.2 s"
+
+
+def test_wrong_password_is_told_from_the_first_challenge() -> None:
+    server, _ = make_server()
+    client = session("not-the-password")
+    exchange(server, client, client.start(NOW), NOW)
+    assert client.authenticated and client.error_code == 401
+    assert client.error_reason and not client.timed_out
+
+
+def test_a_failed_session_still_releases_its_allocation() -> None:
+    server, binder = make_server()
+    client = session(peer=None)
+    exchange(server, client, client.start(NOW), NOW)
+    # The peer is denied (not in the policy): 403 to CreatePermission.
+    exchange(server, client, client.permit(("10.0.0.1", 9), NOW), NOW)
+    assert client.phase is Phase.FAILED and client.error_code == 403
+    assert client.failed_in is Phase.PERMISSION
+    exchange(server, client, client.release(NOW), NOW)
+    assert client.phase is Phase.RELEASED and FIVE not in server.allocations and not binder.bound
