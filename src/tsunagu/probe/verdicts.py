@@ -403,7 +403,7 @@ def summary(verdicts: list[tuple[str, Verdict]]) -> Verdict:
     if not failed:
         return Verdict(
             "ok",
-            f"All {len(verdicts)} URLs work.",
+            "Both URLs work." if len(verdicts) == 2 else f"All {len(verdicts)} URLs work.",
             "Nothing to do; if a call still fails, check the signaling.",
         )
     url, first = failed[0]
