@@ -314,9 +314,10 @@ def quota_reached(reason: str) -> Verdict:
         "quota-reached",
         "The server refused another allocation: 486 Allocation Quota Reached"
         f"{_why(reason, 'Allocation Quota Reached')}.",
-        "This user or this address holds as many allocations as the server allows: close "
-        "other calls or wait for their allocations to expire, or raise the quota (tsunagu: "
-        "--user-quota, --address-quota; coturn: user-quota).",
+        "This user or this address holds as many allocations as the server allows (coturn "
+        "also answers 486 when its total is reached): close other calls or wait for their "
+        "allocations to expire, or raise the quota (tsunagu: --user-quota, --address-quota; "
+        "coturn: user-quota, total-quota).",
     )
 
 
