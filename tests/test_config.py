@@ -13,6 +13,7 @@ import pytest
 
 from tsunagu.config import (
     AlternateServer,
+    AuxServer,
     Config,
     ConfigError,
     ExternalIp,
@@ -23,6 +24,7 @@ from tsunagu.config import (
     config_to_json,
     load_config,
     parse_alternate_server,
+    parse_aux_server,
     parse_config,
     parse_external_ip,
     parse_ip_range,
@@ -33,6 +35,7 @@ CONTRACT_FIELDS = [
     "listening_ips",
     "listening_port",
     "tls_listening_port",
+    "aux_servers",
     "relay_ips",
     "external_ips",
     "min_port",
@@ -214,6 +217,23 @@ EVERY_FIELD: list[tuple[str, str, list[str], Any]] = [
         ["--alternate-server", "192.0.2.1:3478", "--alternate-server", "[2001:db8::1]:3478"],
         (AlternateServer(ip("192.0.2.1"), 3478), AlternateServer(ip("2001:db8::1"), 3478)),
     ),
+    (
+        "aux_servers",
+        '["192.0.2.1:443", "[2001:db8::1]:443", "0.0.0.0:80"]',
+        [
+            "--aux-server",
+            "192.0.2.1:443",
+            "--aux-server",
+            "[2001:db8::1]:443",
+            "--aux-server",
+            "0.0.0.0:80",
+        ],
+        (
+            AuxServer(ip("192.0.2.1"), 443),
+            AuxServer(ip("2001:db8::1"), 443),
+            AuxServer(ip("0.0.0.0"), 80),
+        ),
+    ),
     ("unauth_rate", "2.5", ["--unauth-rate", "2.5"], 2.5),
     ("max_tcp_connections_per_ip", "16", ["--max-tcp-connections-per-ip", "16"], 16),
     ("max_tcp_connections", "1000", ["--max-tcp-connections", "1000"], 1000),
@@ -352,6 +372,16 @@ def test_parse_external_ip_and_alternate_server() -> None:
     for bad in ["::1:3478", "[192.0.2.1]:3478", "192.0.2.1", "192.0.2.1:0", "[::1]3478"]:
         with pytest.raises(ValueError):
             parse_alternate_server(bad)
+    # An aux server may listen on every address of a family; an alternate server must be
+    # somewhere a client can go.
+    assert parse_aux_server("0.0.0.0:443") == (a("0.0.0.0"), 443)
+    assert parse_aux_server("[::]:443") == (a("::"), 443)
+    assert AuxServer.parse("[2001:db8::5]:443").text == "[2001:db8::5]:443"
+    with pytest.raises(ValueError):
+        parse_alternate_server("0.0.0.0:3478")
+    for bad in ["::1:443", "[192.0.2.1]:443", "192.0.2.1", "192.0.2.1:65536", "host:443"]:
+        with pytest.raises(ValueError):
+            parse_aux_server(bad)
 
 
 # --- rejections -----------------------------------------------------------------------------
@@ -385,6 +415,12 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"denied_peer_ips": ["10.0.0.0/40"]}, "denied_peer_ips"),
     ({"alternate_servers": ["192.0.2.1"]}, "alternate_servers"),
     ({"alternate_servers": ["2001:db8::1:3478"]}, "alternate_servers"),
+    ({"aux_servers": ["192.0.2.1"]}, "aux_servers"),
+    ({"aux_servers": ["192.0.2.1:0"]}, "aux_servers"),
+    # On a main listening address already (every address listens by default).
+    ({"aux_servers": ["192.0.2.1:3478"]}, "aux_servers"),
+    ({"aux_servers": ["[::]:5349"], "listening_ips": ["::1"]}, "aux_servers"),
+    ({"aux_servers": ["0.0.0.0:443", "192.0.2.1:443"]}, "aux_servers"),
     ({"ice_transport_policy": "public"}, "ice_transport_policy"),
     ({"ice_transport_policy": "RELAY"}, "ice_transport_policy"),
     ({"max_allocate_lifetime": 0}, "max_allocate_lifetime"),
@@ -449,6 +485,22 @@ def test_transport_switches_that_leave_something_running_are_fine() -> None:
         is False
     )
     assert parse_config({"stun_only": True, "no_udp": True}).stun_only is True
+
+
+def test_aux_servers_beside_the_main_listeners() -> None:
+    # Another address on the main port, or the main port's address family-wise elsewhere.
+    config = parse_config({"listening_ips": ["192.0.2.1"], "aux_servers": ["192.0.2.2:3478"]})
+    assert config.aux_servers == (AuxServer(ip("192.0.2.2"), 3478),)
+    config = parse_config({"listening_ips": ["::1"], "aux_servers": ["0.0.0.0:5349"]})
+    assert config.aux_servers == (AuxServer(ip("0.0.0.0"), 5349),)
+    # Without TLS the TLS port is free for an aux server; the same address on two ports too.
+    config = parse_config({"no_tls": True, "aux_servers": ["192.0.2.1:5349", "192.0.2.1:443"]})
+    assert [aux.port for aux in config.aux_servers] == [5349, 443]
+    message = config_error(parse_config, {"aux_servers": ["127.0.0.1:3478"]})
+    assert "127.0.0.1:3478 is already a main listening address" in message, message
+    # A worker process reads the aux servers back from JSON.
+    given = parse_config({"aux_servers": ["[2001:db8::1]:443", "0.0.0.0:443"]})
+    assert config_from_json(config_to_json(given)) == given
 
 
 def test_wildcards_of_both_families_together_are_fine() -> None:
@@ -548,6 +600,7 @@ def test_help_lists_every_field_flag(capsys: pytest.CaptureFixture[str]) -> None
         "allowed_peer_ips": "--allowed-peer-ip",
         "denied_peer_ips": "--denied-peer-ip",
         "alternate_servers": "--alternate-server",
+        "aux_servers": "--aux-server",
         "join_secrets": "--join-secret",
         "allowed_origins": "--allowed-origin",
     }

@@ -141,3 +141,70 @@ def test_start_up_output_says_who_may_enter_rooms() -> None:
     assert "/api/turn-credentials on" in line
     chosen = _room_access_line(parse_config({"web_ip": "0.0.0.0", "room_access": "open"}))
     assert "room access open: anyone" in chosen
+
+
+def test_aux_servers_expand_wildcards_by_family(monkeypatch: pytest.MonkeyPatch) -> None:
+    machine = ["127.0.0.1", "192.0.2.1", "::1", "2001:db8::1"]
+    monkeypatch.setattr(serve, "local_addresses", lambda: list(machine))
+    config = parse_config(
+        {"listening_ips": ["::1"], "aux_servers": ["0.0.0.0:443", "[2001:db8::1]:443"]}
+    )
+    assert serve.aux_addresses(config) == (
+        ("127.0.0.1", 443),
+        ("192.0.2.1", 443),
+        ("2001:db8::1", 443),
+    )
+
+
+@pytest.mark.parametrize(
+    ("values", "udp", "tcp"),
+    [
+        # Every TCP address takes TLS and plain alike; the aux server takes UDP and TCP.
+        ({}, [3478, 443], [3478, 5349, 443]),
+        ({"no_udp": True}, [], [3478, 5349, 443]),
+        ({"no_tcp": True}, [3478, 443], [5349, 443]),
+        ({"no_tls": True}, [3478, 443], [3478, 443]),
+        ({"no_tcp": True, "no_tls": True}, [3478, 443], []),
+        # The TLS port may be the main port: one TCP listener takes both.
+        ({"tls_listening_port": 3478}, [3478, 443], [3478, 443]),
+    ],
+)
+def test_turn_endpoints_follow_coturn(
+    values: dict[str, object], udp: list[int], tcp: list[int]
+) -> None:
+    config = parse_config(
+        {"listening_ips": ["192.0.2.1"], "aux_servers": ["192.0.2.1:443"], **values}
+    )
+    aux = serve.aux_addresses(config)
+    endpoints = serve.turn_endpoints(config, ["192.0.2.1"], aux, tls=not config.no_tls)
+    assert endpoints.udp == tuple(("192.0.2.1", port) for port in udp)
+    assert endpoints.tcp == tuple(("192.0.2.1", port) for port in tcp)
+    assert endpoints.aux == (("192.0.2.1", 443),)
+
+
+def test_an_aux_server_that_is_a_main_address_is_the_main_one() -> None:
+    # Reached through a wildcard expanded to an address the main listeners have.
+    config = parse_config({"listening_ips": ["192.0.2.1"], "aux_servers": ["192.0.2.2:3478"]})
+    endpoints = serve.turn_endpoints(
+        config, ["192.0.2.1", "192.0.2.2"], (("192.0.2.2", 3478),), tls=True
+    )
+    assert endpoints.aux == ()
+    assert endpoints.tcp.count(("192.0.2.2", 3478)) == 1
+
+
+def test_aux_servers_reach_the_core_and_the_peer_policy() -> None:
+    config = parse_config(
+        {
+            "listening_ips": ["192.0.2.1"],
+            "aux_servers": ["198.51.100.9:443"],
+            "alternate_servers": ["203.0.113.9:3478"],
+        }
+    )
+    settings = serve.settings_from_config(config, ("192.0.2.1",), (("198.51.100.9", 443),))
+    assert settings.aux_addresses == frozenset({("198.51.100.9", 443)})
+    # The aux address is the server's own: its listening ports are not a peer.
+    policy = settings.policy
+    for ip in ("192.0.2.1", "198.51.100.9"):
+        for port in (3478, 5349, 443):
+            assert (ip, port) in policy.own, (ip, port)
+    assert ("198.51.100.9", 50000) not in policy.own

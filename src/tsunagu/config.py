@@ -26,6 +26,7 @@ from typing import Any, Final, NoReturn, TypeVar
 
 __all__ = [
     "AlternateServer",
+    "AuxServer",
     "Config",
     "ConfigError",
     "ExternalIp",
@@ -38,6 +39,7 @@ __all__ = [
     "config_to_json",
     "load_config",
     "parse_alternate_server",
+    "parse_aux_server",
     "parse_config",
     "parse_external_ip",
     "parse_ip_range",
@@ -114,8 +116,7 @@ def parse_external_ip(text: str) -> tuple[IPAddress, IPAddress | None]:
     return public, private
 
 
-def parse_alternate_server(text: str) -> tuple[IPAddress, int]:
-    """Parse ``"ip:port"`` (IPv4) or ``"[ipv6]:port"`` into ``(address, port)``."""
+def _parse_host_port(text: str, *, wildcard: bool) -> tuple[IPAddress, int]:
     text = text.strip()
     if text.startswith("["):
         host, sep, port_text = text[1:].partition("]:")
@@ -133,9 +134,20 @@ def parse_alternate_server(text: str) -> tuple[IPAddress, int]:
             raise ValueError(f"{text!r}: write IPv6 addresses as [ipv6]:port")
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise ValueError(f"{text!r} has no valid port")
-    if address.is_unspecified:
+    if address.is_unspecified and not wildcard:
         raise ValueError(f"{text!r} uses a wildcard address")
     return address, int(port_text)
+
+
+def parse_alternate_server(text: str) -> tuple[IPAddress, int]:
+    """Parse ``"ip:port"`` (IPv4) or ``"[ipv6]:port"`` into ``(address, port)``."""
+    return _parse_host_port(text, wildcard=False)
+
+
+def parse_aux_server(text: str) -> tuple[IPAddress, int]:
+    """Parse an aux server, ``"ip:port"`` or ``"[ipv6]:port"``; a wildcard address (every
+    address of its family) is allowed, as in ``listening_ips``."""
+    return _parse_host_port(text, wildcard=True)
 
 
 def parse_user(text: str) -> tuple[str, str]:
@@ -178,6 +190,24 @@ class AlternateServer:
     @classmethod
     def parse(cls, text: str) -> AlternateServer:
         return cls(*parse_alternate_server(text))
+
+    @property
+    def text(self) -> str:
+        host = f"[{self.ip}]" if self.ip.version == 6 else str(self.ip)
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class AuxServer:
+    """An ``aux_servers`` entry: one more UDP and TCP listening address (coturn's
+    ``aux-server``), with full STUN/TURN like the main listeners."""
+
+    ip: IPAddress
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> AuxServer:
+        return cls(*parse_aux_server(text))
 
     @property
     def text(self) -> str:
@@ -447,8 +477,21 @@ class Config:
         flag="--listening-ip",
         metavar="IP",
     )
-    listening_port: int = _opt(3478, _PORT, "STUN/TURN port for UDP and TCP", short="-p")
-    tls_listening_port: int = _opt(5349, _PORT, "STUN/TURN port for TLS")
+    listening_port: int = _opt(
+        3478, _PORT, "STUN/TURN port for UDP and TCP (TCP takes TLS too)", short="-p"
+    )
+    tls_listening_port: int = _opt(
+        5349, _PORT, "STUN/TURN port for TLS (takes plain TCP too; may equal listening_port)"
+    )
+    aux_servers: tuple[AuxServer, ...] = _opt(
+        (),
+        _check_each(_entry(AuxServer.parse, "ip:port or [ipv6]:port"), what="ip:port"),
+        "one more STUN/TURN listening address, UDP and TCP (TCP takes TLS too), as coturn's"
+        " aux-server; an Allocate through it is never redirected to an alternate server"
+        " (repeatable: ip:port or [ipv6]:port; 0.0.0.0 or [::] for every address)",
+        flag="--aux-server",
+        metavar="ADDR",
+    )
     relay_ips: tuple[IPAddress, ...] = _opt(
         (),
         _check_each(_ip_entry(wildcard=False), what="IP addresses"),
@@ -783,6 +826,41 @@ def _cross_check(values: dict[str, Any]) -> None:
                 "a wildcard address already covers every address of its family",
                 str(address),
             )
+    _check_aux_servers(values)
+
+
+def _overlap(one: IPAddress, other: IPAddress) -> bool:
+    """Whether listening on ``one`` and on ``other`` would take a common address."""
+    if one.version != other.version:
+        return False
+    return one == other or one.is_unspecified or other.is_unspecified
+
+
+def _check_aux_servers(values: dict[str, Any]) -> None:
+    main_ports = {values["listening_port"]}
+    if not values["no_tls"] and not values["stun_only"]:
+        main_ports.add(values["tls_listening_port"])
+    listening: tuple[IPAddress, ...] = values["listening_ips"]
+    seen: list[AuxServer] = []
+    for aux in values["aux_servers"]:
+        covered = not listening or any(_overlap(aux.ip, ip) for ip in listening)
+        if aux.port in main_ports and covered:
+            _fail(
+                "aux_servers",
+                f"{aux.text} is already a main listening address (listening_ips on port"
+                f" {aux.port}); an aux server needs another port or address",
+                aux.text,
+                show=False,
+            )
+        for other in seen:
+            if other.port == aux.port and _overlap(aux.ip, other.ip):
+                _fail(
+                    "aux_servers",
+                    f"{aux.text} and {other.text} take the same address and port",
+                    aux.text,
+                    show=False,
+                )
+        seen.append(aux)
 
 
 def _normalise_keys(mapping: Mapping[str, Any]) -> dict[str, Any]:
@@ -833,7 +911,7 @@ def config_from_json(mapping: Mapping[str, Any]) -> Config:
 def _to_json(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_to_json(item) for item in value]
-    if isinstance(value, ExternalIp | AlternateServer | StaticUser | PeerRange):
+    if isinstance(value, ExternalIp | AlternateServer | AuxServer | StaticUser | PeerRange):
         return value.text
     if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
         return str(value)

@@ -51,6 +51,8 @@ from .turn import PeerPolicy, TurnServer, TurnSettings
 from .workers import READY_LINE, WorkerShare, start_workers
 
 __all__ = [
+    "Endpoints",
+    "aux_addresses",
     "credential_store",
     "listening_addresses",
     "local_addresses",
@@ -58,6 +60,7 @@ __all__ = [
     "peer_policy",
     "serve",
     "settings_from_config",
+    "turn_endpoints",
 ]
 
 # Lifetime of the credential in the start-up output.
@@ -95,7 +98,7 @@ def _connection_limits(config: Config) -> ConnectionLimits:
     )
 
 
-def _check_free(ip: str, port: int, config: Config) -> None:
+def _check_free(kind: str, ip: str, port: int) -> None:
     """Fail if another process holds a port the workers are about to share.
 
     SO_REUSEPORT would otherwise let a second server started by mistake on the same port
@@ -103,18 +106,11 @@ def _check_free(ip: str, port: int, config: Config) -> None:
     fails with EADDRINUSE whenever anyone holds the port.
     """
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-    checks = []
-    if not config.no_udp:
-        checks.append((socket.SOCK_DGRAM, port))
-    if not config.no_tcp:
-        checks.append((socket.SOCK_STREAM, port))
-    if not config.no_tls and not config.stun_only:
-        checks.append((socket.SOCK_STREAM, config.tls_listening_port))
-    for kind, number in checks:
-        with socket.socket(family, kind) as probe:
-            if kind == socket.SOCK_STREAM:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((ip, number))
+    stream = kind == "tcp"
+    with socket.socket(family, socket.SOCK_STREAM if stream else socket.SOCK_DGRAM) as probe:
+        if stream:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((ip, port))
 
 
 def _udp_socket(ip: str, port: int, *, reuse_port: bool = False) -> socket.socket:
@@ -136,8 +132,13 @@ def _udp_socket(ip: str, port: int, *, reuse_port: bool = False) -> socket.socke
     return sock
 
 
-def settings_from_config(config: Config, fallback_relay_ips: tuple[str, ...] = ()) -> TurnSettings:
-    """The core's settings for ``config``; ``fallback_relay_ips`` are the listening addresses."""
+def settings_from_config(
+    config: Config,
+    fallback_relay_ips: tuple[str, ...] = (),
+    aux: tuple[tuple[str, int], ...] = (),
+) -> TurnSettings:
+    """The core's settings for ``config``; ``fallback_relay_ips`` are the listening addresses,
+    ``aux`` the aux servers' (:func:`aux_addresses`)."""
     external = tuple(
         (str(entry.public), None if entry.private is None else str(entry.private))
         for entry in config.external_ips
@@ -163,8 +164,11 @@ def settings_from_config(config: Config, fallback_relay_ips: tuple[str, ...] = (
         stun_only=config.stun_only,
         no_stun=config.no_stun,
         alternate_servers=tuple((str(entry.ip), entry.port) for entry in config.alternate_servers),
+        aux_addresses=frozenset(aux),
         unauth_rate=config.unauth_rate,
-        policy=peer_policy(config, own_addresses(config, fallback_relay_ips)),
+        policy=peer_policy(
+            config, own_addresses(config, (*fallback_relay_ips, *(ip for ip, _ in aux)))
+        ),
     )
 
 
@@ -174,6 +178,7 @@ def own_addresses(config: Config, listening: tuple[str, ...] = ()) -> tuple[str,
     candidates = [
         *listening,
         *(str(ip) for ip in config.listening_ips if not ip.is_unspecified),
+        *(str(aux.ip) for aux in config.aux_servers if not aux.ip.is_unspecified),
         *(str(ip) for ip in config.relay_ips),
         *(str(entry.public) for entry in config.external_ips),
         *(str(entry.private) for entry in config.external_ips if entry.private is not None),
@@ -189,12 +194,15 @@ def peer_policy(config: Config, own: tuple[str, ...] = ()) -> PeerPolicy:
     server's ``own`` addresses (:func:`own_addresses`) on its listening ports denied.
 
     Only the listening ports of those addresses are denied (relaying to them would make the
-    server its own client, a loop), not the addresses: two clients of this server relaying
-    to each other's relayed addresses is the common case of a call through TURN. Requests
-    from the server's relay port range on those addresses are ignored by the core, which
-    closes the loop however a packet got there (a Send indication's permission is per IP).
+    server its own client, a loop; the aux servers' ports on every one of them, as a 1:1 NAT
+    forwards the public address's port to the private one), not the addresses: two clients
+    of this server relaying to each other's relayed addresses is the common case of a call
+    through TURN. Requests from the server's relay port range on those addresses are ignored
+    by the core, which closes the loop however a packet got there (a Send indication's
+    permission is per IP).
     """
     ports = {config.listening_port, config.tls_listening_port}
+    ports.update(aux.port for aux in config.aux_servers)
     policy = PeerPolicy(
         allowed=tuple(net for entry in config.allowed_peer_ips for net in entry.networks),
         denied=PeerPolicy.create().denied
@@ -266,6 +274,64 @@ def listening_addresses(config: Config) -> list[str]:
     return sorted(expanded | set(specific))
 
 
+def aux_addresses(config: Config) -> tuple[tuple[str, int], ...]:
+    """The aux servers' concrete addresses: a wildcard becomes the machine's addresses of its
+    family, as in :func:`listening_addresses`."""
+    found: list[tuple[str, int]] = []
+    machine: list[str] | None = None
+    for aux in config.aux_servers:
+        if aux.ip.is_unspecified:
+            if machine is None:
+                machine = local_addresses()
+            ips = [ip for ip in machine if ipaddress.ip_address(ip).version == aux.ip.version]
+        else:
+            ips = [str(aux.ip)]
+        for ip in ips:
+            if (ip, aux.port) not in found:
+                found.append((ip, aux.port))
+    return tuple(found)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoints:
+    """Where one worker listens: UDP and TCP addresses (ip, port), the main ones first; and
+    those of them that are aux servers. Every TCP address takes TLS and plain TCP alike,
+    as far as ``no_tls`` and ``no_tcp`` leave them on."""
+
+    udp: tuple[tuple[str, int], ...]
+    tcp: tuple[tuple[str, int], ...]
+    aux: tuple[tuple[str, int], ...]
+
+
+def turn_endpoints(
+    config: Config, listening: list[str], aux: tuple[tuple[str, int], ...], *, tls: bool
+) -> Endpoints:
+    """The listening addresses of ``config`` on the ``listening`` IPs and the ``aux`` ones.
+
+    As coturn: the main UDP port unless ``no_udp``, the main TCP port unless ``no_tcp``, the
+    TLS port with ``tls``; an aux server takes UDP unless ``no_udp`` and TCP unless both TCP
+    and TLS are off. One TCP listener serves an address however many roles name it (the
+    TLS port may be the main port); the main role wins over the aux one.
+    """
+    udp: list[tuple[str, int]] = []
+    tcp: list[tuple[str, int]] = []
+    for ip in listening:
+        if not config.no_udp:
+            udp.append((ip, config.listening_port))
+        if not config.no_tcp:
+            tcp.append((ip, config.listening_port))
+        if tls and (ip, config.tls_listening_port) not in tcp:
+            tcp.append((ip, config.tls_listening_port))
+    main = set(udp) | set(tcp)
+    aux = tuple(address for address in aux if address not in main)
+    for address in aux:
+        if not config.no_udp:
+            udp.append(address)
+        if not config.no_tcp or tls:
+            tcp.append(address)
+    return Endpoints(tuple(udp), tuple(tcp), aux)
+
+
 def _state_dir() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
     return Path(base) / "tsunagu"
@@ -314,6 +380,8 @@ class _Turn:
     engine: RelayEngine
     servers: list[StreamListener] = field(default_factory=list)
     udp_listeners: list[UdpListener] = field(default_factory=list)
+    counter: ConnectionCounter | None = None
+    endpoints: Endpoints = Endpoints((), (), ())
 
     def close_listeners(self) -> None:
         for listener in self.udp_listeners:
@@ -337,8 +405,10 @@ async def _start_turn(
     loop = asyncio.get_running_loop()
     rng = random.SystemRandom()
     reuse_port = config.workers > 1
+    tls = _tls_enabled(config, ssl_context)
+    endpoints = turn_endpoints(config, listening, aux_addresses(config), tls=tls)
     settings = dataclasses.replace(
-        settings_from_config(config, tuple(listening)),
+        settings_from_config(config, tuple(listening), endpoints.aux),
         nonce_secret=share.nonce_secret,
         shared_reservations=reuse_port,
         port_share=(share.index, config.workers),
@@ -353,43 +423,43 @@ async def _start_turn(
     driver = TurnDriver(server, loop, engine, worker=share.index)
     driver.start_reports()
     turn = _Turn(driver, engine)
-    port = config.listening_port
     # TCP and TLS clients of this worker, counted together against the caps.
     counter = ConnectionCounter(_connection_limits(config))
+    turn.counter = counter
     limits = StreamLimits(allocate_timeout=config.tcp_allocate_timeout)
 
-    def tcp(release: Callable[[], None]) -> StreamConnection:
-        return StreamConnection(driver, "tcp", limits, release)
+    def stream(release: Callable[[], None], accepted: float, over_tls: bool) -> StreamConnection:
+        protocol = "tls" if over_tls else "tcp"
+        return StreamConnection(driver, protocol, limits, release, accepted=accepted)
 
-    def tls(release: Callable[[], None]) -> StreamConnection:
-        return StreamConnection(driver, "tls", limits, release)
-
-    for ip in listening:
-        try:
-            if reuse_port and share.index == 0:
-                _check_free(ip, port, config)
-            if not config.no_udp:
-                sock = _udp_socket(ip, port, reuse_port=reuse_port)
-                turn.udp_listeners.append(await engine.udp_listener(driver, sock, loop))
-            if not config.no_tcp:
-                sock = stream_socket(ip, port, reuse_port=reuse_port)
-                turn.servers.append(StreamListener(loop, sock, tcp, counter))
-            if _tls_enabled(config, ssl_context):
-                sock = stream_socket(ip, config.tls_listening_port, reuse_port=reuse_port)
-                turn.servers.append(
-                    StreamListener(
-                        loop,
-                        sock,
-                        tls,
-                        counter,
-                        ssl=ssl_context,
-                        handshake_timeout=config.tcp_allocate_timeout,
+    for kind, addresses in (("udp", endpoints.udp), ("tcp", endpoints.tcp)):
+        for ip, port in addresses:
+            try:
+                if reuse_port and share.index == 0:
+                    _check_free(kind, ip, port)
+                if kind == "udp":
+                    sock = _udp_socket(ip, port, reuse_port=reuse_port)
+                    turn.udp_listeners.append(await engine.udp_listener(driver, sock, loop))
+                else:
+                    sock = stream_socket(ip, port, reuse_port=reuse_port)
+                    turn.servers.append(
+                        StreamListener(
+                            loop,
+                            sock,
+                            stream,
+                            counter,
+                            ssl=ssl_context if tls else None,
+                            plain=not config.no_tcp,
+                            deadline=config.tcp_allocate_timeout,
+                        )
                     )
+            except OSError as exc:
+                log.error(
+                    "cannot listen on %s:%d (%s): %s", _bracket(ip), port, kind, exc.strerror or exc
                 )
-        except OSError as exc:
-            log.error("cannot listen on %s: %s", ip, exc.strerror or exc)
-            turn.close_listeners()
-            return None
+                turn.close_listeners()
+                return None
+    turn.endpoints = endpoints
     return turn
 
 
@@ -418,29 +488,38 @@ def _room_access_line(config: Config) -> str:
 def _say_turn(
     config: Config,
     listening: list[str],
-    engine: RelayEngine,
+    turn: _Turn,
     ssl_context: ssl.SSLContext | None,
     material: Any,
     turn_secret: str,
 ) -> None:
     """What a user needs to reach the TURN side; tests and scripts parse these lines."""
+    from .signaling.ice import turn_uris
+
     port = config.listening_port
+    tls = _tls_enabled(config, ssl_context)
     _say(f"tsunagu: STUN/TURN on {', '.join(listening)} port {port}")
-    if config.workers > 1:
-        _say(f"tsunagu: {config.workers} worker processes")
-    transports = [
+    taken = [
         name
-        for name, enabled in (
-            ("udp", not config.no_udp),
-            ("tcp", not config.no_tcp),
-            ("tls", _tls_enabled(config, ssl_context)),
-        )
+        for name, enabled in (("udp", not config.no_udp), ("tcp", not config.no_tcp), ("tls", tls))
         if enabled
     ]
+    aux = turn.endpoints.aux
+    if aux:
+        where = ", ".join(f"{_bracket(ip)}:{number}" for ip, number in aux)
+        _say(f"tsunagu: aux servers on {where} ({', '.join(taken)})")
+    if config.workers > 1:
+        _say(f"tsunagu: {config.workers} worker processes")
     _say(
-        f"tsunagu: transports: {', '.join(transports)}; realm {config.realm};"
-        f" relay path: {engine.name}"
+        f"tsunagu: transports: {', '.join(taken)}; realm {config.realm};"
+        f" relay path: {turn.engine.name}"
     )
+    if tls and not config.no_tcp:
+        ports = list(dict.fromkeys(number for _, number in turn.endpoints.tcp))
+        _say(
+            "tsunagu: every TCP port takes TLS and plain TCP alike:"
+            f" {', '.join(str(number) for number in ports)}"
+        )
     if material is not None:
         _say(
             f"tsunagu: TLS certificate {material.cert_path}"
@@ -454,13 +533,8 @@ def _say_turn(
         username, password = mint_credentials(
             turn_secret, "test", _BANNER_CREDENTIAL_TTL, time.time()
         )
-        urls = [f"stun:{host}:{port}"]
-        if not config.no_udp:
-            urls.append(f"turn:{host}:{port}?transport=udp")
-        if not config.no_tcp:
-            urls.append(f"turn:{host}:{port}?transport=tcp")
-        if ssl_context is not None and not config.no_tls:
-            urls.append(f"turns:{host}:{config.tls_listening_port}?transport=tcp")
+        # The URIs the web page hands out, the same way (signaling/ice.py).
+        urls = [f"stun:{host}:{port}", *turn_uris(config, host)]
         entry = {"urls": urls, "username": username, "credential": password}
         _say(f"tsunagu: ICE server entry (valid {_BANNER_CREDENTIAL_TTL // 60} min):")
         _say(json.dumps(entry))
@@ -537,7 +611,7 @@ async def serve(config: Config, share: WorkerShare | None = None) -> int:
                     child.kill()
                 log.error("worker processes did not start")
                 return 1
-        _say_turn(config, listening, turn.engine, ssl_context, material, turn_secret)
+        _say_turn(config, listening, turn, ssl_context, material, turn_secret)
 
     runner: Any = None
     if not config.no_web:
@@ -588,6 +662,8 @@ async def serve(config: Config, share: WorkerShare | None = None) -> int:
         await _drain(turn, config.drain_timeout)
         for listener in turn.udp_listeners:
             listener.close()
+        if turn.counter is not None:
+            turn.counter.close()  # what is left of the interval's counts reaches the log
     deadline = time.monotonic() + 5.0
     for child in children:
         try:

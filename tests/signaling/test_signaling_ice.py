@@ -8,7 +8,13 @@ import pytest
 
 from tsunagu.auth.rest import rest_password
 from tsunagu.config import Config, parse_config
-from tsunagu.signaling.ice import choose_host, format_host, host_from_header, ice_config
+from tsunagu.signaling.ice import (
+    choose_host,
+    format_host,
+    host_from_header,
+    ice_config,
+    turn_uris,
+)
 
 SECRET = "s3cret-shared"
 
@@ -119,3 +125,70 @@ def test_ipv6_request_host_gives_bracketed_uris() -> None:
     ice = ice_config(cfg(), turn_secret=SECRET, request_host="[::1]:8080", user_id="", now=0)
     assert ice["iceServers"][0]["urls"] == ["stun:[::1]:3478"]
     assert ice["iceServers"][1]["urls"][2] == "turns:[::1]:5349?transport=tcp"
+
+
+def turn_urls(**values: Any) -> list[str]:
+    return turn_uris(cfg(**values), "h")
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"aux_servers": ["0.0.0.0:443"]},
+        {"aux_servers": ["192.0.2.9:443"]},  # every address listens by default
+        {"aux_servers": ["[::]:443"], "listening_ips": ["::"]},
+        {"aux_servers": ["192.0.2.9:443"], "listening_ips": ["192.0.2.9", "::1"]},
+        {"tls_listening_port": 443},
+        {"listening_port": 443},
+    ],
+)
+def test_tcp_and_tls_move_to_443_where_the_host_takes_it(values: dict[str, Any]) -> None:
+    udp = "turn:h:443?transport=udp" if values.get("listening_port") == 443 else None
+    assert turn_urls(**values) == [
+        udp or "turn:h:3478?transport=udp",
+        "turn:h:443?transport=tcp",
+        "turns:h:443?transport=tcp",
+    ]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        # An aux server on an address the main listeners do not have: the host may not
+        # lead there.
+        {"aux_servers": ["192.0.2.9:443"], "listening_ips": ["192.0.2.1"]},
+        {"aux_servers": ["[2001:db8::9]:443"], "listening_ips": ["0.0.0.0"]},
+        # Not 443.
+        {"aux_servers": ["192.0.2.9:8443"]},
+    ],
+)
+def test_other_aux_servers_leave_the_uris_alone(values: dict[str, Any]) -> None:
+    assert turn_urls(**values) == [
+        "turn:h:3478?transport=udp",
+        "turn:h:3478?transport=tcp",
+        "turns:h:5349?transport=tcp",
+    ]
+
+
+def test_443_uris_follow_the_transport_switches() -> None:
+    aux = ["0.0.0.0:443"]
+    assert turn_urls(aux_servers=aux, no_tls=True) == [
+        "turn:h:3478?transport=udp",
+        "turn:h:443?transport=tcp",
+    ]
+    assert turn_urls(aux_servers=aux, no_tcp=True) == [
+        "turn:h:3478?transport=udp",
+        "turns:h:443?transport=tcp",
+    ]
+    assert turn_urls(aux_servers=aux, no_tcp=True, no_tls=True) == ["turn:h:3478?transport=udp"]
+    # The TLS port is 443 but TLS is off: nothing listens for TCP there.
+    assert turn_urls(tls_listening_port=443, no_tls=True) == [
+        "turn:h:3478?transport=udp",
+        "turn:h:3478?transport=tcp",
+    ]
+    # Never more than one URI per transport: a browser allocates for each.
+    assert turn_urls(aux_servers=aux, listening_port=80, tls_listening_port=8443) == [
+        "turn:h:80?transport=udp",
+        "turn:h:443?transport=tcp",
+        "turns:h:443?transport=tcp",
+    ]

@@ -372,7 +372,7 @@ async def test_the_listener_refuses_connections_over_its_caps_and_logs_once(
         listener = StreamListener(
             loop,
             sock,
-            lambda release: StreamConnection(rig.driver, "tcp", on_lost=release),
+            lambda release, accepted, tls: StreamConnection(rig.driver, "tcp", on_lost=release),
             counter,
         )
         clients: list[socket.socket] = []

@@ -7,6 +7,7 @@ import pytest
 from support.turn_harness import (
     CLIENT,
     NOW,
+    SERVER,
     SERVER_IP,
     Client,
     FakeBinder,
@@ -340,6 +341,30 @@ def test_draining_with_alternate_server_gets_300() -> None:
     assert response.get(AlternateServer) == AlternateServer("203.0.113.5", 3478)
     assert response.has_integrity
     assert not binder.binds
+
+
+def test_an_allocate_through_an_aux_server_is_never_redirected() -> None:
+    """As coturn's aux servers never answer ALTERNATE-SERVER: their clients may reach that
+    one port only. While draining they get 508; the main port's clients still get 300."""
+    aux = (SERVER_IP, 443)
+    server, binder = make_server(
+        TurnSettings(alternate_servers=(("203.0.113.5", 3478),), aux_addresses=frozenset({aux}))
+    )
+    # Served like any other client while not draining, relayed from the address reached.
+    first = Client(server, udp(("198.51.100.100", 40001), aux))
+    response = first.allocate()
+    assert success(response)
+    assert relayed(response)[0][0] == SERVER_IP
+    server.start_drain()
+    for protocol in ("udp", "tcp", "tls"):
+        response = Client(server, udp(("198.51.100.100", 40002), aux, protocol)).allocate()
+        assert error_code(response) == 508, protocol
+        assert response.get(AlternateServer) is None
+    # The same IP on the main port, and the aux port on another IP, are not the aux server.
+    for address in (SERVER, ("192.0.2.2", 443)):
+        response = Client(server, udp(("198.51.100.100", 40003), address)).allocate()
+        assert error_code(response) == 300, address
+    assert len(binder.binds) == 1
 
 
 def test_draining_names_each_alternate_server_in_turn() -> None:

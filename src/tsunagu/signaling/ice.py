@@ -3,6 +3,14 @@
 Pure functions of the configuration, the HTTP Host the browser used and the time. TURN
 entries carry time-limited TURN REST API credentials, so the page never sees a long-term
 password; without a shared secret there are no TURN entries at all.
+
+Three TURN URIs at most, one per transport: a browser allocates for every URI (on every
+interface it gathers on), and the per-user and per-address quotas are sized for three
+(:mod:`tsunagu.turn.quotas`). When the host takes TCP on port 443 (the TLS port or the main
+port is 443, or an aux server on 443 listens where the host leads), the TCP and the TLS URI
+both name port 443, which every TCP listener serves in both forms: a network that lets
+only HTTPS out lets them through, and one that lets 3478 and 5349 through lets 443 through
+too.
 """
 
 from __future__ import annotations
@@ -12,9 +20,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from tsunagu.auth.rest import mint_credentials
-from tsunagu.config import Config
+from tsunagu.config import Config, IPAddress
 
-__all__ = ["TurnCredentials", "choose_host", "format_host", "stun_uris", "turn_uris", "ice_config"]
+__all__ = [
+    "HTTPS_PORT",
+    "TurnCredentials",
+    "choose_host",
+    "format_host",
+    "ice_config",
+    "stun_uris",
+    "takes_tcp_on_443",
+    "turn_uris",
+]
+
+# Open where little else is: a firewall that lets only HTTPS out lets port 443 through.
+HTTPS_PORT = 443
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,16 +100,46 @@ def stun_uris(config: Config, host: str) -> list[str]:
     return [f"stun:{host}:{config.listening_port}"]
 
 
+def _main_listeners_take(config: Config, ip: IPAddress) -> bool:
+    """Whether the main listeners take ``ip`` too (so the URIs' host leads there as well)."""
+    if ip.is_unspecified or not config.listening_ips:
+        return True
+    return any(
+        other.version == ip.version and (other.is_unspecified or other == ip)
+        for other in config.listening_ips
+    )
+
+
+def takes_tcp_on_443(config: Config) -> bool:
+    """Whether the URIs' host takes TCP, TLS and plain alike, on port 443: the main or the
+    TLS port is 443, or an aux server on 443 listens on an address the main listeners have
+    (an aux server elsewhere may not be where the host leads)."""
+    if config.no_tcp and config.no_tls:
+        return False
+    if config.listening_port == HTTPS_PORT and not config.no_tcp:
+        return True
+    if config.tls_listening_port == HTTPS_PORT and not config.no_tls:
+        return True
+    return any(
+        aux.port == HTTPS_PORT and _main_listeners_take(config, aux.ip)
+        for aux in config.aux_servers
+    )
+
+
 def turn_uris(config: Config, host: str) -> list[str]:
+    """One URI per transport; TCP and TLS on port 443 when the host takes it there."""
     if config.no_turn or config.stun_only:
         return []
+    on_443 = takes_tcp_on_443(config)
     uris = []
     if not config.no_udp:
         uris.append(f"turn:{host}:{config.listening_port}?transport=udp")
     if not config.no_tcp:
-        uris.append(f"turn:{host}:{config.listening_port}?transport=tcp")
+        port = HTTPS_PORT if on_443 else config.listening_port
+        uris.append(f"turn:{host}:{port}?transport=tcp")
     if not config.no_tls:
-        uris.append(f"turns:{host}:{config.tls_listening_port}?transport=tcp")
+        port = HTTPS_PORT if on_443 else config.tls_listening_port
+        uris.append(f"turns:{host}:{port}?transport=tcp")
     return uris
 
 

@@ -1,4 +1,4 @@
-"""TCP/TLS listening sockets that admit connections within caps.
+"""TCP/TLS listening sockets that admit connections within caps, and tell TLS from plain.
 
 Connections are accepted here rather than by asyncio's server, so that one over a cap is
 refused at accept time (closed with a reset), before a TLS handshake or a protocol is spent
@@ -6,6 +6,13 @@ on it. :class:`ConnectionCounter` counts the connections of one worker per clien
 (an IPv4 address, or an IPv6 /64: one subscriber's prefix) and in total, from accept until
 the connection is gone, the TLS handshake included. Refusals are logged once per interval,
 whatever their number.
+
+Every listener takes TLS and plain TCP on the same port, as coturn does on each of its TCP
+listeners: a TURN client speaks first, so the first byte it sends tells which one it
+speaks (:func:`stream_kind`), read with ``MSG_PEEK`` so that it stays in the kernel for the
+TLS layer or the framer. Until that byte comes the connection holds only its socket and one
+timer; the wait counts against the allocation deadline. A connection whose first byte is
+neither is closed at once and counted, once per interval too.
 """
 
 from __future__ import annotations
@@ -26,9 +33,11 @@ from ..turn.quotas import address_key
 __all__ = [
     "ConnectionCounter",
     "ConnectionLimits",
+    "ProtocolFactory",
     "StreamListener",
     "address_key",
     "descriptor_budget",
+    "stream_kind",
     "stream_socket",
     "worker_share",
 ]
@@ -45,6 +54,30 @@ _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 # Addresses remembered per logging interval, to name the busiest in the log line.
 _TRACKED_ADDRESSES = 1024
+# The first byte of a TLS record of type handshake: a ClientHello (RFC 8446 §5.1).
+_TLS_HANDSHAKE = 0x16
+# The first byte of a STUN request: the type's two leading bits are 0, and every STUN and
+# TURN method is below 0x200, so the byte is 0x00 or 0x01 (RFC 8489 §5).
+_STUN_FIRST_BYTES = frozenset({0x00, 0x01})
+
+
+def stream_kind(first: int) -> str | None:
+    """What a new connection whose first byte is ``first`` speaks: ``"tls"``, ``"plain"``
+    (STUN), or None (neither).
+
+    ChannelData (0x40-0x7F) is not a first frame: it needs an allocation, which a new
+    connection cannot have. That range is where HTTP requests fall ("GET", "POST", ...).
+    """
+    if first == _TLS_HANDSHAKE:
+        return "tls"
+    if first in _STUN_FIRST_BYTES:
+        return "plain"
+    return None
+
+
+def _first_byte(first: int) -> str:
+    shown = chr(first) if 0x20 < first < 0x7F else ""
+    return f"{first:#04x} {shown!r}" if shown else f"{first:#04x}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,8 +107,45 @@ def descriptor_budget(open_files: int) -> int:
     return max(16, (open_files - _RESERVED_DESCRIPTORS) // 4)
 
 
+class _Window:
+    """Events of one logging interval, by cause and by client address; ``report`` is called
+    with both at the interval's end (or at :meth:`close`), once, however many came."""
+
+    def __init__(
+        self, interval: float, report: Callable[[Counter[str], Counter[str]], None]
+    ) -> None:
+        self.interval = interval
+        self._report = report
+        self._causes: Counter[str] = Counter()
+        self._addresses: Counter[str] = Counter()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, cause: str, key: str) -> None:
+        self._causes[cause] += 1
+        if key in self._addresses or len(self._addresses) < _TRACKED_ADDRESSES:
+            self._addresses[key] += 1
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.interval, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        causes, addresses = self._causes, self._addresses
+        self._causes, self._addresses = Counter(), Counter()
+        self._report(causes, addresses)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._fire()
+
+
+def _busiest(addresses: Counter[str]) -> str:
+    return ", ".join(f"{key} ({count})" for key, count in addresses.most_common(3))
+
+
 class ConnectionCounter:
-    """The TCP/TLS connections of one worker, per client address and in total."""
+    """The TCP/TLS connections of one worker, per client address and in total; and those
+    closed for speaking neither TLS nor STUN."""
 
     def __init__(self, limits: ConnectionLimits, *, log_interval: float = 10.0) -> None:
         self.limits = limits
@@ -84,9 +154,10 @@ class ConnectionCounter:
         self.total = 0
         # Refusals since start, by cap ("per-address", "total").
         self.refused: Counter[str] = Counter()
-        self._window: Counter[str] = Counter()
-        self._window_addresses: Counter[str] = Counter()
-        self._report: asyncio.TimerHandle | None = None
+        # Connections closed since start for their first byte, by what it was.
+        self.not_turn: Counter[str] = Counter()
+        self._refusals = _Window(log_interval, self._log_refusals)
+        self._not_turn = _Window(log_interval, self._log_not_turn)
 
     def admit(self, ip: str) -> Callable[[], None] | None:
         """Count a new connection from ``ip``; None when a cap refuses it.
@@ -122,18 +193,9 @@ class ConnectionCounter:
 
     def _refuse(self, cap: str, key: str) -> None:
         self.refused[cap] += 1
-        self._window[cap] += 1
-        if key in self._window_addresses or len(self._window_addresses) < _TRACKED_ADDRESSES:
-            self._window_addresses[key] += 1
-        if self._report is None:
-            self._report = asyncio.get_running_loop().call_later(
-                self.log_interval, self._log_refusals
-            )
+        self._refusals.add(cap, key)
 
-    def _log_refusals(self) -> None:
-        self._report = None
-        window, addresses = self._window, self._window_addresses
-        self._window, self._window_addresses = Counter(), Counter()
+    def _log_refusals(self, window: Counter[str], addresses: Counter[str]) -> None:
         causes = []
         if window["per-address"]:
             causes.append(
@@ -142,19 +204,34 @@ class ConnectionCounter:
             )
         if window["total"]:
             causes.append(f"{window['total']} over the cap of {self.limits.total} in total")
-        busiest = ", ".join(f"{key} ({count})" for key, count in addresses.most_common(3))
         log.warning(
             "refused %d TCP/TLS connections in the last %g s: %s; most from %s",
             sum(window.values()),
             self.log_interval,
             "; ".join(causes),
-            busiest,
+            _busiest(addresses),
+        )
+
+    def closed_not_turn(self, ip: str, cause: str) -> None:
+        """Count a connection closed because its first byte was not what the port takes;
+        ``cause`` says what it was."""
+        self.not_turn[cause] += 1
+        self._not_turn.add(cause, address_key(ip))
+
+    def _log_not_turn(self, window: Counter[str], addresses: Counter[str]) -> None:
+        # Scanners do this to every open port all day: information, not a warning.
+        log.info(
+            "closed %d TCP/TLS connections in the last %g s that spoke neither TLS nor STUN"
+            " (%s); most from %s",
+            sum(window.values()),
+            self.log_interval,
+            ", ".join(f"{cause} x{count}" for cause, count in window.most_common(3)),
+            _busiest(addresses),
         )
 
     def close(self) -> None:
-        if self._report is not None:
-            self._report.cancel()
-            self._log_refusals()
+        self._refusals.close()
+        self._not_turn.close()
 
 
 def stream_socket(ip: str, port: int, *, reuse_port: bool = False) -> socket.socket:
@@ -176,14 +253,34 @@ def stream_socket(ip: str, port: int, *, reuse_port: bool = False) -> socket.soc
     return sock
 
 
-# Makes a connection's protocol; its argument un-counts the connection once it is gone.
-ProtocolFactory = Callable[[Callable[[], None]], asyncio.BaseProtocol]
+# Makes a connection's protocol from: the function that un-counts the connection once it is
+# gone, the loop time it was accepted at (its deadlines count from there), and whether it
+# speaks TLS.
+ProtocolFactory = Callable[[Callable[[], None], float, bool], asyncio.BaseProtocol]
+
+
+class _Undecided:
+    """An accepted connection whose first byte has not come yet."""
+
+    __slots__ = ("accepted", "conn", "ip", "release", "timer")
+
+    def __init__(
+        self, conn: socket.socket, ip: str, release: Callable[[], None], accepted: float
+    ) -> None:
+        self.conn = conn
+        self.ip = ip
+        self.release = release
+        self.accepted = accepted
+        self.timer: asyncio.TimerHandle | None = None
 
 
 class StreamListener:
-    """Accepts TCP (or, with ``ssl``, TLS) connections on ``sock`` within ``counter``'s caps.
+    """Accepts connections on ``sock`` within ``counter``'s caps, and runs TLS (with
+    ``ssl``) or plain TCP (with ``plain``) on each, as its first byte says.
 
-    A TLS handshake must end within ``handshake_timeout`` seconds.
+    The first byte must come, and a TLS handshake end, within ``deadline`` seconds of
+    accept (the allocation deadline, which the connection's protocol enforces from the same
+    moment).
     """
 
     def __init__(
@@ -194,15 +291,22 @@ class StreamListener:
         counter: ConnectionCounter,
         *,
         ssl: Any = None,
-        handshake_timeout: float | None = None,
+        plain: bool = True,
+        deadline: float = 10.0,
     ) -> None:
+        if ssl is None and not plain:
+            raise ValueError("a listener must take TLS or plain TCP")
         self._loop = loop
         self.sock = sock
         self._fd = sock.fileno()
+        local = sock.getsockname()
+        self._address: tuple[str, int] = (local[0], local[1])
         self._factory = protocol_factory
         self.counter = counter
         self._ssl = ssl
-        self._handshake_timeout = handshake_timeout if ssl is not None else None
+        self._plain = plain
+        self._deadline = deadline
+        self._undecided: dict[int, _Undecided] = {}
         self._pending: set[asyncio.Task[None]] = set()
         self._retry: asyncio.TimerHandle | None = None
         self._closed = False
@@ -210,8 +314,7 @@ class StreamListener:
 
     @property
     def address(self) -> tuple[str, int]:
-        address = self.sock.getsockname()
-        return (address[0], address[1])
+        return self._address
 
     def _accept(self) -> None:
         for _ in range(_ACCEPT_BATCH):
@@ -243,22 +346,87 @@ class StreamListener:
                 release()
                 conn.close()
                 continue
-            task = self._loop.create_task(self._start(conn, release))
+            waiting = _Undecided(conn, addr[0], release, self._loop.time())
+            fd = conn.fileno()
+            self._undecided[fd] = waiting
+            self._loop.add_reader(fd, self._first_byte, fd)
+            waiting.timer = self._loop.call_at(waiting.accepted + self._deadline, self._silent, fd)
+
+    def _first_byte(self, fd: int) -> None:
+        waiting = self._undecided.get(fd)
+        if waiting is None:
+            return
+        try:
+            first = waiting.conn.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:  # reset by the client
+            self._drop(fd)
+            return
+        if not first:  # the client closed without a word
+            self._drop(fd)
+            return
+        kind = stream_kind(first[0])
+        if (kind == "tls" and self._ssl is not None) or (kind == "plain" and self._plain):
+            self._forget(fd)
+            task = self._loop.create_task(self._start(waiting, tls=kind == "tls"))
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
+            return
+        if kind == "tls":
+            cause = "TLS, which this port does not take (--no-tls)"
+        elif kind == "plain":
+            cause = "plain STUN, which this port does not take (--no-tcp)"
+        else:
+            cause = f"first byte {_first_byte(first[0])}"
+        self.counter.closed_not_turn(waiting.ip, cause)
+        log.debug("TCP/TLS connection from %s closed: %s", waiting.ip, cause)
+        self._drop(fd)
 
-    async def _start(self, conn: socket.socket, release: Callable[[], None]) -> None:
+    def _silent(self, fd: int) -> None:
+        waiting = self._undecided.get(fd)
+        if waiting is not None:
+            waiting.timer = None
+            log.debug(
+                "TCP/TLS connection from %s closed: nothing sent in %g s",
+                waiting.ip,
+                self._deadline,
+            )
+            self._drop(fd)
+
+    def _forget(self, fd: int) -> _Undecided:
+        waiting = self._undecided.pop(fd)
+        self._loop.remove_reader(fd)
+        if waiting.timer is not None:
+            waiting.timer.cancel()
+            waiting.timer = None
+        return waiting
+
+    def _drop(self, fd: int) -> None:
+        # Unread bytes left in the kernel make close() send a reset.
+        waiting = self._forget(fd)
+        waiting.conn.close()
+        waiting.release()
+
+    async def _start(self, waiting: _Undecided, *, tls: bool) -> None:
+        conn, release, accepted = waiting.conn, waiting.release, waiting.accepted
+
+        def protocol() -> asyncio.BaseProtocol:
+            return self._factory(release, accepted, tls)
+
         # The transport owns the socket from here, failed or not; it closes it.
         try:
-            if self._ssl is None:
-                await self._loop.connect_accepted_socket(lambda: self._factory(release), conn)
-            else:
-                await self._loop.connect_accepted_socket(
-                    lambda: self._factory(release),
-                    conn,
-                    ssl=self._ssl,
-                    ssl_handshake_timeout=self._handshake_timeout,
-                )
+            if not tls:
+                await self._loop.connect_accepted_socket(protocol, conn)
+                return
+            left = accepted + self._deadline - self._loop.time()
+            if left <= 0:
+                conn.close()
+                release()
+                return
+            await self._loop.connect_accepted_socket(
+                protocol, conn, ssl=self._ssl, ssl_handshake_timeout=left
+            )
         except asyncio.CancelledError:
             release()
             raise
@@ -272,7 +440,8 @@ class StreamListener:
             self._loop.add_reader(self._fd, self._accept)
 
     def close(self) -> None:
-        """Stop accepting; connections already accepted go on (the drain ends them)."""
+        """Stop accepting, and close the connections that have not said a word yet; those
+        already started go on (the drain ends them)."""
         if self._closed:
             return
         self._closed = True
@@ -281,3 +450,5 @@ class StreamListener:
         else:
             self._loop.remove_reader(self._fd)
         self.sock.close()
+        for fd in list(self._undecided):
+            self._drop(fd)

@@ -254,6 +254,8 @@ class StreamConnection(asyncio.BufferedProtocol):
     """One TCP or TLS client connection, within :class:`StreamLimits`.
 
     ``on_lost`` is called once the connection is gone (the listener's connection count).
+    ``accepted`` is the loop time the connection was accepted at, which the allocation
+    deadline counts from (by default: now).
     """
 
     # Set by connection_made, before anything else can run on the connection.
@@ -265,6 +267,8 @@ class StreamConnection(asyncio.BufferedProtocol):
         protocol: str,
         limits: StreamLimits = DEFAULT_STREAM_LIMITS,
         on_lost: Callable[[], None] | None = None,
+        *,
+        accepted: float | None = None,
     ) -> None:
         self.driver = driver
         self.protocol = protocol
@@ -277,9 +281,9 @@ class StreamConnection(asyncio.BufferedProtocol):
         self._idle: asyncio.TimerHandle | None = None
         self._stalled: asyncio.TimerHandle | None = None
         self._on_lost = on_lost
-        # Made when the connection is accepted, before a TLS handshake: the allocation
-        # deadline counts from here.
-        self._accepted = asyncio.get_running_loop().time()
+        # The allocation deadline counts from accept: the wait for the first byte and the
+        # TLS handshake are within it.
+        self._accepted = asyncio.get_running_loop().time() if accepted is None else accepted
         self._drops = driver.server.drops
         self.framer = driver.stream_framer(self._frame)
 

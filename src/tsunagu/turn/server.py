@@ -454,7 +454,7 @@ class TurnServer:
             raise BadRequest("ADDITIONAL-ADDRESS-FAMILY must be IPv6")
         # 8. Quotas and draining.
         if self.draining:
-            if settings.alternate_servers:
+            if settings.alternate_servers and five_tuple.server not in settings.aux_addresses:
                 ip, port = self._next_alternate()
                 raise TryAlternate(attributes=[AlternateServer(ip, port)])
             self.refusals.add("draining", five_tuple.client[0])

@@ -46,6 +46,10 @@ class TurnSettings:
     alternate_servers: tuple[Address, ...] = ()
     """Where a draining server sends new allocations (300, RFC 8489 §10): each 300 names
     the next one in turn."""
+    aux_addresses: frozenset[tuple[str, int]] = frozenset()
+    """The aux servers' listening addresses (IP, port). An Allocate that came in on one is
+    never redirected to an alternate server, as coturn's aux servers never answer
+    ALTERNATE-SERVER: its client may reach that port only (while draining it gets 508)."""
     unauth_rate: float = 200.0
     """Full-size unauthenticated UDP answers per second per source address (burst: twice
     that); beyond it an answer waits until its request has paid for it in bytes
