@@ -470,3 +470,10 @@ def test_coturn_through_the_proxy(coturn: Coturn) -> None:
         assert code_of(report) == "ok", report["verdict"]
         report = probe_json("turn", url, *CREDENTIALS, *FAST, "--proxy", proxy.url(password="bad"))
         assert code_of(report) == "proxy-auth-failed"
+
+
+def test_a_port_that_is_not_stun(serve: ServeProcess, squid: Squid) -> None:
+    # squid answers the STUN request on its HTTP port with an HTTP error and closes.
+    report = probe_json("stun", f"stun:{HOST}:{squid.port}?transport=tcp")
+    assert code_of(report) == "not-stun", report["verdict"]
+    assert "it speaks HTTP on this port (HTTP/1.1 400 Bad Request)" in report["verdict"]["sentence"]

@@ -419,7 +419,7 @@ def _drive(
             break
         try:
             frames = link.receive(max(0.0, deadline - clock()))
-        except (OSError, net.Closed) as exc:
+        except (OSError, net.Closed, wire.WireError) as exc:
             raise _failure_while(exc, url, where, step, options.timeout) from None
         now = clock()
         for data in frames:
@@ -442,7 +442,7 @@ def _drive(
 def _send(link: Link, data: bytes, url: IceUrl, where: str, step: str, o: TurnOptions) -> None:
     try:
         link.send(data)
-    except (OSError, net.Closed) as exc:
+    except (OSError, net.Closed, wire.WireError) as exc:
         raise _failure_while(exc, url, where, step, o.timeout) from None
 
 
@@ -491,6 +491,12 @@ def _relay_test(
     sent = 0
     links = (a.link, b.link)
     step_name = "the relay test"
+
+    def send(link: Link, payload: bytes) -> None:
+        _send(
+            link, wire.channel_data(_CHANNEL, payload, pad=stream), url, where, step_name, options
+        )
+
     started = clock()
     last_report = started
     last_send = started
@@ -501,8 +507,7 @@ def _relay_test(
             stamp = now_ns()
             payload = _PROBE.pack(sent, stamp) + padding
             sent_at[sent] = stamp
-            _send(a.link, wire.channel_data(_CHANNEL, payload, pad=stream), url, where,
-                  step_name, options)  # fmt: skip
+            send(a.link, payload)
             sent += 1
             last_send = clock()
         if sent >= total and (len(rtts) >= sent or now - last_send >= _DRAIN):
@@ -511,15 +516,13 @@ def _relay_test(
             last_report = now
             run.observer.progress(f"{sent} sent, {len(rtts)} back")
         wait = started + sent / options.rate - clock() if sent < total else 0.05
-        pending = [link for link in links if _pending(link)]
-        if pending:
-            ready = pending
-        else:
+        ready = [link for link in links if link.pending()]
+        if not ready:
             ready = select.select(list(links), [], [], max(0.0, min(wait, 0.05)))[0]
         for link in ready:
             try:
                 frames = link.receive(0.0)
-            except (OSError, net.Closed) as exc:
+            except (OSError, net.Closed, wire.WireError) as exc:
                 raise _failure_while(exc, url, where, step_name, options.timeout) from None
             for data in frames:
                 if len(data) < 4 or not 0x40 <= data[0] <= 0x7F:
@@ -527,8 +530,7 @@ def _relay_test(
                 length = int.from_bytes(data[2:4], "big")
                 payload = data[4 : 4 + length]
                 if link is b.link:
-                    frame = wire.channel_data(_CHANNEL, payload, pad=stream)
-                    _send(b.link, frame, url, where, step_name, options)
+                    send(b.link, payload)  # the echo, back the way it came
                     continue
                 if len(payload) < _PROBE.size:
                     strays += 1
@@ -545,6 +547,7 @@ def _relay_test(
     loss = 1.0 - received / sent if sent else 1.0
     in_order = [rtts[n] for n in sorted(rtts)]
     ordered = sorted(in_order)
+    # Jitter: the mean change of the round-trip time from one packet to the next.
     jitter = (
         sum(abs(x - y) for x, y in zip(in_order[1:], in_order, strict=False)) / (len(in_order) - 1)
         if len(in_order) > 1
@@ -572,11 +575,6 @@ def _relay_test(
             "max": round(ordered[-1] * 1000, 3),
         }
     return figures
-
-
-def _pending(link: Link) -> bool:
-    sock = link.sock
-    return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
 
 
 def _release(sides: list[_Side]) -> None:

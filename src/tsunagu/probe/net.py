@@ -62,6 +62,16 @@ class Closed(Exception):
     """The server closed the stream."""
 
 
+def _not_stun(data: bytes) -> str:
+    """What a server sent before closing, when it was no whole STUN message."""
+    if data[:1] in (b"\x15", b"\x16") and data[1:2] == b"\x03":
+        return "it speaks TLS on this port: use a turns: or stuns: URL"
+    if data[:5] == b"HTTP/":
+        line = data.split(b"\r\n", 1)[0].decode("latin-1")
+        return f"it speaks HTTP on this port ({line})"
+    return f"{len(data)} bytes that are not STUN, then it closed the connection"
+
+
 # --- names and plain connections -----------------------------------------------------------
 
 
@@ -297,7 +307,7 @@ def _common_name(name: x509.Name) -> str:
     return str(found[0].value) if found else name.rfc4514_string()
 
 
-def _describe(der: bytes) -> tuple[str, str, list[str], str, bool, str, str]:
+def _describe(der: bytes, version: str, options: TlsOptions) -> TlsInfo:
     cert = x509.load_der_x509_certificate(der)
     names: list[str] = []
     try:
@@ -307,16 +317,18 @@ def _describe(der: bytes) -> tuple[str, str, list[str], str, bool, str, str]:
     else:
         names = [str(n) for n in san.get_values_for_type(x509.DNSName)]
         names += [str(a) for a in san.get_values_for_type(x509.IPAddress)]
-    not_after = cert.not_valid_after_utc.strftime("%Y-%m-%d %H:%M UTC")
     sha256, spki = certificate_fingerprints(cert)
-    return (
-        _common_name(cert.subject),
-        _common_name(cert.issuer),
-        names,
-        not_after,
-        cert.issuer == cert.subject,
-        sha256,
-        spki,
+    return TlsInfo(
+        version=version,
+        subject=_common_name(cert.subject),
+        issuer=_common_name(cert.issuer),
+        names=names,
+        not_after=cert.not_valid_after_utc.strftime("%Y-%m-%d %H:%M UTC"),
+        self_signed=cert.issuer == cert.subject,
+        sha256=sha256,
+        spki=spki,
+        trust=options.trust,
+        verified=not options.insecure or bool(options.pins),
     )
 
 
@@ -355,26 +367,14 @@ def start_tls(
     if der is None:
         tls.close()
         raise Failure(verdicts.tls_failed(where, "the server sent no certificate"))
-    subject, issuer, names, not_after, self_signed, sha256, spki = _describe(der)
+    info = _describe(der, tls.version() or "TLS", options)
     if options.pins and not any(
-        (kind == "spki" and value == spki) or (kind == "sha256" and value == sha256)
+        (kind == "spki" and value == info.spki) or (kind == "sha256" and value == info.sha256)
         for kind, value in options.pins
     ):
         tls.close()
         shown = [f"sha256/{v}" if k == "spki" else v for k, v in options.pins]
-        raise Failure(verdicts.tls_pin_mismatch(shown, spki, sha256))
-    info = TlsInfo(
-        version=tls.version() or "TLS",
-        subject=subject,
-        issuer=issuer,
-        names=names,
-        not_after=not_after,
-        self_signed=self_signed,
-        sha256=sha256,
-        spki=spki,
-        trust=options.trust,
-        verified=not options.insecure or bool(options.pins),
-    )
+        raise Failure(verdicts.tls_pin_mismatch(shown, info.spki, info.sha256))
     return tls, info
 
 
@@ -443,13 +443,19 @@ class Link:
                 raise TimeoutError("the server does not take what is sent")
             select.select([], [self.sock], [], left)
 
+    def pending(self) -> bool:
+        """Decrypted TLS bytes wait in the SSL object, where ``select`` does not see them.
+
+        (Whole frames never wait in the link's own buffer: :meth:`receive` returns them all.)
+        """
+        return isinstance(self.sock, ssl.SSLSocket) and self.sock.pending() > 0
+
     def receive(self, timeout: float) -> list[bytes]:
         """What has come, waiting up to ``timeout`` for the first of it; [] if nothing."""
         frames = self._frames()
         if frames:
             return frames
-        pending = isinstance(self.sock, ssl.SSLSocket) and self.sock.pending() > 0
-        if not pending and not select.select([self.sock], [], [], max(0.0, timeout))[0]:
+        if not self.pending() and not select.select([self.sock], [], [], max(0.0, timeout))[0]:
             return []
         if not self.stream:
             out: list[bytes] = []
@@ -472,6 +478,8 @@ class Link:
             self._buffer += chunk
         frames = self._frames()
         if closed and not frames:
+            if self._buffer:
+                raise wire.WireError(_not_stun(bytes(self._buffer)))
             raise Closed("the server closed the connection")
         return frames
 
