@@ -23,6 +23,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -472,8 +473,20 @@ def test_coturn_through_the_proxy(coturn: Coturn) -> None:
         assert code_of(report) == "proxy-auth-failed"
 
 
-def test_a_port_that_is_not_stun(serve: ServeProcess, squid: Squid) -> None:
-    # squid answers the STUN request on its HTTP port with an HTTP error and closes.
-    report = probe_json("stun", f"stun:{HOST}:{squid.port}?transport=tcp")
+def test_a_port_that_is_not_stun() -> None:
+    # A web server's answer to the Binding request, then it closes the connection.
+    with socket.create_server((HOST, 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def answer() -> None:
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(2048)
+                connection.sendall(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")
+
+        thread = threading.Thread(target=answer)
+        thread.start()
+        report = probe_json("stun", f"stun:{HOST}:{port}?transport=tcp")
+        thread.join(5)
     assert code_of(report) == "not-stun", report["verdict"]
     assert "it speaks HTTP on this port (HTTP/1.1 400 Bad Request)" in report["verdict"]["sentence"]
