@@ -274,7 +274,8 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
         "--proxy",
         type=_proxy,
         metavar="http://[USER:PASSWORD@]HOST:PORT",
-        help="reach the server through this HTTP proxy (CONNECT); TCP and TLS URLs only",
+        help="reach the server through this HTTP proxy (CONNECT): TCP and TLS URLs (UDP ones "
+        "go direct, as a browser's would)",
     )
     trust = parser.add_mutually_exclusive_group()
     trust.add_argument(
@@ -315,10 +316,8 @@ def _check_proxy(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
         )
 
 
-@dataclass(frozen=True, slots=True)
-class _Outcome:
-    results: list[CheckResult]
-    verdict: verdicts.Verdict
+def _through(proxy: Proxy | None, url: IceUrl) -> str:
+    return f" through {proxy}" if proxy is not None and url.transport != "udp" else ""
 
 
 def _run_checks(
@@ -384,8 +383,7 @@ def stun_command(argv: list[str], prog: str) -> int:
     )
 
     def heading(url: IceUrl) -> str:
-        via = f" through {options.proxy}" if options.proxy and url.transport != "udp" else ""
-        return f"STUN {url}{via}"
+        return f"STUN {url}{_through(options.proxy, url)}"
 
     return _run_checks(
         "stun",
@@ -511,8 +509,7 @@ def turn_command(argv: list[str], prog: str) -> int:
     )
 
     def heading(url: IceUrl) -> str:
-        via = f" through {options.proxy}" if options.proxy and url.transport != "udp" else ""
-        return f"TURN {url} as {username}{via}"
+        return f"TURN {url} as {username}{_through(options.proxy, url)}"
 
     return _run_checks(
         "turn",
