@@ -270,3 +270,10 @@ def test_a_failed_session_still_releases_its_allocation() -> None:
     assert client.failed_in is Phase.PERMISSION
     exchange(server, client, client.release(NOW), NOW)
     assert client.phase is Phase.RELEASED and FIVE not in server.allocations and not binder.bound
+
+
+def test_an_ipv6_relayed_address_is_requested_when_asked() -> None:
+    allocate = wire.parse_reply(session(family=2).start(NOW))
+    assert allocate.attributes[wire.ATTR_REQUESTED_ADDRESS_FAMILY] == b"\x02\x00\x00\x00"
+    plain = wire.parse_reply(session().start(NOW))
+    assert wire.ATTR_REQUESTED_ADDRESS_FAMILY not in plain.attributes

@@ -37,6 +37,7 @@ from cryptography.x509.oid import NameOID
 
 from support.interop import (
     HOST,
+    HOST6,
     PASSWORD,
     USER,
     Coturn,
@@ -490,3 +491,12 @@ def test_a_port_that_is_not_stun() -> None:
         thread.join(5)
     assert code_of(report) == "not-stun", report["verdict"]
     assert "it speaks HTTP on this port (HTTP/1.1 400 Bad Request)" in report["verdict"]["sentence"]
+
+
+def test_ipv6_server(tmp_path: Path) -> None:
+    # A server on ::1 alone has IPv6 relay addresses only: the probe asks for one.
+    with run_serve(tmp_path / "serve6", hosts=(HOST6,)) as server:
+        urls = [f"turn:[{HOST6}]:{server.port}", f"turn:[{HOST6}]:{server.port}?transport=tcp"]
+        report = probe_json("turn", *urls, *CREDENTIALS, *FAST)
+        assert code_of(report) == "ok", report["verdict"]
+        assert report["results"][0]["figures"]["relayed"][0].startswith(f"[{HOST6}]:")

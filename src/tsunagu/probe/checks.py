@@ -304,9 +304,9 @@ def check_stun(url: IceUrl, options: StunOptions, observer: Observer) -> CheckRe
     figures: dict[str, Any] = {}
     address: tuple[str, int] | None = None
     link: Link | None = None
+    proxy = options.proxy if url.transport != "udp" else None
     try:
-        address = _resolve(run, url, options.proxy)
-        proxy = options.proxy if url.transport != "udp" else None
+        address = _resolve(run, url, proxy)
         link = _open(run, url, address, options.tls, proxy, options.timeout, figures)
         where = _where(url, address)
         rtts: list[float] = []
@@ -368,7 +368,7 @@ def check_stun(url: IceUrl, options: StunOptions, observer: Observer) -> CheckRe
         figures,
         verdict,
         server=_addr(address) if address else None,
-        proxy=str(options.proxy) if options.proxy and url.transport != "udp" else None,
+        proxy=str(proxy) if proxy else None,
     )
 
 
@@ -447,7 +447,13 @@ def _send(link: Link, data: bytes, url: IceUrl, where: str, step: str, o: TurnOp
 
 
 def _allocate(
-    run: _Run, name: str, link: Link, options: TurnOptions, url: IceUrl, where: str
+    run: _Run,
+    name: str,
+    link: Link,
+    options: TurnOptions,
+    url: IceUrl,
+    where: str,
+    family: int | None,
 ) -> _Side:
     session = TurnSession(
         options.username,
@@ -457,6 +463,7 @@ def _allocate(
         random_bytes=os.urandom,
         reliable=link.stream,
         timeout=options.timeout,
+        family=family,
     )
     side = _Side(link, session)
     with run.step(name, f"as {options.username}") as step:
@@ -608,12 +615,17 @@ def check_turn(url: IceUrl, options: TurnOptions, observer: Observer) -> CheckRe
         where = _where(url, address)
         link_a = _open(run, url, address, options.tls, proxy, options.timeout, figures)
         links.append(link_a)
-        a = _allocate(run, "allocate", link_a, options, url, where)
+        # A relayed address of the server's own family, as a browser asks for first (a
+        # server on IPv6 alone may have no IPv4 relay address); through a proxy, IPv4
+        # unless the URL names an IPv6 address.
+        server_ip = address[0] if address is not None else url.host
+        family = 2 if ":" in server_ip else None
+        a = _allocate(run, "allocate", link_a, options, url, where, family)
         sides.append(a)
         facts: dict[str, Any] = {}
         link_b = _open(run, url, address, options.tls, proxy, options.timeout, facts, " (peer)")
         links.append(link_b)
-        b = _allocate(run, "allocate (peer)", link_b, options, url, where)
+        b = _allocate(run, "allocate (peer)", link_b, options, url, where, family)
         sides.append(b)
         assert a.session.relayed is not None and b.session.relayed is not None
         figures["relayed"] = [_addr(a.session.relayed), _addr(b.session.relayed)]

@@ -130,6 +130,7 @@ class TurnSession:
         fingerprint: bool = True,
         lifetime: int | None = None,
         timeout: float | None = None,
+        family: int | None = None,
     ) -> None:
         self.username = username
         self.password = password
@@ -138,6 +139,8 @@ class TurnSession:
         self.reliable = reliable
         self.fingerprint = fingerprint
         self.lifetime = lifetime
+        #: REQUESTED-ADDRESS-FAMILY of the Allocate (2: an IPv6 relayed address); None: IPv4.
+        self.family = family
         self._random_bytes = random_bytes
         self.phase = Phase.ALLOCATE
         self.failed_in: Phase | None = None
@@ -278,6 +281,8 @@ class TurnSession:
         if phase is Phase.ALLOCATE:
             method = wire.ALLOCATE
             attributes = [wire.attr_requested_transport()]
+            if self.family is not None:
+                attributes.append(wire.attr_requested_address_family(self.family))
             if self.lifetime is not None:
                 attributes.append(wire.attr_lifetime(self.lifetime))
             if self._key is None:

@@ -37,6 +37,7 @@ __all__ = [
     "WireError",
     "attr_channel_number",
     "attr_lifetime",
+    "attr_requested_address_family",
     "attr_requested_transport",
     "attr_xor_address",
     "credential_attributes",
@@ -85,6 +86,7 @@ ATTR_DATA = 0x0013
 ATTR_REALM = 0x0014
 ATTR_NONCE = 0x0015
 ATTR_XOR_RELAYED_ADDRESS = 0x0016
+ATTR_REQUESTED_ADDRESS_FAMILY = 0x0017
 ATTR_REQUESTED_TRANSPORT = 0x0019
 ATTR_XOR_MAPPED_ADDRESS = 0x0020
 ATTR_FINGERPRINT = 0x8028
@@ -159,6 +161,11 @@ def decode_xor_address(value: bytes, txid: bytes) -> tuple[str, int]:
 
 def attr_requested_transport(protocol: int = 17) -> tuple[int, bytes]:
     return ATTR_REQUESTED_TRANSPORT, bytes((protocol, 0, 0, 0))
+
+
+def attr_requested_address_family(family: int) -> tuple[int, bytes]:
+    """REQUESTED-ADDRESS-FAMILY (RFC 8656 §18.11): 1 for IPv4, 2 for IPv6."""
+    return ATTR_REQUESTED_ADDRESS_FAMILY, bytes((family, 0, 0, 0))
 
 
 def attr_lifetime(seconds: int) -> tuple[int, bytes]:
