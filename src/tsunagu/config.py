@@ -658,7 +658,8 @@ class Config:
     tcp_allocate_timeout: float = _opt(
         10.0,
         _check_float(0, inclusive=False),
-        "seconds a TCP or TLS client has to complete its TLS handshake and allocate",
+        "seconds a TCP or TLS client has from accept to send its first byte, complete its TLS"
+        " handshake and allocate",
     )
     drain_timeout: float = _opt(
         30.0, _check_float(0, inclusive=True), "seconds to let allocations drain on shutdown"

@@ -29,6 +29,7 @@ import pytest
 from support.audit import required_workers, workers_seen
 from support.interop import (
     HOST,
+    HOST6,
     PASSWORD,
     USER,
     Collector,
@@ -187,6 +188,25 @@ async def test_aux_server_clients_are_spread_over_every_worker(engine_serve: One
             seen = workers_seen([records[name] for name in names], server.workers)
             assert set(seen) <= set(range(server.workers)), (transport, seen)
             assert len(seen) >= required_workers(server.workers, len(names)), (transport, seen)
+
+
+async def test_an_ipv6_aux_server(tmp_path: Path) -> None:
+    """Clients reach an aux server on ::1; aioice asks for an IPv4 relay, which comes from the
+    listening address of that family, as it does through the main listeners."""
+    (aux,) = free_ports(1)
+    aux_server = ("--aux-server", f"[{HOST6}]:{aux}")
+    with run_serve(tmp_path, *aux_server, hosts=(HOST6, HOST)) as server:
+        assert f"tsunagu: aux servers on [{HOST6}]:{aux} (udp, tcp, tls)" in server.startup
+        trusting = ssl.create_default_context(cafile=str(server.cert_path))
+        async with udp_echo_server(HOST) as (_, peer):
+            for transport, tls in (("udp", None), ("tcp", None), ("tcp", trusting)):
+                client = await allocate(HOST6, aux, transport=transport, tls=tls)
+                assert client.relayed[0] == HOST
+                assert await client.echo(b"via IPv6", peer) == b"via IPv6"
+                await client.close()
+                kind = "tls" if tls else transport
+                name = client_field(kind, client.mapped, (HOST6, aux))
+                assert name in await wait_for_records(server, [name])
 
 
 # --- coturn's client ------------------------------------------------------------------------
