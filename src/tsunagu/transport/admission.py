@@ -56,8 +56,8 @@ _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _TRACKED_ADDRESSES = 1024
 # The first byte of a TLS record of type handshake: a ClientHello (RFC 8446 §5.1).
 _TLS_HANDSHAKE = 0x16
-# The first byte of a STUN request: the type's two leading bits are 0, and every STUN and
-# TURN method is below 0x200, so the byte is 0x00 or 0x01 (RFC 8489 §5).
+# The first byte of a STUN message is 0 0 M11 M10 M9 M8 M7 C1 (RFC 8489 §5): every STUN and
+# TURN method is below 0x080, so only the class bit C1 may be set.
 _STUN_FIRST_BYTES = frozenset({0x00, 0x01})
 
 
