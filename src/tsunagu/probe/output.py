@@ -10,6 +10,7 @@ one JSON object at the end.
 from __future__ import annotations
 
 import json
+import shutil
 from typing import IO, Any
 
 from .checks import CheckResult, Step
@@ -47,15 +48,20 @@ class TextOutput:
     def _line(self, mark: str, name: str, detail: str) -> str:
         return f"  {mark:<{self._mark_width}} {name:<{_NAME_WIDTH}} {detail}"
 
+    def _live(self, line: str) -> str:
+        """A line redrawn in place must not wrap: "\r" only returns to its last row."""
+        width = shutil.get_terminal_size().columns - 1
+        return line if len(line) <= width else line[: max(0, width - 1)] + "…"
+
     # Observer
     def begin(self, name: str, detail: str) -> None:
         self._current = name
         if self.live:
-            self._write(self._line(self.marks[2], name, detail))
+            self._write(self._live(self._line(self.marks[2], name, detail)))
 
     def progress(self, text: str) -> None:
         if self.live:
-            self._write("\r\x1b[K" + self._line(self.marks[2], self._current, text))
+            self._write("\r\x1b[K" + self._live(self._line(self.marks[2], self._current, text)))
 
     def end(self, step: Step) -> None:
         mark = self.marks[0] if step.ok else self.marks[1]
