@@ -155,6 +155,15 @@ def test_tls_with_the_certificate_pinned(serve: ServeProcess) -> None:
     assert code_of(report) == "tls-pin-mismatch"
 
 
+def test_insecure_accepts_any_certificate_and_says_so(serve: ServeProcess) -> None:
+    report = probe_json("turn", turn_url(serve.tls_port, "tls"), *CREDENTIALS, *FAST, "--insecure")
+    assert code_of(report) == "ok", report["verdict"]
+    tls = report["results"][0]["figures"]["tls"]
+    assert not tls["verified"] and tls["trusted_by"] == "nothing (--insecure)"
+    status, out = probe("turn", turn_url(serve.tls_port, "tls"), *CREDENTIALS, *FAST, "--insecure")
+    assert "NOT verified" in out
+
+
 def test_credentials_minted_from_the_secret(serve: ServeProcess) -> None:
     report = probe_json("turn", turn_url(serve.port), "--secret", SECRET, "--user", "dave", *FAST)
     assert code_of(report) == "ok", report["verdict"]
