@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import time
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
 
-from support.web_app import SECRET, MakeClient, recv
+from support.web_app import SECRET, WAIT, MakeClient, recv
 from tsunagu.auth.rest import rest_password
 from tsunagu.signaling import messages as m
 from tsunagu.signaling.access import Access
@@ -94,7 +97,11 @@ async def test_credentials_are_renewed_before_they_expire(make_client: MakeClien
 async def test_info_tells_the_landing_page_how_rooms_are_entered(make_client: MakeClient) -> None:
     client = await make_client(config={"room_access": "token", "join_secrets": [JOIN_SECRET]})
     resp = await client.get("/api/info")
-    assert await resp.json() == {"roomAccess": "token", "roomCapacity": 8}
+    assert await resp.json() == {
+        "roomAccess": "token",
+        "roomCapacity": 8,
+        "relayPorts": [49152, 65535],
+    }
     client = await make_client()
     assert (await (await client.get("/api/info")).json())["roomAccess"] == "open"
 
@@ -231,3 +238,58 @@ def test_access_log_keeps_no_query_strings(caplog: pytest.LogCaptureFixture) -> 
     with caplog.at_level(logging.INFO, logger="tsunagu.web.access"):
         _AccessLogger(logger, "").log(request, web.Response(status=200), 0.0123)
     assert "GET /r/board 200" in caplog.text and "secret" not in caplog.text, caplog.text
+
+
+async def test_a_check_gets_a_members_ice_servers_without_a_seat(make_client: MakeClient) -> None:
+    client = await make_client(config={"room_access": "token", "join_secrets": [JOIN_SECRET]})
+    now = time.time()
+    ws, member = await join(
+        client,
+        "board",
+        token=mint_join_token(JOIN_SECRET, room="board", identity="ada", now=now, ttl=60),
+    )
+    assert member["type"] == "joined"
+    probe = await client.ws_connect("/ws")
+    await probe.send_json({"type": "join", "v": 1, "room": "board", "name": "Test", "check": True})
+    refused = await recv(probe)
+    assert refused["code"] == "token-required", refused
+    await probe.close()
+    probe = await client.ws_connect("/ws")
+    token = mint_join_token(JOIN_SECRET, room="board", identity="bob", now=now, ttl=60)
+    await probe.send_json(
+        {"type": "join", "v": 1, "room": "board", "name": "Test", "check": True, "token": token}
+    )
+    checked = await recv(probe)
+    assert checked["type"] == "checked" and checked["room"] == "board", checked
+    assert turn_of(checked)["username"].endswith(":bob")
+    closing = await asyncio.wait_for(probe.receive(), WAIT)
+    assert closing.type in (WSMsgType.CLOSE, WSMsgType.CLOSED), closing
+    # Nobody saw it come or go.
+    await ws.send_json({"type": "ping"})
+    assert await recv(ws) == {"type": "pong"}
+    await ws.close()
+
+
+async def test_a_check_needs_the_rooms_password(make_client: MakeClient) -> None:
+    client = await make_client()
+    ws, _ = await join(client, "locked", password="pw")
+    for password, expected in (
+        (None, "password-required"),
+        ("no", "bad-password"),
+        ("pw", "checked"),
+    ):
+        probe = await client.ws_connect("/ws")
+        message: dict[str, Any] = {
+            "type": "join",
+            "v": 1,
+            "room": "locked",
+            "name": "T",
+            "check": True,
+        }
+        if password is not None:
+            message["password"] = password
+        await probe.send_json(message)
+        answer = await recv(probe)
+        assert answer.get("code", answer["type"]) == expected, answer
+        await probe.close()
+    await ws.close()

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,10 +88,11 @@ class Server:
     log_path: Path
     scheme: str = "http"
     output: list[str] = field(default_factory=list)
+    host: str = "127.0.0.1"
 
     @property
     def base(self) -> str:
-        return f"{self.scheme}://127.0.0.1:{self.web_port}"
+        return f"{self.scheme}://{self.host}:{self.web_port}"
 
     @property
     def workers(self) -> int:
@@ -139,16 +140,21 @@ def _drain(process: subprocess.Popen[bytes], sink: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def run_server(tmp: Path, *extra: str) -> Iterator[Server]:
+def run_server(
+    tmp: Path, *extra: str, host: str = "127.0.0.1", wrap: Sequence[str] = ()
+) -> Iterator[Server]:
+    """``tsunagu serve`` on ``host`` (TURN, relay and web), its command run under ``wrap``
+    (``ip netns exec NS``, say), with peers on ``host`` allowed."""
     web_port, turn_port, tls_port = free_ports(3)
     low, high = relay_range()
     command = [
+        *wrap,
         sys.executable,
         "-m",
         "tsunagu",
         "serve",
         "--listening-ip",
-        "127.0.0.1",
+        host,
         "--listening-port",
         str(turn_port),
         "--tls-listening-port",
@@ -158,11 +164,11 @@ def run_server(tmp: Path, *extra: str) -> Iterator[Server]:
         "--max-port",
         str(high),
         "--web-ip",
-        "127.0.0.1",
+        host,
         "--web-port",
         str(web_port),
         "--allowed-peer-ip",
-        "127.0.0.1",
+        host,
         "--drain-timeout",
         "0",
         *extra,
@@ -176,7 +182,7 @@ def run_server(tmp: Path, *extra: str) -> Iterator[Server]:
         match = re.search(r"\bspki (\S+)", "".join(lines))
         scheme = "https" if "--cert" in extra else "http"
         spki = match and match.group(1)
-        server = Server(process, web_port, turn_port, tls_port, spki, log_path, scheme, lines)
+        server = Server(process, web_port, turn_port, tls_port, spki, log_path, scheme, lines, host)
         # Keep draining stdout so that a chatty server never blocks on a full pipe.
         threading.Thread(target=_drain, args=(process, server.output), daemon=True).start()
         yield server
@@ -194,10 +200,10 @@ def run_server(tmp: Path, *extra: str) -> Iterator[Server]:
 
 
 @contextlib.asynccontextmanager
-async def chromium(*extra_args: str) -> AsyncIterator[Browser]:
+async def chromium(*extra_args: str, executable: str = CHROMIUM) -> AsyncIterator[Browser]:
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=[*CHROMIUM_ARGS, *extra_args]
+            executable_path=executable, headless=True, args=[*CHROMIUM_ARGS, *extra_args]
         )
         try:
             yield browser

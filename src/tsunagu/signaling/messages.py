@@ -72,6 +72,7 @@ SERVER_TYPES: Final = (
     "chat",
     "pong",
     "ice",
+    "checked",
     "error",
 )
 
@@ -131,6 +132,9 @@ class Join:
     resume: Resume | None = None
     token: str | None = None
     """A join token (``room-access token``), see :mod:`tsunagu.signaling.tokens`."""
+    check: bool = False
+    """Only ask for the ICE servers a member of the room would get, without entering it
+    (the connectivity test page)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,6 +345,9 @@ def _parse_join(f: _Fields) -> Join:
         raise f.bad("name", "must not contain control characters")
     password = f.string("password", limit=MAX_PASSWORD_CHARS, required=False)
     join_token = f.string("token", limit=MAX_JOIN_TOKEN_CHARS, required=False)
+    check = f.obj.get("check", False)
+    if not isinstance(check, bool):
+        raise f.bad("check", "must be true or false")
     resume = None
     raw_resume = f.obj.get("resume")
     if raw_resume is not None:
@@ -363,6 +370,7 @@ def _parse_join(f: _Fields) -> Join:
         password=password or None,
         resume=resume,
         token=join_token or None,
+        check=check,
     )
 
 
@@ -508,6 +516,11 @@ def chat(sender: str, name: str, text: str, ts: float, *, private: bool) -> dict
     if private:
         message["private"] = True
     return message
+
+
+def checked(room: str, extras: dict[str, Any]) -> dict[str, Any]:
+    """The answer to a ``join`` with ``check``: what a member would get, without a seat."""
+    return {"type": "checked", "v": PROTOCOL_VERSION, "room": room, **extras}
 
 
 def ice(extras: dict[str, Any]) -> dict[str, Any]:

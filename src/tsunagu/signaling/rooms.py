@@ -409,6 +409,8 @@ class Hub:
                 f"join: this connection already joined room {c.peer.room!r}",
                 ref="join",
             )
+        if msg.check:
+            return self._check(c, msg, now)
         if msg.resume is not None:
             resumed = self._resume(c, msg, now)
             if resumed is not None:
@@ -477,6 +479,25 @@ class Hub:
         peer.outbox = []
         peer.outbox_size = 0
         return actions
+
+    def _check(self, c: _Conn, msg: m.Join, now: float) -> list[Action]:
+        """Whoever could enter the room gets the ICE servers a member would, and no seat:
+        the connectivity test checks the very paths a call would use."""
+        grant = self._admit(c, msg, now)
+        room = self._rooms.get(msg.room)
+        if room is not None and room.password_digest is not None:
+            self._check_password(
+                c, room, room.password_digest, msg.password, now, f"room {msg.room!r}"
+            )
+        extras: dict[str, Any] = {}
+        if c.ice is not None:
+            user_id = f"check-{self._new_token(6)}" if grant is None else grant.identity
+            extras, _ = c.ice(user_id, True if grant is None else grant.turn, now)
+        c.closed = True
+        return [
+            Send(c.id, m.checked(msg.room, extras)),
+            Close(c.id, NORMAL_CLOSURE, "checked"),
+        ]
 
     def _admit(self, c: _Conn, msg: m.Join, now: float) -> GrantLike | None:
         """Check the server's access rule for a new peer; its grant in ``token`` mode."""

@@ -211,6 +211,7 @@ def create_app(
     app.router.add_get("/api/turn-credentials", _turn_credentials)
     app.router.add_get("/healthz", _health)
     app.router.add_get("/api/info", _info)
+    app.router.add_get("/test", _test_page)
     app.router.add_static("/static/", STATIC_DIR, follow_symlinks=False)
     return app
 
@@ -333,11 +334,20 @@ async def _health(request: web.Request) -> web.StreamResponse:
     )
 
 
+async def _test_page(request: web.Request) -> web.StreamResponse:
+    return web.FileResponse(STATIC_DIR / "test.html")
+
+
 async def _info(request: web.Request) -> web.StreamResponse:
     # What the landing page needs to offer the right thing; anyone can learn it by trying.
     config = request.app[STATE].config
     return web.json_response(
-        {"roomAccess": config.effective_room_access, "roomCapacity": config.room_capacity}
+        {
+            "roomAccess": config.effective_room_access,
+            "roomCapacity": config.room_capacity,
+            # What a network's firewall must let through towards the relay.
+            "relayPorts": [config.min_port, config.max_port],
+        }
     )
 
 

@@ -386,6 +386,7 @@ function renderPeer(entry) {
   const box = tile.querySelector(".tile-problem");
   box.hidden = !problem;
   box.textContent = problem || "";
+  if (problem) box.append(" ", testLink("Test this network"));
   const badge = tile.querySelector(".badge");
   const snap = entry.snap;
   const connected = link.pc.connectionState === "connected";
@@ -631,7 +632,21 @@ function renderSettings() {
     li.textContent = "Nothing to report.";
     items.push(li);
   }
+  const test = document.createElement("li");
+  test.append(testLink("Test this network's paths to the server"));
+  items.push(test);
   $("diag").replaceChildren(...items);
+}
+
+function testLink(text) {
+  // The test page checks each way to the server with this room's access (token, password).
+  const a = document.createElement("a");
+  a.href = `/test?room=${encodeURIComponent(room)}`;
+  a.target = "_blank";
+  a.rel = "noopener";
+  a.className = "test-link";
+  a.textContent = text;
+  return a;
 }
 
 function diagnostics() {
