@@ -73,6 +73,8 @@ CONTRACT_FIELDS = [
     "tcp_allocate_timeout",
     "drain_timeout",
     "log_file",
+    "log_level",
+    "log_format",
     "verbose",
     "no_turn",
     "no_web",
@@ -240,6 +242,8 @@ EVERY_FIELD: list[tuple[str, str, list[str], Any]] = [
     ("tcp_allocate_timeout", "5", ["--tcp-allocate-timeout", "5"], 5.0),
     ("drain_timeout", "0", ["--drain-timeout", "0"], 0.0),
     ("log_file", '"/var/log/tsunagu.log"', ["-l", "/var/log/tsunagu.log"], "/var/log/tsunagu.log"),
+    ("log_level", '"warning"', ["--log-level", "warning"], "warning"),
+    ("log_format", '"json"', ["--log-format", "json"], "json"),
     ("verbose", "true", ["-v"], True),
     ("no_turn", "true", ["--no-turn"], True),
     ("no_web", "true", ["--no-web"], True),
@@ -439,6 +443,9 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"drain_timeout": -1.0}, "drain_timeout"),
     ({"drain_timeout": float("nan")}, "drain_timeout"),
     ({"verbose": "yes"}, "verbose"),
+    ({"log_level": "trace"}, "log_level"),
+    ({"log_level": "INFO"}, "log_level"),
+    ({"log_format": "xml"}, "log_format"),
     ({"verbose": 1}, "verbose"),
     ({"realm": ""}, "realm"),
     ({"realm": "x" * 128}, "realm"),
@@ -742,3 +749,17 @@ def test_credential_file_errors_name_the_key_and_not_the_content(
     bad.write_text("no-password-here\n", encoding="utf-8")
     message = config_error(load_config, ["--user-file", str(bad)])
     assert message.startswith("config: users: ") and "no-password-here" not in message
+
+
+@pytest.mark.parametrize(
+    ("args", "level"),
+    [
+        ([], "info"),
+        (["-v"], "debug"),
+        (["--log-level", "warning"], "warning"),
+        (["--log-level", "error", "-v"], "debug"),  # -v is --log-level debug, and wins
+        (["-v", "--no-verbose", "--log-level", "error"], "error"),
+    ],
+)
+def test_the_effective_log_level(args: list[str], level: str) -> None:
+    assert load_config(args).effective_log_level == level

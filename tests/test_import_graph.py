@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "stun": 0,
     "turn": 1,
     "config": 2,
+    "logs": 2,
     "auth": 3,
     "tls": 3,
     "transport": 4,

@@ -667,7 +667,23 @@ class Config:
     log_file: str | None = _opt(
         None, _optional(_check_text()), "log to FILE instead of stderr", short="-l", metavar="FILE"
     )
-    verbose: bool = _opt(False, _check_bool, "log more", short="-v")
+    log_level: str = _opt(
+        "info",
+        _check_choice("debug", "info", "warning", "error"),
+        "least severe lines logged: debug, info (each failure's cause, allocations' audit"
+        " records), warning (quotas and capacity), error",
+        metavar="{debug,info,warning,error}",
+    )
+    log_format: str = _opt(
+        "text",
+        _check_choice("text", "json"),
+        "log lines as text (time logger LEVEL message) or JSON objects with structured"
+        " fields, one a line",
+        metavar="{text,json}",
+    )
+    verbose: bool = _opt(
+        False, _check_bool, "log everything: the same as --log-level debug", short="-v"
+    )
     no_turn: bool = _opt(False, _check_bool, "do not run the STUN/TURN listeners")
     no_web: bool = _opt(False, _check_bool, "do not serve signaling and the web page")
     web_ip: str = _opt(
@@ -751,6 +767,11 @@ class Config:
             return False
         # A wildcard listens on every address, public ones included.
         return not address.is_unspecified and (address.is_loopback or address.is_private)
+
+    @property
+    def effective_log_level(self) -> str:
+        """``log_level``, or "debug" with ``verbose`` (-v), whatever ``log_level`` says."""
+        return "debug" if self.verbose else self.log_level
 
     @property
     def effective_room_access(self) -> str:

@@ -35,6 +35,7 @@ from typing import Any
 from .auth.rest import mint_credentials
 from .auth.store import StaticCredentialStore
 from .config import Config
+from .logs import setup_logging
 from .transport.admission import (
     ConnectionCounter,
     ConnectionLimits,
@@ -338,17 +339,8 @@ def _state_dir() -> Path:
 
 
 def _setup_logging(config: Config) -> None:
-    handler: logging.Handler
-    handler = (
-        logging.FileHandler(config.log_file)
-        if config.log_file
-        else logging.StreamHandler(sys.stderr)
-    )
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    root = logging.getLogger("tsunagu")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if config.verbose else logging.INFO)
-    root.propagate = False
+    # Worker processes run this with the same configuration: same destination, same format.
+    setup_logging(config.effective_log_level, config.log_format, config.log_file)
 
 
 def _host_for_uris(config: Config, listening: list[str]) -> str:
@@ -451,6 +443,7 @@ async def _start_turn(
                             ssl=ssl_context if tls else None,
                             plain=not config.no_tcp,
                             deadline=config.tcp_allocate_timeout,
+                            failures=driver.failures,
                         )
                     )
             except OSError as exc:

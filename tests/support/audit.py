@@ -1,7 +1,11 @@
 """Reading what ``tsunagu serve`` logs about allocations, whichever worker process served them.
 
 Every worker writes to the same place as the process that started it (the ``--log-file``,
-else the inherited stderr), so one file holds the audit records of all workers. An audit
+else the inherited stderr), in the same format, so one file holds the audit records of all
+workers. The readers here take both formats: ``--log-format text`` lines
+(``time logger LEVEL message``, an audit record's message being its JSON) and
+``--log-format json`` lines (one object a line; an audit record's fields beside
+``time``, ``level``, ``logger`` and ``message``). An audit
 record names its worker in ``"worker"`` when the server writes that field; otherwise the
 relayed port tells: worker ``i`` of ``n`` binds only ports whose pair number
 ``port // 2`` is ``i`` modulo ``n``.
@@ -23,6 +27,7 @@ from typing import Any
 __all__ = [
     "AUDIT_MARKER",
     "audit_records",
+    "log_lines",
     "relay_port",
     "required_workers",
     "warning_lines",
@@ -35,10 +40,35 @@ AUDIT_MARKER = " tsunagu.audit INFO "
 _WORKERS = re.compile(r"tsunagu: (\d+) worker processes")
 
 
+_TEXT_LINE = re.compile(r"^\S+ \S+ (\S+) (DEBUG|INFO|WARNING|ERROR|CRITICAL) (.*)$")
+_JSON_KEYS = ("time", "level", "logger", "message")
+
+
+def log_lines(text: str) -> list[dict[str, Any]]:
+    """Every line of a log in either format as a dict: ``level``, ``logger``, ``message``
+    and, for JSON lines, ``time`` and the structured fields (continuation lines, such as a
+    traceback's in text, are left out)."""
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            lines.append(json.loads(line))
+            continue
+        match = _TEXT_LINE.match(line)
+        if match:
+            logger, level, message = match.groups()
+            lines.append({"level": level, "logger": logger, "message": message})
+    return lines
+
+
 def audit_records(text: str) -> list[dict[str, Any]]:
     """The JSON records logged on ``tsunagu.audit`` in ``text`` (a log file's content)."""
     records = []
     for line in text.splitlines():
+        if line.startswith("{"):
+            parsed = json.loads(line)
+            if parsed.get("logger") == "tsunagu.audit":
+                records.append({k: v for k, v in parsed.items() if k not in _JSON_KEYS})
+            continue
         _, marker, payload = line.partition(AUDIT_MARKER)
         if marker:
             records.append(json.loads(payload))
@@ -47,7 +77,11 @@ def audit_records(text: str) -> list[dict[str, Any]]:
 
 def warning_lines(text: str) -> list[str]:
     """Lines the server logged at WARNING or above."""
-    return [line for line in text.splitlines() if re.search(r" (WARNING|ERROR|CRITICAL) ", line)]
+    return [
+        line
+        for line in text.splitlines()
+        if re.search(r' (WARNING|ERROR|CRITICAL) |^\{.*"level":"(WARNING|ERROR|CRITICAL)"', line)
+    ]
 
 
 def worker_count(startup: Iterable[str]) -> int:

@@ -169,11 +169,13 @@ async def test_an_allocation_whose_permissions_were_refused_says_why(
         await wait_for(lambda: audit_records(caplog))
     [record] = audit_records(caplog)
     assert record["permission_requests"] == 1
-    assert record["refused"] == {"ChannelBind 403 peer 127.0.0.1 not allowed": 1}
+    rule = "loopback range 127.0.0.0/8, denied by default"
+    assert record["refused"] == {f"ChannelBind 403 peer 127.0.0.1 not allowed: {rule}": 1}
     [line] = warnings(caplog)
     assert (
         "its 1 CreatePermission/ChannelBind requests were refused:"
-        " ChannelBind 403 peer 127.0.0.1 not allowed"
+        f" ChannelBind 403 peer 127.0.0.1 not allowed: {rule}; likely cause: the peer addresses"
+        " the client named are denied by the relay policy"
     ) in line
 
 

@@ -16,6 +16,8 @@ from tsunagu.stun import ChannelNumber, Lifetime, Method, XorPeerAddress
 from tsunagu.turn import Allocation, TurnSettings
 from tsunagu.turn.allocation import MAX_REFUSAL_CAUSES
 
+DEFAULT_PRIVATE = ": private range 10.0.0.0/8, denied by default"
+
 
 def allocation_of(client: Client) -> Allocation:
     return client.server.allocations[client.five_tuple]
@@ -46,7 +48,10 @@ def test_a_denied_peer_is_named(allocated: Client) -> None:
     response = allocated.request(Method.CREATE_PERMISSION, [XorPeerAddress("10.0.0.5", 1)])
     assert error_code(response) == 403
     allocation = allocation_of(allocated)
-    assert allocation.refused == {"CreatePermission 403 peer 10.0.0.5 not allowed": 1}
+    assert allocation.refused == {
+        "CreatePermission 403 peer 10.0.0.5 not allowed: private range 10.0.0.0/8"
+        ", denied by default": 1
+    }
     assert allocation.permission_requests == 1
     assert not allocation.permissions
 
@@ -72,7 +77,7 @@ def test_unauthenticated_and_wrong_user_answers_are_counted(allocated: Client) -
     assert allocation.refused == {
         "Refresh 401 unauthorized": 1,
         "CreatePermission 401 unauthorized": 1,  # mallory's first try, without a nonce
-        "CreatePermission 441 wrong credentials": 1,
+        "CreatePermission 441 credential mismatch": 1,
     }
     assert allocation.permission_requests == 0
 
@@ -103,7 +108,7 @@ def test_refusal_causes_are_bounded(allocated: Client) -> None:
     refused = allocation_of(allocated).refused
     assert len(refused) == MAX_REFUSAL_CAUSES + 1
     assert refused["other"] == 4
-    assert refused["CreatePermission 403 peer 10.0.0.1 not allowed"] == 2
+    assert refused[f"CreatePermission 403 peer 10.0.0.1 not allowed{DEFAULT_PRIVATE}"] == 2
 
 
 def test_a_refresh_that_ends_the_allocation_leaves_the_counts(allocated: Client) -> None:

@@ -44,8 +44,11 @@ def test_a_listening_address_is_refused_as_a_peer() -> None:
             Method.CHANNEL_BIND, [ChannelNumber(0x4001), XorPeerAddress(PUBLIC, port)]
         )
         assert error_code(response) == 403
-    summary = {s.reason: s for s in client.server.refusals.take()}
-    assert summary["peer denied"].count == 4
+    (summary,) = client.server.refusals.take()
+    assert (summary.cause, summary.count) == ("peer denied", 4)
+    assert {dict(facts)["rule"] for facts, _ in summary.details} == {
+        "this server's own listening address"
+    }
 
 
 def test_other_ports_of_the_servers_address_are_peers() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 
 import pytest
@@ -167,3 +168,31 @@ def test_versions_do_not_cross_match() -> None:
     policy = PeerPolicy.create(denied=["0.0.0.0/0"], defaults=False)
     assert not policy.permits("8.8.8.8")
     assert policy.permits("2001:4860:4860::8888")
+
+
+@pytest.mark.parametrize(
+    ("ip", "port", "rule"),
+    [
+        ("8.8.8.8", 1, None),
+        ("10.1.2.3", 1, "private range 10.0.0.0/8, denied by default"),
+        ("::1", 1, "loopback range ::1/128, denied by default"),
+        ("::ffff:10.0.0.1", 1, "IPv4-mapped range ::ffff:0:0/96, denied by default"),
+        (
+            "64:ff9b::7f00:1",
+            1,
+            "it carries IPv4 127.0.0.1: loopback range 127.0.0.0/8, denied by default",
+        ),
+        ("1.1.1.1", 1, "range 1.1.1.0/24, denied by the operator (--denied-peer-ip)"),
+        ("9.9.9.9", 3478, "this server's own listening address"),
+        ("9.9.9.9", 3479, None),
+        ("192.168.1.1", 1, None),  # allowed by the operator
+        ("not an ip", 1, "not an IP address"),
+    ],
+)
+def test_denial_names_the_rule(ip: str, port: int, rule: str | None) -> None:
+    policy = dataclasses.replace(
+        PeerPolicy.create(allowed=["192.168.1.0/24"], denied=["1.1.1.0/24"]),
+        own=frozenset({("9.9.9.9", 3478)}),
+    )
+    assert policy.denial(ip, port) == rule
+    assert (rule is None) == policy.permits_address(ip, port)

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 
 from ..stun.attributes import PASSWORD_ALGORITHM_MD5, PASSWORD_ALGORITHM_SHA256
 from ..turn.authentication import long_term_key
+from ..turn.refusals import EXPIRED_CREDENTIAL, UNKNOWN_USER, Refusal
 from .rest import rest_expiry, rest_password
 
 __all__ = ["StaticCredentialStore"]
@@ -66,3 +67,9 @@ class StaticCredentialStore:
 
     def find_userhash(self, userhash: bytes, realm: str) -> str | None:
         return self._userhashes.get(userhash) if realm == self.realm else None
+
+    def missing_key(self, username: str, realm: str, now: float, *, existing: bool) -> Refusal:
+        expiry = rest_expiry(username) if self._secrets else None
+        if realm == self.realm and expiry is not None and expiry <= now:
+            return Refusal(EXPIRED_CREDENTIAL, username, (("expired_at", expiry),))
+        return Refusal(UNKNOWN_USER, username, (("realm", realm),))

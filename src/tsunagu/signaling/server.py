@@ -247,7 +247,11 @@ async def run_web(
     app = create_app(config, turn_secret=turn_secret, websockets=sockets)
     runner = web.AppRunner(
         app,
-        access_log=logging.getLogger("tsunagu.web.access") if config.verbose else None,
+        access_log=(
+            logging.getLogger("tsunagu.web.access")
+            if config.effective_log_level == "debug"
+            else None
+        ),
         access_log_class=_AccessLogger,
         handle_signals=False,
         # aiohttp arms this timer when a connection opens and after each response; if the

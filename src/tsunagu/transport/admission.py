@@ -23,12 +23,16 @@ import logging
 import math
 import socket
 import struct
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..logs import structured
 from ..turn.quotas import address_key
+from ..turn.refusals import Facts, RefusalTally
+from .failures import NOT_STUN, NOT_TLS, tls_failure
 
 __all__ = [
     "ConnectionCounter",
@@ -204,12 +208,21 @@ class ConnectionCounter:
             )
         if window["total"]:
             causes.append(f"{window['total']} over the cap of {self.limits.total} in total")
+        fields = {
+            "event": "refused",
+            "cause": "connection cap",
+            "count": sum(window.values()),
+            "caps": dict(window),
+            "interval": self.log_interval,
+            "top": dict(addresses.most_common(3)),
+        }
         log.warning(
             "refused %d TCP/TLS connections in the last %g s: %s; most from %s",
             sum(window.values()),
             self.log_interval,
             "; ".join(causes),
             _busiest(addresses),
+            extra=structured(fields),
         )
 
     def closed_not_turn(self, ip: str, cause: str) -> None:
@@ -220,6 +233,14 @@ class ConnectionCounter:
 
     def _log_not_turn(self, window: Counter[str], addresses: Counter[str]) -> None:
         # Scanners do this to every open port all day: information, not a warning.
+        fields = {
+            "event": "refused",
+            "cause": "neither TLS nor STUN",
+            "count": sum(window.values()),
+            "first_bytes": dict(window.most_common(3)),
+            "interval": self.log_interval,
+            "top": dict(addresses.most_common(3)),
+        }
         log.info(
             "closed %d TCP/TLS connections in the last %g s that spoke neither TLS nor STUN"
             " (%s); most from %s",
@@ -227,6 +248,7 @@ class ConnectionCounter:
             self.log_interval,
             ", ".join(f"{cause} x{count}" for cause, count in window.most_common(3)),
             _busiest(addresses),
+            extra=structured(fields),
         )
 
     def close(self) -> None:
@@ -281,6 +303,13 @@ class StreamListener:
     The first byte must come, and a TLS handshake end, within ``deadline`` seconds of
     accept (the allocation deadline, which the connection's protocol enforces from the same
     moment).
+
+    What fails goes to ``failures`` (the driver's :attr:`~.driver.TurnDriver.failures`),
+    logged per cause and client: a TLS handshake, with why (:func:`~.failures.tls_failure`:
+    the client does not trust the certificate, offers no TLS version or cipher this server
+    takes...); plain STUN on a port that takes only TLS (``--no-tcp``), and TLS on one that
+    takes only plain TCP (``--no-tls``). A first byte that is neither TLS nor STUN (scanners
+    do that all day) is summarised per interval by ``counter``.
     """
 
     def __init__(
@@ -293,6 +322,7 @@ class StreamListener:
         ssl: Any = None,
         plain: bool = True,
         deadline: float = 10.0,
+        failures: RefusalTally | None = None,
     ) -> None:
         if ssl is None and not plain:
             raise ValueError("a listener must take TLS or plain TCP")
@@ -306,6 +336,8 @@ class StreamListener:
         self._ssl = ssl
         self._plain = plain
         self._deadline = deadline
+        self._failures = failures
+        self._port = self.address[1]
         self._undecided: dict[int, _Undecided] = {}
         self._pending: set[asyncio.Task[None]] = set()
         self._retry: asyncio.TimerHandle | None = None
@@ -379,7 +411,25 @@ class StreamListener:
             cause = "plain STUN, which this port does not take (--no-tcp)"
         else:
             cause = f"first byte {_first_byte(first[0])}"
-        self.counter.closed_not_turn(waiting.ip, cause)
+        if kind is not None and self._failures is not None:
+            # A client of the wrong kind for this port: its own line, per client.
+            self.counter.not_turn[cause] += 1
+            if kind == "plain":
+                failure = NOT_TLS
+                facts: Facts = (
+                    ("port", self._port),
+                    ("reason", "plain STUN, and this port takes TLS only (--no-tcp)"),
+                )
+            else:
+                failure = NOT_STUN
+                facts = (
+                    ("what", "TLS, and this port takes plain TCP only (--no-tls)"),
+                    ("transport", "tcp"),
+                    ("port", self._port),
+                )
+            self._failures.add(failure, waiting.ip, time.time(), facts=facts)
+        else:
+            self.counter.closed_not_turn(waiting.ip, cause)
         log.debug("TCP/TLS connection from %s closed: %s", waiting.ip, cause)
         self._drop(fd)
 
@@ -432,7 +482,11 @@ class StreamListener:
             raise
         except Exception as exc:  # a failed or timed-out TLS handshake, a reset
             release()
-            log.debug("TCP/TLS connection not started: %r", exc)
+            log.debug("TCP/TLS connection from %s not started: %r", waiting.ip, exc)
+            if tls and self._failures is not None:
+                cause, reason, code = tls_failure(exc, self._deadline)
+                facts = (("port", self._port), ("reason", reason), ("tls_error", code))
+                self._failures.add(cause, waiting.ip, time.time(), facts=facts)
 
     def _resume(self) -> None:
         self._retry = None

@@ -4,8 +4,10 @@
 what the core asks for: after each call into the core it takes the core's events
 (attaching a new allocation to the listener its Allocate came through, closing up an ended
 one and writing its audit line) and keeps one loop timer armed at the core's next deadline.
-Every ``report_interval`` seconds it writes what the core refused meanwhile: one line per
-reason, with the count and the user or address refused most often (never one per packet).
+Every ``report_interval`` seconds it writes what failed meanwhile, from the core's tally of
+refusals (:attr:`TurnServer.refusals`) and the transport's (:attr:`TurnDriver.failures`: TLS
+handshakes, bytes that are not STUN): one line per cause and client, with the count and the
+facts (:func:`~.failures.describe`), never one per packet.
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ import logging
 import time
 from typing import Any, cast
 
+from ..logs import structured
 from ..turn.allocation import Allocation
 from ..turn.events import AllocationCreated, AllocationEnded
+from ..turn.refusals import RefusalTally
 from ..turn.server import TurnServer
 from .engine import RelayEngine
+from .failures import describe
 from .listeners import ClientSide, StreamConnection
 from .relay import RelayEndpointLike
 
@@ -65,9 +70,12 @@ class TurnDriver:
         self.short_lived = 5.0
         self.report_interval = report_interval
         self._report: asyncio.TimerHandle | None = None
+        self.failures = RefusalTally()
+        """What the transport saw fail (TLS handshakes, bytes that are not STUN), by cause
+        and client; written with the core's refusals."""
 
     def start_reports(self) -> None:
-        """Write the refusal summary every ``report_interval`` seconds until :meth:`shutdown`."""
+        """Write the failure lines every ``report_interval`` seconds until :meth:`shutdown`."""
         if self._report is None and self.report_interval > 0:
             self._report = self.loop.call_later(self.report_interval, self._report_fired)
 
@@ -77,26 +85,15 @@ class TurnDriver:
         self.start_reports()
 
     def report_refusals(self) -> None:
-        """Log what the core refused since the last report, one line per reason."""
-        refusals = self.server.refusals
-        if not refusals:
-            return
-        for summary in refusals.take():
-            top = ""
-            if summary.top:
-                top = (
-                    f"; most often {summary.top!r} ({summary.top_count})"
-                    f" of {summary.distinct}{'+' if summary.distinct >= 1024 else ''}"
+        """Log what failed since the last report: one line per cause and client."""
+        for tally in (self.server.refusals, self.failures):
+            if not tally:
+                continue
+            for summary in tally.take():
+                level, text, fields = describe(
+                    summary, worker=self.worker, interval=self.report_interval
                 )
-            log.log(
-                logging.WARNING if summary.reason in _CAPACITY_REFUSALS else logging.INFO,
-                "refused (worker %d, last %gs): %s x%d%s",
-                self.worker,
-                self.report_interval,
-                summary.reason,
-                summary.count,
-                top,
-            )
+                log.log(level, "%s", text, extra=structured(fields))
 
     def after_message(self, origin: ClientSide, addr: Any) -> None:
         """Take the core's events after it handled a client's message, and re-arm the timer.
@@ -156,34 +153,33 @@ class TurnDriver:
             link.detach(allocation)
         self._fold_counters(allocation)
         duration = round(event.ended_at - allocation.created, 3)
+        record = {
+            "event": "allocation-ended",
+            "worker": self.worker,
+            "reason": event.reason,
+            "user": allocation.username,
+            "client": str(allocation.five_tuple),
+            "relay": [
+                f"{_bracket(ip)}:{port}" for ip, port in allocation.relayed_addresses.values()
+            ],
+            "peers": sorted(allocation.peers_seen),
+            "permission_requests": allocation.permission_requests,
+            "refused": allocation.refused,
+            "to_peers": {
+                "packets": allocation.packets_to_peers,
+                "bytes": allocation.bytes_to_peers,
+            },
+            "to_client": {
+                "packets": allocation.packets_to_client,
+                "bytes": allocation.bytes_to_client,
+            },
+            "dropped": allocation.dropped,
+            "duration": duration,
+        }
         audit.info(
-            json.dumps(
-                {
-                    "event": "allocation-ended",
-                    "worker": self.worker,
-                    "reason": event.reason,
-                    "user": allocation.username,
-                    "client": str(allocation.five_tuple),
-                    "relay": [
-                        f"{_bracket(ip)}:{port}"
-                        for ip, port in allocation.relayed_addresses.values()
-                    ],
-                    "peers": sorted(allocation.peers_seen),
-                    "permission_requests": allocation.permission_requests,
-                    "refused": allocation.refused,
-                    "to_peers": {
-                        "packets": allocation.packets_to_peers,
-                        "bytes": allocation.bytes_to_peers,
-                    },
-                    "to_client": {
-                        "packets": allocation.packets_to_client,
-                        "bytes": allocation.bytes_to_client,
-                    },
-                    "dropped": allocation.dropped,
-                    "duration": duration,
-                },
-                separators=(",", ":"),
-            )
+            "%s",
+            json.dumps(record, separators=(",", ":")),
+            extra=structured(record, "allocation ended"),
         )
         if not allocation.peers_seen:
             _explain_never_permitted(allocation, duration, self.short_lived)
@@ -200,12 +196,6 @@ class TurnDriver:
             self._report.cancel()
             self._report = None
         self.report_refusals()
-
-
-# Refusals the operator may have to act on (raise a limit, add capacity) are warnings; the
-# others (a denied peer, a wrong password, a flood held back) are what scanners and
-# misconfigured clients cause every day, and are information.
-_CAPACITY_REFUSALS = frozenset({"user quota", "address quota", "total quota", "no relay port"})
 
 
 def _hand_to_relays(allocation: Allocation) -> None:
@@ -238,6 +228,9 @@ def _explain_never_permitted(allocation: Allocation, duration: float, short_live
             f"its {requests} CreatePermission/ChannelBind requests were refused:"
             f" {', '.join(sorted(refusals)) or 'no reason recorded'}"
         )
+        likely = _likely_cause(refusals)
+        if likely:
+            cause = f"{cause}; likely cause: {likely}"
     log.log(
         level,
         "allocation of user %r from %s ended after %.1f s without relaying to any peer: %s",
@@ -246,3 +239,28 @@ def _explain_never_permitted(allocation: Allocation, duration: float, short_live
         duration,
         cause,
     )
+
+
+# What an error code refusing CreatePermission or ChannelBind most likely means for a call.
+_LIKELY_CAUSES = {
+    403: "the peer addresses the client named are denied by the relay policy (each refusal"
+    " names its rule): the other side offered only addresses this server does not relay to,"
+    " such as private or loopback ones, or --allowed-peer-ip must open their range",
+    438: "stale nonces: the client kept sending nonces this server did not accept",
+    401: "its credentials were refused (an expired TURN REST credential with"
+    " --rest-check-on-refresh, or a wrong password)",
+    441: "its requests were signed by another user than the allocation's",
+    443: "the peers' address family differs from the relayed address's (an IPv6 peer on an"
+    " IPv4 relay: the client must ask for an IPv6 or a dual-stack allocation)",
+    508: "the allocation reached its limit of permissions",
+    400: "malformed requests (a client bug)",
+}
+
+
+def _likely_cause(refusals: dict[str, int]) -> str:
+    """The likely cause of the refusal seen most often ("<method> <code> <cause>" keys)."""
+    for key, _ in sorted(refusals.items(), key=lambda item: -item[1]):
+        parts = key.split(" ", 2)
+        if len(parts) >= 2 and parts[1].isdigit() and int(parts[1]) in _LIKELY_CAUSES:
+            return _LIKELY_CAUSES[int(parts[1])]
+    return ""

@@ -24,7 +24,9 @@ from typing import Any, Protocol, cast
 from ..stun.framing import FramingError, StreamFramer
 from ..turn.allocation import Allocation, FiveTuple
 from ..turn.forwarding import Forward, channel_data_forward, send_failed
+from ..turn.refusals import RefusalTally
 from ..turn.server import TurnServer
+from .failures import NOT_STUN, not_stun
 from .relay import RelayEndpointLike
 
 __all__ = [
@@ -103,6 +105,9 @@ class CoreDriver(Protocol):
 
     @property
     def stream_framer(self) -> Callable[[FrameHandler], StreamFramerLike]: ...
+
+    @property
+    def failures(self) -> RefusalTally: ...
 
     def after_message(self, origin: ClientSide, addr: Any) -> None: ...
 
@@ -361,13 +366,22 @@ class StreamConnection(asyncio.BufferedProtocol):
         try:
             self.framer.feed(_READ_BUFFER[:nbytes])
         except FramingError:
-            self.close("not STUN or ChannelData")
+            self._not_stun(_READ_BUFFER[:nbytes])
 
     def data_received(self, data: bytes | memoryview) -> None:
         try:
             self.framer.feed(data)
         except FramingError:
-            self.close("not STUN or ChannelData")
+            self._not_stun(data)
+
+    def _not_stun(self, data: bytes | memoryview) -> None:
+        """Close a connection that sent what is neither STUN nor ChannelData, and count it
+        for the log with what ``data`` (what was read last) looks like."""
+        assert self.five_tuple is not None
+        what = not_stun(data, self.protocol)
+        facts = (("what", what), ("transport", self.protocol), ("port", self.five_tuple.server[1]))
+        self.driver.failures.add(NOT_STUN, self.five_tuple.client[0], time.time(), facts=facts)
+        self.close(f"not STUN or ChannelData: {what}")
 
     def _frame(self, is_channel_data: bool, frame: bytes) -> bool:
         """Handle one frame; True when the connection is closing and reading must stop."""
@@ -375,7 +389,7 @@ class StreamConnection(asyncio.BufferedProtocol):
             allocation = self.allocation
             if allocation is None:
                 # ChannelData before any allocation: not a TURN client (say, "GET /").
-                self.close("ChannelData without an allocation")
+                self._not_stun(frame)
                 return True
             forward = channel_data_forward(allocation, frame, self._drops)
             if forward is not None:

@@ -5,6 +5,11 @@ gets 401 with a REALM and a NONCE (:meth:`Authenticator.challenge`); one with a 
 foreign nonce gets 438 and a fresh nonce. The key comes from a :class:`CredentialStore`
 (implemented in :mod:`tsunagu.auth`), looked up by USERNAME or by USERHASH (§14.4), for
 the password algorithm the client chose from PASSWORD-ALGORITHMS (§14.11-14.12).
+
+A request that carried credentials and failed is refused with its cause for the operator's
+log (:mod:`.refusals`): wrong realm, unknown user or expired credential (the store tells
+which, :meth:`CredentialStore.missing_key`), wrong password (the integrity check failed
+with every key), stale nonce. The client's answer stays the plain 401 or 438.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from ..stun.attributes import (
 from ..stun.message import Message
 from .errors import BadRequest, StaleNonce, Unauthorized
 from .nonce import NonceManager, NonceStatus
+from .refusals import STALE_NONCE, UNKNOWN_USER, WRONG_PASSWORD, WRONG_REALM, Refusal
 
 __all__ = [
     "OFFERED_ALGORITHMS",
@@ -72,6 +78,12 @@ class CredentialStore(Protocol):
         """The username whose SHA-256(username:realm) is ``userhash`` (RFC 8489 §14.4)."""
         ...
 
+    def missing_key(self, username: str, realm: str, now: float, *, existing: bool) -> Refusal:
+        """Why :meth:`get_keys` had no key for ``username``, for the operator's log: a
+        :class:`~.refusals.Refusal` for ``UNKNOWN_USER``, or for ``EXPIRED_CREDENTIAL`` with
+        the fact ``expired_at`` (unix time) when a time-limited credential has expired."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Authenticated:
@@ -112,9 +124,11 @@ class Authenticator:
         userhash = message.get(Userhash)
         if realm is None or nonce is None or (username is None and userhash is None):
             raise BadRequest("USERNAME or USERHASH, REALM and NONCE are required")
+        claimed = username.value if username is not None else ""
         status = self._nonces.check(nonce.value, client_ip, now)
         if status is not NonceStatus.VALID:
-            raise StaleNonce()
+            # "stale": expired; "invalid": made for another address or with another secret.
+            raise StaleNonce(refusal=Refusal(STALE_NONCE, claimed, (("nonce", status.value),)))
         algorithm = PASSWORD_ALGORITHM_MD5
         if self._nonces.security_features:
             chosen = message.get(PasswordAlgorithm)
@@ -127,21 +141,24 @@ class Authenticator:
                     raise BadRequest("unsupported PASSWORD-ALGORITHM")
                 algorithm = chosen.algorithm
         if realm.value != self._realm:
-            raise Unauthorized()
+            raise Unauthorized(refusal=Refusal(WRONG_REALM, claimed, (("realm", realm.value),)))
         if username is not None:
             name: str | None = username.value
         else:
             assert userhash is not None
             name = self._credentials.find_userhash(userhash.value, realm.value)
         if name is None:
-            raise Unauthorized()
+            raise Unauthorized(refusal=Refusal(UNKNOWN_USER, facts=(("userhash", True),)))
         keys = self._credentials.get_keys(name, realm.value, algorithm, now, existing=existing)
+        if not keys:
+            refusal = self._credentials.missing_key(name, realm.value, now, existing=existing)
+            raise Unauthorized(refusal=refusal)
         sha256 = message.integrity_sha256_offset is not None
         check = message.check_integrity_sha256 if sha256 else message.check_integrity
         for key in keys:
             if check(key):
                 return Authenticated(name, realm.value, key, sha256)
-        raise Unauthorized()
+        raise Unauthorized(refusal=Refusal(WRONG_PASSWORD, name, (("realm", realm.value),)))
 
     def challenge(self, client_ip: str, now: float) -> list[Attribute]:
         """What a 401 or 438 carries (§9.2.4): REALM, a fresh NONCE, PASSWORD-ALGORITHMS."""

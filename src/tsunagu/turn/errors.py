@@ -1,7 +1,7 @@
 """TURN and STUN error responses as exceptions, one class per wire code.
 
 Handlers raise them; the server turns each into an error response in one place
-(``TurnServer._error_response``). Codes and reason phrases follow RFC 8489 §14.8 and
+(``TurnServer._error``). Codes and reason phrases follow RFC 8489 §14.8 and
 RFC 8656 §19.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..stun.attributes import Attribute
+from .refusals import Refusal
 
 __all__ = [
     "AddressFamilyNotSupported",
@@ -34,7 +35,9 @@ class TurnError(Exception):
 
     ``detail`` is the cause an authenticated client reads in the reason phrase; ``note``,
     when given, is a more precise one kept for the operator's diagnostics only (it may name
-    what the phrase does not).
+    what the phrase does not). ``refusal``, when given, is the cause the operator's log
+    names (:mod:`.refusals`); errors without one (a first 401, a malformed request) are
+    answered without a log line.
     """
 
     code = 500
@@ -46,11 +49,13 @@ class TurnError(Exception):
         attributes: Sequence[Attribute] = (),
         *,
         note: str | None = None,
+        refusal: Refusal | None = None,
     ) -> None:
         super().__init__(detail or self.reason)
         self.detail = detail
         self.attributes = tuple(attributes)
         self.note = note
+        self.refusal = refusal
 
 
 class TryAlternate(TurnError):

@@ -35,33 +35,38 @@ __all__ = ["DEFAULT_DENIED", "PeerPolicy", "parse_range"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-DEFAULT_DENIED: tuple[str, ...] = (
-    "0.0.0.0/8",  # "this network": 0.0.0.0 reaches the local host on Linux
-    "10.0.0.0/8",
-    "100.64.0.0/10",  # carrier-grade NAT
-    "127.0.0.0/8",
-    "169.254.0.0/16",  # link-local, and the cloud metadata service 169.254.169.254
-    "172.16.0.0/12",
-    "192.0.0.0/24",
-    "192.0.2.0/24",
-    "192.168.0.0/16",
-    "198.18.0.0/15",
-    "198.51.100.0/24",
-    "203.0.113.0/24",
-    "224.0.0.0/4",  # multicast
-    "240.0.0.0/4",  # reserved, and broadcast
-    "::/128",
-    "::1/128",
-    "::ffff:0:0/96",  # IPv4-mapped: an IPv4 peer spelled as IPv6, never an IPv6 destination
-    "2001::/32",  # Teredo: tunnelled through third-party relays
-    "64:ff9b:1::/48",
-    "100::/64",
-    "2001:db8::/32",
-    "fc00::/7",  # unique local
-    "fe80::/10",  # link-local
-    "fec0::/10",
-    "ff00::/8",  # multicast
+# The ranges denied by default, each with the words a log line names it by.
+_DEFAULT_RANGES: tuple[tuple[str, str], ...] = (
+    ("0.0.0.0/8", "this network"),  # 0.0.0.0 reaches the local host on Linux
+    ("10.0.0.0/8", "private"),
+    ("100.64.0.0/10", "carrier-grade NAT"),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local"),  # and the cloud metadata service 169.254.169.254
+    ("172.16.0.0/12", "private"),
+    ("192.0.0.0/24", "IETF protocol assignments"),
+    ("192.0.2.0/24", "documentation"),
+    ("192.168.0.0/16", "private"),
+    ("198.18.0.0/15", "benchmarking"),
+    ("198.51.100.0/24", "documentation"),
+    ("203.0.113.0/24", "documentation"),
+    ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved"),  # and broadcast
+    ("::/128", "unspecified"),
+    ("::1/128", "loopback"),
+    ("::ffff:0:0/96", "IPv4-mapped"),  # an IPv4 peer spelled as IPv6, never an IPv6 destination
+    ("2001::/32", "Teredo"),  # tunnelled through third-party relays
+    ("64:ff9b:1::/48", "local-use NAT64"),
+    ("100::/64", "discard-only"),
+    ("2001:db8::/32", "documentation"),
+    ("fc00::/7", "unique local (private)"),
+    ("fe80::/10", "link-local"),
+    ("fec0::/10", "site-local"),
+    ("ff00::/8", "multicast"),
 )
+DEFAULT_DENIED: tuple[str, ...] = tuple(text for text, _ in _DEFAULT_RANGES)
+_DEFAULT_LABELS: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, str] = {
+    ipaddress.ip_network(text): label for text, label in _DEFAULT_RANGES
+}
 
 
 def parse_range(text: str) -> list[IPNetwork]:
@@ -141,6 +146,39 @@ class PeerPolicy:
         if not self.permits(ip):
             return False
         return (ip, port) not in self.own or self.allows_explicitly(ip)
+
+    def denial(self, ip: str, port: int) -> str | None:
+        """Which rule denies relaying to ``ip:port``, in words for the operator's log (for
+        example ``"private range 10.0.0.0/8, denied by default"``); None when allowed.
+
+        Called only for a peer that is refused, so it may take its time.
+        """
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return "not an IP address"
+        if self._matches(address, self.allowed):
+            return None
+        if (ip, port) in self.own:
+            return "this server's own listening address"
+        candidates: list[IPAddress] = [address]
+        if isinstance(address, ipaddress.IPv6Address):
+            embedded = _embedded_ipv4(address)
+            if embedded is not None:
+                candidates.append(embedded)
+        for candidate in candidates:
+            for net in self.denied:
+                if candidate.version == net.version and candidate in net:
+                    label = _DEFAULT_LABELS.get(net)
+                    words = (
+                        f"{label} range {net}, denied by default"
+                        if label is not None
+                        else f"range {net}, denied by the operator (--denied-peer-ip)"
+                    )
+                    if candidate is not address:
+                        words = f"it carries IPv4 {candidate}: {words}"
+                    return words
+        return None
 
     def is_own_relay(self, ip: str, port: int) -> bool:
         """True when ``ip:port`` is (or may be, in another worker) one of this server's relay

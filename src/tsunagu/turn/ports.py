@@ -22,6 +22,7 @@ from typing import Protocol
 
 from .allocation import FiveTuple, RelaySocket
 from .errors import InsufficientCapacity
+from .refusals import NO_RELAY_PORT, RESERVATION_UNKNOWN, Facts, Refusal
 from .settings import TurnSettings
 from .timers import ExpiryHeap, ReservationExpiry, SetAsideExpiry
 
@@ -128,7 +129,18 @@ class RelayPortPool:
             failures += 1
             if failures >= _MAX_FAILED_BINDS:
                 break
-        raise InsufficientCapacity("no relay port available")
+        facts: Facts = (
+            ("relay_ip", ip),
+            ("range", f"{low}-{high}"),
+            ("workers", share_count),
+            ("in_use", len(used)),
+            ("held_elsewhere", failures),
+        )
+        if even:
+            facts += (("even_port", True),)
+        raise InsufficientCapacity(
+            "no relay port available", refusal=Refusal(NO_RELAY_PORT, facts=facts)
+        )
 
     def _try(
         self, ip: str, port: int, *, reserve: bool, dont_fragment: bool, now: float
@@ -201,7 +213,9 @@ class RelayPortPool:
                 if relay is not None:
                     self._used.setdefault(ip, set()).add(port)
                     return relay
-        raise InsufficientCapacity("unknown or expired reservation token")
+        raise InsufficientCapacity(
+            "unknown or expired reservation token", refusal=Refusal(RESERVATION_UNKNOWN)
+        )
 
     def release(self, relay: RelaySocket) -> None:
         """Give a relay socket back: its port is free again."""

@@ -1,4 +1,4 @@
-"""Allocation quotas: per user, per client address, in total; and the refusal tally.
+"""Allocation quotas: per user, per client address, in total.
 
 Who a quota counts
 ------------------
@@ -38,18 +38,16 @@ over the workers (the kernel hashes each 4-tuple to one), so the effective limit
 the number of workers, as the range does. With several relay addresses each has the whole
 range: raise ``total_quota`` explicitly.
 
-The refusal tally
------------------
-:class:`RefusalTally` counts every refusal the core decides (quota, address cap, capacity,
-peer denied, failed authentication, answers held back by the unauthenticated limiter) by
-reason, with the user or address most often refused. The driver takes it every few seconds
-and writes one line per reason; nothing is logged per packet.
+Refusals
+--------
+A quota that refuses an Allocate raises its error with a
+:class:`~.refusals.Refusal` naming the quota, the user and the numbers; the server tallies it
+(:mod:`.refusals`) and the driver logs it.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections import Counter
 from dataclasses import dataclass
 
 __all__ = [
@@ -57,8 +55,6 @@ __all__ = [
     "DEFAULT_USER_QUOTA",
     "PORT_MARGIN_FRACTION",
     "Quotas",
-    "RefusalSummary",
-    "RefusalTally",
     "address_key",
     "relay_ports_in_share",
     "resolve_quotas",
@@ -136,58 +132,3 @@ def resolve_quotas(
     if address is None:
         address = min(DEFAULT_ADDRESS_QUOTA, half) if half else DEFAULT_ADDRESS_QUOTA
     return Quotas(user=user, address=address, total=total)
-
-
-@dataclass(frozen=True, slots=True)
-class RefusalSummary:
-    """One reason's refusals since the last :meth:`RefusalTally.take`."""
-
-    reason: str
-    count: int
-    top: str
-    """The user or address refused most often for this reason ("" when none was named)."""
-    top_count: int
-    distinct: int
-    """How many different users or addresses were refused (at most ``_OFFENDER_LIMIT``)."""
-
-
-# Memory stays bounded under a flood from many sources: beyond this many names per reason,
-# further names are counted under the reason only.
-_OFFENDER_LIMIT = 1024
-
-
-class RefusalTally:
-    """Refusals by reason and by who was refused; read and reset with :meth:`take`."""
-
-    __slots__ = ("_counts", "_offenders")
-
-    def __init__(self) -> None:
-        self._counts: Counter[str] = Counter()
-        self._offenders: dict[str, Counter[str]] = {}
-
-    def add(self, reason: str, offender: str = "") -> None:
-        self._counts[reason] += 1
-        if not offender:
-            return
-        names = self._offenders.get(reason)
-        if names is None:
-            names = self._offenders[reason] = Counter()
-        if offender in names or len(names) < _OFFENDER_LIMIT:
-            names[offender] += 1
-
-    def __bool__(self) -> bool:
-        return bool(self._counts)
-
-    def count(self, reason: str) -> int:
-        return self._counts[reason]
-
-    def take(self) -> list[RefusalSummary]:
-        """The summary per reason, most frequent first; the tally starts again empty."""
-        out: list[RefusalSummary] = []
-        for reason, count in self._counts.most_common():
-            names = self._offenders.get(reason)
-            top, top_count = names.most_common(1)[0] if names else ("", 0)
-            out.append(RefusalSummary(reason, count, top, top_count, len(names or ())))
-        self._counts.clear()
-        self._offenders.clear()
-        return out

@@ -30,9 +30,11 @@ How it works, in order, for a request:
    amplify traffic towards a spoofed address, nor a spoofer deny a victim its 401.
 5. The method's handler follows the numbered steps of its RFC section.
 6. An error answer to Refresh, CreatePermission or ChannelBind on an existing allocation
-   is counted in its ``refused``, for the operator. Refusals (quotas, capacity, a denied
-   peer, failed authentication, answers held back by the limiter) are tallied in
-   :attr:`TurnServer.refusals` (:class:`~.quotas.RefusalTally`), which the driver logs.
+   is counted in its ``refused``, for the operator. An error raised with a cause
+   (:class:`~.refusals.Refusal`: failed authentication, a stale nonce, a denied peer, a
+   quota, no relay port) is tallied by cause and client in :attr:`TurnServer.refusals`
+   (:class:`~.refusals.RefusalTally`), and so are answers held back by the limiter; the
+   driver logs the tally.
 """
 
 from __future__ import annotations
@@ -97,7 +99,19 @@ from .events import AllocationCreated, AllocationEnded, Event
 from .forwarding import Forward, channel_data_forward
 from .nonce import NonceManager
 from .ports import RandomSource, RelayBinder, RelayPortPool
-from .quotas import RefusalTally, address_key, resolve_quotas, user_id
+from .quotas import address_key, resolve_quotas, user_id
+from .refusals import (
+    ADDRESS_QUOTA,
+    CREDENTIAL_MISMATCH,
+    DRAINING,
+    PEER_DENIED,
+    TOO_MANY_PERMISSIONS,
+    TOTAL_QUOTA,
+    UNAUTHENTICATED_WITHHELD,
+    USER_QUOTA,
+    Refusal,
+    RefusalTally,
+)
 from .settings import TurnSettings
 from .timers import (
     AllocationExpiry,
@@ -163,7 +177,7 @@ class TurnServer:
         self._per_user: Counter[str] = Counter()
         self._per_address: Counter[str] = Counter()
         self.refusals = RefusalTally()
-        """Refusals by reason and by user or address, since the driver last took them."""
+        """Refusals by cause and client, since the driver last took them."""
         self._timers = ExpiryHeap()
         self._ports = RelayPortPool(settings, binder, rng, secret, self._timers)
         self._events: deque[Event] = deque()
@@ -330,12 +344,13 @@ class TurnServer:
         auth: Authenticated | None,
         now: float,
     ) -> bytes | None:
-        if isinstance(error, Unauthorized | WrongCredentials) and (
-            message.has_integrity or auth is not None
-        ):
-            # A plain 401 is the first step of every client; one for a request that carried
-            # credentials is a failure the operator wants to see.
-            self.refusals.add(f"auth failed ({error.code})", five_tuple.client[0])
+        refusal = error.refusal
+        if refusal is not None:
+            # A plain 401 is the first step of every client and has no cause; one for a
+            # request that carried credentials is a failure the operator wants to see.
+            if not refusal.user and auth is not None:
+                refusal = Refusal(refusal.cause, auth.username, refusal.facts)
+            self.refusals.add_refusal(refusal, five_tuple.client[0], five_tuple.client[1], now)
         # An authenticated client gets the precise cause, which is what makes a failure
         # debuggable; an unauthenticated one gets the short phrase (no amplification).
         reason = error.reason
@@ -360,14 +375,19 @@ class TurnServer:
             )
         ):
             self.drops["unauthenticated rate limit"] += 1
-            self.refusals.add("unauthenticated answer withheld", five_tuple.client[0])
+            self.refusals.add(UNAUTHENTICATED_WITHHELD, five_tuple.client[0], now)
             return None
         self.responses[error.code] += 1
         name = _DIAGNOSED_METHODS.get(message.method)
         if name is not None:
             allocation = self.allocations.get(five_tuple)
             if allocation is not None:
-                cause = error.note or error.detail or error.reason.lower()
+                cause = (
+                    error.note
+                    or (refusal.cause if refusal is not None else None)
+                    or error.detail
+                    or error.reason.lower()
+                )
                 allocation.count_refusal(f"{name} {error.code} {cause}"[:127])
         return answer
 
@@ -416,7 +436,11 @@ class TurnServer:
         if allocation is None:
             raise AllocationMismatch("no allocation for this 5-tuple")
         if allocation.username != auth.username:
-            raise WrongCredentials()
+            raise WrongCredentials(
+                refusal=Refusal(
+                    CREDENTIAL_MISMATCH, auth.username, (("allocation_user", allocation.username),)
+                )
+            )
         return allocation
 
     # ------------------------------------------------------------------ Allocate
@@ -457,20 +481,27 @@ class TurnServer:
             if settings.alternate_servers and five_tuple.server not in settings.aux_addresses:
                 ip, port = self._next_alternate()
                 raise TryAlternate(attributes=[AlternateServer(ip, port)])
-            self.refusals.add("draining", five_tuple.client[0])
-            raise InsufficientCapacity("server is draining")
+            raise InsufficientCapacity("server is draining", refusal=Refusal(DRAINING))
         quotas = self.quotas
         user = user_id(auth.username, settings.rest_api_separator)
         source = address_key(five_tuple.client[0])
         if quotas.total and len(self.allocations) >= quotas.total:
-            self.refusals.add("total quota", source)
-            raise InsufficientCapacity("total allocation quota reached")
+            raise InsufficientCapacity(
+                "total allocation quota reached",
+                refusal=Refusal(TOTAL_QUOTA, facts=(("quota", quotas.total),)),
+            )
         if quotas.user and self._per_user[user] >= quotas.user:
-            self.refusals.add("user quota", user)
-            raise AllocationQuotaReached("user quota reached")
+            raise AllocationQuotaReached(
+                "user quota reached",
+                refusal=Refusal(USER_QUOTA, facts=(("user_id", user), ("quota", quotas.user))),
+            )
         if quotas.address and self._per_address[source] >= quotas.address:
-            self.refusals.add("address quota", source)
-            raise AllocationQuotaReached("address quota reached")
+            raise AllocationQuotaReached(
+                "address quota reached",
+                refusal=Refusal(
+                    ADDRESS_QUOTA, facts=(("address", source), ("quota", quotas.address))
+                ),
+            )
 
         relays: dict[int, RelaySocket] = {}
         address_error: AddressErrorCode | None = None
@@ -511,11 +542,9 @@ class TurnServer:
                             address_error = AddressErrorCode(
                                 FAMILY_IPV6, 508, "Insufficient Capacity"
                             )
-        except TurnError as exc:
+        except TurnError:
             for relay in relays.values():
                 self._ports.release(relay)
-            if isinstance(exc, InsufficientCapacity):
-                self.refusals.add("no relay port", source)
             raise
 
         lifetime = self._lifetime(message)
@@ -602,17 +631,22 @@ class TurnServer:
         relay = allocation.relays.get(_FAMILY_TO_VERSION.get(peer.family, 0))
         if relay is None:
             raise PeerAddressFamilyMismatch()
-        if not self.settings.policy.permits_address(peer.ip, peer.port):
-            user = user_id(allocation.username, self.settings.rest_api_separator)
-            self.refusals.add("peer denied", f"{user} -> {peer.ip}")
-            raise Forbidden("peer address not allowed", note=f"peer {peer.ip} not allowed")
+        policy = self.settings.policy
+        if not policy.permits_address(peer.ip, peer.port):
+            rule = policy.denial(peer.ip, peer.port) or "denied"
+            address = f"[{peer.ip}]:{peer.port}" if ":" in peer.ip else f"{peer.ip}:{peer.port}"
+            raise Forbidden(
+                "peer address not allowed",
+                note=f"peer {peer.ip} not allowed: {rule}",
+                refusal=Refusal(PEER_DENIED, facts=(("peer", address), ("rule", rule))),
+            )
         return relay
 
     def _permit(self, allocation: Allocation, ip: str, now: float) -> None:
         permissions = allocation.permissions
         if ip not in permissions:
             if len(permissions) >= _MAX_PERMISSIONS:
-                raise InsufficientCapacity("too many permissions")
+                raise _too_many_permissions()
             self._timers.schedule(
                 now + self.settings.permission_lifetime, PermissionExpiry(allocation, ip)
             )
@@ -633,7 +667,7 @@ class TurnServer:
         # Only new IPs count against the limit: refreshing what exists must always work.
         new = {peer.ip for peer in peers} - allocation.permissions.keys()
         if len(allocation.permissions) + len(new) > _MAX_PERMISSIONS:
-            raise InsufficientCapacity("too many permissions")
+            raise _too_many_permissions()
         for peer in peers:
             self._permit(allocation, peer.ip, now)
         return self._encode(message, MessageClass.SUCCESS, [], auth)
@@ -723,3 +757,8 @@ class TurnServer:
         allocation.channels.clear()
         allocation.peer_channels.clear()
         self._events.append(AllocationEnded(allocation, reason, now))
+
+
+def _too_many_permissions() -> InsufficientCapacity:
+    refusal = Refusal(TOO_MANY_PERMISSIONS, facts=(("permissions", _MAX_PERMISSIONS),))
+    return InsufficientCapacity("too many permissions", refusal=refusal)
