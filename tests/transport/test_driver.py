@@ -125,6 +125,14 @@ async def test_tcp_connection_that_is_not_turn_is_closed(
         assert await asyncio.wait_for(reader.read(), 5.0) == b""
         writer.close()
         await wait_for(lambda: not rig.driver.streams)
+        # Counted for the log, with what the bytes looked like and where they came.
+        [failure] = rig.driver.failures.take()
+        assert (failure.cause, failure.client, failure.count) == ("not STUN", HOST, 1)
+        assert failure.facts["transport"] == "tcp"
+        assert failure.facts["port"] == rig.tcp_address[1]
+        assert failure.facts["what"].startswith(
+            "ChannelData before any allocation" if stream[0] == 0x40 else "bytes that are neither"
+        )
 
 
 # --- the driver ---------------------------------------------------------------------------------

@@ -110,3 +110,10 @@ def test_a_timeout_and_a_reset() -> None:
 )
 def test_not_stun_says_what_it_looks_like(data: bytes, protocol: str, words: str) -> None:
     assert not_stun(data, protocol).startswith(words)
+
+
+def test_channel_data_without_an_allocation() -> None:
+    assert not_stun(b"\x40\x00\x00\x04abcd", "tcp", channel_data=True) == (
+        "ChannelData before any allocation"
+    )
+    assert not_stun(b"GET / HTTP/1.1", "tcp", channel_data=True) == "an HTTP request"

@@ -118,8 +118,9 @@ def tls_failure(exc: BaseException, timeout: float | None = None) -> tuple[str, 
 _HTTP_METHODS = (b"GET ", b"POST", b"HEAD", b"PUT ", b"OPTI", b"CONN", b"DELE", b"PATC")
 
 
-def not_stun(data: bytes | memoryview, protocol: str) -> str:
-    """What bytes that are neither STUN nor ChannelData look like, in words."""
+def not_stun(data: bytes | memoryview, protocol: str, *, channel_data: bool = False) -> str:
+    """What bytes that are neither STUN nor ChannelData look like, in words; with
+    ``channel_data``, they were framed as ChannelData on a connection without an allocation."""
     head = bytes(data[:8])
     if head[:1] == b"\x16" and head[1:2] == b"\x03":
         if protocol == "tcp":
@@ -129,6 +130,8 @@ def not_stun(data: bytes | memoryview, protocol: str) -> str:
         return "an HTTP request"
     if head[:4] == b"SSH-":
         return "an SSH client"
+    if channel_data:
+        return "ChannelData before any allocation"
     return f"bytes that are neither STUN nor ChannelData (starting {head.hex()})"
 
 

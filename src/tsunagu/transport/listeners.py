@@ -374,11 +374,12 @@ class StreamConnection(asyncio.BufferedProtocol):
         except FramingError:
             self._not_stun(data)
 
-    def _not_stun(self, data: bytes | memoryview) -> None:
-        """Close a connection that sent what is neither STUN nor ChannelData, and count it
-        for the log with what ``data`` (what was read last) looks like."""
+    def _not_stun(self, data: bytes | memoryview, *, channel_data: bool = False) -> None:
+        """Close a connection that sent what is neither STUN nor ChannelData (or ChannelData
+        without an allocation), and count it for the log with what ``data`` (what was read
+        last) looks like."""
         assert self.five_tuple is not None
-        what = not_stun(data, self.protocol)
+        what = not_stun(data, self.protocol, channel_data=channel_data)
         facts = (("what", what), ("transport", self.protocol), ("port", self.five_tuple.server[1]))
         self.driver.failures.add(NOT_STUN, self.five_tuple.client[0], time.time(), facts=facts)
         self.close(f"not STUN or ChannelData: {what}")
@@ -389,7 +390,7 @@ class StreamConnection(asyncio.BufferedProtocol):
             allocation = self.allocation
             if allocation is None:
                 # ChannelData before any allocation: not a TURN client (say, "GET /").
-                self._not_stun(frame)
+                self._not_stun(frame, channel_data=True)
                 return True
             forward = channel_data_forward(allocation, frame, self._drops)
             if forward is not None:
