@@ -198,12 +198,6 @@ class RefusalTally:
     def __bool__(self) -> bool:
         return bool(self._entries) or bool(self._overflow)
 
-    def count(self, cause: str) -> int:
-        """Refusals for ``cause`` since the last :meth:`take`."""
-        in_table = sum(e.count for (c, _), e in self._entries.items() if c == cause)
-        overflow = self._overflow.get(cause)
-        return in_table + (overflow.count if overflow is not None else 0)
-
     def take(self) -> list[RefusalSummary]:
         """Every entry (in the order they were first seen), then each cause's refusals
         beyond the table; the tally starts again empty."""
