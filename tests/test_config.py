@@ -65,6 +65,8 @@ CONTRACT_FIELDS = [
     "stale_nonce",
     "software_attribute",
     "stun_backward_compatibility",
+    "rfc5780",
+    "alt_listening_port",
     "strict_channel_numbers",
     "alternate_servers",
     "unauth_rate",
@@ -95,6 +97,7 @@ CONTRACT_FIELDS = [
 
 
 ip = ipaddress.ip_address
+A1, A2 = "192.0.2.1", "192.0.2.2"
 
 
 def write_toml(tmp_path: Path, text: str) -> str:
@@ -213,6 +216,7 @@ EVERY_FIELD: list[tuple[str, str, list[str], Any]] = [
     ("software_attribute", "true", ["--software-attribute"], True),
     ("strict_channel_numbers", "true", ["--strict-channel-numbers"], True),
     ("stun_backward_compatibility", "true", ["--stun-backward-compatibility"], True),
+    ("alt_listening_port", "4000", ["--alt-listening-port", "4000"], 4000),
     (
         "alternate_servers",
         '["192.0.2.1:3478", "[2001:db8::1]:3478"]',
@@ -276,7 +280,8 @@ EVERY_FIELD: list[tuple[str, str, list[str], Any]] = [
 def test_every_field_is_exercised() -> None:
     # The credential files are read while loading: test_users_and_secrets_from_files.
     files = {"user_file", "static_auth_secret_file"}
-    covered = {row[0] for row in EVERY_FIELD} | {"use_auth_secret", "pkey"} | files
+    # rfc5780 needs two listening IPs: test_rfc5780_from_file_and_flags.
+    covered = {row[0] for row in EVERY_FIELD} | {"use_auth_secret", "pkey", "rfc5780"} | files
     assert covered == set(CONTRACT_FIELDS)
 
 
@@ -463,6 +468,32 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"stun_only": True, "no_stun": True}, "no_stun"),
     ({"no_udp": True, "no_tcp": True, "no_tls": True}, "no_tls"),
     ({"no_turn": True, "no_web": True}, "no_web"),
+    ({"alt_listening_port": -1}, "alt_listening_port"),
+    ({"alt_listening_port": 65536}, "alt_listening_port"),
+    ({"rfc5780": True}, "rfc5780"),
+    ({"rfc5780": True, "listening_ips": ["127.0.0.1", "::1"]}, "rfc5780"),
+    ({"rfc5780": True, "listening_ips": ["0.0.0.0"]}, "rfc5780"),
+    ({"rfc5780": True, "listening_ips": [A1, A2], "no_udp": True}, "rfc5780"),
+    ({"rfc5780": True, "listening_ips": [A1, A2], "no_stun": True}, "rfc5780"),
+    ({"rfc5780": True, "listening_ips": [A1, A2], "no_turn": True}, "rfc5780"),
+    (
+        {"rfc5780": True, "listening_ips": [A1, A2], "alt_listening_port": 3478},
+        "alt_listening_port",
+    ),
+    (
+        {"rfc5780": True, "listening_ips": [A1, A2], "alt_listening_port": 5349},
+        "alt_listening_port",
+    ),
+    ({"rfc5780": True, "listening_ips": [A1, A2], "listening_port": 65535}, "alt_listening_port"),
+    ({"rfc5780": True, "listening_ips": [A1, A2], "external_ips": ["203.0.113.1"]}, "external_ips"),
+    (
+        {
+            "rfc5780": True,
+            "listening_ips": [A1, A2],
+            "external_ips": ["203.0.113.1/192.0.2.1", "203.0.113.1/192.0.2.2"],
+        },
+        "external_ips",
+    ),
 ]
 
 
@@ -763,3 +794,41 @@ def test_credential_file_errors_name_the_key_and_not_the_content(
 )
 def test_the_effective_log_level(args: list[str], level: str) -> None:
     assert load_config(args).effective_log_level == level
+
+
+# --- NAT behaviour discovery ------------------------------------------------------------------
+
+
+def test_rfc5780_from_file_and_flags(tmp_path: Path) -> None:
+    text = f'rfc5780 = true\nlistening_ips = ["{A1}", "::1", "{A2}", "::2", "192.0.2.3"]\n'
+    from_file = load_config(["-c", write_toml(tmp_path, text)])
+    flags = ["--rfc5780", "-L", A1, "-L", "::1", "-L", A2, "-L", "::2", "-L", "192.0.2.3"]
+    assert load_config(flags) == from_file
+    assert from_file.rfc5780 is True
+    # The first two of each family, in the order given.
+    assert from_file.rfc5780_pairs == ((A1, A2), ("::1", "::2"))
+    assert from_file.alternate_port == 3479
+
+
+def test_rfc5780_is_off_by_default_and_coturns_old_switch_is_understood() -> None:
+    config = load_config(["-L", A1, "-L", A2])
+    assert config.rfc5780 is False and config.rfc5780_pairs == ()
+    assert load_config(["--no-rfc5780"]) == Config()
+
+
+def test_alternate_port() -> None:
+    assert parse_config({"listening_port": 4000}).alternate_port == 4001
+    assert parse_config({"alt_listening_port": 4444}).alternate_port == 4444
+    # Without rfc5780 nothing listens there: no check against the other ports.
+    assert parse_config({"listening_port": 65535}).listening_port == 65535
+
+
+def test_rfc5780_behind_a_nat_maps_both_addresses() -> None:
+    config = parse_config(
+        {
+            "rfc5780": True,
+            "listening_ips": [A1, A2],
+            "external_ips": ["203.0.113.1/192.0.2.1", "203.0.113.2/192.0.2.2", "2001:db8::9"],
+        }
+    )
+    assert config.rfc5780_pairs == ((A1, A2),)

@@ -208,3 +208,35 @@ def test_aux_servers_reach_the_core_and_the_peer_policy() -> None:
         for port in (3478, 5349, 443):
             assert (ip, port) in policy.own, (ip, port)
     assert ("198.51.100.9", 50000) not in policy.own
+
+
+def test_nat_discovery_takes_the_first_two_addresses_of_a_family_and_both_ports() -> None:
+    assert serve.nat_discovery(parse_config({"listening_ips": ["192.0.2.1", "192.0.2.2"]})) is None
+    config = parse_config(
+        {
+            "rfc5780": True,
+            "listening_ips": ["192.0.2.1", "2001:db8::1", "192.0.2.2", "192.0.2.3"],
+            "listening_port": 4000,
+            "external_ips": ["203.0.113.1/192.0.2.1", "203.0.113.2/192.0.2.2"],
+        }
+    )
+    discovery = serve.nat_discovery(config)
+    assert discovery is not None
+    assert discovery.pairs == (("192.0.2.1", "192.0.2.2"),)
+    assert discovery.ports == (4000, 4001)
+    assert discovery.public(("192.0.2.2", 4001)) == ("203.0.113.2", 4001)
+    assert serve.settings_from_config(config).nat_discovery == discovery
+    # Both addresses of the pair listen on both ports; the others on the listening port.
+    assert serve.listening_ports(config, "192.0.2.2") == [4000, 4001]
+    assert serve.listening_ports(config, "192.0.2.3") == [4000]
+    assert serve.listening_ports(config, "2001:db8::1") == [4000]
+
+
+def test_the_alternate_port_is_denied_as_a_peer_too() -> None:
+    config = parse_config(
+        {"rfc5780": True, "listening_ips": ["192.0.2.1", "192.0.2.2"], "alt_listening_port": 4999}
+    )
+    policy = serve.peer_policy(config, serve.own_addresses(config))
+    assert ("192.0.2.2", 4999) in policy.own and ("192.0.2.1", 3478) in policy.own
+    without = parse_config({"listening_ips": ["192.0.2.1", "192.0.2.2"]})
+    assert ("192.0.2.2", 3479) not in serve.peer_policy(without, ("192.0.2.2",)).own

@@ -622,7 +622,26 @@ class Config:
         False, _check_bool, "send a SOFTWARE attribute (off: it tells attackers the version)"
     )
     stun_backward_compatibility: bool = _opt(
-        False, _check_bool, "also send MAPPED-ADDRESS for RFC 3489 clients"
+        False,
+        _check_bool,
+        "answer RFC 3489 clients: accept Binding requests without the magic cookie, and send"
+        " MAPPED-ADDRESS in every Binding response",
+    )
+    rfc5780: bool = _opt(
+        False,
+        _check_bool,
+        "NAT behaviour discovery (RFC 5780) over UDP: the first two listening IPs of a family"
+        " are the primary and the alternate address, each listening on listening_port and"
+        " alt_listening_port; Binding responses carry RESPONSE-ORIGIN and OTHER-ADDRESS and"
+        " honour CHANGE-REQUEST, RESPONSE-PORT and PADDING (off, as in coturn since it made it"
+        " opt-in: those get 420 Unknown Attribute; the larger responses count against"
+        " unauth_rate)",
+    )
+    alt_listening_port: int = _opt(
+        0,
+        _check_int(0, 65535, note=" (0 = listening_port + 1)"),
+        "the alternate port of NAT behaviour discovery (rfc5780), for UDP and TCP"
+        " (default: 0, listening_port + 1, as in coturn)",
     )
     strict_channel_numbers: bool = _opt(
         False, _check_bool, "accept only RFC 8656 channel numbers 0x4000-0x4FFF (not up to 0x7FFF)"
@@ -759,6 +778,20 @@ class Config:
     )
 
     @property
+    def alternate_port(self) -> int:
+        """The alternate port of NAT behaviour discovery (``alt_listening_port``, or the
+        listening port + 1)."""
+        return self.alt_listening_port or self.listening_port + 1
+
+    @property
+    def rfc5780_pairs(self) -> tuple[tuple[str, str], ...]:
+        """(primary, alternate) IP of each family that has two specific listening IPs: the
+        first two in the order given. Empty unless ``rfc5780`` is on."""
+        if not self.rfc5780:
+            return ()
+        return _pairs(self.listening_ips)
+
+    @property
     def web_is_private(self) -> bool:
         """The web server listens only where strangers on the internet cannot reach it."""
         try:
@@ -797,6 +830,64 @@ _SECRET_FIELDS = frozenset(
 
 
 _FIELDS = {f.name: f for f in fields(Config)}
+
+
+def _pairs(listening: Sequence[IPAddress]) -> tuple[tuple[str, str], ...]:
+    found: list[tuple[str, str]] = []
+    for version in (4, 6):
+        specific = [a for a in listening if a.version == version and not a.is_unspecified]
+        if len(specific) >= 2:
+            found.append((str(specific[0]), str(specific[1])))
+    return tuple(found)
+
+
+def _check_rfc5780(values: dict[str, Any]) -> None:
+    """What NAT behaviour discovery needs: two addresses and two ports, UDP, Binding."""
+    if not values["rfc5780"]:
+        return
+    alternate = values["alt_listening_port"] or values["listening_port"] + 1
+    if alternate > 65535:
+        _fail(
+            "alt_listening_port",
+            "must be given when listening_port is 65535 (the default is listening_port + 1)",
+            0,
+        )
+    if alternate in (values["listening_port"], values["tls_listening_port"]):
+        _fail(
+            "alt_listening_port",
+            "must differ from listening_port and tls_listening_port",
+            alternate,
+        )
+    pairs = _pairs(values["listening_ips"])
+    if not pairs:
+        _fail(
+            "rfc5780",
+            "needs two listening_ips of one family, not wildcards: the first is the primary"
+            " address, the second the alternate",
+            [str(ip) for ip in values["listening_ips"]],
+        )
+    if values["no_udp"] or values["no_stun"] or values["no_turn"]:
+        _fail(
+            "rfc5780",
+            "runs over UDP and answers Binding: not with no_udp, no_stun or no_turn",
+            show=False,
+        )
+    # Behind a 1:1 NAT both addresses must be advertised, each as its own public address.
+    for pair in pairs:
+        version = ipaddress.ip_address(pair[0]).version
+        mapped = [entry for entry in values["external_ips"] if entry.public.version == version]
+        if not mapped:
+            continue
+        publics = {
+            str(entry.private): str(entry.public) for entry in mapped if entry.private is not None
+        }
+        if any(ip not in publics for ip in pair) or publics[pair[0]] == publics[pair[1]]:
+            _fail(
+                "external_ips",
+                f"with rfc5780 must map both {pair[0]} and {pair[1]} (public/private),"
+                " each to its own public address",
+                [entry.text for entry in mapped],
+            )
 
 
 def _cross_check(values: dict[str, Any]) -> None:
@@ -840,6 +931,7 @@ def _cross_check(values: dict[str, Any]) -> None:
     for name in names:
         if names.count(name) > 1:
             _fail("users", "each user name may appear only once", name)
+    _check_rfc5780(values)
     wild = {v for v in values["listening_ips"] if v.is_unspecified}
     for address in values["listening_ips"]:
         if address not in wild and any(w.version == address.version for w in wild):

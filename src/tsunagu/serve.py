@@ -48,7 +48,7 @@ from .transport.driver import TurnDriver
 from .transport.engine import EngineUnavailable, RelayEngine, load_engine
 from .transport.listeners import StreamConnection, StreamLimits, UdpListener
 from .transport.relay import UdpRelayBinder
-from .turn import PeerPolicy, TurnServer, TurnSettings
+from .turn import NatDiscovery, PeerPolicy, TurnServer, TurnSettings
 from .workers import READY_LINE, WorkerShare, start_workers
 
 __all__ = [
@@ -56,7 +56,9 @@ __all__ = [
     "aux_addresses",
     "credential_store",
     "listening_addresses",
+    "listening_ports",
     "local_addresses",
+    "nat_discovery",
     "own_addresses",
     "peer_policy",
     "serve",
@@ -161,6 +163,7 @@ def settings_from_config(
         total_quota=config.total_quota,
         software="tsunagu" if config.software_attribute else None,
         rfc3489_compat=config.stun_backward_compatibility,
+        nat_discovery=nat_discovery(config),
         strict_channel_numbers=config.strict_channel_numbers,
         stun_only=config.stun_only,
         no_stun=config.no_stun,
@@ -171,6 +174,33 @@ def settings_from_config(
             config, own_addresses(config, (*fallback_relay_ips, *(ip for ip, _ in aux)))
         ),
     )
+
+
+def nat_discovery(config: Config) -> NatDiscovery | None:
+    """The addresses and ports of RFC 5780 NAT behaviour discovery, None when it is off.
+
+    The first two listening IPs of a family are its primary and alternate address (the
+    configuration checked there are two); behind a 1:1 NAT each is advertised as the public
+    address it maps to.
+    """
+    pairs = config.rfc5780_pairs
+    if not pairs:
+        return None
+    advertised = tuple(
+        (str(entry.private), str(entry.public))
+        for entry in config.external_ips
+        if entry.private is not None
+    )
+    return NatDiscovery(pairs, (config.listening_port, config.alternate_port), advertised)
+
+
+def listening_ports(config: Config, ip: str) -> list[int]:
+    """The main UDP and TCP ports on listening IP ``ip``: the listening port, and on the
+    addresses of NAT behaviour discovery the alternate port too (as coturn, TCP listens there
+    for symmetry; CHANGE-REQUEST works over UDP only)."""
+    if any(ip in pair for pair in config.rfc5780_pairs):
+        return [config.listening_port, config.alternate_port]
+    return [config.listening_port]
 
 
 def own_addresses(config: Config, listening: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -204,6 +234,8 @@ def peer_policy(config: Config, own: tuple[str, ...] = ()) -> PeerPolicy:
     """
     ports = {config.listening_port, config.tls_listening_port}
     ports.update(aux.port for aux in config.aux_servers)
+    if config.rfc5780:
+        ports.add(config.alternate_port)
     policy = PeerPolicy(
         allowed=tuple(net for entry in config.allowed_peer_ips for net in entry.networks),
         denied=PeerPolicy.create().denied
@@ -309,18 +341,22 @@ def turn_endpoints(
 ) -> Endpoints:
     """The listening addresses of ``config`` on the ``listening`` IPs and the ``aux`` ones.
 
-    As coturn: the main UDP port unless ``no_udp``, the main TCP port unless ``no_tcp``, the
-    TLS port with ``tls``; an aux server takes UDP unless ``no_udp`` and TCP unless both TCP
-    and TLS are off. One TCP listener serves an address however many roles name it (the
-    TLS port may be the main port); the main role wins over the aux one.
+    As coturn: the main UDP port (with ``rfc5780``, on the two addresses of a pair, the
+    alternate port too: :func:`listening_ports`) unless ``no_udp``, the same TCP ports unless
+    ``no_tcp``, the TLS port with ``tls``; an aux server takes UDP unless ``no_udp`` and TCP
+    unless both TCP and TLS are off. One TCP listener serves an address however many roles
+    name it (the TLS port may be the main port); the main role wins over the aux one.
     """
     udp: list[tuple[str, int]] = []
     tcp: list[tuple[str, int]] = []
     for ip in listening:
-        if not config.no_udp:
-            udp.append((ip, config.listening_port))
-        if not config.no_tcp:
-            tcp.append((ip, config.listening_port))
+        # Every worker binds all four addresses of NAT behaviour discovery, so that it can
+        # answer from any of them whichever one a request reached.
+        for port in listening_ports(config, ip):
+            if not config.no_udp:
+                udp.append((ip, port))
+            if not config.no_tcp:
+                tcp.append((ip, port))
         if tls and (ip, config.tls_listening_port) not in tcp:
             tcp.append((ip, config.tls_listening_port))
     main = set(udp) | set(tcp)
@@ -507,6 +543,11 @@ def _say_turn(
         f"tsunagu: transports: {', '.join(taken)}; realm {config.realm};"
         f" relay path: {turn.engine.name}"
     )
+    for primary, alternate in config.rfc5780_pairs:
+        _say(
+            f"tsunagu: NAT behaviour discovery (RFC 5780) over UDP: {primary} and {alternate},"
+            f" ports {port} and {config.alternate_port}"
+        )
     if tls and not config.no_tcp:
         ports = list(dict.fromkeys(number for _, number in turn.endpoints.tcp))
         _say(

@@ -1,7 +1,9 @@
 """A TURN driver, its listeners and relay sockets on the test's own event loop (loopback).
 
 :func:`running` wires a :class:`~tsunagu.transport.driver.TurnDriver` with a UDP listener and a
-TCP server made by the relay engine under test; :func:`make_engine` gives that engine by name.
+TCP server made by the relay engine under test (with ``rfc5780``, UDP listeners on the four
+addresses of NAT behaviour discovery, 127.0.0.1 and 127.0.0.2 on two ports); :func:`make_engine`
+gives that engine by name.
 The native engine is built here and in CI: where it cannot be imported a test is skipped with
 the reason, and in CI (``CI=true``) it fails.
 """
@@ -28,9 +30,10 @@ from tsunagu.transport.driver import TurnDriver
 from tsunagu.transport.engine import PythonEngine, RelayEngine
 from tsunagu.transport.listeners import StreamConnection, UdpListener
 from tsunagu.transport.relay import UdpRelayBinder
-from tsunagu.turn import PeerPolicy, TurnServer, TurnSettings
+from tsunagu.turn import NatDiscovery, PeerPolicy, TurnServer, TurnSettings
 
 HOST = "127.0.0.1"
+HOST2 = "127.0.0.2"
 USER, PASSWORD = "alice", "alice-pw"
 
 
@@ -52,6 +55,8 @@ class Rig:
     udp: UdpListener
     tcp: asyncio.Server
     closers: list[Any] = field(default_factory=list)
+    others: list[UdpListener] = field(default_factory=list)
+    """With ``rfc5780``: the UDP listeners on HOST:P2, HOST2:P1 and HOST2:P2."""
 
     @property
     def udp_address(self) -> tuple[str, int]:
@@ -79,10 +84,44 @@ class Rig:
         return client
 
 
+def discovery_sockets() -> tuple[list[socket.socket], tuple[int, int]]:
+    """UDP sockets bound on HOST:P1, HOST:P2, HOST2:P1 and HOST2:P2 (P2 = P1 + 1)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind((HOST, 0))
+            first = int(probe.getsockname()[1])
+        if first >= 65535:
+            continue
+        socks: list[socket.socket] = []
+        try:
+            for ip in (HOST, HOST2):
+                for port in (first, first + 1):
+                    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    socks.append(sock)
+                    sock.setblocking(False)
+                    sock.bind((ip, port))
+        except OSError:
+            for sock in socks:
+                sock.close()
+            continue
+        return socks, (first, first + 1)
+    raise RuntimeError("no free pair of ports on both loopback addresses")
+
+
 @contextlib.asynccontextmanager
-async def running(engine: RelayEngine, *, worker: int = 0, **settings: Any) -> AsyncIterator[Rig]:
+async def running(
+    engine: RelayEngine, *, worker: int = 0, rfc5780: bool = False, **settings: Any
+) -> AsyncIterator[Rig]:
     loop = asyncio.get_running_loop()
     settings.setdefault("policy", PeerPolicy.create(allowed=("127.0.0.0/8",)))
+    if rfc5780:
+        socks, ports = discovery_sockets()
+        settings["nat_discovery"] = NatDiscovery(((HOST, HOST2),), ports)
+    else:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        sock.bind((HOST, 0))
+        socks = [sock]
     core = TurnServer(
         TurnSettings(fallback_relay_ips=(HOST,), **settings),
         StaticCredentialStore("tsunagu", [(USER, PASSWORD)], ()),
@@ -90,12 +129,9 @@ async def running(engine: RelayEngine, *, worker: int = 0, **settings: Any) -> A
         random.Random(),
     )
     driver = TurnDriver(core, loop, engine, worker=worker)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setblocking(False)
-    sock.bind((HOST, 0))
-    udp = await engine.udp_listener(driver, sock, loop)
+    udp, *others = [await engine.udp_listener(driver, sock, loop) for sock in socks]
     tcp = await loop.create_server(lambda: StreamConnection(driver, "tcp"), HOST, 0)
-    rig = Rig(driver, udp, tcp)
+    rig = Rig(driver, udp, tcp, others=others)
     try:
         yield rig
     finally:
@@ -106,6 +142,8 @@ async def running(engine: RelayEngine, *, worker: int = 0, **settings: Any) -> A
             stream.transport.close()
         tcp.close()
         udp.close()
+        for other in others:
+            other.close()
         await asyncio.sleep(0)
 
 

@@ -126,6 +126,8 @@ class ServeProcess:
     process: subprocess.Popen[bytes] = field(init=False)
     port: int = 0
     tls_port: int = 0
+    alt_port: int = 0
+    """The alternate port of NAT behaviour discovery (it listens there with --rfc5780)."""
     startup: list[str] = field(default_factory=list)
     terminated: bool = False
 
@@ -147,7 +149,7 @@ class ServeProcess:
 
     def launch(self) -> None:
         """Start the process on freshly picked ports (again, if they were taken meanwhile)."""
-        self.port, self.tls_port = free_ports(2)
+        self.port, self.tls_port, self.alt_port = free_ports(3)
         command = [
             sys.executable,
             "-m",
@@ -163,6 +165,8 @@ class ServeProcess:
             str(self.port),
             "--tls-listening-port",
             str(self.tls_port),
+            "--alt-listening-port",
+            str(self.alt_port),
             "--no-web",
             "-u",
             f"{USER}:{PASSWORD}",

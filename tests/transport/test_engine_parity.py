@@ -10,6 +10,11 @@ channel, cut short; Send indications to a permitted and to an unpermitted peer) 
 and each must deliver the same payloads to the peer, drop the same datagrams, and count the
 same packets, bytes and drops by cause. The way back (peer to client: ChannelData, a Data
 indication, a peer without permission) has no core path; the two engines are compared there.
+
+NAT behaviour discovery (RFC 5780) is compared the same way: Binding requests with and without
+CHANGE-REQUEST, RESPONSE-PORT and PADDING, sent to each of the four addresses, must be answered
+from the same address, to the same port, with the same attributes, by the core alone and by
+both engines (whose C path answers plain Bindings itself only where RFC 5780 does not run).
 """
 
 from __future__ import annotations
@@ -21,20 +26,37 @@ from typing import Any
 
 import pytest
 
-from support.engines import HOST, PASSWORD, USER, audit_records, make_engine, running, wait_for
+from support.engines import (
+    HOST,
+    HOST2,
+    PASSWORD,
+    USER,
+    audit_records,
+    make_engine,
+    running,
+    wait_for,
+)
 from support.turn_harness import NOW, PEER, Client, channel_data, make_server, success
 from tsunagu.stun import (
+    Attribute,
+    ChangeRequest,
     ChannelNumber,
     Data,
+    ErrorCode,
     Lifetime,
     MessageClass,
     Method,
+    OtherAddress,
+    Padding,
+    ResponseOrigin,
+    ResponsePort,
+    XorMappedAddress,
     XorPeerAddress,
     encode_message,
     parse_message,
 )
 from tsunagu.transport.engine import RelayEngine
-from tsunagu.turn import Forward
+from tsunagu.turn import FiveTuple, Forward, NatDiscovery, Reply, TurnSettings
 
 CHANNEL = 0x4000
 PAYLOADS = [b"x" * size for size in (1, 3, 4, 100, 1200)]
@@ -238,3 +260,135 @@ async def test_both_engines_do_what_the_core_does(caplog: pytest.LogCaptureFixtu
     )
     back_bytes = len(b"back by channel") + len(b"back by indication")
     assert python.to_client == native.to_client == (2, back_bytes)
+
+
+# --- NAT behaviour discovery -------------------------------------------------------------------
+
+# (which of the four addresses it goes to, attributes, FINGERPRINT); "other port" stands for the
+# port of the client's second socket, where RESPONSE-PORT sends the answer.
+OTHER_PORT = -1
+DISCOVERY_REQUESTS: list[tuple[str, list[Attribute], bool]] = [
+    ("A1:P1", [], False),
+    ("A2:P2", [], True),  # plain, with FINGERPRINT: the kind C would answer by itself
+    ("A1:P1", [ChangeRequest(change_ip=True, change_port=True)], False),
+    ("A2:P2", [ChangeRequest(change_ip=True)], True),
+    ("A2:P1", [ChangeRequest(change_port=True)], False),
+    ("A1:P2", [ChangeRequest()], False),
+    ("A1:P2", [ResponsePort(OTHER_PORT)], False),
+    ("A2:P1", [ResponsePort(OTHER_PORT), ChangeRequest(change_ip=True)], True),
+    ("A1:P1", [ChangeRequest(change_ip=True, change_port=True), Padding(bytes(1200))], True),
+    ("A1:P1", [ResponsePort(OTHER_PORT), Padding(bytes(8))], False),  # 400
+]
+
+
+def _request(attributes: list[Attribute], fingerprint: bool, other_port: int, index: int) -> bytes:
+    attributes = [
+        ResponsePort(other_port) if isinstance(a, ResponsePort) else a for a in attributes
+    ]
+    txid = index.to_bytes(12, "big")
+    return encode_message(
+        Method.BINDING, MessageClass.REQUEST, txid, attributes, fingerprint=fingerprint
+    )
+
+
+def _seen(
+    data: bytes,
+    source: tuple[str, int],
+    to: str,
+    names: dict[tuple[str, int], str],
+    client: tuple[str, int],
+) -> tuple[Any, ...]:
+    """A response, with addresses as the roles they play (A1:P1, client...)."""
+    message = parse_message(data)
+    fields: list[Any] = []
+    for attribute in message.attributes:
+        if isinstance(attribute, ResponseOrigin | OtherAddress):
+            fields.append((type(attribute).__name__, names[attribute.address]))
+        elif isinstance(attribute, XorMappedAddress):
+            fields.append(("XorMappedAddress", attribute.address == client))
+        elif isinstance(attribute, ErrorCode):
+            fields.append(("ErrorCode", attribute.code))
+        else:
+            fields.append(type(attribute).__name__)
+    return (names[source], to, message.message_class.name, len(data), tuple(fields))
+
+
+def core_discovery() -> tuple[list[tuple[Any, ...]], dict[str, int]]:
+    ports = (3478, 3479)
+    addresses = {
+        f"A{i + 1}:P{j + 1}": (ip, port)
+        for i, ip in enumerate((HOST, HOST2))
+        for j, port in enumerate(ports)
+    }
+    names = {address: name for name, address in addresses.items()}
+    server, _ = make_server(TurnSettings(nat_discovery=NatDiscovery(((HOST, HOST2),), ports)))
+    client, other = (HOST, 40000), (HOST, 40001)
+    seen = []
+    for index, (target, attributes, fingerprint) in enumerate(DISCOVERY_REQUESTS):
+        request = _request(attributes, fingerprint, other[1], index)
+        local = addresses[target]
+        answer = server.receive(request, FiveTuple("udp", client, local), NOW)
+        if isinstance(answer, Reply):
+            to = "client" if answer.destination == client else "other"
+            seen.append(_seen(answer.data, answer.source, to, names, client))
+        else:
+            assert isinstance(answer, bytes)
+            seen.append(_seen(answer, local, "client", names, client))
+    return seen, dict(server.drops)
+
+
+async def engine_discovery(engine: RelayEngine) -> tuple[list[tuple[Any, ...]], dict[str, int]]:
+    async with running(engine, rfc5780=True) as rig:
+        listeners = [rig.udp, *rig.others]
+        addresses = {}
+        for listener in listeners:
+            ip, port = listener.local
+            addresses[f"A{1 + (ip == HOST2)}:P{1 + (port != rig.udp.local[1])}"] = listener.local
+        names = {address: name for name, address in addresses.items()}
+        seen = []
+        with _udp() as client_sock, _udp() as other_sock:
+            client = client_sock.getsockname()
+            for index, (target, attributes, fingerprint) in enumerate(DISCOVERY_REQUESTS):
+                request = _request(attributes, fingerprint, other_sock.getsockname()[1], index)
+                client_sock.sendto(request, addresses[target])
+                waiting = [("client", client_sock), ("other", other_sock)]
+                got = await _first_answer(waiting)
+                assert got is not None, (target, attributes)
+                to, data, source = got
+                seen.append(_seen(data, source, to, names, client))
+        drops = dict(rig.driver.server.drops)
+        # Nothing was answered by C, where RESPONSE-ORIGIN and OTHER-ADDRESS would be missing.
+        assert getattr(rig.udp, "bindings", 0) == 0
+    return seen, drops
+
+
+async def _first_answer(
+    socks: list[tuple[str, socket.socket]], timeout: float = 3.0
+) -> tuple[str, bytes, tuple[str, int]] | None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    for _, sock in socks:
+        sock.setblocking(False)
+    while loop.time() < deadline:
+        for name, sock in socks:
+            try:
+                data, source = sock.recvfrom(65536)
+            except BlockingIOError:
+                continue
+            return name, data, (source[0], source[1])
+        await asyncio.sleep(0.005)
+    return None
+
+
+async def test_both_engines_answer_nat_discovery_as_the_core_does() -> None:
+    core, core_drops = core_discovery()
+    python, python_drops = await engine_discovery(make_engine("python"))
+    native, native_drops = await engine_discovery(make_engine("native"))
+    assert python == core
+    assert native == core
+    assert python_drops == native_drops == core_drops
+    # The table the three agree on, spelled out for the first requests.
+    assert core[0][:3] == ("A1:P1", "client", "SUCCESS")
+    assert core[2][:2] == ("A2:P2", "client")  # change IP and port
+    assert core[6][:2] == ("A1:P2", "other")  # RESPONSE-PORT
+    assert core[9][4] == (("ErrorCode", 400),)

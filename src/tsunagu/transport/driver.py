@@ -25,7 +25,7 @@ from ..turn.refusals import RefusalTally
 from ..turn.server import TurnServer
 from .engine import RelayEngine
 from .failures import describe
-from .listeners import ClientSide, StreamConnection
+from .listeners import ClientSide, StreamConnection, UdpListener
 from .relay import RelayEndpointLike
 
 __all__ = ["TurnDriver"]
@@ -60,6 +60,9 @@ class TurnDriver:
         self.worker = worker
         self.stream_framer = engine.stream_framer
         self.streams: set[StreamConnection] = set()
+        self.udp_listeners: dict[tuple[str, int], UdpListener] = {}
+        """The UDP listeners by local address: a listener registers itself, and sends an
+        RFC 5780 response through the one bound to its source address."""
         self.all_ended = asyncio.Event()
         self._fold_counters = engine.fold_counters
         self._timer: asyncio.TimerHandle | None = None

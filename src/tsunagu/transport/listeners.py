@@ -1,6 +1,10 @@
 """STUN/TURN listeners: UDP datagrams and TCP/TLS streams from clients.
 
-Each listener feeds the core and performs what it returns. The one exception is
+Each listener feeds the core and performs what it returns: answer bytes go back the way the
+request came; a :class:`~tsunagu.turn.Reply` (an RFC 5780 Binding response from another of
+the server's addresses, or to another port of the client) goes out through the UDP
+listener of this worker bound to its source address (:attr:`CoreDriver.udp_listeners`:
+every worker binds all of them). The one exception is
 ChannelData, the hot path: the listener finds the allocation itself and applies the core's
 rule, :func:`~tsunagu.turn.forwarding.channel_data_forward`, without a call through the
 core (see :mod:`tsunagu.turn.allocation`).
@@ -23,6 +27,7 @@ from typing import Any, Protocol, cast
 
 from ..stun.framing import FramingError, StreamFramer
 from ..turn.allocation import Allocation, FiveTuple
+from ..turn.discovery import Reply
 from ..turn.forwarding import Forward, channel_data_forward, send_failed
 from ..turn.refusals import RefusalTally
 from ..turn.server import TurnServer
@@ -109,6 +114,11 @@ class CoreDriver(Protocol):
     @property
     def failures(self) -> RefusalTally: ...
 
+    @property
+    def udp_listeners(self) -> dict[tuple[str, int], UdpListener]:
+        """This worker's UDP listeners by local address, for :class:`~tsunagu.turn.Reply`."""
+        ...
+
     def after_message(self, origin: ClientSide, addr: Any) -> None: ...
 
     def after_core_call(self) -> None: ...
@@ -119,8 +129,7 @@ def _relays(allocation: Allocation) -> list[RelayEndpointLike]:
     return cast(list[RelayEndpointLike], list(allocation.relays.values()))
 
 
-def _forward(forward: Forward | bytes, server: TurnServer, five_tuple: FiveTuple) -> None:
-    assert isinstance(forward, Forward)
+def _forward(forward: Forward, server: TurnServer, five_tuple: FiveTuple) -> None:
     try:
         forward.relay.sendto(forward.data, forward.peer)
     except OSError:  # unreachable peer or full buffer: the datagram is lost
@@ -158,6 +167,7 @@ class UdpListener(asyncio.DatagramProtocol):
         self.allocations: dict[Any, Allocation] = {}
         self.dropped = 0
         self._drops = driver.server.drops
+        driver.udp_listeners[self.local] = self
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -166,10 +176,16 @@ class UdpListener(asyncio.DatagramProtocol):
         self.dropped += 1  # an ICMP error about an earlier send
 
     def close(self) -> None:
+        self._unregister()
         if self.transport is not None:
             self.transport.close()
         else:
             self.sock.close()
+
+    def _unregister(self) -> None:
+        listeners = self.driver.udp_listeners
+        if listeners.get(self.local) is self:
+            del listeners[self.local]
 
     def send(self, data: bytes, addr: Any) -> None:
         try:
@@ -196,11 +212,22 @@ class UdpListener(asyncio.DatagramProtocol):
         five_tuple = FiveTuple("udp", (addr[0], addr[1]), self.local)
         result = driver.server.receive(data, five_tuple, time.time())
         if result is not None:
-            if type(result) is bytes:
-                self.send(result, addr)
+            kind = type(result)
+            if kind is bytes:
+                self.send(cast(bytes, result), addr)
+            elif kind is Reply:
+                self._reply(cast(Reply, result))
             else:
-                _forward(result, driver.server, five_tuple)
+                _forward(cast(Forward, result), driver.server, five_tuple)
         driver.after_message(self, addr)
+
+    def _reply(self, reply: Reply) -> None:
+        """Send an RFC 5780 Binding response from the listener bound to its source."""
+        listener = self.driver.udp_listeners.get(reply.source)
+        if listener is None:  # not bound in this worker: a configuration the core never made
+            self.dropped += 1
+        else:
+            listener.send(reply.data, reply.destination)
 
     def attach(self, allocation: Allocation, addr: Any) -> None:
         allocation.client_link = UdpClientLink(self, addr)
@@ -413,8 +440,8 @@ class StreamConnection(asyncio.BufferedProtocol):
                     self.close(f"more than {self.limits.hard_cap} bytes unread")
                     driver.after_message(self, None)
                     return True
-            else:
-                _forward(result, driver.server, self.five_tuple)
+            else:  # a Forward: a Reply (RFC 5780) is for UDP only
+                _forward(cast(Forward, result), driver.server, self.five_tuple)
         driver.after_message(self, None)
         return False
 

@@ -80,10 +80,17 @@ class NativeUdpListener(UdpListener):
         self._fd = sock.fileno()
         self._core = _fastpath.Listener(self._fd, self.allocations, self.datagram_received)
         # C answers a plain Binding only when the answer has nothing but XOR-MAPPED-ADDRESS
-        # (and FINGERPRINT); SOFTWARE, MAPPED-ADDRESS for RFC 3489 or --no-stun are Python's.
+        # (and FINGERPRINT); SOFTWARE, MAPPED-ADDRESS for RFC 3489, --no-stun, and every
+        # Binding on an address with RFC 5780 (RESPONSE-ORIGIN, OTHER-ADDRESS, the
+        # unauthenticated budget) are Python's. A Binding with any attribute, CHANGE-REQUEST,
+        # RESPONSE-PORT or PADDING among them, always goes to Python.
         settings = driver.server.settings
+        discovery = settings.nat_discovery
         self._core.answer_binding = not (
-            settings.no_stun or settings.software is not None or settings.rfc3489_compat
+            settings.no_stun
+            or settings.software is not None
+            or settings.rfc3489_compat
+            or (discovery is not None and discovery.other(self.local) is not None)
         )
         loop.add_reader(self._fd, self._core.readable)
 
@@ -98,6 +105,7 @@ class NativeUdpListener(UdpListener):
         return self._core.bindings
 
     def close(self) -> None:
+        self._unregister()
         if self.sock.fileno() >= 0:
             self._loop.remove_reader(self._fd)
             self.sock.close()

@@ -3,6 +3,7 @@
 from ..stun.indication import data_indication
 from .allocation import Allocation, FiveTuple, ForwardingState, RelaySocket
 from .authentication import CredentialStore, long_term_key
+from .discovery import NatDiscovery, Reply
 from .events import AllocationCreated, AllocationEnded, Event
 from .forwarding import Forward, channel_data_forward
 from .policy import PeerPolicy
@@ -19,10 +20,12 @@ __all__ = [
     "FiveTuple",
     "Forward",
     "ForwardingState",
+    "NatDiscovery",
     "PeerPolicy",
     "RandomSource",
     "RelayBinder",
     "RelaySocket",
+    "Reply",
     "TurnServer",
     "TurnSettings",
     "channel_data_forward",

@@ -2,7 +2,9 @@
 
 Sans-I/O: :meth:`TurnServer.receive` takes the bytes a client sent, the 5-tuple they came on
 and the current time, and returns what to do: bytes to send back to that client
-(``bytes``), a payload to send from a relay socket to a peer (:class:`Forward`), or nothing.
+(``bytes``), a payload to send from a relay socket to a peer (:class:`Forward`), a Binding
+response to send from another of the server's UDP addresses or to another port of the
+client (:class:`~.discovery.Reply`, RFC 5780), or nothing.
 Events (:class:`~.events.AllocationCreated`, :class:`~.events.AllocationEnded`) queue up for
 :meth:`next_event`. Time moves only through ``now`` arguments; the transport arms one
 timer at :meth:`get_timer` and calls :meth:`handle_timer`.
@@ -23,9 +25,11 @@ How it works, in order, for a request:
    goes to :func:`~.forwarding.channel_data_forward` instead.
 2. A retransmission (same 5-tuple and transaction id) gets the cached answer again.
 3. Unknown comprehension-required attributes: 420 with UNKNOWN-ATTRIBUTES.
-4. Binding is answered without authentication. Every TURN request goes through the
-   long-term credential mechanism (RFC 8489 §9.2): 401 with REALM and NONCE, 438 for a
-   stale nonce. Unauthenticated answers over UDP go through
+4. Binding is answered without authentication; with NAT behaviour discovery (RFC 5780,
+   :mod:`.discovery`) perhaps from another of the server's addresses or to another port
+   of the client. Every TURN request goes through the long-term credential mechanism
+   (RFC 8489 §9.2): 401 with REALM and NONCE, 438 for a stale nonce. Unauthenticated
+   answers over UDP (errors, and RFC 5780 Binding responses) go through
    :class:`~.unauthenticated.UnauthenticatedLimiter`, so the server cannot be used to
    amplify traffic towards a spoofed address, nor a spoofer deny a victim its 401.
 5. The method's handler follows the numbered steps of its RFC section.
@@ -79,6 +83,7 @@ from ..stun.message import (
 )
 from .allocation import Allocation, FiveTuple, RelaySocket
 from .authentication import Authenticated, Authenticator, CredentialStore
+from .discovery import Reply, padding_for, route_binding
 from .errors import (
     AddressFamilyNotSupported,
     AllocationMismatch,
@@ -127,6 +132,7 @@ __all__ = [
     "Forward",
     "RandomSource",
     "RelayBinder",
+    "Reply",
     "TurnServer",
     "TurnSettings",
 ]
@@ -198,7 +204,9 @@ class TurnServer:
 
     # ------------------------------------------------------------------ public interface
 
-    def receive(self, data: bytes, five_tuple: FiveTuple, now: float) -> bytes | Forward | None:
+    def receive(
+        self, data: bytes, five_tuple: FiveTuple, now: float
+    ) -> bytes | Forward | Reply | None:
         """Handle one STUN message or ChannelData message from a client."""
         if len(data) >= 4 and 0x40 <= data[0] <= 0x7F:
             return channel_data_forward(self.allocations.get(five_tuple), data, self.drops)
@@ -288,7 +296,7 @@ class TurnServer:
 
     # ------------------------------------------------------------------ requests
 
-    def _request(self, message: Message, five_tuple: FiveTuple, now: float) -> bytes | None:
+    def _request(self, message: Message, five_tuple: FiveTuple, now: float) -> bytes | Reply | None:
         client = five_tuple.client
         if self.settings.policy.is_own_relay(client[0], client[1]):
             # One of this server's relay sockets, sent here by a client: not a client itself.
@@ -298,15 +306,15 @@ class TurnServer:
         cached = self._cache.get(cache_key)
         if cached is not None and cached[1] > now:
             return cached[0]
-        if message.rfc3489:
-            return self._binding(message, five_tuple) if message.method == Method.BINDING else None
+        if message.rfc3489 and message.method != Method.BINDING:
+            return None  # RFC 3489 had nothing else
         auth: Authenticated | None = None
         try:
             unknown = message.unknown_required
             if unknown:
                 raise UnknownAttribute(attributes=[UnknownAttributes(unknown)])
             if message.method == Method.BINDING:
-                return None if self.settings.no_stun else self._binding(message, five_tuple)
+                return None if self.settings.no_stun else self._binding(message, five_tuple, now)
             handler = self._handlers.get(message.method)
             if handler is None:
                 raise BadRequest("unknown method")
@@ -365,17 +373,8 @@ class TurnServer:
         if (
             auth is None
             and five_tuple.protocol == "udp"
-            and not self.unauthenticated.allow(
-                five_tuple.client[0],
-                five_tuple.client[1],
-                message.transaction_id,
-                len(message.raw),
-                len(answer),
-                now,
-            )
+            and self._withheld(message, five_tuple, len(answer), now)
         ):
-            self.drops["unauthenticated rate limit"] += 1
-            self.refusals.add(UNAUTHENTICATED_WITHHELD, five_tuple.client[0], now)
             return None
         self.responses[error.code] += 1
         name = _DIAGNOSED_METHODS.get(message.method)
@@ -410,26 +409,86 @@ class TurnServer:
             fingerprint=message.fingerprint_offset is not None,
         )
 
-    def _binding(self, message: Message, five_tuple: FiveTuple) -> bytes:
-        """Binding (RFC 8489 §6.3.1): tell the client where its request came from."""
+    def _withheld(
+        self,
+        message: Message,
+        five_tuple: FiveTuple,
+        answer_size: int,
+        now: float,
+        *,
+        redirected: bool = False,
+    ) -> bool:
+        """True (and counted) when an unauthenticated UDP answer must not go out now."""
+        if self.unauthenticated.allow(
+            five_tuple.client[0],
+            five_tuple.client[1],
+            message.transaction_id,
+            len(message.raw),
+            answer_size,
+            now,
+            redirected=redirected,
+        ):
+            return False
+        self.drops["unauthenticated rate limit"] += 1
+        self.refusals.add(UNAUTHENTICATED_WITHHELD, five_tuple.client[0], now)
+        return True
+
+    def _binding(self, message: Message, five_tuple: FiveTuple, now: float) -> bytes | Reply | None:
+        """Binding (RFC 8489 §6.3.1): tell the client where its request came from.
+
+        Where NAT behaviour discovery runs (RFC 5780 §6.1, :mod:`.discovery`: UDP, on an
+        address with an alternate), the response also says where it comes from and where
+        the alternate address is, and may leave from that one, go to another port of the
+        client, or be padded; it counts against the client's unauthenticated budget.
+        """
+        settings = self.settings
         ip, port = five_tuple.client[0], five_tuple.client[1]
+        route = route_binding(
+            message,
+            five_tuple.server,
+            five_tuple.client,
+            settings.nat_discovery,
+            five_tuple.protocol == "udp",
+            settings.policy,
+        )
         attributes: list[Attribute] = []
         if message.rfc3489:
             attributes.append(MappedAddress(ip, port))
         else:
             attributes.append(XorMappedAddress(ip, port))
-            if self.settings.rfc3489_compat:
+            # RFC 5780 §6.1 wants both.
+            if settings.rfc3489_compat or route is not None:
                 attributes.append(MappedAddress(ip, port))
-        if self.settings.software is not None:
-            attributes.append(Software(self.settings.software))
-        self.responses[200] += 1
-        return encode_message(
+        if route is not None:
+            attributes.extend(route.attributes)
+        if settings.software is not None:
+            attributes.append(Software(settings.software))
+        fingerprint = message.fingerprint_offset is not None
+        answer = encode_message(
             message.method,
             MessageClass.SUCCESS,
             message.transaction_id,
             attributes,
-            fingerprint=message.fingerprint_offset is not None,
+            fingerprint=fingerprint,
         )
+        if route is None:
+            self.responses[200] += 1
+            return answer
+        if route.padding:
+            attributes.append(padding_for(len(message.raw), len(answer)))
+            answer = encode_message(
+                message.method,
+                MessageClass.SUCCESS,
+                message.transaction_id,
+                attributes,
+                fingerprint=fingerprint,
+            )
+        if self._withheld(message, five_tuple, len(answer), now, redirected=route.redirected):
+            return None
+        self.responses[200] += 1
+        if route.source == five_tuple.server and not route.redirected:
+            return answer
+        return Reply(answer, route.source, route.destination)
 
     def _allocation_for(self, five_tuple: FiveTuple, auth: Authenticated) -> Allocation:
         allocation = self.allocations.get(five_tuple)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..stun.attributes import Address
+from .discovery import NatDiscovery
 from .policy import PeerPolicy
 
 __all__ = ["TurnSettings"]
@@ -41,6 +42,11 @@ class TurnSettings:
     """What separates the expiry from the user id in a TURN REST username."""
     software: str | None = None
     rfc3489_compat: bool = False
+    """Accept RFC 3489 Binding requests (no magic cookie) and add MAPPED-ADDRESS to every
+    Binding response."""
+    nat_discovery: NatDiscovery | None = None
+    """RFC 5780 NAT behaviour discovery: the server's two addresses and two ports
+    (:mod:`.discovery`); None: off, and CHANGE-REQUEST gets 420."""
     stun_only: bool = False
     no_stun: bool = False
     alternate_servers: tuple[Address, ...] = ()

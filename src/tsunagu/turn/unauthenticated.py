@@ -3,11 +3,12 @@
 Why there is a limit
 --------------------
 Anyone can send a TURN request without credentials and get an answer (a 401 with REALM and
-NONCE, a 438, a 400). Over UDP the source address can be forged, so the answer can be aimed
-at a victim, and a 401 (about 108 bytes with the default realm) is larger than the request
-that draws it (20 bytes at the least, 28 for the smallest valid Allocate): a reflector with
-an amplification of up to 5.4. Over TCP and TLS the handshake proves the address, so streams
-are never limited here.
+NONCE, a 438, a 400, and with NAT behaviour discovery a Binding response carrying
+MAPPED-ADDRESS, RESPONSE-ORIGIN and OTHER-ADDRESS besides XOR-MAPPED-ADDRESS). Over UDP the
+source address can be forged, so the answer can be aimed at a victim, and a 401 (about 108
+bytes with the default realm) is larger than the request that draws it (20 bytes at the
+least, 28 for the smallest valid Allocate): a reflector with an amplification of up to 5.4.
+Over TCP and TLS the handshake proves the address, so streams are never limited here.
 
 What the old limit got wrong
 ----------------------------
@@ -39,8 +40,19 @@ Two budgets per source address (an IPv4 address, or an IPv6 /64, as the quotas c
 A spoofer cannot stop this: it cannot guess the victim's transaction id (96 random bits),
 so it cannot make the server forget or answer the victim's request; it can only send its
 own requests, and they are answered at a ratio of one byte out per byte in. A request whose
-answer is small enough (a Binding, not limited at all; or a large request) is answered at
-once.
+answer is small enough (a large request; a plain Binding, 12 bytes more than its request
+and not limited at all) is answered at once.
+
+RFC 5780 answers
+----------------
+Where NAT behaviour discovery runs (:mod:`.discovery`), every Binding response goes through
+the same budget: it is 68 bytes to a 20-byte request. One that leaves from the server's
+other address (CHANGE-REQUEST) still goes to the requester, and is treated as any other. One
+sent to another port of the requester's IP (RESPONSE-PORT) is ``redirected``: it is sent
+within the budget only, never paid for by retransmissions, which come from another port
+than the one it goes to; and it carries no PADDING (the server refuses both together).
+Whatever a client asks, what leaves towards one address stays within the budget plus what
+was sent to the server in that address's name.
 
 Alternatives weighed: a smaller 401 (a short nonce, no PASSWORD-ALGORITHMS, no reason
 phrase) still cannot be made as small as a 20-byte request, and needs two nonce formats;
@@ -91,8 +103,14 @@ class UnauthenticatedLimiter:
         request_size: int,
         answer_size: int,
         now: float,
+        *,
+        redirected: bool = False,
     ) -> bool:
-        """True if the answer of ``answer_size`` bytes to this request may be sent now."""
+        """True if the answer of ``answer_size`` bytes to this request may be sent now.
+
+        A ``redirected`` answer (to another port than the request came from) is sent
+        within the budget only.
+        """
         key = address_key(ip)
         rate = self._rate
         buckets = self._buckets
@@ -104,6 +122,9 @@ class UnauthenticatedLimiter:
             buckets[key] = (tokens - 1, now)
             return True
         buckets[key] = (tokens, now)
+        if redirected:
+            self.withheld += 1
+            return False
         if request_size >= answer_size:
             self.answered_over_budget += 1
             return True
