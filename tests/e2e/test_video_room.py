@@ -435,9 +435,12 @@ async def test_unreachable_turn_is_explained(tmp_path: Path) -> None:
             )
             await ada.wait_for_function(
                 """() => document.querySelector(".tile:not(.self) .tile-problem").textContent
-                    .endsWith("(701 Failed to establish connection)")""",
+                    .includes("(701 Failed to establish connection)")""",
                 timeout=STEP_MS,
             )
+            # ...and offers the connectivity test, with this room's access.
+            link = await ada.get_attribute(".tile:not(.self) .tile-problem a", "href")
+            assert link == "/test?room=nowhere", link
             diagnostics = await ada.evaluate("window.tsunagu.diagnostics()")
             assert any("TURN not answering" in d for d in diagnostics), diagnostics
             assert any("turn:127.0.0.2:9?transport=tcp error 701" in d for d in diagnostics)
