@@ -55,8 +55,7 @@ async def relayed_stats(page: Page) -> dict[str, Any]:
 @pytest.mark.parametrize("setup", ["tls-port-is-the-main-port", "aux-server-on-443"])
 async def test_tcp_and_tls_relay_one_call_on_one_port(tmp_path: Path, setup: str) -> None:
     if setup == "aux-server-on-443":
-        if not _free(HTTPS_PORT):
-            pytest.skip("port 443 on 127.0.0.1 is taken on this machine")
+        assert _free(HTTPS_PORT), "port 443 on 127.0.0.1 is taken: this test needs it free"
         port = HTTPS_PORT
         extra = ["--aux-server", f"127.0.0.1:{HTTPS_PORT}"]
     else:
