@@ -16,11 +16,13 @@ from tsunagu.probe.net import Proxy, parse_pin
 from tsunagu.probe.verdicts import Verdict, quota_reached, server_full, summary
 
 
-def test_subcommand_table_lists_stun_turn_and_load(capsys: pytest.CaptureFixture[str]) -> None:
-    assert [s.name for s in probe_cli.SUBCOMMANDS] == ["stun", "turn", "load"]
+def test_subcommand_table_lists_stun_turn_nat_and_load(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert [s.name for s in probe_cli.SUBCOMMANDS] == ["stun", "turn", "nat", "load"]
     assert main(["probe", "--help"]) == 0
     out = capsys.readouterr().out
-    for name in ("stun", "turn", "load"):
+    for name in ("stun", "turn", "nat", "load"):
         assert f"\n  {name} " in out
     assert "IP:PORT" in out  # the old form, still accepted
     assert main(["probe"]) == 2

@@ -2,14 +2,16 @@
 
     tsunagu probe stun URL...     is it reachable, what address does it see, how fast
     tsunagu probe turn URL...     allocate, permit, bind, relay test traffic; what is wrong
+    tsunagu probe nat URL...      how the NAT here maps and filters (RFC 5780)
     tsunagu probe load IP:PORT    the load generator (JSON), as used by bench/
 
 ``tsunagu probe IP:PORT ...`` (no subcommand) is ``probe load``, as it was before the
 subcommands existed: the benchmark records in docs/BENCHMARKS.md are written that way.
 
-``stun`` and ``turn`` print the steps as they run and a verdict in one sentence with what to
-do about it; ``--json`` prints one JSON object instead. The exit status is 0 when every URL
-works, 1 when one does not, 2 for a usage error.
+``stun``, ``turn`` and ``nat`` print the steps as they run and a verdict in one sentence with
+what to do about it; ``--json`` prints one JSON object instead. The exit status is 0 when
+every URL works (for ``nat``: the NAT was classified), 1 when one does not, 2 for a usage
+error.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ..config import parse_alternate_server, parse_user
 from . import verdicts
 from .checks import CheckResult, Observer, StunOptions, TurnOptions, check_stun, check_turn
 from .load import PROBE_BYTES, LoadSpec, run
+from .nat import NatOptions, check_nat
 from .net import Proxy, TlsOptions, parse_pin
 from .output import JsonOutput, TextOutput, json_report
 from .urls import IceUrl, UrlError, parse_ice_url
@@ -520,6 +523,67 @@ def turn_command(argv: list[str], prog: str) -> int:
     )
 
 
+# --- probe nat ---------------------------------------------------------------------------------
+
+
+def build_nat_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        allow_abbrev=False,
+        description=(
+            "Find out how the NAT in front of this host behaves (RFC 5780 NAT behaviour "
+            "discovery, over UDP): its mapping (endpoint-independent, address-dependent or "
+            "address-and-port-dependent), its filtering, whether it hairpins and, with "
+            "--lifetime-max, how long a mapping lives. The server must support RFC 5780 "
+            "(tsunagu serve --rfc5780 with two listening IPs, or coturn with two listening "
+            "IPs); without it, the probe says what it can still tell. URL: stun:host[:port]."
+        ),
+    )
+    parser.add_argument("urls", nargs="+", type=_url_type(False), metavar="URL")
+    parser.add_argument(
+        "--timeout",
+        type=_positive(float),
+        default=3.0,
+        metavar="S",
+        help="seconds to wait for each answer; a filtering test that gets none costs this "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--lifetime-max",
+        type=_non_negative,
+        default=0.0,
+        metavar="S",
+        help="find how long a mapping lives, trying waits of 1, 2, 4... up to S seconds, "
+        "side by side (at most 600; default: %(default)s, no lifetime test)",
+    )
+    parser.add_argument("--no-hairpinning", action="store_true", help="skip the hairpinning test")
+    parser.add_argument("--json", action="store_true", help="print one JSON object, no steps")
+    return parser
+
+
+def nat_command(argv: list[str], prog: str) -> int:
+    """``tsunagu probe nat stun:HOST[:PORT]...``."""
+    parser = build_nat_parser(prog)
+    args = parser.parse_args(argv)
+    for url in args.urls:
+        if url.transport != "udp":
+            parser.error(f"{url}: NAT behaviour discovery runs over UDP: give stun:host[:port]")
+    if args.lifetime_max > 600:
+        parser.error("--lifetime-max is at most 600 seconds")
+    options = NatOptions(
+        timeout=args.timeout,
+        lifetime_max=args.lifetime_max,
+        hairpinning=not args.no_hairpinning,
+    )
+    return _run_checks(
+        "nat",
+        args.urls,
+        lambda url, observer: check_nat(url, options, observer),
+        lambda url: f"NAT behaviour (RFC 5780) via {url}",
+        args.json,
+    )
+
+
 # --- the subcommands --------------------------------------------------------------------------
 
 
@@ -537,8 +601,11 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
         "allocate, permit, bind and relay test traffic; say what is wrong and what to do",
         turn_command,
     ),
-    # "nat" goes here: RFC 5780 NAT behaviour discovery (mapping and filtering, from a
-    # server that answers with OTHER-ADDRESS), once the server side supports RFC 5780.
+    Subcommand(
+        "nat",
+        "how the NAT here maps and filters (RFC 5780): do calls need TURN",
+        nat_command,
+    ),
     Subcommand(
         "load", "load a STUN/TURN server and report loss, RTT and cost as JSON", load_command
     ),

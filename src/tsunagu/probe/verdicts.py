@@ -1,4 +1,4 @@
-"""Every way a ``tsunagu probe stun`` or ``probe turn`` check can end, in plain words.
+"""Every way a ``tsunagu probe stun``, ``turn`` or ``nat`` check can end, in plain words.
 
 A verdict is a stable ``code`` for machines (``--json``), one ``sentence`` that says what
 happened, and ``advice``: what to do about it. All of them are made here, by one function
@@ -34,7 +34,13 @@ server-full            508 Insufficient Capacity
 turn-error             any other error response
 relay-silent           everything granted, but no test packet came back
 stun-error             an error response to a Binding request
+nat-none               probe nat: no NAT, nothing filters (or a firewall filters)
+nat-cone               probe nat: endpoint-independent mapping (filtering named)
+nat-symmetric          probe nat: address(-and-port)-dependent mapping
+nat-undetermined       probe nat: the server has no RFC 5780 (or it broke off)
 =====================  ============================================================
+
+``ok`` and the first three ``nat-`` codes are a check that ended well (exit status 0).
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ class Verdict:
 
     @property
     def ok(self) -> bool:
-        return self.code == "ok"
+        return self.code in _FOUND
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -63,6 +69,9 @@ class Verdict:
             "sentence": self.sentence,
             "advice": self.advice,
         }
+
+
+_FOUND = frozenset({"ok", "nat-none", "nat-cone", "nat-symmetric"})
 
 
 class Failure(Exception):
@@ -393,6 +402,79 @@ def stun_ok(url: str, transport: str, rtt: float, mapped: str, nat: str) -> Verd
         f"{mapped} ({nat}).",
         "Nothing to do: clients can learn their public address here. Whether two peers can "
         "connect without a relay also depends on their NATs; give them a TURN server too.",
+    )
+
+
+# --- probe nat (RFC 5780) -----------------------------------------------------------------
+
+_FILTERING = {
+    "endpoint-independent": "lets in packets from anywhere to a mapped port",
+    "address-dependent": "lets in only packets from addresses this host has sent to",
+    "address-and-port-dependent": "lets in only packets from addresses and ports this host "
+    "has sent to",
+}
+
+
+def nat_none(mapped: str, filtering: str) -> Verdict:
+    if filtering == "endpoint-independent":
+        return Verdict(
+            "nat-none",
+            f"No NAT: this host has a public address ({mapped}) and nothing filters what "
+            "comes in: direct calls work.",
+            "Peers reach this host directly, whatever their NAT; TURN is needed only "
+            "between two peers that cannot reach each other.",
+        )
+    return Verdict(
+        "nat-none",
+        f"No NAT, but a firewall ({filtering} filtering) {_FILTERING[filtering]}: "
+        "direct calls work with most peers.",
+        "Calls with peers behind a symmetric NAT (mobile networks, many corporate ones) "
+        "need TURN: give clients a TURN server.",
+    )
+
+
+def nat_cone(filtering: str) -> Verdict:
+    if filtering == "endpoint-independent":
+        return Verdict(
+            "nat-cone",
+            "Endpoint-independent mapping and filtering: direct calls work with most peers.",
+            "This NAT (a full cone) keeps one public port per local port and lets anyone "
+            "answer on it: even peers behind symmetric NATs reach this host directly.",
+        )
+    return Verdict(
+        "nat-cone",
+        f"Endpoint-independent mapping, {filtering} filtering: direct calls work with "
+        "most peers, but not with peers behind a symmetric NAT.",
+        f"This NAT keeps one public port per local port, but {_FILTERING[filtering]}: ICE "
+        "hole punching connects it with cone NATs. Calls with peers behind symmetric NATs "
+        "(mobile networks, many corporate ones) need TURN: give clients a TURN server.",
+    )
+
+
+def nat_symmetric(mapping: str, filtering: str) -> Verdict:
+    return Verdict(
+        "nat-symmetric",
+        f"Symmetric NAT ({mapping} mapping, {filtering} filtering): calls from here need TURN.",
+        "This NAT gives each destination a new public port, so the address a STUN server "
+        "sees is useless to peers: direct calls work only with peers that have no NAT or "
+        "endpoint-independent filtering. Give clients a TURN server (UDP, with TCP and TLS "
+        "URLs as fallback).",
+    )
+
+
+def nat_undetermined(url: str, mapped: str, local: str) -> Verdict:
+    behind = (
+        f"this host is behind a NAT (the server sees {mapped}, not {local})"
+        if mapped != local
+        else f"this host is not behind a NAT (the server sees its own address {mapped})"
+    )
+    return Verdict(
+        "nat-undetermined",
+        f"The server {url} does not do NAT behaviour discovery (RFC 5780: no OTHER-ADDRESS, "
+        f"or no answer from it), so it cannot tell how this NAT maps and filters; it can "
+        f"still tell that {behind}.",
+        "Run the probe against a server with RFC 5780: tsunagu serve --rfc5780 with two "
+        "listening IPs (-L IP1 -L IP2), or coturn with two listening IPs.",
     )
 
 
