@@ -4,7 +4,8 @@ On loopback there is no NAT: against ``tsunagu serve --rfc5780`` listening on 12
 127.0.0.2, and against coturn given the same two listening IPs (it turns RFC 5780 on by
 itself then), the probe must find no NAT, endpoint-independent filtering, a request to its
 own mapped address arriving, and a mapping that outlives the lifetime test. A server without
-RFC 5780 gives no OTHER-ADDRESS: the verdict says that filtering cannot be told, and what can.
+RFC 5780 (tsunagu without ``--rfc5780``, coturn with ``--no-rfc5780``) gives no OTHER-ADDRESS:
+the verdict says that filtering cannot be told, and what can.
 Behind real NATs: tests/probe/test_probe_nat_lab.py.
 """
 
@@ -114,6 +115,16 @@ def test_a_server_without_rfc5780_cannot_tell_filtering(tmp_path: Path) -> None:
     assert figures["mapping"] == "none" and figures["filtering"] is None, figures
     assert figures["hairpinning"] is True, figures
     assert "verdict: The server stun:" in out and "--rfc5780" in out, out
+
+
+def test_coturn_without_rfc5780(tmp_path: Path) -> None:
+    extra = ("--listening-ip", HOST2, "--no-rfc5780")
+    with run_coturn(tmp_path, *extra) as server:
+        status, report = probe_json(f"stun:{HOST}:{server.port}", "--timeout", "2")
+    assert status == 1
+    assert report["verdict"]["code"] == "nat-undetermined", report["verdict"]
+    figures = report["results"][0]["figures"]
+    assert figures["other_address"] is None and figures["filtering"] is None, figures
 
 
 def test_only_udp_urls() -> None:
