@@ -157,8 +157,14 @@ def _response_port(port: int) -> tuple[int, bytes]:
     return _ATTR_RESPONSE_PORT, port.to_bytes(2, "big") + b"\x00\x00"
 
 
-def _is_420(answer: _Answer | None) -> bool:
+def _is_error(answer: _Answer | None) -> bool:
+    """An error response (420 Unknown Attribute from a server without RFC 5780)."""
     return answer is not None and answer.reply.klass == wire.CLASS_ERROR
+
+
+def _code(answer: _Answer | None) -> str:
+    code = None if answer is None else answer.reply.error_code
+    return "an error" if code is None else str(code)
 
 
 def check_nat(url: IceUrl, options: NatOptions, observer: Observer) -> CheckResult:
@@ -242,13 +248,22 @@ def check_nat(url: IceUrl, options: NatOptions, observer: Observer) -> CheckResu
                 if second is not None and second.mapped is not None:
                     step["mapped_ii"] = _addr(second.mapped)
         if rfc5780:
+            assert other is not None
             with run.step("filtering", "answers from the other IP and port, then port") as step:
                 both = _transaction(
                     sock, server, [_change_request(_CHANGE_IP | _CHANGE_PORT)], options.timeout
                 )
-                if _is_420(both):
+                if _is_error(both):
                     rfc5780 = False
-                    step["detail"] = "the server refuses CHANGE-REQUEST (420): cannot tell"
+                    step["detail"] = (
+                        f"the server refuses CHANGE-REQUEST ({_code(both)}): cannot tell"
+                    )
+                elif both is not None and both.source != other:
+                    rfc5780 = False
+                    step["detail"] = (
+                        f"asked to answer from {_addr(other)}, the server answered from "
+                        f"{_addr(both.source)}: cannot tell"
+                    )
                 elif both is not None:
                     filtering = EIM
                     step["detail"] = f"the answer from {_addr(both.source)} came in: {EIM}"
@@ -256,9 +271,17 @@ def check_nat(url: IceUrl, options: NatOptions, observer: Observer) -> CheckResu
                     port = _transaction(
                         sock, server, [_change_request(_CHANGE_PORT)], options.timeout
                     )
-                    if _is_420(port):
+                    if _is_error(port):
                         rfc5780 = False
-                        step["detail"] = "the server refuses CHANGE-REQUEST (420): cannot tell"
+                        step["detail"] = (
+                            f"the server refuses CHANGE-REQUEST ({_code(port)}): cannot tell"
+                        )
+                    elif port is not None and port.source != (server[0], other[1]):
+                        rfc5780 = False
+                        step["detail"] = (
+                            f"asked to answer from port {other[1]}, the server answered from "
+                            f"{_addr(port.source)}: cannot tell"
+                        )
                     elif port is not None:
                         filtering = ADM
                         step["detail"] = (
