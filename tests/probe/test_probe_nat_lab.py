@@ -2,8 +2,9 @@
 
 The lab (tests/support/natlab.py): ``tsunagu serve --rfc5780`` on 198.18.0.1 and
 198.18.0.2 in an "internet" namespace, a router namespace with nftables ``masquerade``
-(endpoint-independent mapping: a "cone") or ``masquerade fully-random`` (symmetric) that
-drops unsolicited input as home routers do, and the client behind it, where the probe runs
+(endpoint-independent mapping: a "cone"; with a ``dnat`` of all inbound UDP to the client, a
+full cone) or ``masquerade fully-random`` (symmetric) that drops unsolicited input as home
+routers do, and the client behind it, where the probe runs
 (``ip netns exec``).
 
 Neither router hairpins or lets in an answer from an address or port the client has not sent
@@ -86,3 +87,19 @@ def test_symmetric_nat_is_address_and_port_dependent_mapping(tmp_path: Path) -> 
     assert elapsed < 20, f"the probe took {elapsed:.1f} s"
     assert "verdict: Symmetric NAT (address-and-port-dependent mapping" in out, out
     assert "calls from here need TURN" in out, out
+
+
+def test_full_cone_nat_is_endpoint_independent_mapping_and_filtering(tmp_path: Path) -> None:
+    with nat_lab(tmp_path, "full-cone") as (inet, _, cli), serve_in(inet, tmp_path):
+        status, report, elapsed = probe_json_in(cli, f"stun:{SERVER}:{PORT}", "--timeout", "1.5")
+    figures = report["results"][0]["figures"]
+    verdict = report["verdict"]
+    assert status == 0, (status, verdict)
+    assert verdict["code"] == "nat-cone", verdict
+    assert figures["mapping"] == "endpoint-independent", figures
+    assert figures["filtering"] == "endpoint-independent", figures
+    assert figures["mapped"].startswith(f"{WAN}:"), figures
+    assert verdict["sentence"].startswith("Endpoint-independent mapping and filtering"), verdict
+    # Only the hairpinning test waits (the router does not hairpin): about one timeout.
+    assert figures["hairpinning"] is False, figures
+    assert elapsed < 15, f"the probe took {elapsed:.1f} s"

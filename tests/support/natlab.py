@@ -47,7 +47,8 @@ def _tools() -> None:
 
 @contextlib.contextmanager
 def nat_lab(tmp: Path, kind: str) -> Iterator[tuple[str, str, str]]:
-    """The three namespaces (inet, rtr, cli) with a router of ``kind``: cone or symmetric."""
+    """The three namespaces (inet, rtr, cli) with a router of ``kind``: cone, full-cone
+    (masquerade, and inbound UDP on any port sent on to the client) or symmetric."""
     _tools()
     prefix = f"tn{secrets.token_hex(3)}"
     inet, rtr, cli = f"{prefix}-inet", f"{prefix}-rtr", f"{prefix}-cli"
@@ -82,7 +83,15 @@ def nat_lab(tmp: Path, kind: str) -> Iterator[tuple[str, str, str]]:
             "  chain postrouting { type nat hook postrouting priority srcnat; policy accept;\n"
             f'    oifname "{wan}" {masquerade}\n'
             "  }\n"
-            "}\n"
+            + (
+                # Full cone: whatever comes in on any UDP port goes to the one host (a DMZ).
+                "  chain prerouting { type nat hook prerouting priority dstnat; policy accept;\n"
+                f'    iifname "{wan}" meta l4proto udp dnat to 10.77.0.2\n'
+                "  }\n"
+                if kind == "full-cone"
+                else ""
+            )
+            + "}\n"
             "table inet home {\n"
             "  chain input { type filter hook input priority filter; policy drop;\n"
             "    ct state established,related accept\n"
