@@ -65,4 +65,6 @@ def test_one_address_with_fresh_credentials_cannot_take_the_relay_range(tmp_path
         assert user_granted + address_granted <= ports // 2 + workers, figures
         assert address_refused > 0, figures
     log = server.log_text()
-    assert "user quota x" in log and "address quota x" in log, log[-2000:]
+    # Refusals are logged by cause, once per interval, naming the user id and the address.
+    assert "user quota reached" in log and "user id 'mallory' already has" in log, log[-2000:]
+    assert "address quota reached" in log and "address 127.0.0.5 already has" in log, log[-2000:]
