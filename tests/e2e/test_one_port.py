@@ -11,29 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 from playwright.async_api import Page
 
-from support.browser import Server, chromium, free_ports, run_server, wait_connected
+from support.browser import Server, chromium, free_ports, port_free, run_server, wait_connected
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
 
 STEP_MS = 15_000
 HTTPS_PORT = 443
-
-
-def _free(port: int) -> bool:
-    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-        with socket.socket(socket.AF_INET, kind) as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-    return True
 
 
 async def open_person(page: Page, url: str) -> None:
@@ -55,7 +44,7 @@ async def relayed_stats(page: Page) -> dict[str, Any]:
 @pytest.mark.parametrize("setup", ["tls-port-is-the-main-port", "aux-server-on-443"])
 async def test_tcp_and_tls_relay_one_call_on_one_port(tmp_path: Path, setup: str) -> None:
     if setup == "aux-server-on-443":
-        assert _free(HTTPS_PORT), "port 443 on 127.0.0.1 is taken: this test needs it free"
+        assert port_free(HTTPS_PORT), "port 443 on 127.0.0.1 is taken: this test needs it free"
         port = HTTPS_PORT
         extra = ["--aux-server", f"127.0.0.1:{HTTPS_PORT}"]
     else:

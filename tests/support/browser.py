@@ -38,7 +38,8 @@ START_TIMEOUT = 30.0
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _port_free(port: int) -> bool:
+def port_free(port: int) -> bool:
+    """``port`` on 127.0.0.1 is free for both TCP and UDP."""
     for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
         with socket.socket(socket.AF_INET, kind) as sock:
             try:
@@ -55,7 +56,7 @@ def free_ports(count: int, *, low: int = 20000, high: int = 32000) -> list[int]:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("127.0.0.1", 0))
             port = int(sock.getsockname()[1])
-        if port not in found and _port_free(port):
+        if port not in found and port_free(port):
             found.append(port)
             if len(found) == count:
                 return found
@@ -67,7 +68,7 @@ def relay_range(size: int = 200) -> tuple[int, int]:
     for _ in range(50):
         (start,) = free_ports(1)
         start = max(1024, start - start % 100)
-        if start + size <= 65535 and all(_port_free(p) for p in range(start, start + size, 17)):
+        if start + size <= 65535 and all(port_free(p) for p in range(start, start + size, 17)):
             return start, start + size - 1
     raise RuntimeError("no free relay range")
 
