@@ -719,7 +719,8 @@ class Config:
     ice_transport_policy: str = _opt(
         "all",
         _check_choice("all", "relay"),
-        "ICE transport policy for the web app",
+        "ICE transport policy: relay makes browsers use TURN only, and the signaling server"
+        " forwards only relayed candidates, so a client that ignores it gets no other path",
         metavar="{all,relay}",
     )
     room_capacity: int = _opt(8, _POSITIVE, "people per room")

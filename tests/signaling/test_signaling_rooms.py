@@ -499,3 +499,36 @@ def test_token_bucket_survives_clock_going_backwards() -> None:
     assert not bucket.take(50.0)
     assert not bucket.take(100.5)
     assert bucket.take(101.0)
+
+
+def test_relay_only_forwards_relayed_candidates_only() -> None:
+    import secrets
+
+    from tsunagu.signaling.messages import encode
+
+    hub = Hub(Limits(), new_token=secrets.token_urlsafe, relay_only=True)
+    ids = []
+    for conn, name in ((1, "A"), (2, "B")):
+        hub.connect(conn, 0.0)
+        out = hub.receive(conn, encode({"type": "join", "v": 1, "room": "r", "name": name}), 0.0)
+        ids.append(next(a.message["id"] for a in out if isinstance(a, Send) and a.conn == conn))
+    host = "candidate:1 1 udp 2122260223 192.168.1.20 53001 typ host generation 0"
+    srflx = "candidate:2 1 udp 1686052607 203.0.113.9 53001 typ srflx raddr 0.0.0.0 rport 0"
+    relay = "candidate:3 1 udp 41885439 198.51.100.1 50000 typ relay raddr 203.0.113.9 rport 1"
+    sdp = (
+        "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=application 9 UDP/DTLS/SCTP x\r\n"
+        f"a=mid:0\r\na={host}\r\na={srflx}\r\na={relay}\r\na=end-of-candidates\r\n"
+    )
+
+    def delivered(message: dict[str, Any]) -> list[dict[str, Any]]:
+        out = hub.receive(1, encode({**message, "to": ids[1]}), 1.0)
+        return [a.message for a in out if isinstance(a, Send) and a.conn == 2]
+
+    (offer,) = delivered({"type": "offer", "sdp": sdp})
+    assert "typ host" not in offer["sdp"] and "typ srflx" not in offer["sdp"], offer["sdp"]
+    assert f"a={relay}\r\n" in offer["sdp"] and "a=end-of-candidates\r\n" in offer["sdp"]
+    assert offer["sdp"].startswith("v=0\r\n") and "a=mid:0\r\n" in offer["sdp"]
+    for text, forwarded in ((host, False), (srflx, False), (relay, True), ("", True)):
+        trickled = delivered({"type": "candidate", "candidate": {"candidate": text, "sdpMid": "0"}})
+        assert bool(trickled) is forwarded, (text, trickled)
+    assert delivered({"type": "candidate", "candidate": None})  # end of candidates

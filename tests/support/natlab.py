@@ -25,7 +25,19 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["PORT", "SERVER", "SERVER2", "WAN", "nat_lab", "serve_in"]
+__all__ = [
+    "DROP_UDP",
+    "LINK_CLIENT",
+    "LINK_SERVER",
+    "PORT",
+    "SERVER",
+    "SERVER2",
+    "WAN",
+    "dropped_packets",
+    "link_lab",
+    "nat_lab",
+    "serve_in",
+]
 
 SERVER = "198.18.0.1"
 SERVER2 = "198.18.0.2"
@@ -140,3 +152,81 @@ def serve_in(ns: str, tmp: Path) -> Iterator[subprocess.Popen[bytes]]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(5)
+
+
+# --- two hosts on one link: a server and a browser ---------------------------------------------
+
+LINK_SERVER = "198.18.0.1"
+LINK_CLIENT = "198.18.0.2"
+DROP_UDP = (
+    "table inet clientrules {\n"
+    "  chain out { type filter hook output priority 0; policy accept;\n"
+    '    oifname "lo" accept\n'
+    "    meta l4proto udp counter drop\n"
+    "  }\n"
+    "}\n"
+)
+"""The client's rules for a network that blocks UDP (the counter counts what they dropped)."""
+
+
+@contextlib.contextmanager
+def link_lab(tmp: Path, *, client_rules: str | None = None) -> Iterator[tuple[str, str, Path]]:
+    """Namespaces ``server`` and ``client`` on one veth pair (``LINK_SERVER`` and
+    ``LINK_CLIENT``), with nftables ``client_rules`` in the client (a table named
+    ``clientrules``). Yields both names and a Chromium executable that runs in the client."""
+    from support.browser import CHROMIUM
+
+    _tools()
+    prefix = f"tl{secrets.token_hex(3)}"
+    server, client = f"{prefix}-srv", f"{prefix}-cli"
+    made: list[str] = []
+    try:
+        for ns in (server, client):
+            sh("ip", "netns", "add", ns)
+            made.append(ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        a, b = f"{prefix}a", f"{prefix}b"
+        sh(
+            "ip",
+            "link",
+            "add",
+            a,
+            "netns",
+            server,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            b,
+            "netns",
+            client,
+        )
+        sh("ip", "-n", server, "addr", "add", f"{LINK_SERVER}/24", "dev", a)
+        sh("ip", "-n", client, "addr", "add", f"{LINK_CLIENT}/24", "dev", b)
+        sh("ip", "-n", server, "link", "set", a, "up")
+        sh("ip", "-n", client, "link", "set", b, "up")
+        if client_rules is not None:
+            rules = tmp / "client.nft"
+            rules.write_text(client_rules)
+            sh("ip", "netns", "exec", client, "nft", "-f", str(rules))
+        wrapper = tmp / "chromium-in-client"
+        wrapper.write_text(f'#!/bin/sh\nexec ip netns exec {client} {CHROMIUM} "$@"\n')
+        wrapper.chmod(0o755)
+        yield server, client, wrapper
+    finally:
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
+
+
+def dropped_packets(client: str) -> int:
+    """What the counter in the client's ``clientrules`` table has counted."""
+    out = subprocess.run(
+        ["ip", "netns", "exec", client, "nft", "list", "table", "inet", "clientrules"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    ).stdout
+    for line in out.splitlines():
+        if "counter packets" in line:
+            return int(line.split("counter packets", 1)[1].split()[0])
+    raise AssertionError(out)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any, Final
 
@@ -516,6 +516,32 @@ def chat(sender: str, name: str, text: str, ts: float, *, private: bool) -> dict
     if private:
         message["private"] = True
     return message
+
+
+def candidate_type(text: str) -> str | None:
+    """The ``typ`` of an ICE candidate line (``host``, ``srflx``, ``prflx``, ``relay``)."""
+    tokens = text.split()
+    for index, token in enumerate(tokens[:-1]):
+        if token == "typ":
+            return tokens[index + 1]
+    return None
+
+
+def relay_only(message: Offer | Answer | Candidate) -> Offer | Answer | Candidate | None:
+    """``message`` with every ICE candidate but relayed ones taken out (None: nothing left
+    to forward). A peer then has no address of the other to try but the relay's."""
+    if isinstance(message, Candidate):
+        ice = message.candidate
+        if ice is None or not ice.candidate or candidate_type(ice.candidate) == "relay":
+            return message
+        return None
+    lines = message.sdp.splitlines(keepends=True)
+    kept = [
+        line
+        for line in lines
+        if not line.startswith("a=candidate:") or candidate_type(line) == "relay"
+    ]
+    return replace(message, sdp="".join(kept))
 
 
 def checked(room: str, extras: dict[str, Any]) -> dict[str, Any]:

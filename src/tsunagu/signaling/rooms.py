@@ -19,6 +19,9 @@ Rules enforced here:
 - A room holds at most ``Limits.capacity`` peers.
 - A message naming a peer is delivered to that peer only, and only inside the sender's room;
   any other target is refused with ``unknown-peer``, so rooms cannot see each other.
+- With ``relay_only`` (``--ice-transport-policy relay``) only relayed ICE candidates are
+  forwarded, in offers and answers and trickled: the policy holds even for a client that
+  ignores it.
 - Every connection has a token bucket for all messages and a smaller one for chat. Each
   refused message adds to a misbehaviour score that decays with time; past
   ``Limits.strike_limit`` the connection is closed with 1008 (policy violation).
@@ -189,11 +192,15 @@ class Hub:
         *,
         new_token: Callable[[int], str],
         access: Access | None = None,
+        relay_only: bool = False,
     ) -> None:
         """``new_token(n)`` returns a fresh unguessable URL-safe string from ``n`` random bytes
         (``secrets.token_urlsafe`` in the server); it names peers and their resume tokens."""
         self.limits = limits or Limits()
         self.access = access or Access()
+        self.relay_only = relay_only
+        """Forward only relayed ICE candidates, in SDP and trickled (``--ice-transport-policy
+        relay``)."""
         self._new_token = new_token
         lim = self.limits
         self._attempts = Attempts(
@@ -355,6 +362,13 @@ class Hub:
         if isinstance(msg, m.Chat):
             return self._chat(c, peer, msg, now)
         target = self._target(peer, msg.to, kind)
+        if self.relay_only:
+            # The server's policy, not the page's: a client that ignores it still learns no
+            # address of the other side but the relay's.
+            kept = m.relay_only(msg)
+            if kept is None:
+                return []
+            msg = kept
         return self._deliver(target, m.relay(msg, peer.id))
 
     def _target(self, peer: _Peer, to: str, kind: str) -> _Peer:

@@ -195,7 +195,12 @@ def create_app(
     limits = dataclasses.replace(
         limits or Limits(), capacity=config.room_capacity, resume_grace=resume_grace
     )
-    hub = Hub(limits, new_token=secrets.token_urlsafe, access=room_access(config))
+    hub = Hub(
+        limits,
+        new_token=secrets.token_urlsafe,
+        access=room_access(config),
+        relay_only=config.ice_transport_policy == "relay",
+    )
     state = _State(config, turn_secret, now, heartbeat, hub)
     if websockets is not None:
         state.websockets = ConnectionGate(websockets)
