@@ -700,6 +700,14 @@ class Config:
         " fields, one a line",
         metavar="{text,json}",
     )
+    audit_file: str | None = _opt(
+        None,
+        _optional(_check_text()),
+        "write the audit trail to FILE as JSON lines, and not to the log: who joined which room"
+        " and left when, and each allocation's creation and end (user, relayed addresses,"
+        " peers, bytes, duration)",
+        metavar="FILE",
+    )
     verbose: bool = _opt(
         False, _check_bool, "log everything: the same as --log-level debug", short="-v"
     )

@@ -24,6 +24,7 @@ from typing import Any
 
 __all__ = [
     "LEVELS",
+    "AuditFormatter",
     "JsonFormatter",
     "TextFormatter",
     "setup_logging",
@@ -86,9 +87,35 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str, ensure_ascii=False, separators=(",", ":"))
 
 
-def setup_logging(level: str = "info", fmt: str = "text", file: str | None = None) -> None:
+class AuditFormatter(logging.Formatter):
+    """An audit record as one JSON object: ``time`` and the record's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+        line: dict[str, Any] = {
+            "time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        }
+        line.update(getattr(record, _FIELDS, None) or {"message": record.getMessage()})
+        return json.dumps(line, default=str, ensure_ascii=False, separators=(",", ":"))
+
+
+def setup_logging(
+    level: str = "info", fmt: str = "text", file: str | None = None, audit_file: str | None = None
+) -> None:
     """Send the ``tsunagu`` loggers' lines at ``level`` and above to ``file`` (else stderr)
-    in ``fmt`` ("text" or "json")."""
+    in ``fmt`` ("text" or "json"); the audit records to ``audit_file`` instead, when given,
+    as JSON lines (every worker appends whole lines to it)."""
+    audit = logging.getLogger("tsunagu.audit")
+    if audit_file:
+        audit_handler = logging.FileHandler(audit_file)
+        audit_handler.setFormatter(AuditFormatter())
+        audit.handlers[:] = [audit_handler]
+        audit.setLevel(logging.INFO)
+        audit.propagate = False
+    else:
+        audit.handlers[:] = []
+        audit.setLevel(logging.NOTSET)
+        audit.propagate = True
     handler: logging.Handler = (
         logging.FileHandler(file) if file else logging.StreamHandler(sys.stderr)
     )

@@ -376,7 +376,7 @@ def _state_dir() -> Path:
 
 def _setup_logging(config: Config) -> None:
     # Worker processes run this with the same configuration: same destination, same format.
-    setup_logging(config.effective_log_level, config.log_format, config.log_file)
+    setup_logging(config.effective_log_level, config.log_format, config.log_file, config.audit_file)
 
 
 def _host_for_uris(config: Config, listening: list[str]) -> str:

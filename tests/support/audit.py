@@ -60,8 +60,16 @@ def log_lines(text: str) -> list[dict[str, Any]]:
     return lines
 
 
-def audit_records(text: str) -> list[dict[str, Any]]:
-    """The JSON records logged on ``tsunagu.audit`` in ``text`` (a log file's content)."""
+def audit_records(
+    text: str, events: tuple[str, ...] = ("allocation-ended",)
+) -> list[dict[str, Any]]:
+    """The JSON records logged on ``tsunagu.audit`` in ``text`` (a log file's content) whose
+    ``event`` is one of ``events`` (empty: all of them)."""
+    records = [record for record in _audit_records(text) if not events or record["event"] in events]
+    return records
+
+
+def _audit_records(text: str) -> list[dict[str, Any]]:
     records = []
     for line in text.splitlines():
         if line.startswith("{"):

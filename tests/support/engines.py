@@ -147,8 +147,12 @@ async def running(
         await asyncio.sleep(0)
 
 
-def audit_records(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
-    return [json.loads(r.getMessage()) for r in caplog.records if r.name == "tsunagu.audit"]
+def audit_records(
+    caplog: pytest.LogCaptureFixture, events: tuple[str, ...] = ("allocation-ended",)
+) -> list[dict[str, Any]]:
+    """The audit records logged so far whose ``event`` is one of ``events`` (empty: all)."""
+    records = [json.loads(r.getMessage()) for r in caplog.records if r.name == "tsunagu.audit"]
+    return [r for r in records if not events or r["event"] in events]
 
 
 def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:

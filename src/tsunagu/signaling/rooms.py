@@ -141,6 +141,8 @@ class _Peer:
     turn: bool = True
     renew_at: float | None = None
     """When its TURN credentials are to be renewed."""
+    joined_at: float = 0.0
+    address: str = ""
 
 
 @dataclass(slots=True, eq=False)
@@ -203,6 +205,8 @@ class Hub:
         relay``)."""
         self._new_token = new_token
         lim = self.limits
+        self._now = 0.0
+        self._audit: list[dict[str, Any]] = []
         self._attempts = Attempts(
             lim.attempt_rate, lim.attempt_burst, lim.room_attempt_rate, lim.room_attempt_burst
         )
@@ -259,8 +263,16 @@ class Hub:
             last_frame=now,
         )
 
+    def take_audit(self) -> list[dict[str, Any]]:
+        """The audit records since the last call: who joined which room and when they left,
+        with the user id their TURN credentials carry (so that the TURN side's allocation
+        records can be matched to a room and a call)."""
+        records, self._audit = self._audit, []
+        return records
+
     def receive(self, conn: int, data: str | bytes, now: float) -> list[Action]:
         """One frame arrived on ``conn``."""
+        self._now = now
         c = self._conns.get(conn)
         if c is None or c.closed:
             return []
@@ -279,6 +291,7 @@ class Hub:
 
     def disconnect(self, conn: int, now: float, *, graceful: bool) -> list[Action]:
         """``conn`` ended. ``graceful`` means a close handshake (the user left on purpose)."""
+        self._now = now
         c = self._conns.pop(conn, None)
         if c is None or c.peer is None or c.peer.conn != conn:
             return []
@@ -292,6 +305,7 @@ class Hub:
     def tick(self, now: float) -> list[Action]:
         """Expire away peers, connections that never joined and joined ones gone silent;
         call about once a second."""
+        self._now = now
         actions: list[Action] = []
         grace = self.limits.resume_grace
         for peer in list(self._peers.values()):
@@ -450,6 +464,18 @@ class Hub:
         peer = _Peer(peer_id, name, msg.room, self._new_token(24), c.id)
         peer.user_id = peer_id if grant is None else grant.identity
         peer.turn = True if grant is None else grant.turn
+        peer.joined_at = now
+        peer.address = c.address
+        self._audit.append(
+            {
+                "event": "peer-joined",
+                "room": msg.room,
+                "peer": peer_id,
+                "user": peer.user_id,
+                "name": peer.name,
+                "address": c.address,
+            }
+        )
         others = list(room.peers.values())
         self._rooms[room.name] = room
         room.peers[peer_id] = peer
@@ -621,6 +647,16 @@ class Hub:
         """Take ``peer`` out of its room and tell the others; drop the room when empty."""
         if self._peers.pop(peer.id, None) is None:
             return []
+        self._audit.append(
+            {
+                "event": "peer-left",
+                "room": peer.room,
+                "peer": peer.id,
+                "user": peer.user_id,
+                "reason": reason,
+                "duration": round(max(0.0, self._now - peer.joined_at), 3),
+            }
+        )
         if peer.conn is not None:
             c = self._conns.get(peer.conn)
             if c is not None and c.peer is peer:

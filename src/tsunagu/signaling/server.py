@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import hashlib
 import hmac
+import json
 import logging
 import re
 import resource
@@ -38,6 +39,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.abc import AbstractAccessLogger
 
 from tsunagu.config import Config
+from tsunagu.logs import structured
 from tsunagu.signaling import messages as m
 from tsunagu.signaling.access import Access
 from tsunagu.signaling.gate import (
@@ -54,6 +56,7 @@ from tsunagu.signaling.tokens import JoinTokens
 __all__ = ["create_app", "run_web", "STATIC_DIR"]
 
 log = logging.getLogger("tsunagu.signaling")
+audit = logging.getLogger("tsunagu.audit")
 
 STATIC_DIR: Final = Path(__file__).resolve().parent.parent / "web" / "static"
 
@@ -123,6 +126,12 @@ class _State:
     next_id: int = 1
 
     def apply(self, actions: Iterable[Action]) -> None:
+        for record in self.hub.take_audit():
+            audit.info(
+                "%s",
+                json.dumps(record, separators=(",", ":")),
+                extra=structured(record, record["event"].replace("-", " ")),
+            )
         for action in actions:
             link = self.links.get(action.conn)
             if link is None or link.overflowed:

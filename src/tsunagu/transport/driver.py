@@ -111,6 +111,7 @@ class TurnDriver:
             if isinstance(event, AllocationCreated):
                 _hand_to_relays(event.allocation)
                 origin.attach(event.allocation, addr)
+                self._created(event.allocation)
             elif isinstance(event, AllocationEnded):
                 self._ended(event)
             event = server.next_event()
@@ -128,6 +129,7 @@ class TurnDriver:
                 self._ended(event)
             else:  # not expected without a message; relaying still needs the allocation
                 _hand_to_relays(event.allocation)
+                self._created(event.allocation)
             event = server.next_event()
         deadline = server.get_timer()
         if deadline != self._timer_at:
@@ -148,6 +150,24 @@ class TurnDriver:
         self._timer_at = None
         self.server.handle_timer(time.time())
         self.after_core_call()
+
+    def _created(self, allocation: Allocation) -> None:
+        # The start of what "allocation-ended" closes: a call can be followed in the audit
+        # trail from its first allocation on, by user and relayed address.
+        record = {
+            "event": "allocation-created",
+            "worker": self.worker,
+            "user": allocation.username,
+            "client": str(allocation.five_tuple),
+            "relay": [
+                f"{_bracket(ip)}:{port}" for ip, port in allocation.relayed_addresses.values()
+            ],
+        }
+        audit.info(
+            "%s",
+            json.dumps(record, separators=(",", ":")),
+            extra=structured(record, "allocation created"),
+        )
 
     def _ended(self, event: AllocationEnded) -> None:
         allocation = event.allocation
