@@ -28,6 +28,7 @@ from support.interop import (
     HOST,
     HOST6,
     PASSWORD,
+    UCLIENT_SUMMARY,
     USER,
     EchoPeer,
     ServeProcess,
@@ -35,6 +36,7 @@ from support.interop import (
     client_field,
     run_serve,
     turn_allocate,
+    uclient_command,
     udp_echo_server,
 )
 
@@ -44,9 +46,7 @@ UCLIENT_TIMEOUT = 60.0
 MESSAGES = 100
 CLIENTS = 4
 LENGTH = 120
-# uclient's "start_mclient: tot_send_msgs=N, tot_recv_msgs=M" summary; progress lines carry
-# "msz=..." before the counters and are not matched.
-SUMMARY = re.compile(r"start_mclient: tot_send_msgs=(\d+), tot_recv_msgs=(\d+)")
+SUMMARY = UCLIENT_SUMMARY
 LOST = re.compile(r"Total lost packets (\d+)")
 
 MODES = {
@@ -133,29 +133,17 @@ def uclient_runs(
         for mode, (server, host, peer, flags, tmp) in servers.items():
             server.wait_ready()
             port = server.tls_port if "-S" in flags else server.port
-            command = [
-                "turnutils_uclient",
+            command = uclient_command(
+                port,
+                (peer.host, peer.port),
                 *flags,
-                "-u",
-                USER,
-                "-w",
-                PASSWORD,
-                "-e",
-                peer.host,
-                "-r",
-                str(peer.port),
-                "-n",
-                str(MESSAGES),
-                "-m",
-                str(CLIENTS),
-                "-l",
-                str(LENGTH),
                 "-z",
                 "5",
-                "-p",
-                str(port),
-                host,
-            ]
+                messages=MESSAGES,
+                clients=CLIENTS,
+                length=LENGTH,
+                host=host,
+            )
             output_path = tmp / "uclient.out"
             with open(output_path, "wb") as out:
                 process = subprocess.Popen(
@@ -238,25 +226,9 @@ async def test_wrong_password_is_refused_and_server_keeps_serving(
     fresh_serve: ServeProcess, tmp_path: Path
 ) -> None:
     code, out = run_bounded(
-        [
-            "turnutils_uclient",
-            "-u",
-            USER,
-            "-w",
-            "not-" + PASSWORD,
-            "-e",
-            HOST,
-            "-r",
-            "9",
-            "-n",
-            "5",
-            "-m",
-            "1",
-            "-c",
-            "-p",
-            str(fresh_serve.port),
-            HOST,
-        ],
+        uclient_command(
+            fresh_serve.port, (HOST, 9), "-c", messages=5, clients=1, password="not-" + PASSWORD
+        ),
         UCLIENT_TIMEOUT,
     )
     assert code != 0, out

@@ -31,6 +31,7 @@ from support.interop import (
     HOST,
     HOST6,
     PASSWORD,
+    UCLIENT_SUMMARY,
     USER,
     Collector,
     EchoPeer,
@@ -41,6 +42,7 @@ from support.interop import (
     error_code,
     free_ports,
     run_serve,
+    uclient_command,
     udp_echo_server,
 )
 
@@ -50,7 +52,7 @@ UCLIENT_TIMEOUT = 60.0
 MESSAGES = 100
 CLIENTS = 4
 LENGTH = 120
-SUMMARY = re.compile(r"start_mclient: tot_send_msgs=(\d+), tot_recv_msgs=(\d+)")
+SUMMARY = UCLIENT_SUMMARY
 LOG_INTERVAL = 10.0  # the accept loop's logging interval
 NOT_TURN = re.compile(r"closed (\d+) TCP/TLS connections in the last 10 s that spoke neither")
 
@@ -232,29 +234,16 @@ def uclient_runs(
         processes: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
         try:
             for mode, (flags, which) in UCLIENT_MODES.items():
-                command = [
-                    "turnutils_uclient",
+                command = uclient_command(
+                    served.tcp_ports[which],
+                    (echo_peer.host, echo_peer.port),
                     *flags,
-                    "-u",
-                    USER,
-                    "-w",
-                    PASSWORD,
-                    "-e",
-                    echo_peer.host,
-                    "-r",
-                    str(echo_peer.port),
-                    "-n",
-                    str(MESSAGES),
-                    "-m",
-                    str(CLIENTS),
-                    "-l",
-                    str(LENGTH),
                     "-z",
                     "5",
-                    "-p",
-                    str(served.tcp_ports[which]),
-                    HOST,
-                ]
+                    messages=MESSAGES,
+                    clients=CLIENTS,
+                    length=LENGTH,
+                )
                 output = tmp / f"{mode}.out"
                 with open(output, "wb") as out:
                     processes[mode] = (

@@ -28,7 +28,6 @@ import pytest
 
 from support.flood import RetransmittingClient
 from support.interop import (
-    HOST,
     PASSWORD,
     USER,
     EchoPeer,
@@ -37,6 +36,7 @@ from support.interop import (
     relay_range,
     run_coturn,
     run_serve,
+    uclient_command,
 )
 
 pytestmark = pytest.mark.interop
@@ -130,27 +130,10 @@ def test_flood_bytes_out_stay_within_the_budget(server: ServeProcess) -> None:
 
 
 def _run_uclient(port: int, peer: EchoPeer, clients: int, timeout: float) -> tuple[float, str]:
-    command = [
-        "turnutils_uclient",
-        "-u",
-        USER,
-        "-w",
-        PASSWORD,
-        "-e",
-        peer.host,
-        "-r",
-        str(peer.port),
-        "-n",
-        "5",
-        "-c",  # one allocation per client (no RTCP one): 100 for the one user "alice"
-        "-m",
-        str(clients),
-        "-l",
-        "100",
-        "-p",
-        str(port),
-        HOST,
-    ]
+    # -c: one allocation per client (no RTCP one): 100 for the one user "alice".
+    command = uclient_command(
+        port, (peer.host, peer.port), "-c", messages=5, clients=clients, length=100
+    )
     started = time.monotonic()
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from test_interop_coturn import LOST, SUMMARY, run_bounded
 
-from support.interop import HOST, PASSWORD, USER, EchoPeer, run_serve
+from support.interop import HOST, EchoPeer, run_serve, uclient_command
 
 pytestmark = pytest.mark.interop
 
@@ -33,29 +33,16 @@ def test_uclient_through_two_workers(tmp_path: Path, echo_peer: EchoPeer, flags:
         assert len(_children(server.pid)) == 1  # worker 0 is the server process itself
         for _ in range(2):
             code, out = run_bounded(
-                [
-                    "turnutils_uclient",
+                uclient_command(
+                    server.port,
+                    (echo_peer.host, echo_peer.port),
                     *flags,
-                    "-u",
-                    USER,
-                    "-w",
-                    PASSWORD,
-                    "-e",
-                    echo_peer.host,
-                    "-r",
-                    str(echo_peer.port),
-                    "-n",
-                    "50",
-                    "-m",
-                    "8",
-                    "-l",
-                    "100",
                     "-z",
                     "5",
-                    "-p",
-                    str(server.port),
-                    HOST,
-                ],
+                    messages=50,
+                    clients=8,
+                    length=100,
+                ),
                 60.0,
             )
             assert code == 0, out

@@ -606,3 +606,29 @@ def run_coturn(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(5)
+
+
+UCLIENT_SUMMARY = re.compile(r"start_mclient: tot_send_msgs=(\d+), tot_recv_msgs=(\d+)")
+"""turnutils_uclient's closing "start_mclient: tot_send_msgs=N, tot_recv_msgs=M" (its
+progress lines carry "msz=..." before the counters and are not matched)."""
+
+
+def uclient_command(
+    port: int,
+    peer: tuple[str, int],
+    *flags: str,
+    messages: int,
+    clients: int,
+    length: int | None = None,
+    host: str = HOST,
+    user: str = USER,
+    password: str = PASSWORD,
+) -> list[str]:
+    """coturn's ``turnutils_uclient``: ``clients`` clients of ``user`` on ``host:port`` each
+    send ``messages`` messages (of ``length`` bytes) to ``peer`` and count what comes back;
+    ``flags`` are uclient's own (``-t`` TCP, ``-S`` TLS, ``-c`` no RTCP allocation...)."""
+    command = ["turnutils_uclient", *flags, "-u", user, "-w", password]
+    command += ["-e", peer[0], "-r", str(peer[1]), "-n", str(messages), "-m", str(clients)]
+    if length is not None:
+        command += ["-l", str(length)]
+    return [*command, "-p", str(port), host]
