@@ -130,23 +130,44 @@ def _transaction(
 ) -> _Answer | None:
     """One Binding transaction, retransmitted, bounded by ``timeout``; None if no answer."""
     request, txid = _request(attributes)
+    return _exchange(sock, sock, destination, request, txid, timeout, answer=True)
+
+
+def _exchange(
+    sender: socket.socket,
+    receiver: socket.socket,
+    destination: tuple[str, int],
+    request: bytes,
+    txid: bytes,
+    timeout: float,
+    *,
+    answer: bool,
+) -> _Answer | None:
+    """Send ``request`` from ``sender`` (retransmitted, bounded by ``timeout``) until
+    ``receiver`` gets the message of that transaction: its answer, or with ``answer`` false
+    the request itself (a hairpinned one)."""
     clock = time.perf_counter
     retransmit = Retransmitter(reliable=False, timeout=timeout)
-    sock.sendto(retransmit.start(request, clock()), destination)
+    sender.sendto(retransmit.start(request, clock()), destination)
     while True:
         deadline = retransmit.deadline
         if deadline is None:
             return None
-        for data, source in _receive(sock, deadline - clock()):
+        for data, source in _receive(receiver, deadline - clock()):
             try:
                 reply = wire.parse_reply(data)
             except wire.WireError:
                 continue
-            if reply.txid == txid and reply.klass != wire.CLASS_REQUEST:
+            if reply.txid == txid and (reply.klass != wire.CLASS_REQUEST) == answer:
                 return _Answer(reply, source)
         again = retransmit.poll(clock())
         if again is not None:
-            sock.sendto(again, destination)
+            try:
+                sender.sendto(again, destination)
+            except OSError:
+                if answer:
+                    raise
+                # Sending to our own mapped address may be refused: no hairpinning, then.
 
 
 def _change_request(flags: int) -> tuple[int, bytes]:
@@ -362,26 +383,7 @@ def _hairpin(
     sender = _socket(local_ip)
     sockets.append(sender)
     request, txid = _request([])
-    clock = time.perf_counter
-    retransmit = Retransmitter(reliable=False, timeout=timeout)
-    sender.sendto(retransmit.start(request, clock()), mapped)
-    while True:
-        deadline = retransmit.deadline
-        if deadline is None:
-            return False
-        for data, _ in _receive(sock, deadline - clock()):
-            try:
-                message = wire.parse_reply(data)
-            except wire.WireError:
-                continue
-            if message.txid == txid and message.klass == wire.CLASS_REQUEST:
-                return True
-        again = retransmit.poll(clock())
-        if again is not None:
-            try:
-                sender.sendto(again, mapped)
-            except OSError:
-                pass
+    return _exchange(sender, sock, mapped, request, txid, timeout, answer=False) is not None
 
 
 def _lifetime(
