@@ -22,11 +22,15 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
     "DROP_UDP",
+    "Internet",
+    "ROUTER_KINDS",
+    "Site",
     "LINK_CLIENT",
     "LINK_SERVER",
     "PORT",
@@ -34,6 +38,7 @@ __all__ = [
     "SERVER2",
     "WAN",
     "dropped_packets",
+    "internet_lab",
     "link_lab",
     "nat_lab",
     "serve_in",
@@ -230,3 +235,258 @@ def dropped_packets(client: str) -> int:
         if "counter packets" in line:
             return int(line.split("counter packets", 1)[1].split()[0])
     raise AssertionError(out)
+
+
+# --- an internet of sites: each a router of some kind and the hosts behind it ----------------
+
+ROUTER_KINDS = ("cone", "symmetric", "full-cone", "tcp443", "proxy")
+"""What a site's router does with its hosts' traffic:
+
+- ``cone``: ``masquerade`` (endpoint-independent mapping), unsolicited input dropped;
+- ``symmetric``: ``masquerade fully-random`` (a new port per destination);
+- ``full-cone``: ``cone``, and any inbound UDP sent on to the first host (a DMZ);
+- ``tcp443``: ``cone``, but only TCP to port 443 is forwarded out (UDP blocked);
+- ``proxy``: nothing forwarded; the site's only way out is a proxy on the router's LAN
+  address (``run_squid(..., netns=site.router)`` in tests/support/proxy.py starts one).
+"""
+
+
+@dataclass(frozen=True)
+class Site:
+    """One site of an :func:`internet_lab`."""
+
+    kind: str
+    router: str
+    hosts: tuple[str, ...]
+    wan: str
+    """The router's address on the internet."""
+    addresses: tuple[str, ...]
+    """Each host's address on the site's LAN (the gateway is ``gateway``)."""
+    gateway: str
+    network: str
+    """The LAN, as CIDR."""
+    chromium: tuple[Path, ...]
+    """An executable per host that runs Chromium in that host's namespace."""
+
+    @property
+    def host(self) -> str:
+        return self.hosts[0]
+
+    @property
+    def address(self) -> str:
+        return self.addresses[0]
+
+    def run(self, *argv: str, host: int = 0) -> list[str]:
+        """A command line that runs ``argv`` on one of the site's hosts."""
+        return ["ip", "netns", "exec", self.hosts[host], *argv]
+
+
+@dataclass(frozen=True)
+class Internet:
+    """The internet namespace and its sites."""
+
+    inet: str
+    sites: tuple[Site, ...]
+
+    def crossed(self) -> int:
+        """Packets the internet has forwarded between sites or received from them so far
+        (the ``crossed`` counter of its bridge)."""
+        out = subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.inet,
+                "nft",
+                "list",
+                "counter",
+                "bridge",
+                "lab",
+                "crossed",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        ).stdout
+        for line in out.splitlines():
+            if line.strip().startswith("packets "):
+                return int(line.split()[1])
+        raise AssertionError(out)
+
+
+def _router_rules(kind: str, wan: str, lan: str, first_host: str, extra: str) -> str:
+    nat = {
+        "cone": "masquerade",
+        "tcp443": "masquerade",
+        "full-cone": "masquerade",
+        "symmetric": "masquerade fully-random",
+    }.get(kind)
+    rules = ""
+    if nat is not None:
+        rules += (
+            "table ip nat {\n"
+            "  chain postrouting { type nat hook postrouting priority srcnat; policy accept;\n"
+            f'    oifname "{wan}" {nat}\n'
+            "  }\n"
+        )
+        if kind == "full-cone":
+            rules += (
+                "  chain prerouting { type nat hook prerouting priority dstnat; policy accept;\n"
+                f'    iifname "{wan}" meta l4proto udp dnat to {first_host}\n'
+                "  }\n"
+            )
+        rules += "}\n"
+    forward = ""
+    if kind == "tcp443":
+        forward = (
+            "  chain forward { type filter hook forward priority filter; policy drop;\n"
+            "    ct state established,related accept\n"
+            f'    iifname "{lan}" oifname "{wan}" tcp dport 443 accept\n'
+            f'    iifname "{lan}" oifname "{wan}" counter\n'
+            "  }\n"
+        )
+    rules += (
+        "table inet home {\n"
+        "  chain input { type filter hook input priority filter; policy drop;\n"
+        "    ct state established,related accept\n"
+        '    iifname "lo" accept\n'
+        f'    iifname "{lan}" accept\n'
+        "    icmp type echo-request accept\n"
+        "  }\n" + forward + "}\n"
+    )
+    return rules + extra
+
+
+@contextlib.contextmanager
+def internet_lab(
+    tmp: Path,
+    *kinds: str,
+    hosts: int | Sequence[int] = 1,
+    router_rules: Sequence[str] | None = None,
+) -> Iterator[Internet]:
+    """An "internet" namespace (a bridge holding ``SERVER`` and ``SERVER2``; its default
+    route leads nowhere, as /work/shared/NATLAB.md trap 2 asks) and one site per kind in
+    ``kinds`` (:data:`ROUTER_KINDS`). Site ``i`` has router WAN 198.18.0.(10+i) and LAN
+    10.(80+i).0.0/24 with the router at .1 and ``hosts`` hosts from .2 on; each host has a
+    default route through its router. ``router_rules`` adds nftables text per site.
+
+    UDP mappings of the routers last 30 s after their last packet; everything is deleted
+    by exact name afterwards."""
+    _tools()
+    for kind in kinds:
+        assert kind in ROUTER_KINDS, kind
+    counts = [hosts] * len(kinds) if isinstance(hosts, int) else list(hosts)
+    extras = list(router_rules) if router_rules is not None else [""] * len(kinds)
+    prefix = f"ti{secrets.token_hex(3)}"
+    inet = f"{prefix}-inet"
+    made: list[str] = []
+
+    def netns(name: str) -> str:
+        sh("ip", "netns", "add", name)
+        made.append(name)
+        sh("ip", "-n", name, "link", "set", "lo", "up")
+        return name
+
+    try:
+        netns(inet)
+        sh("ip", "-n", inet, "link", "add", "name", "wire", "type", "bridge")
+        for address in (SERVER, SERVER2):
+            sh("ip", "-n", inet, "addr", "add", f"{address}/24", "dev", "wire")
+        sh("ip", "-n", inet, "link", "set", "wire", "up")
+        # Everything not in the lab goes into a link whose far end drops it.
+        sh(
+            "ip",
+            "-n",
+            inet,
+            "link",
+            "add",
+            "name",
+            "void",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "void-end",
+        )
+        sh("ip", "-n", inet, "addr", "add", "198.19.255.1/30", "dev", "void")
+        for dev in ("void", "void-end"):
+            sh("ip", "-n", inet, "link", "set", dev, "up")
+        sh("ip", "-n", inet, "route", "add", "default", "via", "198.19.255.2")
+        counter = tmp / "internet.nft"
+        counter.write_text(
+            "table bridge lab {\n"
+            "  chain forward { type filter hook forward priority filter; policy accept;\n"
+            "    counter name crossed\n"
+            "  }\n"
+            "  chain input { type filter hook input priority filter; policy accept;\n"
+            "    counter name crossed\n"
+            "  }\n"
+            "  counter crossed { }\n"
+            "}\n"
+        )
+        sh("ip", "netns", "exec", inet, "nft", "-f", str(counter))
+        sites: list[Site] = []
+        for i, (kind, count, extra) in enumerate(zip(kinds, counts, extras, strict=True)):
+            router = netns(f"{prefix}-r{i}")
+            wan_dev, lan_dev, port = f"{prefix}w{i}", f"{prefix}l{i}", f"{prefix}p{i}"
+            sh("ip", "link", "add", port, "netns", inet, "type", "veth", "peer", "name", wan_dev,
+               "netns", router)  # fmt: skip
+            sh("ip", "-n", inet, "link", "set", port, "master", "wire")
+            sh("ip", "-n", inet, "link", "set", port, "up")
+            wan = f"198.18.0.{10 + i}"
+            gateway = f"10.{80 + i}.0.1"
+            sh("ip", "-n", router, "addr", "add", f"{wan}/24", "dev", wan_dev)
+            sh("ip", "-n", router, "link", "set", wan_dev, "up")
+            sh("ip", "-n", router, "link", "add", "name", lan_dev, "type", "bridge")
+            sh("ip", "-n", router, "addr", "add", f"{gateway}/24", "dev", lan_dev)
+            sh("ip", "-n", router, "link", "set", lan_dev, "up")
+            forwarding = "0" if kind == "proxy" else "1"
+            sh("ip", "netns", "exec", router, "sysctl", "-qw", f"net.ipv4.ip_forward={forwarding}")
+            names: list[str] = []
+            addresses: list[str] = []
+            wrappers: list[Path] = []
+            for j in range(count):
+                host = netns(f"{prefix}-h{i}{j}")
+                address = f"10.{80 + i}.0.{2 + j}"
+                inside, outside = f"{prefix}e{i}{j}", f"{prefix}x{i}{j}"
+                sh("ip", "link", "add", outside, "netns", router, "type", "veth", "peer", "name",
+                   inside, "netns", host)  # fmt: skip
+                sh("ip", "-n", router, "link", "set", outside, "master", lan_dev)
+                sh("ip", "-n", router, "link", "set", outside, "up")
+                sh("ip", "-n", host, "addr", "add", f"{address}/24", "dev", inside)
+                sh("ip", "-n", host, "link", "set", inside, "up")
+                sh("ip", "-n", host, "route", "add", "default", "via", gateway)
+                wrapper = tmp / f"chromium-{i}{j}"
+                wrapper.write_text(f'#!/bin/sh\nexec ip netns exec {host} {_chromium()} "$@"\n')
+                wrapper.chmod(0o755)
+                names.append(host)
+                addresses.append(address)
+                wrappers.append(wrapper)
+            rules = tmp / f"router-{i}.nft"
+            rules.write_text(_router_rules(kind, wan_dev, lan_dev, addresses[0], extra))
+            if rules.read_text():
+                sh("ip", "netns", "exec", router, "nft", "-f", str(rules))
+            sh("ip", "netns", "exec", router, "sysctl", "-qw",
+               "net.netfilter.nf_conntrack_udp_timeout=30")  # fmt: skip
+            sites.append(
+                Site(
+                    kind,
+                    router,
+                    tuple(names),
+                    wan,
+                    tuple(addresses),
+                    gateway,
+                    f"10.{80 + i}.0.0/24",
+                    tuple(wrappers),
+                )  # fmt: skip
+            )
+        yield Internet(inet, tuple(sites))
+    finally:
+        for ns in reversed(made):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
+
+
+def _chromium() -> str:
+    from support.browser import CHROMIUM
+
+    return CHROMIUM
