@@ -289,7 +289,7 @@ class Internet:
     sites: tuple[Site, ...]
 
     def crossed(self) -> int:
-        """Packets the internet has forwarded between sites or received from them so far
+        """IPv4 packets the internet has forwarded between sites or received from them so far
         (the ``crossed`` counter of its bridge)."""
         out = subprocess.run(
             [
@@ -416,10 +416,10 @@ def internet_lab(
         counter.write_text(
             "table bridge lab {\n"
             "  chain forward { type filter hook forward priority filter; policy accept;\n"
-            "    counter name crossed\n"
+            "    ether type ip counter name crossed\n"
             "  }\n"
             "  chain input { type filter hook input priority filter; policy accept;\n"
-            "    counter name crossed\n"
+            "    ether type ip counter name crossed\n"
             "  }\n"
             "  counter crossed { }\n"
             "}\n"
