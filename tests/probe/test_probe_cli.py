@@ -13,7 +13,7 @@ import pytest
 from tsunagu.cli import main
 from tsunagu.probe import cli as probe_cli
 from tsunagu.probe.net import Proxy, parse_pin
-from tsunagu.probe.verdicts import Verdict, quota_reached, server_full, summary
+from tsunagu.probe.verdicts import Tried, Verdict, quota_reached, server_full, summary
 
 
 def test_subcommand_table_lists_stun_turn_nat_and_load(
@@ -120,12 +120,44 @@ def test_proxy_urls() -> None:
 def test_summary_of_several_urls() -> None:
     ok = Verdict("ok", "fine")
     bad = Verdict("no-answer", "No answer.", "Unblock UDP.")
-    assert summary([("turn:a", ok)]) is ok
-    assert summary([("turn:a", ok), ("turn:b", ok)]).code == "ok"
-    both = summary([("turn:a", ok), ("turn:b", bad)])
-    assert both.code == "no-answer" and not both.ok
-    assert both.sentence == "1 of 2 URLs work; turn:b: No answer."
-    assert both.advice == "Unblock UDP."
+    refused = Verdict("connection-refused", "Refused.")
+    assert summary([Tried("turn:a", "udp", ok)]) is ok
+    assert summary([Tried("turn:a", "udp", ok), Tried("turn:b", "tcp", ok)]).code == "ok"
+    both = summary([Tried("turn:a", "tcp", ok), Tried("turn:b", "udp", refused)])
+    assert both.code == "connection-refused" and not both.ok
+    assert both.sentence == "1 of 2 URLs work; turn:b: Refused."
+    # Two UDP URLs, both silent: not a network pattern, only a count.
+    udp_only = summary([Tried("turn:a", "udp", bad), Tried("turn:b", "udp", bad)])
+    assert udp_only.code == "no-answer" and udp_only.advice == "Unblock UDP."
+
+
+def test_summary_names_the_network() -> None:
+    ok = Verdict("ok", "fine")
+    silent = Verdict("no-answer", "No answer.")
+    unreachable = Verdict("unreachable", "No route.")
+    refused = Verdict("connection-refused", "Refused.")
+    udp, tls = "turn:s:3478", "turns:s:443?transport=tcp"
+    blocked_udp = summary([Tried(udp, "udp", silent), Tried(tls, "tls", ok)])
+    assert blocked_udp.code == "udp-blocked" and not blocked_udp.ok
+    assert blocked_udp.sentence == (
+        f"UDP is blocked on this network: {udp} got no answer, but {tls} works."
+    )
+    nothing = summary([Tried(udp, "udp", silent), Tried(tls, "tls", unreachable)])
+    assert nothing.code == "blocked" and "--proxy" in nothing.advice
+    # A refusal is an answer: something is there, so the network is not named.
+    mixed = summary([Tried(udp, "udp", silent), Tried(tls, "tls", refused)])
+    assert mixed.code == "no-answer" and mixed.sentence.startswith("0 of 2 URLs work;")
+    proxied = [Tried(udp, "udp", silent), Tried(tls, "tls", ok, proxied=True)]
+    only = summary(proxied, direct=Verdict("no-answer", "The TCP connection got no answer."))
+    assert only.code == "proxy-only" and not only.ok
+    assert only.sentence == (
+        f"This network lets traffic out only through the HTTP proxy: {tls} works through it, "
+        "but nothing reaches the server directly (the TCP connection got no answer)."
+    )
+    # The proxy is configured, but the server can be reached without it too.
+    assert summary(proxied, direct=ok).code == "no-answer"
+    assert summary(proxied[1:], direct=ok).code == "ok"
+    assert summary(proxied[1:], direct=silent).code == "proxy-only"
 
 
 def test_the_servers_reason_is_not_repeated() -> None:

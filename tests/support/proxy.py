@@ -71,9 +71,10 @@ class Squid:
     process: subprocess.Popen[bytes]
     port: int
     directory: Path
+    host: str = HOST
 
     def url(self, user: str = USER, password: str = PASSWORD) -> str:
-        return f"http://{user}:{password}@{HOST}:{self.port}"
+        return f"http://{user}:{password}@{self.host}:{self.port}"
 
     def access_log(self) -> str:
         try:
@@ -82,11 +83,11 @@ class Squid:
             return ""
 
 
-def _config(directory: Path, port: int, ports: Sequence[int]) -> str:
+def _config(directory: Path, host: str, port: int, ports: Sequence[int]) -> str:
     d = directory
     return "\n".join(
         [
-            f"http_port {HOST}:{port}",
+            f"http_port {host}:{port}",
             f"pid_filename {d}/squid.pid",
             f"cache_log {d}/cache.log",
             f"access_log stdio:{d}/access.log",
@@ -114,17 +115,27 @@ def _config(directory: Path, port: int, ports: Sequence[int]) -> str:
     )
 
 
-def _accepts(port: int) -> bool:
+def _accepts(host: str, port: int, netns: str | None) -> bool:
+    if netns is not None:
+        done = subprocess.run(
+            ["ip", "netns", "exec", netns, "ss", "-Hltn", f"sport = :{port}"],
+            capture_output=True,
+            timeout=10,
+        )
+        return bool(done.stdout.strip())
     try:
-        with socket.create_connection((HOST, port), timeout=0.2):
+        with socket.create_connection((host, port), timeout=0.2):
             return True
     except OSError:
         return False
 
 
 @contextlib.contextmanager
-def run_squid(allowed_ports: Sequence[int]) -> Iterator[Squid]:
-    """squid allowing authenticated CONNECT to ``allowed_ports`` on any host, nothing else."""
+def run_squid(
+    allowed_ports: Sequence[int], *, netns: str | None = None, host: str = HOST
+) -> Iterator[Squid]:
+    """squid allowing authenticated CONNECT to ``allowed_ports`` on any host, nothing else;
+    listening on ``host``, in network namespace ``netns`` if given (on port 3128 there)."""
     assert os.path.exists(SQUID), "squid is part of the test setup (scripts/setup --test)"
     directory = Path(tempfile.mkdtemp(prefix="squid-", dir="/tmp"))
     shutil.chown(directory, "proxy", "proxy")
@@ -132,18 +143,19 @@ def run_squid(allowed_ports: Sequence[int]) -> Iterator[Squid]:
     passwd = directory / "passwd"
     passwd.write_text(f"{USER}:{md5_crypt(PASSWORD, os.urandom(6).hex()[:8])}\n")
     passwd.chmod(0o644)
-    port = free_port(udp=False)
-    (directory / "squid.conf").write_text(_config(directory, port, allowed_ports))
+    port = free_port(udp=False) if netns is None else 3128
+    (directory / "squid.conf").write_text(_config(directory, host, port, allowed_ports))
     log = open(directory / "squid.out", "wb")
+    wrap = ["ip", "netns", "exec", netns] if netns is not None else []
     process = subprocess.Popen(
-        [SQUID, "-N", "-f", str(directory / "squid.conf")],
+        [*wrap, SQUID, "-N", "-f", str(directory / "squid.conf")],
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 15
-        while not _accepts(port):
+        while not _accepts(host, port, netns):
             if process.poll() is not None:
                 raise RuntimeError(
                     f"squid exited with {process.returncode}:\n"
@@ -152,7 +164,7 @@ def run_squid(allowed_ports: Sequence[int]) -> Iterator[Squid]:
                 )
             assert time.monotonic() < deadline, "squid did not listen in 15 s"
             time.sleep(0.05)
-        yield Squid(process, port, directory)
+        yield Squid(process, port, directory, host)
     finally:
         if process.poll() is None:
             os.kill(process.pid, signal.SIGINT)

@@ -26,13 +26,14 @@ from typing import Any
 
 from ..auth.rest import mint_credentials
 from ..config import parse_alternate_server, parse_user
-from . import verdicts
+from . import net, verdicts
 from .checks import CheckResult, Observer, StunOptions, TurnOptions, check_stun, check_turn
 from .load import PROBE_BYTES, LoadSpec, run
 from .nat import NatOptions, check_nat
 from .net import Proxy, TlsOptions, parse_pin
 from .output import JsonOutput, TextOutput, json_report
 from .urls import IceUrl, UrlError, parse_ice_url
+from .verdicts import Verdict
 
 __all__ = ["SUBCOMMANDS", "Subcommand", "probe_command"]
 
@@ -323,12 +324,35 @@ def _through(proxy: Proxy | None, url: IceUrl) -> str:
     return f" through {proxy}" if proxy is not None and url.transport != "udp" else ""
 
 
+def _direct_beside_proxy(
+    results: list[CheckResult], proxy: Proxy | None, timeout: float
+) -> Verdict | None:
+    """With a proxy that worked: can this host reach the server without it? The answer
+    tells a proxy-only network from one where the proxy is merely configured."""
+    if proxy is None:
+        return None
+    through = next((r for r in results if r.proxy is not None and r.verdict.ok), None)
+    if through is None:
+        return None
+    try:
+        address = net.resolve(through.url.host, through.url.port, stream=True)
+        net.connect_tcp(address, min(timeout, 3.0)).close()
+    except verdicts.Failure as failure:
+        return failure.verdict
+    except OSError as exc:
+        return verdicts.unreachable(through.url.authority, exc.strerror or str(exc))
+    return Verdict("ok", f"{through.url.authority} is reachable without the proxy too.")
+
+
 def _run_checks(
     probe: str,
     urls: list[IceUrl],
     check: Callable[[IceUrl, Observer], CheckResult],
     heading: Callable[[IceUrl], str],
     as_json: bool,
+    *,
+    proxy: Proxy | None = None,
+    timeout: float = 2.0,
 ) -> int:
     output: TextOutput | JsonOutput
     if as_json:
@@ -348,7 +372,12 @@ def _run_checks(
     except KeyboardInterrupt:
         sys.stdout.write("\n")
         return 130
-    overall = verdicts.summary([(str(r.url), r.verdict) for r in results])
+    direct = _direct_beside_proxy(results, proxy, timeout)
+    tried = [
+        verdicts.Tried(str(r.url), r.url.transport, r.verdict, proxied=r.proxy is not None)
+        for r in results
+    ]
+    overall = verdicts.summary(tried, direct=direct)
     if isinstance(output, TextOutput):
         if len(results) > 1:
             output.heading("")
@@ -394,6 +423,8 @@ def stun_command(argv: list[str], prog: str) -> int:
         lambda url, observer: check_stun(url, options, observer),
         heading,
         args.json,
+        proxy=options.proxy,
+        timeout=options.timeout,
     )
 
 
@@ -520,6 +551,8 @@ def turn_command(argv: list[str], prog: str) -> int:
         lambda url, observer: check_turn(url, options, observer),
         heading,
         args.json,
+        proxy=options.proxy,
+        timeout=options.timeout,
     )
 
 

@@ -38,6 +38,9 @@ nat-none               probe nat: no NAT, nothing filters (or a firewall filters
 nat-cone               probe nat: endpoint-independent mapping (filtering named)
 nat-symmetric          probe nat: address(-and-port)-dependent mapping
 nat-undetermined       probe nat: the server has no RFC 5780 (or it broke off)
+udp-blocked            several URLs: UDP ones got no answer, TCP or TLS ones work
+blocked                several URLs: none got through, over UDP, TCP or TLS
+proxy-only             with --proxy: it works through the proxy, nothing goes direct
 =====================  ============================================================
 
 ``ok`` and the first three ``nat-`` codes are a check that ended well (exit status 0).
@@ -49,7 +52,7 @@ import datetime
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Failure", "Verdict"]
+__all__ = ["Failure", "Tried", "Verdict"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -478,21 +481,88 @@ def nat_undetermined(url: str, mapped: str, local: str) -> Verdict:
     )
 
 
-def summary(verdicts: list[tuple[str, Verdict]]) -> Verdict:
-    """One verdict for several URLs: all well, or the first failure with a count."""
-    failed = [(url, v) for url, v in verdicts if not v.ok]
-    if len(verdicts) == 1:
-        return verdicts[0][1]
+_NOTHING_CAME_BACK = frozenset({"no-answer", "unreachable"})
+
+
+@dataclass(frozen=True, slots=True)
+class Tried:
+    """One URL's verdict, with how it was reached: what :func:`summary` reasons about."""
+
+    url: str
+    transport: str
+    """``udp``, ``tcp`` or ``tls``."""
+    verdict: Verdict
+    proxied: bool = False
+
+
+def summary(tried: list[Tried], *, direct: Verdict | None = None) -> Verdict:
+    """One verdict for several URLs. It names the network when the pattern says what it is:
+    UDP blocked while TCP or TLS works; nothing getting out at all; or, with a proxy, the
+    proxy as the only way out (``direct``: a plain TCP connection tried beside the proxy's).
+    Otherwise all well, or the first failure with a count."""
+    if len(tried) == 1 and direct is None:
+        return tried[0].verdict
+    failed = [t for t in tried if not t.verdict.ok]
+    udp = [t for t in tried if t.transport == "udp"]
+    streams = [t for t in tried if t.transport != "udp"]
+    udp_silent = bool(udp) and all(t.verdict.code in _NOTHING_CAME_BACK for t in udp)
+    working = [t for t in streams if t.verdict.ok]
+    if working and working[0].proxied and direct is not None and not direct.ok:
+        if direct.code in _NOTHING_CAME_BACK | {"dns-failed"} and (not udp or udp_silent):
+            return proxy_only(working[0].url, direct)
+    if udp_silent and working and not working[0].proxied:
+        return udp_blocked([t.url for t in udp], working[0].url)
+    if (
+        streams
+        and not any(t.proxied for t in tried)
+        and all(t.verdict.code in _NOTHING_CAME_BACK for t in tried)
+    ):
+        return blocked(len(tried))
     if not failed:
         return Verdict(
             "ok",
-            "Both URLs work." if len(verdicts) == 2 else f"All {len(verdicts)} URLs work.",
+            "Both URLs work." if len(tried) == 2 else f"All {len(tried)} URLs work.",
             "Nothing to do; if a call still fails, check the signaling.",
         )
-    url, first = failed[0]
-    working = len(verdicts) - len(failed)
+    first = failed[0]
     return Verdict(
-        first.code,
-        f"{working} of {len(verdicts)} URLs work; {url}: {first.sentence}",
-        first.advice,
+        first.verdict.code,
+        f"{len(tried) - len(failed)} of {len(tried)} URLs work; {first.url}: "
+        f"{first.verdict.sentence}",
+        first.verdict.advice,
+    )
+
+
+def udp_blocked(udp_urls: list[str], working: str) -> Verdict:
+    listed = ", ".join(udp_urls)
+    return Verdict(
+        "udp-blocked",
+        f"UDP is blocked on this network: {listed} got no answer, but {working} works.",
+        "Calls from here relay over TCP or TLS, with more delay under loss. Give clients "
+        "turn:…?transport=tcp and turns: URLs (TLS on port 443 passes most firewalls), or "
+        "ask for the server's UDP port to be opened outbound.",
+    )
+
+
+def blocked(count: int) -> Verdict:
+    return Verdict(
+        "blocked",
+        f"None of the {count} URLs got through: nothing reaches the server over UDP, TCP or "
+        "TLS. A firewall blocks the way out, or this network lets out only what goes "
+        "through a web proxy.",
+        "If browsers here use a proxy (the system's or the browser's proxy settings), run "
+        "again with --proxy http://user:password@proxy:port and a turns: URL on port 443; "
+        "otherwise check the server's address and the firewalls on the way.",
+    )
+
+
+def proxy_only(working: str, direct: Verdict) -> Verdict:
+    return Verdict(
+        "proxy-only",
+        f"This network lets traffic out only through the HTTP proxy: {working} works through "
+        f"it, but nothing reaches the server directly ({direct.sentence[:1].lower()}"
+        f"{direct.sentence[1:].rstrip('.')}).",
+        "Calls from here need the browser's proxy settings (with the proxy's credentials) "
+        "and a turns: URL on port 443 in the ICE servers; the proxy must allow CONNECT to "
+        "that port.",
     )
