@@ -49,6 +49,7 @@ CONTRACT_FIELDS = [
     "rest_check_on_refresh",
     "allowed_peer_ips",
     "denied_peer_ips",
+    "internal_networks",
     "cert",
     "pkey",
     "stun_only",
@@ -287,8 +288,10 @@ EVERY_FIELD: list[tuple[str, str, list[str], Any]] = [
 def test_every_field_is_exercised() -> None:
     # The credential files are read while loading: test_users_and_secrets_from_files.
     files = {"user_file", "static_auth_secret_file"}
-    # rfc5780 needs two listening IPs: test_rfc5780_from_file_and_flags.
-    covered = {row[0] for row in EVERY_FIELD} | {"use_auth_secret", "pkey", "rfc5780"} | files
+    # rfc5780 needs two listening IPs: test_rfc5780_from_file_and_flags; internal_networks
+    # an address of the web server inside them: test_internal_networks_from_file_and_flags.
+    special = {"use_auth_secret", "pkey", "rfc5780", "internal_networks"}
+    covered = {row[0] for row in EVERY_FIELD} | special | files
     assert covered == set(CONTRACT_FIELDS)
 
 
@@ -644,6 +647,7 @@ def test_help_lists_every_field_flag(capsys: pytest.CaptureFixture[str]) -> None
         "static_auth_secrets": "--static-auth-secret",
         "allowed_peer_ips": "--allowed-peer-ip",
         "denied_peer_ips": "--denied-peer-ip",
+        "internal_networks": "--internal-network",
         "alternate_servers": "--alternate-server",
         "aux_servers": "--aux-server",
         "join_secrets": "--join-secret",
@@ -839,3 +843,107 @@ def test_rfc5780_behind_a_nat_maps_both_addresses() -> None:
         }
     )
     assert config.rfc5780_pairs == ((A1, A2),)
+
+
+# --- internal networks ------------------------------------------------------------------------
+
+INTERNAL = {"internal_networks": ["10.80.0.0/24", "fd00:80::/64"], "web_ip": "10.80.0.4"}
+
+
+def test_internal_networks_from_file_and_flags(tmp_path: Path) -> None:
+    expected = (ipaddress.ip_network("10.80.0.0/24"), ipaddress.ip_network("fd00:80::/64"))
+    assert Config().internal_networks == ()
+    text = 'internal-networks = ["10.80.0.0/24", "fd00:80::/64"]\nweb-ip = "10.80.0.4"\n'
+    from_file = load_config(["-c", write_toml(tmp_path, text)])
+    assert from_file.internal_networks == expected
+    flags = ["--internal-network", "10.80.0.0/24", "--internal-network", "fd00:80::/64"]
+    from_flags = load_config([*flags, "--web-ip", "10.80.0.4"])
+    assert from_flags == from_file
+    # The command line's list replaces the file's.
+    narrower = load_config(["-c", write_toml(tmp_path, text), "--internal-network", "10.80.0.0/16"])
+    assert narrower.internal_networks == (ipaddress.ip_network("10.80.0.0/16"),)
+    # A single address is a network of one; worker processes read back what they were given.
+    one = parse_config({**INTERNAL, "internal_networks": ["10.80.0.4"]})
+    assert one.internal_networks == (ipaddress.ip_network("10.80.0.4/32"),)
+    assert config_from_json(config_to_json(from_file)) == from_file
+    assert config_to_json(from_file)["internal_networks"] == ["10.80.0.0/24", "fd00:80::/64"]
+
+
+@pytest.mark.parametrize(
+    ("entry", "words"),
+    [
+        ("10.80.0.1/24", "did you mean 10.80.0.0/24"),
+        ("0.0.0.0/0", "every address"),
+        ("::/0", "every address"),
+        ("10.80.0.0-10.80.0.9", "CIDR network"),
+        ("office", "CIDR network"),
+        ("10.80.0.0/33", "CIDR network"),
+    ],
+)
+def test_internal_networks_refuse_what_is_not_a_network(entry: str, words: str) -> None:
+    message = config_error(parse_config, {**INTERNAL, "internal_networks": [entry]})
+    assert message.startswith("config: internal_networks: "), message
+    assert words in message, message
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "address"),
+    [
+        ({"listening_ips": ["10.80.0.4", "192.0.2.4"]}, "listening_ips", "192.0.2.4"),
+        ({"relay_ips": ["10.81.0.4"]}, "relay_ips", "10.81.0.4"),
+        ({"aux_servers": ["192.0.2.4:443"]}, "aux_servers", "192.0.2.4"),
+        ({"external_ips": ["203.0.113.4/10.80.0.4"]}, "external_ips", "203.0.113.4"),
+        ({"external_ips": ["10.80.0.9/10.79.0.4"]}, "external_ips", "10.79.0.4"),
+        ({"web_ip": "127.0.0.1"}, "web_ip", "127.0.0.1"),
+        ({"listening_ips": ["fd00:81::4"]}, "listening_ips", "fd00:81::4"),
+    ],
+)
+def test_internal_networks_refuse_a_server_address_outside_them(
+    extra: dict[str, Any], key: str, address: str
+) -> None:
+    message = config_error(parse_config, {**INTERNAL, **extra})
+    assert message.startswith(f"config: {key}: {address} lies outside internal_networks"), message
+    assert "(10.80.0.0/24, fd00:80::/64)" in message, message
+
+
+def test_internal_networks_take_wildcards_and_addresses_inside_them() -> None:
+    config = parse_config(
+        {
+            **INTERNAL,
+            "listening_ips": ["0.0.0.0", "fd00:80::4"],
+            "relay_ips": ["10.80.0.4"],
+            "aux_servers": ["[::]:443"],
+            "external_ips": ["10.80.0.9/10.80.0.4"],
+        }
+    )
+    assert config.relay_ips == (ip("10.80.0.4"),)
+    # The web server on every address: who connects from outside cannot join (signaling).
+    wildcard = {**INTERNAL, "web_ip": "0.0.0.0", "room_access": "open"}
+    assert parse_config(wildcard).web_ip == "0.0.0.0"
+    # Without the web server its address does not matter.
+    assert parse_config({**INTERNAL, "web_ip": "127.0.0.1", "no_web": True}).no_web
+
+
+def test_the_web_ip_outside_explains_the_reverse_proxy() -> None:
+    message = config_error(parse_config, {**INTERNAL, "web_ip": "127.0.0.1"})
+    assert "reverse proxy" in message, message
+
+
+@pytest.mark.parametrize(
+    "entry",
+    ["8.8.8.8", "10.80.1.0/24", "10.80.0.0/23", "10.79.255.255-10.80.0.5", "fd00:81::1"],
+)
+def test_allowed_peer_ips_outside_internal_networks_are_refused(entry: str) -> None:
+    message = config_error(parse_config, {**INTERNAL, "allowed_peer_ips": [entry]})
+    assert message.startswith("config: allowed_peer_ips: "), message
+    assert "lies outside internal_networks (10.80.0.0/24, fd00:80::/64)" in message, message
+    assert "could never apply" in message, message
+
+
+def test_allowed_peer_ips_inside_internal_networks_are_taken() -> None:
+    entries = ["10.80.0.4", "10.80.0.16/28", "fd00:80::1-fd00:80::9"]
+    config = parse_config({**INTERNAL, "allowed_peer_ips": entries})
+    assert [entry.text for entry in config.allowed_peer_ips] == entries
+    # A range across two adjacent internal networks lies inside them.
+    two = {"internal_networks": ["10.80.0.0/24", "10.80.1.0/24"], "web_ip": "10.80.0.4"}
+    assert parse_config({**two, "allowed_peer_ips": ["10.80.0.200-10.80.1.20"]})

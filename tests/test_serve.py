@@ -240,3 +240,62 @@ def test_the_alternate_port_is_denied_as_a_peer_too() -> None:
     assert ("192.0.2.2", 4999) in policy.own and ("192.0.2.1", 3478) in policy.own
     without = parse_config({"listening_ips": ["192.0.2.1", "192.0.2.2"]})
     assert ("192.0.2.2", 3479) not in serve.peer_policy(without, ("192.0.2.2",)).own
+
+
+# --- internal networks ------------------------------------------------------------------------
+
+INTERNAL = {"internal_networks": ["10.80.0.0/24", "fd00:80::/64"], "web_ip": "10.80.0.4"}
+
+
+def test_the_peer_policy_keeps_to_the_internal_networks() -> None:
+    config = parse_config({**INTERNAL, "listening_ips": ["10.80.0.4"]})
+    assert serve.peer_policy(config) == PeerPolicy.create(internal=["10.80.0.0/24", "fd00:80::/64"])
+    policy = serve.settings_from_config(config, ("10.80.0.4",)).policy
+    assert policy.permits_address("10.80.0.2", 50000) and policy.permits_address("fd00:80::2", 1)
+    for ip in ("8.8.8.8", "10.81.0.2", "192.168.1.2", "127.0.0.1"):
+        assert not policy.permits_address(ip, 50000), ip
+    # The server's own listening ports stay denied; its relay ports are its own, so requests
+    # from there are ignored (relaying to itself would be a loop).
+    assert not policy.permits_address("10.80.0.4", 3478)
+    assert policy.is_own_relay("10.80.0.4", 50000)
+
+
+def test_wildcards_expand_to_the_machines_internal_addresses_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    machine = ["127.0.0.1", "10.80.0.4", "192.0.2.1", "::1", "fd00:80::4", "2001:db8::1"]
+    monkeypatch.setattr(serve, "local_addresses", lambda: list(machine))
+    assert serve.listening_addresses(parse_config(INTERNAL)) == ["10.80.0.4", "fd00:80::4"]
+    wildcard = parse_config({**INTERNAL, "listening_ips": ["0.0.0.0"]})
+    assert serve.listening_addresses(wildcard) == ["10.80.0.4"]
+    aux = parse_config({**INTERNAL, "aux_servers": ["[::]:443"]})
+    assert serve.aux_addresses(aux) == (("fd00:80::4", 443),)
+    # Without internal networks, every address as before.
+    assert serve.listening_addresses(parse_config({})) == machine
+
+
+async def test_serve_refuses_to_start_without_an_address_inside(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(serve, "local_addresses", lambda: ["127.0.0.1", "192.0.2.1"])
+    monkeypatch.setattr(serve, "_setup_logging", lambda config: None)
+    config = parse_config({**INTERNAL, "workers": 1, "no_web": True})
+    with caplog.at_level(logging.ERROR, logger="tsunagu"):
+        assert await serve.serve(config) == 1
+    assert (
+        "none of this machine's addresses (127.0.0.1, 192.0.2.1) lies inside"
+        " 10.80.0.0/24, fd00:80::/64"
+    ) in caplog.text
+
+
+def test_start_up_output_names_the_internal_networks() -> None:
+    assert serve.internal_network_line(parse_config({})) is None
+    line = serve.internal_network_line(parse_config(INTERNAL))
+    assert line is not None
+    assert line.startswith(
+        "tsunagu: calls stay inside the internal networks 10.80.0.0/24, fd00:80::/64: the relay"
+        " reaches peers inside them only"
+    ), line
+    assert "a page connecting from outside cannot join" in line
+    no_web = serve.internal_network_line(parse_config({**INTERNAL, "no_web": True}))
+    assert no_web is not None and "page" not in no_web

@@ -31,6 +31,7 @@ __all__ = [
     "ConfigError",
     "ExternalIp",
     "IPAddress",
+    "IPNetwork",
     "PeerRange",
     "StaticUser",
     "build_parser",
@@ -42,11 +43,13 @@ __all__ = [
     "parse_aux_server",
     "parse_config",
     "parse_external_ip",
+    "parse_internal_network",
     "parse_ip_range",
     "parse_user",
 ]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _T = TypeVar("_T")
 _Check = Callable[[str, Any], Any]
@@ -102,6 +105,25 @@ def parse_ip_range(text: str) -> tuple[IPAddress, IPAddress]:
         return low, high
     address = _ip(text)
     return address, address
+
+
+def parse_internal_network(text: str) -> IPNetwork:
+    """Parse a CIDR network (``10.0.0.0/8``, ``fd00::/8``; a bare address is one host).
+
+    Raises ValueError for anything else, for host bits set, and for a network of every
+    address (``/0``), which would leave nothing outside.
+    """
+    text = text.strip()
+    try:
+        net = ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        if "host bits set" in str(exc):
+            loose = ipaddress.ip_network(text, strict=False)
+            raise ValueError(f"{text!r} has host bits set; did you mean {loose}?") from None
+        raise
+    if net.prefixlen == 0:
+        raise ValueError(f"{text!r} is every address, which leaves nothing outside")
+    return net
 
 
 def parse_external_ip(text: str) -> tuple[IPAddress, IPAddress | None]:
@@ -400,6 +422,13 @@ def _range_entry(key: str, value: str) -> PeerRange:
         _fail(key, f"each entry must be an IP, a CIDR network or ip1-ip2 ({exc})", show=False)
 
 
+def _network_entry(key: str, value: str) -> IPNetwork:
+    try:
+        return parse_internal_network(value)
+    except ValueError as exc:
+        _fail(key, f"each entry must be a CIDR network such as 10.0.0.0/8 ({exc})", show=False)
+
+
 def _user_entry(key: str, value: str) -> StaticUser:
     try:
         user = StaticUser.parse(value)
@@ -572,6 +601,17 @@ class Config:
         "additional peer addresses to deny (repeatable: ip, cidr, ip1-ip2)",
         flag="--denied-peer-ip",
         metavar="RANGE",
+    )
+    internal_networks: tuple[IPNetwork, ...] = _opt(
+        (),
+        _check_each(_network_entry, what="CIDR networks"),
+        "keep calls inside these networks (repeatable: cidr, IPv4 or IPv6): the relay reaches"
+        " peers inside them only (their private ranges allowed), the signaling server forwards"
+        " only ICE candidates with an address inside them, and a page whose connection comes"
+        " from outside cannot join; every address the server listens on, relays from or"
+        " advertises must lie inside them",
+        flag="--internal-network",
+        metavar="CIDR",
     )
     cert: str | None = _opt(
         None,
@@ -950,6 +990,64 @@ def _cross_check(values: dict[str, Any]) -> None:
                 str(address),
             )
     _check_aux_servers(values)
+    _check_internal_networks(values)
+
+
+def _covers(networks: Sequence[IPNetwork], address: IPAddress) -> bool:
+    return any(address.version == net.version and address in net for net in networks)
+
+
+def _check_internal_networks(values: dict[str, Any]) -> None:
+    """With internal networks, nothing of the server may lie outside them: an address it
+    listens on, relays from or advertises would hand out a path that leaves the network,
+    and a peer range allowed outside them could never apply."""
+    networks: tuple[IPNetwork, ...] = values["internal_networks"]
+    if not networks:
+        return
+    ranges = ", ".join(str(net) for net in networks)
+    addresses: list[tuple[str, IPAddress]] = [
+        *(("listening_ips", ip) for ip in values["listening_ips"] if not ip.is_unspecified),
+        *(("aux_servers", aux.ip) for aux in values["aux_servers"] if not aux.ip.is_unspecified),
+        *(("relay_ips", ip) for ip in values["relay_ips"]),
+        *(("external_ips", entry.public) for entry in values["external_ips"]),
+        *(
+            ("external_ips", entry.private)
+            for entry in values["external_ips"]
+            if entry.private is not None
+        ),
+    ]
+    if not values["no_web"]:
+        web = ipaddress.ip_address(values["web_ip"])
+        if not web.is_unspecified:
+            addresses.append(("web_ip", web))
+    for key, address in addresses:
+        if not _covers(networks, address):
+            hint = (
+                " (behind a reverse proxy on this host, every page connects from the proxy's"
+                " address: list that address as internal only if the proxy admits internal"
+                " people only)"
+                if key == "web_ip"
+                else ""
+            )
+            _fail(
+                key,
+                f"{address} lies outside internal_networks ({ranges}): with internal networks"
+                " every address the server listens on, relays from or advertises must be"
+                f" inside them{hint}",
+                show=False,
+            )
+    for entry in values["allowed_peer_ips"]:
+        if not all(
+            any(_covers((other,), net[0]) and _covers((other,), net[-1]) for other in networks)
+            for net in entry.networks
+        ):
+            _fail(
+                "allowed_peer_ips",
+                f"{entry.text} lies outside internal_networks ({ranges}): with internal"
+                " networks the relay reaches peers inside them only, so this entry could never"
+                " apply; widen internal_networks or remove it",
+                show=False,
+            )
 
 
 def _overlap(one: IPAddress, other: IPAddress) -> bool:
@@ -1036,7 +1134,13 @@ def _to_json(value: Any) -> Any:
         return [_to_json(item) for item in value]
     if isinstance(value, ExternalIp | AlternateServer | AuxServer | StaticUser | PeerRange):
         return value.text
-    if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
+    if isinstance(
+        value,
+        ipaddress.IPv4Address
+        | ipaddress.IPv6Address
+        | ipaddress.IPv4Network
+        | ipaddress.IPv6Network,
+    ):
         return str(value)
     return value
 

@@ -49,12 +49,14 @@ from .transport.engine import EngineUnavailable, RelayEngine, load_engine
 from .transport.listeners import StreamConnection, StreamLimits, UdpListener
 from .transport.relay import UdpRelayBinder
 from .turn import NatDiscovery, PeerPolicy, TurnServer, TurnSettings
+from .turn.policy import inside
 from .workers import READY_LINE, WorkerShare, start_workers
 
 __all__ = [
     "Endpoints",
     "aux_addresses",
     "credential_store",
+    "internal_network_line",
     "listening_addresses",
     "listening_ports",
     "local_addresses",
@@ -236,10 +238,12 @@ def peer_policy(config: Config, own: tuple[str, ...] = ()) -> PeerPolicy:
     ports.update(aux.port for aux in config.aux_servers)
     if config.rfc5780:
         ports.add(config.alternate_port)
+    base = PeerPolicy.create(internal=[str(net) for net in config.internal_networks])
     policy = PeerPolicy(
         allowed=tuple(net for entry in config.allowed_peer_ips for net in entry.networks),
-        denied=PeerPolicy.create().denied
+        denied=base.denied
         + tuple(net for entry in config.denied_peer_ips for net in entry.networks),
+        inside=base.inside,
     )
     if not own:
         return policy
@@ -294,16 +298,29 @@ def local_addresses() -> list[str]:
     return found or ["127.0.0.1"]
 
 
+def _machine_addresses(config: Config) -> list[str]:
+    """The machine's addresses a wildcard stands for: with ``internal_networks``, only those
+    inside them (the configuration has checked every specific address already), so that no
+    listener, and no relayed address taken from it, lies outside."""
+    found = local_addresses()
+    if config.internal_networks:
+        found = [ip for ip in found if inside(ip, config.internal_networks)]
+    return found
+
+
 def listening_addresses(config: Config) -> list[str]:
     """The concrete addresses to listen on: a wildcard becomes the machine's addresses of its
-    family (both families when no address is configured)."""
+    family (both families when no address is configured); with ``internal_networks`` only
+    those inside them."""
     wildcards = {ip.version for ip in config.listening_ips if ip.is_unspecified}
     if not config.listening_ips:
-        return local_addresses()
+        return _machine_addresses(config)
     specific = [str(ip) for ip in config.listening_ips if not ip.is_unspecified]
     if not wildcards:
         return specific
-    expanded = {ip for ip in local_addresses() if ipaddress.ip_address(ip).version in wildcards}
+    expanded = {
+        ip for ip in _machine_addresses(config) if ipaddress.ip_address(ip).version in wildcards
+    }
     return sorted(expanded | set(specific))
 
 
@@ -315,7 +332,7 @@ def aux_addresses(config: Config) -> tuple[tuple[str, int], ...]:
     for aux in config.aux_servers:
         if aux.ip.is_unspecified:
             if machine is None:
-                machine = local_addresses()
+                machine = _machine_addresses(config)
             ips = [ip for ip in machine if ipaddress.ip_address(ip).version == aux.ip.version]
         else:
             ips = [str(aux.ip)]
@@ -514,6 +531,22 @@ def _room_access_line(config: Config) -> str:
     )
 
 
+def internal_network_line(config: Config) -> str | None:
+    """The start-up line naming the internal networks policy, None without one."""
+    if not config.internal_networks:
+        return None
+    ranges = ", ".join(str(net) for net in config.internal_networks)
+    parts = []
+    if not config.no_turn:
+        parts.append("the relay reaches peers inside them only (their private ranges allowed)")
+    if not config.no_web:
+        parts.append(
+            "signaling forwards only ICE candidates with an address inside them, and a page"
+            " connecting from outside cannot join"
+        )
+    return f"tsunagu: calls stay inside the internal networks {ranges}: {'; '.join(parts)}"
+
+
 def _say_turn(
     config: Config,
     listening: list[str],
@@ -618,6 +651,14 @@ async def serve(config: Config, share: WorkerShare | None = None) -> int:
     if not rest_secrets:
         rest_secrets = (turn_secret,)
     listening = listening_addresses(config)
+    if config.internal_networks and not config.no_turn and not listening:
+        log.error(
+            "internal_networks: none of this machine's addresses (%s) lies inside %s: nothing"
+            " to listen on; give listening_ips inside them",
+            ", ".join(local_addresses()),
+            ", ".join(str(net) for net in config.internal_networks),
+        )
+        return 1
 
     ssl_context: ssl.SSLContext | None = None
     material: Any = None
@@ -656,6 +697,9 @@ async def serve(config: Config, share: WorkerShare | None = None) -> int:
         scheme = "https" if web_ssl else "http"
         _say(f"tsunagu: web app on {scheme}://{_bracket(config.web_ip)}:{config.web_port}/")
         _say(_room_access_line(config))
+    internal = internal_network_line(config)
+    if internal is not None and share.index == 0:
+        _say(internal)
 
     stop = asyncio.Event()
     signals_seen = 0

@@ -101,6 +101,7 @@ async def test_info_tells_the_landing_page_how_rooms_are_entered(make_client: Ma
         "roomAccess": "token",
         "roomCapacity": 8,
         "relayPorts": [49152, 65535],
+        "internalOnly": False,
     }
     client = await make_client()
     assert (await (await client.get("/api/info")).json())["roomAccess"] == "open"

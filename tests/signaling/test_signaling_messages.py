@@ -235,3 +235,47 @@ def test_every_type_is_documented() -> None:
         assert f"`{kind}`" in doc, kind
     for code in ErrorCode:
         assert f"`{code}`" in doc, code
+
+
+# --- ICE candidate lines: one parser for the relay-only and the internal-network filters -------
+
+
+@pytest.mark.parametrize(
+    ("line", "address", "kind"),
+    [
+        ("candidate:1 1 udp 2122260223 10.80.0.2 53001 typ host generation 0", "10.80.0.2", "host"),
+        ("a=candidate:1 1 udp 2122260223 10.80.0.2 53001 typ host\r\n", "10.80.0.2", "host"),
+        (
+            "candidate:2 1 udp 1686052607 203.0.113.9 53001 typ srflx raddr 10.80.0.2 rport 1",
+            "203.0.113.9",
+            "srflx",
+        ),
+        ("candidate:3 1 tcp 1518280447 fd00:80::2 9 typ host tcptype active", "fd00:80::2", "host"),
+        ("candidate:4 1 udp 2122260223 3f1c-4b7e.local 53001 typ host", "3f1c-4b7e.local", "host"),
+        ("candidate:5 1 udp 41885439 10.80.0.4 50000 typ relay", "10.80.0.4", "relay"),
+        ("candidate:6 1 udp 1 10.80.0.2", None, None),  # cut short: no port
+        ("", None, None),
+        ("typ", None, None),
+        ("not a candidate at all 10.80.0.2 1 typ host", None, "host"),
+    ],
+)
+def test_candidate_fields(line: str, address: str | None, kind: str | None) -> None:
+    assert m.candidate_address(line) == address
+    assert m.candidate_type(line) == kind
+
+
+def test_keep_candidates_filters_sdp_and_trickled_alike() -> None:
+    keep = "a=candidate:1 1 udp 2122260223 10.80.0.2 53001 typ host\r\n"
+    drop = "a=candidate:2 1 udp 1686052607 203.0.113.9 53001 typ srflx\r\n"
+    sdp = f"v=0\r\na=mid:0\r\n{keep}{drop}a=end-of-candidates\r\n"
+    offer = m.Offer(to="x", sdp=sdp)
+    kept = m.keep_candidates(offer, lambda line: "10.80.0.2" in line)
+    assert isinstance(kept, m.Offer)
+    assert kept.sdp == f"v=0\r\na=mid:0\r\n{keep}a=end-of-candidates\r\n"
+
+    def trickled(text: str) -> m.Candidate:
+        return m.Candidate(to="x", candidate=m.IceCandidate(text, "0", None, None))
+
+    assert m.keep_candidates(trickled(keep[2:].strip()), lambda line: False) is None
+    assert m.keep_candidates(trickled(""), lambda line: False) is not None  # end of generation
+    assert m.keep_candidates(m.Candidate(to="x", candidate=None), lambda line: False) is not None

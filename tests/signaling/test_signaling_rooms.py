@@ -532,3 +532,127 @@ def test_relay_only_forwards_relayed_candidates_only() -> None:
         trickled = delivered({"type": "candidate", "candidate": {"candidate": text, "sdpMid": "0"}})
         assert bool(trickled) is forwarded, (text, trickled)
     assert delivered({"type": "candidate", "candidate": None})  # end of candidates
+
+
+# --- internal networks -----------------------------------------------------------------------
+
+
+def internal_hub(**kwargs: Any) -> Hub:
+    import ipaddress
+
+    counter = itertools.count(1)
+    networks = (ipaddress.ip_network("10.80.0.0/24"), ipaddress.ip_network("fd00:80::/64"))
+    return Hub(Limits(), new_token=lambda n: f"t{next(counter)}", internal=networks, **kwargs)
+
+
+def enter(hub: Hub, conn: int, remote: str, now: float = 0.0, **extra: Any) -> list[Action]:
+    hub.connect(conn, now, address=remote, remote=remote)
+    msg = {"type": "join", "v": 1, "room": "office", "name": f"user{conn}", **extra}
+    return hub.receive(conn, json.dumps(msg), now)
+
+
+INSIDE_HOST = "candidate:1 1 udp 2122260223 10.80.0.2 53001 typ host generation 0"
+INSIDE_V6 = "candidate:2 1 udp 2122262783 fd00:80::2 53002 typ host generation 0"
+INSIDE_RELAY = "candidate:3 1 udp 41885439 10.80.0.4 50000 typ relay raddr 10.80.0.2 rport 1"
+OUTSIDE_SRFLX = "candidate:4 1 udp 1686052607 203.0.113.9 53001 typ srflx raddr 0.0.0.0 rport 0"
+OUTSIDE_RELAY = "candidate:5 1 udp 41885439 198.51.100.1 50000 typ relay raddr 0.0.0.0 rport 0"
+OUTSIDE_V6 = "candidate:6 1 udp 2122262783 2001:db8::2 53003 typ host generation 0"
+OTHER_LAN = "candidate:7 1 udp 2122260223 192.168.1.20 53001 typ host generation 0"
+MDNS = "candidate:8 1 udp 2122260223 0f3c2a1e-4b7e-4d0a-9c1b-5e6f7a8b9c0d.local 53001 typ host"
+SHORT = "candidate:9 1 udp 2122260223 10.80.0.2"
+INSIDE = (INSIDE_HOST, INSIDE_V6, INSIDE_RELAY)
+OUTSIDE = (OUTSIDE_SRFLX, OUTSIDE_RELAY, OUTSIDE_V6, OTHER_LAN, MDNS, SHORT)
+
+
+def two_inside(hub: Hub) -> tuple[str, str]:
+    ids = []
+    for conn, remote in ((1, "10.80.0.2"), (2, "fd00:80::3")):
+        ids.append(joined_id(enter(hub, conn, remote), conn))
+    return ids[0], ids[1]
+
+
+def test_internal_networks_forward_only_candidates_inside() -> None:
+    hub = internal_hub()
+    _, bo = two_inside(hub)
+    lines = "".join(f"a={line}\r\n" for line in (*INSIDE, *OUTSIDE))
+    sdp = f"v=0\r\nm=application 9 UDP/DTLS/SCTP x\r\na=mid:0\r\n{lines}a=end-of-candidates\r\n"
+
+    def delivered(message: dict[str, Any]) -> list[dict[str, Any]]:
+        return sends(hub.receive(1, json.dumps({**message, "to": bo}), 1.0), 2)
+
+    for kind in ("offer", "answer"):
+        (out,) = delivered({"type": kind, "sdp": sdp})
+        expected = "".join(f"a={line}\r\n" for line in INSIDE)
+        assert out["sdp"] == (
+            f"v=0\r\nm=application 9 UDP/DTLS/SCTP x\r\na=mid:0\r\n{expected}"
+            "a=end-of-candidates\r\n"
+        ), out["sdp"]
+    for text, forwarded in [*((c, True) for c in INSIDE), *((c, False) for c in OUTSIDE)]:
+        trickled = delivered({"type": "candidate", "candidate": {"candidate": text, "sdpMid": "0"}})
+        assert bool(trickled) is forwarded, (text, trickled)
+    assert delivered({"type": "candidate", "candidate": {"candidate": "", "sdpMid": "0"}})
+    assert delivered({"type": "candidate", "candidate": None})
+
+
+def test_internal_networks_and_relay_only_together() -> None:
+    hub = internal_hub(relay_only=True)
+    _, bo = two_inside(hub)
+    for text, forwarded in ((INSIDE_RELAY, True), (INSIDE_HOST, False), (OUTSIDE_RELAY, False)):
+        message = {"type": "candidate", "to": bo, "candidate": {"candidate": text, "sdpMid": "0"}}
+        assert bool(sends(hub.receive(1, json.dumps(message), 1.0), 2)) is forwarded, text
+
+
+@pytest.mark.parametrize(
+    "remote", ["198.51.100.7", "10.81.0.2", "127.0.0.1", "2001:db8::7", "fd00:81::2", "?", ""]
+)
+def test_a_connection_from_outside_cannot_join(remote: str) -> None:
+    hub = internal_hub()
+    two_inside(hub)
+    out = enter(hub, 3, remote)
+    (error,) = sends(out, 3)
+    assert error["code"] == "outside-network" and error["ref"] == "join", error
+    assert error["message"] == (
+        "join: this server keeps calls inside its internal network, and this connection"
+        f" comes from {remote}, outside it"
+    )
+    # Nobody inside hears of it, and the room still holds its two people.
+    assert sends(out, 1) == [] and sends(out, 2) == []
+    assert len(hub.room_peers("office")) == 2
+    # Nor may it ask for the ICE servers (the test page), or resume someone's seat.
+    (check,) = sends(enter(hub, 4, remote, check=True), 4)
+    assert check["code"] == "outside-network"
+    (resume,) = sends(enter(hub, 5, remote, resume={"id": "t1", "token": "t2"}), 5)
+    assert resume["code"] == "outside-network"
+    (summary,) = hub.refusals.take()
+    assert (summary.cause, summary.client, summary.count) == ("outside network", remote, 3)
+    assert hub.refusals.take() == []
+
+
+def test_inside_addresses_join_as_before() -> None:
+    hub = internal_hub()
+    for conn, remote in ((1, "10.80.0.9"), (2, "::ffff:10.80.0.10"), (3, "fd00:80::5%eth0")):
+        assert sends(enter(hub, conn, remote), conn)[0]["type"] == "joined", remote
+    assert hub.refusals.take() == []
+    # Without internal networks, any address joins.
+    hub = make_hub()
+    hub.connect(1, 0.0, address="198.51.100.7", remote="198.51.100.7")
+    out = hub.receive(1, json.dumps({"type": "join", "v": 1, "room": "r", "name": "x"}), 0.0)
+    assert sends(out, 1)[0]["type"] == "joined"
+
+
+def test_refused_joins_are_bounded_and_do_not_get_a_connection_kicked_at_once() -> None:
+    hub = internal_hub()
+    hub.connect(1, 0.0, address="198.51.100.7", remote="198.51.100.7")
+    join_msg = json.dumps({"type": "join", "v": 1, "room": "office", "name": "x"})
+    out: list[Action] = []
+    for _ in range(3):
+        out += hub.receive(1, join_msg, 0.0)
+    assert [m["code"] for m in sends(out, 1)] == ["outside-network"] * 3
+    assert closes(out) == []
+    # A flood from many addresses: one line per address up to the bound, then one for the rest.
+    for conn in range(2, 400):
+        address = f"198.51.{conn // 250}.{conn % 250}"
+        hub.connect(conn, 0.0, address=address, remote=address)
+        hub.receive(conn, join_msg, 0.0)
+    summaries = hub.refusals.take()
+    assert len(summaries) <= 101 and sum(s.count for s in summaries) == 3 + 398

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 import aiohttp
@@ -299,3 +300,36 @@ async def test_slow_reader_is_dropped_and_may_resume(
     assert await recv(a) == {"type": "pong"}
     for ws in (a, b, b2):
         await ws.close()
+
+
+# --- internal networks -------------------------------------------------------------------------
+
+
+async def test_a_page_from_outside_the_internal_networks_is_refused_and_logged(
+    make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tsunagu.signaling.server import STATE, report_refusals
+
+    config = {"internal_networks": ["10.80.0.0/24"], "web_ip": "10.80.0.4"}
+    client = await make_client(config=config)
+    assert (await (await client.get("/api/info")).json())["internalOnly"] is True
+    for _ in range(2):
+        ws, answer = await enter(client, "office", "Eve")
+        assert answer["type"] == "error" and answer["code"] == "outside-network", answer
+        assert "comes from 127.0.0.1, outside it" in answer["message"]
+        await ws.close()
+    state = client.app[STATE]  # type: ignore[index]
+    with caplog.at_level(logging.INFO, logger="tsunagu.signaling"):
+        report_refusals(state.hub, state.config)
+        report_refusals(state.hub, state.config)  # nothing new: no second line
+    (record,) = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert record.getMessage().startswith(
+        "signaling: refused 2 joins from 127.0.0.1 in the last 10 s: the address is outside"
+        " the internal networks 10.80.0.0/24 (--internal-network)"
+    ), record.getMessage()
+
+    # The page's own address inside: the room works as ever.
+    inside = await make_client(config={"internal_networks": ["127.0.0.0/8"], "web_ip": "127.0.0.1"})
+    ws, answer = await enter(inside, "office", "Ada")
+    assert answer["type"] == "joined"
+    await ws.close()

@@ -196,3 +196,102 @@ def test_denial_names_the_rule(ip: str, port: int, rule: str | None) -> None:
     )
     assert policy.denial(ip, port) == rule
     assert (rule is None) == policy.permits_address(ip, port)
+
+
+# --- internal networks: the relay reaches inside them only -----------------------------------
+
+INTERNAL = ["10.80.0.0/16", "fd00:80::/64", "100.64.0.0/10", "203.0.113.0/24"]
+
+
+@pytest.mark.parametrize(
+    "ip",
+    [
+        "10.80.0.2",  # private, inside: no longer denied by default
+        "10.80.255.254",
+        "fd00:80::2",  # unique local, inside
+        "100.100.1.1",  # carrier-grade NAT (an overlay network such as a mesh VPN), inside
+    ],
+)
+def test_internal_networks_open_their_private_ranges(ip: str) -> None:
+    assert PeerPolicy.create(internal=INTERNAL).permits(ip)
+    assert not PeerPolicy.create().permits(ip)
+
+
+@pytest.mark.parametrize(
+    "ip",
+    [
+        "8.8.8.8",  # global, outside: denied, whatever the defaults say
+        "1.1.1.1",
+        "2001:4860:4860::8888",
+        "10.81.0.2",  # private but outside
+        "192.168.1.1",
+        "172.16.0.1",
+        "fd00:81::2",
+        "127.0.0.1",
+        "169.254.169.254",
+        "::ffff:10.80.0.2",  # an internal address spelled as IPv6: not inside
+        "2002:a50:2::1",  # 6to4 of 10.80.0.2: routed to a 6to4 relay
+        "64:ff9b::a50:2",  # NAT64 of 10.80.0.2: routed to a NAT64 gateway
+        "not an ip",
+        "",
+    ],
+)
+def test_internal_networks_deny_everything_outside(ip: str) -> None:
+    assert not PeerPolicy.create(internal=INTERNAL).permits(ip)
+
+
+def test_special_ranges_stay_denied_inside_internal_networks() -> None:
+    # Only the private ranges are lifted: loopback, link-local (the metadata service) and
+    # documentation stay denied inside a network that happens to hold them.
+    policy = PeerPolicy.create(internal=["127.0.0.0/8", "169.254.0.0/16", "203.0.113.0/24"])
+    for ip in ("127.0.0.1", "169.254.169.254", "203.0.113.7"):
+        assert not policy.permits(ip), ip
+    allowed = PeerPolicy.create(allowed=["203.0.113.7"], internal=["203.0.113.0/24"])
+    assert allowed.permits("203.0.113.7") and not allowed.permits("203.0.113.8")
+
+
+def test_global_addresses_inside_internal_networks_are_permitted() -> None:
+    policy = PeerPolicy.create(internal=["93.184.216.0/24"])
+    assert policy.permits("93.184.216.34")
+    assert not policy.permits("93.184.217.1")
+
+
+def test_allowed_and_denied_ranges_inside_internal_networks() -> None:
+    # An allowed range outside cannot open it (the configuration refuses such an entry
+    # anyway); a denied range inside closes part of the inside.
+    policy = PeerPolicy.create(
+        allowed=["8.8.8.8"], denied=["10.80.9.0/24"], internal=["10.80.0.0/16"]
+    )
+    assert not policy.permits("8.8.8.8")
+    assert not policy.permits("10.80.9.1")
+    assert policy.permits("10.80.8.1")
+
+
+def test_the_servers_own_listening_addresses_stay_denied_inside() -> None:
+    policy = dataclasses.replace(
+        PeerPolicy.create(internal=["10.80.0.0/24"]), own=frozenset({("10.80.0.4", 3478)})
+    )
+    assert not policy.permits_address("10.80.0.4", 3478)
+    assert policy.permits_address("10.80.0.4", 50000)  # another client's relayed address
+
+
+@pytest.mark.parametrize(
+    ("ip", "rule"),
+    [
+        (
+            "8.8.8.8",
+            "outside the internal networks 10.80.0.0/24, fd00:80::/64 (--internal-network)",
+        ),
+        (
+            "10.81.0.1",
+            "outside the internal networks 10.80.0.0/24, fd00:80::/64 (--internal-network)",
+        ),
+        ("10.80.0.9", None),
+        ("fd00:80::9", None),
+        ("10.80.0.255", "range 10.80.0.255/32, denied by the operator (--denied-peer-ip)"),
+    ],
+)
+def test_denial_names_the_internal_networks(ip: str, rule: str | None) -> None:
+    policy = PeerPolicy.create(denied=["10.80.0.255"], internal=["10.80.0.0/24", "fd00:80::/64"])
+    assert policy.denial(ip, 1) == rule
+    assert (rule is None) == policy.permits_address(ip, 1)

@@ -97,6 +97,7 @@ class ErrorCode(StrEnum):
     BAD_PASSWORD = "bad-password"
     TOKEN_REQUIRED = "token-required"
     BAD_TOKEN = "bad-token"
+    OUTSIDE_NETWORK = "outside-network"
 
 
 class MessageError(Exception):
@@ -518,30 +519,55 @@ def chat(sender: str, name: str, text: str, ts: float, *, private: bool) -> dict
     return message
 
 
-def candidate_type(text: str) -> str | None:
-    """The ``typ`` of an ICE candidate line (``host``, ``srflx``, ``prflx``, ``relay``)."""
+def _candidate_fields(text: str) -> tuple[str | None, str | None]:
+    """The connection address and the ``typ`` of an ICE candidate line, as in SDP
+    (``a=candidate:...``) or trickled (``candidate:...``): ``foundation component transport
+    priority address port typ type ...`` (RFC 8839 §5.1); None for what is not there."""
     tokens = text.split()
+    address = (
+        tokens[4]
+        if len(tokens) > 5 and tokens[0].startswith(("candidate:", "a=candidate:"))
+        else None
+    )
+    kind = None
     for index, token in enumerate(tokens[:-1]):
         if token == "typ":
-            return tokens[index + 1]
-    return None
+            kind = tokens[index + 1]
+            break
+    return address, kind
+
+
+def candidate_type(text: str) -> str | None:
+    """The ``typ`` of an ICE candidate line (``host``, ``srflx``, ``prflx``, ``relay``)."""
+    return _candidate_fields(text)[1]
+
+
+def candidate_address(text: str) -> str | None:
+    """The connection address of an ICE candidate line: an IP address, or a name (an mDNS
+    ``.local`` name, a host name) that only the browser can resolve."""
+    return _candidate_fields(text)[0]
+
+
+def keep_candidates(
+    message: Offer | Answer | Candidate, keep: Callable[[str], bool]
+) -> Offer | Answer | Candidate | None:
+    """``message`` with every ICE candidate ``keep`` refuses taken out, from SDP
+    (``a=candidate:`` lines) or trickled (None: nothing left to forward). ``keep`` gets the
+    candidate line; end-of-candidates markers always pass."""
+    if isinstance(message, Candidate):
+        ice = message.candidate
+        if ice is None or not ice.candidate or keep(ice.candidate):
+            return message
+        return None
+    lines = message.sdp.splitlines(keepends=True)
+    kept = [line for line in lines if not line.startswith("a=candidate:") or keep(line)]
+    return replace(message, sdp="".join(kept))
 
 
 def relay_only(message: Offer | Answer | Candidate) -> Offer | Answer | Candidate | None:
     """``message`` with every ICE candidate but relayed ones taken out (None: nothing left
     to forward). A peer then has no address of the other to try but the relay's."""
-    if isinstance(message, Candidate):
-        ice = message.candidate
-        if ice is None or not ice.candidate or candidate_type(ice.candidate) == "relay":
-            return message
-        return None
-    lines = message.sdp.splitlines(keepends=True)
-    kept = [
-        line
-        for line in lines
-        if not line.startswith("a=candidate:") or candidate_type(line) == "relay"
-    ]
-    return replace(message, sdp="".join(kept))
+    return keep_candidates(message, lambda line: candidate_type(line) == "relay")
 
 
 def checked(room: str, extras: dict[str, Any]) -> dict[str, Any]:

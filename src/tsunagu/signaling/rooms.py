@@ -22,6 +22,11 @@ Rules enforced here:
 - With ``relay_only`` (``--ice-transport-policy relay``) only relayed ICE candidates are
   forwarded, in offers and answers and trickled: the policy holds even for a client that
   ignores it.
+- With ``internal`` networks (``--internal-network``) only ICE candidates whose address lies
+  inside them are forwarded (one whose address is a name, such as an mDNS ``.local`` one,
+  cannot be checked and is dropped too), and a connection from an address outside them
+  cannot join, check or resume: a call with internal people never gets a path that leaves
+  the network. Refused joins are counted in :attr:`Hub.refusals` for the log.
 - Every connection has a token bucket for all messages and a smaller one for chat. Each
   refused message adds to a misbehaviour score that decays with time; past
   ``Limits.strike_limit`` the connection is closed with 1008 (policy violation).
@@ -48,11 +53,24 @@ from typing import Any, Final
 from tsunagu.signaling import messages as m
 from tsunagu.signaling.access import Access, Attempts, GrantLike, TokenBucket
 from tsunagu.signaling.messages import ErrorCode, MessageError
+from tsunagu.turn.policy import IPNetwork, inside
+from tsunagu.turn.refusals import RefusalTally
 
-__all__ = ["Action", "Close", "Hub", "IceIssuer", "Limits", "POLICY_VIOLATION", "Send"]
+__all__ = [
+    "OUTSIDE_NETWORK",
+    "Action",
+    "Close",
+    "Hub",
+    "IceIssuer",
+    "Limits",
+    "POLICY_VIOLATION",
+    "Send",
+]
 
 NORMAL_CLOSURE: Final = 1000
 POLICY_VIOLATION: Final = 1008
+OUTSIDE_NETWORK: Final = "outside network"
+"""The cause :attr:`Hub.refusals` counts a join from outside the internal networks under."""
 
 # How much each refusal adds to the misbehaviour score. A target that just left is a normal
 # race (candidates still in flight), so it weighs little; a malformed message weighs a full point.
@@ -63,6 +81,7 @@ _STRIKE_WEIGHT: Final[Mapping[ErrorCode, float]] = {
     ErrorCode.BAD_PASSWORD: 2.0,
     ErrorCode.TOKEN_REQUIRED: 0.5,
     ErrorCode.BAD_TOKEN: 2.0,
+    ErrorCode.OUTSIDE_NETWORK: 0.5,
 }
 
 
@@ -160,6 +179,8 @@ class _Conn:
     chat_bucket: TokenBucket
     extras: dict[str, Any]
     address: str = ""
+    remote: str = ""
+    """The connection's own IP address (``address`` is what limits count by: an IPv6 /64)."""
     ice: IceIssuer | None = None
     peer: _Peer | None = None
     score: float = 0.0
@@ -195,6 +216,7 @@ class Hub:
         new_token: Callable[[int], str],
         access: Access | None = None,
         relay_only: bool = False,
+        internal: tuple[IPNetwork, ...] = (),
     ) -> None:
         """``new_token(n)`` returns a fresh unguessable URL-safe string from ``n`` random bytes
         (``secrets.token_urlsafe`` in the server); it names peers and their resume tokens."""
@@ -203,6 +225,11 @@ class Hub:
         self.relay_only = relay_only
         """Forward only relayed ICE candidates, in SDP and trickled (``--ice-transport-policy
         relay``)."""
+        self.internal = internal
+        """The internal networks (``--internal-network``): candidates outside them are not
+        forwarded, connections from outside them cannot join. Empty: no such rule."""
+        self.refusals = RefusalTally()
+        """Joins refused for where they came from, by address, until the server takes them."""
         self._new_token = new_token
         lim = self.limits
         self._now = 0.0
@@ -246,10 +273,12 @@ class Hub:
         *,
         address: str = "",
         ice: IceIssuer | None = None,
+        remote: str | None = None,
     ) -> None:
         """A WebSocket opened from ``address`` (the key its failed attempts are counted
         under); ``extras`` are merged into the ``joined`` it will receive, and ``ice`` mints
-        the ICE configuration for whoever joins on it."""
+        the ICE configuration for whoever joins on it. ``remote`` is the connection's own IP
+        address, which the internal networks are checked against (default: ``address``)."""
         lim = self.limits
         self._conns[conn] = _Conn(
             id=conn,
@@ -258,6 +287,7 @@ class Hub:
             chat_bucket=TokenBucket(lim.chat_rate, lim.chat_burst, now),
             extras=dict(extras or {}),
             address=address,
+            remote=address if remote is None else remote,
             ice=ice,
             score_stamp=now,
             last_frame=now,
@@ -376,14 +406,24 @@ class Hub:
         if isinstance(msg, m.Chat):
             return self._chat(c, peer, msg, now)
         target = self._target(peer, msg.to, kind)
-        if self.relay_only:
+        if self.relay_only or self.internal:
             # The server's policy, not the page's: a client that ignores it still learns no
-            # address of the other side but the relay's.
-            kept = m.relay_only(msg)
+            # address of the other side but those the policy lets through.
+            kept = m.keep_candidates(msg, self._forwardable)
             if kept is None:
                 return []
             msg = kept
         return self._deliver(target, m.relay(msg, peer.id))
+
+    def _forwardable(self, line: str) -> bool:
+        """Whether an ICE candidate line may reach the other side under the policies."""
+        if self.relay_only and m.candidate_type(line) != "relay":
+            return False
+        if self.internal:
+            # A name (mDNS .local, a host name) cannot be checked here: fail closed.
+            address = m.candidate_address(line)
+            return address is not None and inside(address, self.internal)
+        return True
 
     def _target(self, peer: _Peer, to: str, kind: str) -> _Peer:
         room = self._rooms[peer.room]
@@ -435,6 +475,16 @@ class Hub:
             raise MessageError(
                 ErrorCode.ALREADY_JOINED,
                 f"join: this connection already joined room {c.peer.room!r}",
+                ref="join",
+            )
+        if self.internal and not inside(c.remote, self.internal):
+            # Before any secret is checked or any seat taken: whoever is outside gets no
+            # credentials and learns nothing of the room.
+            self.refusals.add(OUTSIDE_NETWORK, c.remote, now)
+            raise MessageError(
+                ErrorCode.OUTSIDE_NETWORK,
+                "join: this server keeps calls inside its internal network, and this"
+                f" connection comes from {c.remote}, outside it",
                 ref="join",
             )
         if msg.check:

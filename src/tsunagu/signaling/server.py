@@ -79,6 +79,9 @@ HTTP_TIMEOUT: Final = 10.0
 """A connection's request headers must be complete this long after it opened (or after the
 previous response); an idle keep-alive connection is closed after it too."""
 _TICK: Final = 1.0
+REPORT_INTERVAL: Final = 10.0
+"""Refused joins are logged once per this many seconds, one line per address, as TURN's
+refusals are."""
 _USER_RE: Final = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 
 _SECURITY_HEADERS: Final = {
@@ -209,6 +212,7 @@ def create_app(
         new_token=secrets.token_urlsafe,
         access=room_access(config),
         relay_only=config.ice_transport_policy == "relay",
+        internal=config.internal_networks,
     )
     state = _State(config, turn_secret, now, heartbeat, hub)
     if websockets is not None:
@@ -365,6 +369,8 @@ async def _info(request: web.Request) -> web.StreamResponse:
             "roomCapacity": config.room_capacity,
             # What a network's firewall must let through towards the relay.
             "relayPorts": [config.min_port, config.max_port],
+            # Whether calls stay inside internal networks; which ones is not for strangers.
+            "internalOnly": bool(config.internal_networks),
         }
     )
 
@@ -438,7 +444,9 @@ async def _websocket(request: web.Request) -> web.StreamResponse:
     state.next_id += 1
     link = _Link(ws, request, address)
     state.links[conn] = link
-    state.hub.connect(conn, state.now(), address=key, ice=_ice_issuer(state, request))
+    state.hub.connect(
+        conn, state.now(), address=key, ice=_ice_issuer(state, request), remote=address
+    )
     link.writer = asyncio.create_task(_write(state, link), name=f"signaling-writer-{conn}")
     graceful = False
     try:
@@ -522,15 +530,47 @@ async def _ticker(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
 
     async def tick() -> None:
+        reported = time.monotonic()
         while True:
             await asyncio.sleep(_TICK)
             state.apply(state.hub.tick(state.now()))
+            if time.monotonic() - reported >= REPORT_INTERVAL:
+                reported = time.monotonic()
+                report_refusals(state.hub, state.config)
 
     task = asyncio.create_task(tick(), name="signaling-ticker")
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+    report_refusals(state.hub, state.config)
+
+
+def report_refusals(hub: Hub, config: Config, interval: float = REPORT_INTERVAL) -> None:
+    """One line per address whose joins were refused since the last report (the hub's tally
+    is bounded: beyond it, one line naming the busiest address)."""
+    ranges = ", ".join(str(net) for net in config.internal_networks)
+    for summary in hub.refusals.take():
+        who = summary.client or f"{summary.clients} addresses (most: {summary.top})"
+        unit = "join" if summary.count == 1 else "joins"
+        fields = {
+            "event": "refused",
+            "cause": summary.cause,
+            "client": summary.client or summary.top,
+            "count": summary.count,
+            "interval": interval,
+        }
+        log.info(
+            "signaling: refused %d %s from %s in the last %g s: the address is outside the"
+            " internal networks %s (--internal-network); the page tells them this server keeps"
+            " calls inside the internal network",
+            summary.count,
+            unit,
+            who,
+            interval,
+            ranges,
+            extra=structured(fields),
+        )
 
 
 async def _close_all(app: web.Application) -> None:

@@ -22,6 +22,15 @@ relayed addresses (both behind NATs that need TURN: the common case of a call th
 TURN) is relaying to the server's own relay IP, and must work. The core also ignores
 requests that come from the server's relay ports (:meth:`PeerPolicy.is_own_relay`), which
 closes the loop whichever way a packet got there.
+
+Internal networks (``inside``: a company whose media must never leave its own network) turn
+the policy around: a peer outside every one of them is denied, whatever else says, and so is
+an IPv6 address that carries an internal IPv4 address (it is routed elsewhere). Inside them,
+the private ranges (RFC 1918, unique local, carrier-grade NAT, site-local) are no longer
+denied by default, since they are what an internal network is made of; loopback, link-local
+(the metadata service), multicast and the other special ranges stay denied there unless an
+allowed range names them, and so do the operator's denied ranges and the server's own
+listening addresses.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_DENIED", "PeerPolicy", "parse_range"]
+__all__ = ["DEFAULT_DENIED", "PeerPolicy", "inside", "parse_range"]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -67,6 +76,10 @@ DEFAULT_DENIED: tuple[str, ...] = tuple(text for text, _ in _DEFAULT_RANGES)
 _DEFAULT_LABELS: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, str] = {
     ipaddress.ip_network(text): label for text, label in _DEFAULT_RANGES
 }
+# The default ranges an internal network is built from: not denied inside internal networks.
+_PRIVATE_LABELS = frozenset(
+    {"private", "unique local (private)", "carrier-grade NAT", "site-local"}
+)
 
 
 def parse_range(text: str) -> list[IPNetwork]:
@@ -79,6 +92,18 @@ def parse_range(text: str) -> list[IPNetwork]:
             raise ValueError(f"bad address range {text!r}")
         return list(ipaddress.summarize_address_range(first, last))
     return [ipaddress.ip_network(text, strict=False)]
+
+
+def inside(ip: str, networks: Iterable[IPNetwork]) -> bool:
+    """True when ``ip`` (an IPv4-mapped IPv6 address counts as its IPv4 address; a zone
+    index is ignored) lies in one of ``networks``; False for anything that is not an IP."""
+    try:
+        address = ipaddress.ip_address(ip.partition("%")[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address.version == net.version and address in net for net in networks)
 
 
 def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
@@ -104,15 +129,28 @@ class PeerPolicy:
     """The server's listening addresses (IP, port), denied unless an allowed range has the IP."""
     own_relay: tuple[frozenset[str], int, int] = (frozenset(), 0, -1)
     """The server's relay IPs and its relay port range (``min_port``, ``max_port``)."""
+    inside: tuple[IPNetwork, ...] = ()
+    """The internal networks: when there are any, a peer outside them is denied."""
 
     @classmethod
     def create(
-        cls, allowed: Iterable[str] = (), denied: Iterable[str] = (), *, defaults: bool = True
+        cls,
+        allowed: Iterable[str] = (),
+        denied: Iterable[str] = (),
+        *,
+        defaults: bool = True,
+        internal: Iterable[str] = (),
     ) -> PeerPolicy:
-        deny = [*DEFAULT_DENIED] if defaults else []
+        networks = tuple(net for text in internal for net in parse_range(text))
+        deny = [
+            text
+            for text, label in _DEFAULT_RANGES
+            if defaults and not (networks and label in _PRIVATE_LABELS)
+        ]
         return cls(
             allowed=tuple(net for text in allowed for net in parse_range(text)),
             denied=tuple(net for text in (*deny, *denied) for net in parse_range(text)),
+            inside=networks,
         )
 
     def _matches(self, address: IPAddress, networks: tuple[IPNetwork, ...]) -> bool:
@@ -123,6 +161,8 @@ class PeerPolicy:
         try:
             address = ipaddress.ip_address(ip)
         except ValueError:
+            return False
+        if self.inside and not self._matches(address, self.inside):
             return False
         if self._matches(address, self.allowed):
             return True
@@ -157,6 +197,9 @@ class PeerPolicy:
             address = ipaddress.ip_address(ip)
         except ValueError:
             return "not an IP address"
+        if self.inside and not self._matches(address, self.inside):
+            ranges = ", ".join(str(net) for net in self.inside)
+            return f"outside the internal networks {ranges} (--internal-network)"
         if self._matches(address, self.allowed):
             return None
         if (ip, port) in self.own:

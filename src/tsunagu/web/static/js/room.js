@@ -514,6 +514,12 @@ function onError(message) {
   } else if (message.code === "rate-limited" && message.ref === "join") {
     end("Too many wrong attempts", `${message.message.replace(/^join: /, "")}.`);
     signaling.leave();
+  } else if (message.code === "outside-network") {
+    end(
+      "Calls stay inside the internal network",
+      `${message.message.replace(/^join: t/, "T")}. Join from inside that network (at the office, or through its VPN).`,
+    );
+    signaling.leave();
   } else if (message.code === "room-full") {
     end("This room is full", `It already has ${state.capacity || "the most"} people. Try again later.`);
     signaling.leave();
