@@ -34,6 +34,7 @@ LAYERS: dict[str, int] = {
     "transport": 4,
     "signaling": 4,
     "probe": 4,
+    "browser_policy": 4,
     "workers": 5,
     "serve": 6,
     "cli": 7,

@@ -54,6 +54,11 @@ COMMANDS: tuple[Command, ...] = (
         "check a STUN/TURN server (stun, turn: what is wrong and what to do) or load it (load)",
         "tsunagu.probe.cli:probe_command",
     ),
+    Command(
+        "policy",
+        "print the browser policy (chrome) matching the server: a narrow UDP port range",
+        "tsunagu.browser_policy:policy_command",
+    ),
     Command("version", "print the version", "tsunagu.cli:version_command"),
 )
 
