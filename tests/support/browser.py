@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from playwright.async_api import Browser, Page, async_playwright
+from playwright.async_api import Browser, Page, ProxySettings, async_playwright
 
 from support.audit import audit_records, worker_count
 
@@ -201,10 +201,15 @@ def run_server(
 
 
 @contextlib.asynccontextmanager
-async def chromium(*extra_args: str, executable: str = CHROMIUM) -> AsyncIterator[Browser]:
+async def chromium(
+    *extra_args: str, executable: str = CHROMIUM, proxy: ProxySettings | None = None
+) -> AsyncIterator[Browser]:
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(
-            executable_path=executable, headless=True, args=[*CHROMIUM_ARGS, *extra_args]
+            executable_path=executable,
+            headless=True,
+            args=[*CHROMIUM_ARGS, *extra_args],
+            proxy=proxy,
         )
         try:
             yield browser
