@@ -2,13 +2,16 @@
 
 One lab for the module (tests/support/natlab.py ``internet_lab``): ``tsunagu serve`` in the
 "internet" (TURN on UDP 3478, TLS and TCP on 443, peers in the lab's public range allowed),
-and five sites behind their routers: two endpoint-independent ("cone") NATs, a symmetric
-NAT, a network that lets out only TCP to port 443, and one whose only way out is squid with
-basic authentication on its router. Two agents on two sites find each other through files
-(tests/support/ice_agent.py) and must exchange datagrams:
+and seven sites behind their routers: two endpoint-independent ("cone") NATs, two symmetric
+NATs, a full cone, a network that lets out only TCP to port 443, and one whose only way out
+is squid with basic authentication on its router. Two agents on two sites find each other
+through files (tests/support/ice_agent.py) and must exchange datagrams:
 
 - cone with cone: directly, with STUN alone (hole punching);
-- cone with symmetric: not with STUN alone, but through the relay;
+- cone with symmetric, and symmetric with symmetric: not with STUN alone, but through the
+  relay;
+- full cone with symmetric: directly, with STUN alone (the full cone takes the symmetric
+  side's packets from any port);
 - UDP blocked: through the relay over TURN TCP, and over TURN TLS, on 443;
 - proxy only: through the relay over TURN TLS on 443, the TCP connection opened through the
   proxy's CONNECT with its password.
@@ -41,7 +44,7 @@ AGENT = Path(__file__).resolve().parents[1] / "support" / "ice_agent.py"
 TURN_PORT = 3478
 TLS_PORT = 443
 LAB_PUBLIC = "198.18.0.0-198.19.255.255"
-KINDS = ("cone", "cone", "symmetric", "tcp443", "proxy")
+KINDS = ("cone", "cone", "symmetric", "symmetric", "full-cone", "tcp443", "proxy")
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,26 @@ def test_cone_to_symmetric_needs_the_relay(lab: Lab) -> None:
         assert report["connected"] and report["received"] == 5, report
         assert "relay" in kinds(report), report
         assert "relay" in (report["local"], report["remote"]), report
+
+
+def test_symmetric_with_symmetric_needs_the_relay(lab: Lab) -> None:
+    one, other = lab.site("symmetric", 0), lab.site("symmetric", 1)
+    short = ["--connect-timeout", "8"]
+    without = pair(lab, "sym-sym-stun", (one, stun() + short), (other, stun() + short))
+    assert not any(r["connected"] for r in without), without
+    reports = pair(lab, "sym-sym-turn", (one, turn_udp()), (other, turn_udp()))
+    for report in reports:
+        assert report["connected"] and report["received"] == 5, report
+        assert "relay" in (report["local"], report["remote"]), report
+
+
+def test_full_cone_with_symmetric_connects_directly(lab: Lab) -> None:
+    full, symmetric = lab.site("full-cone"), lab.site("symmetric", 0)
+    reports = pair(lab, "full-sym", (full, stun()), (symmetric, stun()))
+    for report in reports:
+        assert report["connected"] and report["received"] == 5, report
+        assert "relay" not in (report["local"], report["remote"]), report
+    assert reports[1]["remote_address"] == full.wan, reports[1]
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
