@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import subprocess
+import ipaddress
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 from playwright.async_api import Browser, Page
 
 from support.browser import Server, chromium, run_server, wait_connected
+from support.certs import make_certificate
 from support.natlab import SERVER, SERVER2, Site, internet_lab
 from support.proxy import PASSWORD, USER, run_squid
 
@@ -121,14 +123,8 @@ async def test_cone_with_cone_is_direct_unless_relay_only(tmp_path: Path) -> Non
 
 def certificate(tmp: Path) -> tuple[Path, Path]:
     """A certificate for both lab server addresses (web on one, TURN on the other)."""
-    cert, key = tmp / "cert.pem", tmp / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-days", "1", "-subj", "/CN=lab", "-keyout", str(key), "-out", str(cert),
-         "-addext", f"subjectAltName=IP:{SERVER},IP:{SERVER2}"],
-        check=True, capture_output=True, timeout=30,
-    )  # fmt: skip
-    return cert, key
+    addresses = [x509.IPAddress(ipaddress.ip_address(a)) for a in (SERVER, SERVER2)]
+    return make_certificate(tmp, "lab", addresses)
 
 
 async def test_chromium_behind_the_authenticated_proxy_relays_over_tls(tmp_path: Path) -> None:

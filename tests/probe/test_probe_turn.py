@@ -31,10 +31,8 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from support.certs import make_certificate
 from support.interop import (
     HOST,
     HOST6,
@@ -351,37 +349,6 @@ def test_progress_display_on_a_terminal(serve: ServeProcess) -> None:
 
 
 COTURN_NAME = "turn.example.org"
-
-
-def make_certificate(
-    directory: Path, name: str, san: x509.GeneralName, valid: datetime.timedelta
-) -> tuple[Path, Path]:
-    """A self-signed certificate for ``san`` valid until ``valid`` from now (or ago)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(min(now, now + valid) - datetime.timedelta(days=1))
-        .not_valid_after(now + valid)
-        .add_extension(x509.SubjectAlternativeName([san]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
 
 
 @pytest.fixture(scope="module")
