@@ -169,3 +169,17 @@ def test_help_explains_and_lists_only_what_it_reads(capsys: Captured) -> None:
     ):
         assert text in out, text
     assert "--user-quota" not in out
+
+
+@pytest.mark.parametrize("argv", [[], ["firefox"], ["chrome", "--browser-udp-ports"]])
+def test_usage_errors(argv: list[str], capsys: Captured) -> None:
+    status, out, err = run(argv, capsys)
+    assert status == 2 and out == "" and "usage: tsunagu policy" in err
+
+
+def test_the_readme_shows_what_the_command_prints(repo_root: Path, capsys: Captured) -> None:
+    readme = (repo_root / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## A narrow UDP range for browsers") :]
+    shown = json.loads(section[section.index("```json\n") + 8 : section.index("\n```\n\n`Web")])
+    status, out, _ = run(["chrome", "--ice-transport-policy", "relay"], capsys)
+    assert status == 0 and json.loads(out) == shown
