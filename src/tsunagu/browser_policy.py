@@ -14,7 +14,6 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass
-from typing import Any
 
 from tsunagu.config import Config, ConfigError, build_parser, config_from_args
 
@@ -54,7 +53,8 @@ class PortRange:
             raise ValueError(f"must be LOW-HIGH, two port numbers, got {text!r}")
         low, high = int(low_text), int(high_text)
         if not 1024 <= low <= 65535 or not 1024 <= high <= 65535:
-            # Below 1024 a browser cannot bind without privileges on Linux and macOS.
+            # The well-known ports: services' everywhere, and privileged on Linux, where a
+            # browser could not bind them.
             raise ValueError(f"ports must be 1024-65535, got {text!r}")
         if low > high:
             raise ValueError(f"LOW must not be above HIGH, got {text!r}")
@@ -314,7 +314,7 @@ def policy_command(argv: list[str], prog: str) -> int:
     except ConfigError as exc:
         sys.stderr.write(f"{exc}\n")
         return 2
-    policy: dict[str, Any] = chrome_policy(config, ports)
+    policy = chrome_policy(config, ports)
     sys.stdout.write(json.dumps(policy, indent=2, sort_keys=True) + "\n")
     notes = placement(config)
     if args.explain:
