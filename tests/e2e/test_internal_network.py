@@ -169,13 +169,12 @@ async def test_a_call_inside_stays_inside_and_outsiders_are_refused(tmp_path: Pa
             inside_url = f"http://{SERVER_ADDRESS}:{web_port}/r/{ROOM}"
             outside_url = f"http://{OFFICE_WAN}:{web_port}/r/{ROOM}"
             # Camera and microphone need a secure origin; the lab's plain-HTTP pages are not.
-            secure = "--unsafely-treat-insecure-origin-as-secure=" + ",".join(
-                url.rsplit("/r/", 1)[0] for url in (inside_url, outside_url)
-            )
+            # The visitor's page is left as it is: it must say why it cannot join all the same.
+            secure = f"--unsafely-treat-insecure-origin-as-secure={inside_url.rsplit('/r/')[0]}"
             async with (
                 chromium(secure, executable=str(office.chromium[0])) as ada_browser,
                 chromium(secure, executable=str(office.chromium[1])) as bo_browser,
-                chromium(secure, executable=str(home.chromium[0])) as visitor_browser,
+                chromium(executable=str(home.chromium[0])) as visitor_browser,
             ):
                 start = net.crossed()
                 ada = await person(ada_browser, f"{inside_url}?name=Ada")
@@ -208,6 +207,7 @@ async def test_a_call_inside_stays_inside_and_outsiders_are_refused(tmp_path: Pa
                 assert title == "Calls stay inside the internal network", title
                 assert f"comes from {HOME_WAN}, outside it" in text, text
                 assert await visitor.is_visible("#ended")
+                await visitor.screenshot(path=str(tmp_path / "refused.png"))
                 assert not await visitor.evaluate("window.tsunagu.peers()")
                 await visitor_browser.close()
                 visited = net.crossed()

@@ -175,7 +175,7 @@ async function switchDevice(kind, deviceId) {
 
 async function toggleScreen() {
   if (state.screen) return stopScreen();
-  if (!navigator.mediaDevices.getDisplayMedia) return toast("Screen sharing is not supported here");
+  if (!navigator.mediaDevices || !navigator.mediaDevices.getDisplayMedia) return toast("Screen sharing is not supported here");
   try {
     const stream = await navigator.mediaDevices.getDisplayMedia({ video: { frameRate: { ideal: 15 } }, audio: false });
     const track = stream.getVideoTracks()[0];
@@ -200,7 +200,9 @@ function stopScreen() {
 }
 
 async function refreshDevices() {
-  if (!navigator.mediaDevices.enumerateDevices) return;
+  // Not a secure context (plain HTTP on an address other than localhost): no devices at all,
+  // and the page still joins, to watch and chat or to hear why it may not.
+  if (!navigator.mediaDevices || !navigator.mediaDevices.enumerateDevices) return;
   const devices = await navigator.mediaDevices.enumerateDevices();
   for (const [kind, select] of [["audio", $("mic-select")], ["video", $("cam-select")]]) {
     const list = devices.filter((d) => d.kind === `${kind}input`);
