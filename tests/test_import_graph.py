@@ -27,6 +27,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "src" / "tsunagu"
 LAYERS: dict[str, int] = {
     "stun": 0,
     "turn": 1,
+    # Below config, which calls it: a pure reader of coturn's file format that imports
+    # nothing of tsunagu.
+    "coturn_config": 1,
     "config": 2,
     "logs": 2,
     "auth": 3,
