@@ -38,6 +38,7 @@ __all__ = [
     "CoturnConfigError",
     "Option",
     "Setting",
+    "has_toml_constructs",
     "read_coturn_config",
     "reads_as_coturn",
 ]
@@ -161,14 +162,26 @@ def _lines(text: str) -> list[tuple[int, str]]:
     return out
 
 
+def _toml_only(line: str, value: str) -> bool:
+    """A ``[table]`` header, or an array or inline table value: TOML's, never coturn's (an
+    ``[ipv6]:port`` value is coturn's)."""
+    if line.startswith("[") or value.startswith("{"):
+        return True
+    return value.startswith("[") and (value.endswith("]") or "]:" not in value)
+
+
+def has_toml_constructs(text: str) -> bool:
+    """Whether ``text`` has a line only TOML writes: a table header, an array or an inline
+    table."""
+    return any(_toml_only(line, _split(line)[1]) for _, line in _lines(text))
+
+
 def reads_as_coturn(text: str) -> bool:
-    """Whether every option line of ``text`` is a coturn line and none is TOML's own: no
-    ``[table]`` header, no ``[array]`` or ``{inline table}`` value."""
+    """Whether every option line of ``text`` is a coturn line (a name, then perhaps a
+    value) and none is TOML's own."""
     for _, line in _lines(text):
         name, value = _split(line)
-        if line.startswith("[") or not _NAME.match(name):
-            return False
-        if value.startswith("{") or (value.startswith("[") and value.endswith("]")):
+        if not _NAME.match(name) or _toml_only(line, value):
             return False
     return True
 
