@@ -43,6 +43,7 @@ CONTRACT_FIELDS = [
     "realm",
     "users",
     "user_file",
+    "userdb",
     "use_auth_secret",
     "static_auth_secrets",
     "static_auth_secret_file",
@@ -169,6 +170,7 @@ EVERY_FIELD: list[tuple[str, str, list[str], Any]] = [
     ("min_port", "50000", ["--min-port", "50000"], 50000),
     ("max_port", "60000", ["--max-port", "60000"], 60000),
     ("realm", '"example.org"', ["-r", "example.org"], "example.org"),
+    ("userdb", '"/var/lib/turn/turndb"', ["-b", "/var/lib/turn/turndb"], "/var/lib/turn/turndb"),
     (
         "users",
         '["alice:pw1", "bob:p:w"]',

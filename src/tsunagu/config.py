@@ -22,6 +22,7 @@ import sys
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Final, NoReturn, TypeVar
 
 __all__ = [
@@ -560,6 +561,15 @@ class Config:
         _optional(_check_text()),
         "file of static users, one name:password a line, # comments (keeps passwords out of"
         " the process list; TSUNAGU_USERS adds more, comma- or newline-separated)",
+        metavar="FILE",
+    )
+    userdb: str | None = _opt(
+        None,
+        _optional(_check_text()),
+        "SQLite file of users, REST secrets and peer ranges in coturn's layout (coturn's"
+        " turnadmin -b fills it too), created on first use (default: users.db in the state"
+        " directory, $XDG_STATE_HOME/tsunagu)",
+        short="-b",
         metavar="FILE",
     )
     use_auth_secret: bool = _opt(
@@ -1314,3 +1324,14 @@ def load_config(argv: Sequence[str] | None = None, *, prog: str = "tsunagu serve
     """Parse ``argv`` (default ``sys.argv[1:]``): ``-c FILE`` plus flags, flags winning."""
     args = build_parser(prog).parse_args(list(sys.argv[1:] if argv is None else argv))
     return config_from_args(args)
+
+
+def state_dir() -> Path:
+    """Where tsunagu keeps what it makes (a certificate, the default user database)."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
+    return Path(base) / "tsunagu"
+
+
+def userdb_path(config: Config) -> Path:
+    """The SQLite user database: ``userdb``, else users.db in :func:`state_dir`."""
+    return Path(config.userdb) if config.userdb else state_dir() / "users.db"

@@ -29,12 +29,13 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from .auth.cache import KeyCache
 from .auth.rest import mint_credentials
+from .auth.sqlite import SqliteUserDatabase
 from .auth.store import StaticCredentialStore
-from .config import Config
+from .config import Config, state_dir, userdb_path
 from .logs import setup_logging
 from .transport.admission import (
     ConnectionCounter,
@@ -47,6 +48,7 @@ from .transport.admission import (
 from .transport.driver import TurnDriver
 from .transport.engine import EngineUnavailable, RelayEngine, load_engine
 from .transport.listeners import StreamConnection, StreamLimits, UdpListener
+from .transport.lookups import KeyLookups, SecretsRefresh
 from .transport.relay import UdpRelayBinder
 from .turn import NatDiscovery, PeerPolicy, TurnServer, TurnSettings
 from .turn.policy import inside
@@ -386,11 +388,6 @@ def turn_endpoints(
     return Endpoints(tuple(udp), tuple(tcp), aux)
 
 
-def _state_dir() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
-    return Path(base) / "tsunagu"
-
-
 def _setup_logging(config: Config) -> None:
     # Worker processes run this with the same configuration: same destination, same format.
     setup_logging(config.effective_log_level, config.log_format, config.log_file, config.audit_file)
@@ -418,6 +415,41 @@ def _bracket(host: str) -> str:
 
 
 @dataclass
+class _UserDatabase:
+    """The user database of one worker, its key lookups and its secrets' refresh."""
+
+    database: SqliteUserDatabase
+    lookups: KeyLookups | None
+    refresh: SecretsRefresh
+
+    async def close(self) -> None:
+        if self.lookups is not None:
+            await self.lookups.close()
+        await self.refresh.close()
+        await self.database.close()
+
+
+async def _open_user_database(config: Config, store: StaticCredentialStore) -> _UserDatabase | None:
+    """The SQLite user database, its users looked up through a cache in ``store`` (unless
+    ``use_auth_secret``: REST credentials only) and its secrets read into it; None, after
+    logging why, when the database cannot be opened."""
+    path = userdb_path(config)
+    database = SqliteUserDatabase(path)
+    refresh = SecretsRefresh(database, store)
+    if not await refresh.refresh():
+        log.error("user database %s: %s", database.description, refresh.last_error)
+        await database.close()
+        return None
+    refresh.start()
+    lookups = None
+    if not config.use_auth_secret:
+        cache = KeyCache()
+        store.database = cache
+        lookups = KeyLookups(database, cache)
+    return _UserDatabase(database, lookups, refresh)
+
+
+@dataclass
 class _Turn:
     """The running STUN/TURN side of one worker: the core's driver and its listeners."""
 
@@ -427,6 +459,7 @@ class _Turn:
     udp_listeners: list[UdpListener] = field(default_factory=list)
     counter: ConnectionCounter | None = None
     endpoints: Endpoints = Endpoints((), (), ())
+    users: _UserDatabase | None = None
 
     def close_listeners(self) -> None:
         for listener in self.udp_listeners:
@@ -464,10 +497,14 @@ async def _start_turn(
         log.error("%s", exc)
         return None
     binder = UdpRelayBinder(loop, rng.randbytes, engine.relay_endpoint)
-    server = TurnServer(settings, credential_store(config, rest_secrets), binder, rng)
-    driver = TurnDriver(server, loop, engine, worker=share.index)
+    store = credential_store(config, rest_secrets)
+    users = await _open_user_database(config, store)
+    if users is None:
+        return None
+    server = TurnServer(settings, store, binder, rng)
+    driver = TurnDriver(server, loop, engine, worker=share.index, lookups=users.lookups)
     driver.start_reports()
-    turn = _Turn(driver, engine)
+    turn = _Turn(driver, engine, users=users)
     # TCP and TLS clients of this worker, counted together against the caps.
     counter = ConnectionCounter(_connection_limits(config))
     turn.counter = counter
@@ -669,7 +706,7 @@ async def serve(config: Config, share: WorkerShare | None = None) -> int:
         from .tls import ensure_certificate, server_ssl_context
 
         material = ensure_certificate(
-            config.cert, config.pkey, [*listening, config.public_host or "localhost"], _state_dir()
+            config.cert, config.pkey, [*listening, config.public_host or "localhost"], state_dir()
         )
         ssl_context = server_ssl_context(material)
 
@@ -742,6 +779,8 @@ async def serve(config: Config, share: WorkerShare | None = None) -> int:
             listener.close()
         if turn.counter is not None:
             turn.counter.close()  # what is left of the interval's counts reaches the log
+        if turn.users is not None:
+            await turn.users.close()
     deadline = time.monotonic() + 5.0
     for child in children:
         try:

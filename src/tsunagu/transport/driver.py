@@ -16,16 +16,19 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 from ..logs import structured
 from ..turn.allocation import Allocation
+from ..turn.authentication import KeyLookup
 from ..turn.events import AllocationCreated, AllocationEnded
 from ..turn.refusals import RefusalTally
 from ..turn.server import TurnServer
 from .engine import RelayEngine
 from .failures import describe
 from .listeners import ClientSide, StreamConnection, UdpListener
+from .lookups import KeyLookups
 from .relay import RelayEndpointLike
 
 __all__ = ["TurnDriver"]
@@ -53,8 +56,11 @@ class TurnDriver:
         *,
         worker: int = 0,
         report_interval: float = 10.0,
+        lookups: KeyLookups | None = None,
     ) -> None:
         self.server = server
+        self.lookups = lookups
+        """Key lookups in the user database, when one is configured."""
         self.loop = loop
         self.engine = engine
         self.worker = worker
@@ -87,8 +93,17 @@ class TurnDriver:
         self.report_refusals()
         self.start_reports()
 
+    def await_keys(self, lookup: KeyLookup, again: Callable[[], None]) -> None:
+        """Look a user's keys up in the database, then call ``again`` (a listener hands the
+        request in again). Without a database, or beyond the lookups' bounds, the request
+        is dropped and counted: its client retransmits."""
+        if self.lookups is None or not self.lookups.submit(lookup, again):
+            self.server.drops["key lookup dropped"] += 1
+
     def report_refusals(self) -> None:
         """Log what failed since the last report: one line per cause and client."""
+        if self.lookups is not None:
+            self.lookups.report(worker=self.worker, interval=self.report_interval)
         for tally in (self.server.refusals, self.failures):
             if not tally:
                 continue

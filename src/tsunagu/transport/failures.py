@@ -202,6 +202,14 @@ def _expired(s: RefusalSummary) -> _Words:
     )
 
 
+def _database_unavailable(s: RefusalSummary) -> _Words:
+    return (
+        f"user database unavailable for {_names(s) or 'a user'}",
+        "the user database did not answer the lookup of a key not in the cache (live "
+        "allocations and cached users are not affected; the client's next retry asks again)",
+    )
+
+
 def _wrong_realm(s: RefusalSummary) -> _Words:
     realms = _details(s, lambda facts: repr(facts.get("realm")))
     return _for_user("wrong realm", s), f"the client sent {realms}, not this server's --realm"
@@ -277,6 +285,7 @@ _WORDS: dict[str, Callable[[RefusalSummary], _Words]] = {
     refusals.WRONG_PASSWORD: _wrong_password,
     refusals.UNKNOWN_USER: _unknown_user,
     refusals.EXPIRED_CREDENTIAL: _expired,
+    refusals.DATABASE_UNAVAILABLE: _database_unavailable,
     refusals.WRONG_REALM: _wrong_realm,
     refusals.CREDENTIAL_MISMATCH: _mismatch,
     refusals.STALE_NONCE: _stale_nonce,

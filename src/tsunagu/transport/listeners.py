@@ -27,6 +27,7 @@ from typing import Any, Protocol, cast
 
 from ..stun.framing import FramingError, StreamFramer
 from ..turn.allocation import Allocation, FiveTuple
+from ..turn.authentication import KeyLookup
 from ..turn.discovery import Reply
 from ..turn.forwarding import Forward, channel_data_forward, send_failed
 from ..turn.refusals import RefusalTally
@@ -123,6 +124,10 @@ class CoreDriver(Protocol):
 
     def after_core_call(self) -> None: ...
 
+    def await_keys(self, lookup: KeyLookup, again: Callable[[], None]) -> None:
+        """Look ``lookup``'s user up, then call ``again`` to hand the request in again."""
+        ...
+
 
 def _relays(allocation: Allocation) -> list[RelayEndpointLike]:
     # The core types relay sockets as its own RelaySocket; the transports made them.
@@ -207,7 +212,7 @@ class UdpListener(asyncio.DatagramProtocol):
             return
         self._stun(data, addr)
 
-    def _stun(self, data: bytes, addr: Any) -> None:
+    def _stun(self, data: bytes, addr: Any, *, again: bool = False) -> None:
         driver = self.driver
         five_tuple = FiveTuple("udp", (addr[0], addr[1]), self.local)
         result = driver.server.receive(data, five_tuple, time.time())
@@ -217,6 +222,13 @@ class UdpListener(asyncio.DatagramProtocol):
                 self.send(cast(bytes, result), addr)
             elif kind is Reply:
                 self._reply(cast(Reply, result))
+            elif kind is KeyLookup:
+                # Handed in again once the key is looked up; a second lookup is dropped (the
+                # answer left the cache at once: the client retransmits).
+                if not again:
+                    driver.await_keys(
+                        cast(KeyLookup, result), lambda: self._stun(data, addr, again=True)
+                    )
             else:
                 _forward(cast(Forward, result), driver.server, five_tuple)
         driver.after_message(self, addr)
@@ -427,11 +439,19 @@ class StreamConnection(asyncio.BufferedProtocol):
                 except OSError:  # unreachable peer or full buffer: the packet is lost
                     send_failed(allocation, forward)
             return False
+        return self._request(frame)
+
+    def _request(self, frame: bytes, *, again: bool = False) -> bool:
         driver = self.driver
         assert self.five_tuple is not None
+        if again and self.transport.is_closing():
+            return True
         result = driver.server.receive(frame, self.five_tuple, time.time())
         if result is not None:
-            if type(result) is bytes:
+            if type(result) is KeyLookup:
+                if not again:
+                    driver.await_keys(result, lambda: self._after_lookup(frame))
+            elif type(result) is bytes:
                 transport = self.transport
                 transport.write(result)
                 # Reading pauses at the high-water mark, but what was already read is still
@@ -444,6 +464,9 @@ class StreamConnection(asyncio.BufferedProtocol):
                 _forward(cast(Forward, result), driver.server, self.five_tuple)
         driver.after_message(self, None)
         return False
+
+    def _after_lookup(self, frame: bytes) -> None:
+        self._request(frame, again=True)
 
     def set_allocation(self, allocation: Allocation | None) -> None:
         self.allocation = allocation

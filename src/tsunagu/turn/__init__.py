@@ -2,7 +2,7 @@
 
 from ..stun.indication import data_indication
 from .allocation import Allocation, FiveTuple, ForwardingState, RelaySocket
-from .authentication import CredentialStore, long_term_key
+from .authentication import CredentialStore, KeyLookup, KeysNotAtHand, long_term_key
 from .discovery import NatDiscovery, Reply
 from .events import AllocationCreated, AllocationEnded, Event
 from .forwarding import Forward, channel_data_forward
@@ -20,6 +20,8 @@ __all__ = [
     "FiveTuple",
     "Forward",
     "ForwardingState",
+    "KeyLookup",
+    "KeysNotAtHand",
     "NatDiscovery",
     "PeerPolicy",
     "RandomSource",

@@ -6,6 +6,10 @@ foreign nonce gets 438 and a fresh nonce. The key comes from a :class:`Credentia
 (implemented in :mod:`tsunagu.auth`), looked up by USERNAME or by USERHASH (§14.4), for
 the password algorithm the client chose from PASSWORD-ALGORITHMS (§14.11-14.12).
 
+A store backed by a database may not have a user's key at hand: it raises
+:class:`KeysNotAtHand`, and the server returns a :class:`KeyLookup` for the driver to resolve
+outside the core; once the store has the answer, the driver hands the same request in again.
+
 A request that carried credentials and failed is refused with its cause for the operator's
 log (:mod:`.refusals`): wrong realm, unknown user or expired credential (the store tells
 which, :meth:`CredentialStore.missing_key`), wrong password (the integrity check failed
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from ..stun.attributes import (
     PASSWORD_ALGORITHM_MD5,
@@ -39,6 +43,8 @@ __all__ = [
     "Authenticated",
     "Authenticator",
     "CredentialStore",
+    "KeyLookup",
+    "KeysNotAtHand",
     "long_term_key",
 ]
 
@@ -59,6 +65,23 @@ def long_term_key(username: str, realm: str, password: str, algorithm: int) -> b
     return hashlib.md5(text, usedforsecurity=False).digest()
 
 
+class KeyLookup(NamedTuple):
+    """What :meth:`~.server.TurnServer.receive` returns for a request whose user's keys the
+    store does not have at hand: the driver looks them up (a database query), puts the
+    answer in the store, and hands the request in again."""
+
+    username: str
+    realm: str
+
+
+class KeysNotAtHand(Exception):
+    """Raised by :meth:`CredentialStore.get_keys` when the answer needs a lookup."""
+
+    def __init__(self, username: str, realm: str) -> None:
+        super().__init__(username, realm)
+        self.lookup = KeyLookup(username, realm)
+
+
 class CredentialStore(Protocol):
     """Where the core gets keys. Implementations live in :mod:`tsunagu.auth`."""
 
@@ -71,6 +94,10 @@ class CredentialStore(Protocol):
         matches. ``existing`` is True for requests on an allocation that already exists
         (Refresh, CreatePermission, ChannelBind), where a store may choose to accept an
         expired time-limited credential.
+
+        Raises :class:`KeysNotAtHand` when the answer is in a database the store has not
+        asked yet; it must not raise it again for the same user once the driver has put the
+        lookup's answer in.
         """
         ...
 

@@ -29,6 +29,7 @@ from typing import Any
 __all__ = [
     "ADDRESS_QUOTA",
     "CREDENTIAL_MISMATCH",
+    "DATABASE_UNAVAILABLE",
     "DRAINING",
     "ENTRY_LIMIT",
     "EXPIRED_CREDENTIAL",
@@ -53,6 +54,7 @@ __all__ = [
 WRONG_PASSWORD = "wrong password"
 UNKNOWN_USER = "unknown user"
 EXPIRED_CREDENTIAL = "expired credential"
+DATABASE_UNAVAILABLE = "user database unavailable"
 WRONG_REALM = "wrong realm"
 CREDENTIAL_MISMATCH = "credential mismatch"
 STALE_NONCE = "stale nonce"

@@ -4,7 +4,9 @@ Sans-I/O: :meth:`TurnServer.receive` takes the bytes a client sent, the 5-tuple 
 and the current time, and returns what to do: bytes to send back to that client
 (``bytes``), a payload to send from a relay socket to a peer (:class:`Forward`), a Binding
 response to send from another of the server's UDP addresses or to another port of the
-client (:class:`~.discovery.Reply`, RFC 5780), or nothing.
+client (:class:`~.discovery.Reply`, RFC 5780), a user's keys to look up before the request
+can be answered (:class:`~.authentication.KeyLookup`: the driver resolves it and hands the
+request in again), or nothing.
 Events (:class:`~.events.AllocationCreated`, :class:`~.events.AllocationEnded`) queue up for
 :meth:`next_event`. Time moves only through ``now`` arguments; the transport arms one
 timer at :meth:`get_timer` and calls :meth:`handle_timer`.
@@ -82,7 +84,7 @@ from ..stun.message import (
     parse_message,
 )
 from .allocation import Allocation, FiveTuple, RelaySocket
-from .authentication import Authenticated, Authenticator, CredentialStore
+from .authentication import Authenticated, Authenticator, CredentialStore, KeyLookup, KeysNotAtHand
 from .discovery import Reply, padding_for, route_binding
 from .errors import (
     AddressFamilyNotSupported,
@@ -195,6 +197,8 @@ class TurnServer:
         """Silent drops by cause; read by the metrics exporter."""
         self.responses: Counter[int] = Counter()
         """Responses sent by code (200 for success)."""
+        self.lookups = 0
+        """Requests that waited for a key lookup (:class:`KeyLookup`)."""
         self._handlers: dict[int, Callable[[Message, FiveTuple, Authenticated, float], bytes]] = {
             Method.ALLOCATE: self._allocate,
             Method.REFRESH: self._refresh,
@@ -206,7 +210,7 @@ class TurnServer:
 
     def receive(
         self, data: bytes, five_tuple: FiveTuple, now: float
-    ) -> bytes | Forward | Reply | None:
+    ) -> bytes | Forward | Reply | KeyLookup | None:
         """Handle one STUN message or ChannelData message from a client."""
         if len(data) >= 4 and 0x40 <= data[0] <= 0x7F:
             return channel_data_forward(self.allocations.get(five_tuple), data, self.drops)
@@ -296,7 +300,9 @@ class TurnServer:
 
     # ------------------------------------------------------------------ requests
 
-    def _request(self, message: Message, five_tuple: FiveTuple, now: float) -> bytes | Reply | None:
+    def _request(
+        self, message: Message, five_tuple: FiveTuple, now: float
+    ) -> bytes | Reply | KeyLookup | None:
         client = five_tuple.client
         if self.settings.policy.is_own_relay(client[0], client[1]):
             # One of this server's relay sockets, sent here by a client: not a client itself.
@@ -321,9 +327,13 @@ class TurnServer:
             if self.settings.stun_only:
                 raise Forbidden("this server answers STUN only")
             existing = five_tuple in self.allocations and message.method != Method.ALLOCATE
-            auth = self._authenticator.authenticate(
-                message, five_tuple.client[0], now, existing=existing
-            )
+            try:
+                auth = self._authenticator.authenticate(
+                    message, five_tuple.client[0], now, existing=existing
+                )
+            except KeysNotAtHand as pending:
+                self.lookups += 1
+                return pending.lookup
             response: bytes | None = handler(message, five_tuple, auth, now)
             self.responses[200] += 1
         except AttributeError_ as exc:

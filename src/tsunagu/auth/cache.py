@@ -1,0 +1,113 @@
+"""Keys looked up in a user database, kept for a bounded time.
+
+The TURN core asks for a user's key on every authenticated request; a database answers in
+milliseconds, the relay must not wait that long. The driver looks a user up once
+(:class:`~tsunagu.turn.KeyLookup`) and puts the answer here; requests for that user are then
+answered from memory until the entry expires. Three kinds of answer are kept, each for its
+own time:
+
+- the user's keys (``ttl``): a password changed or a user deleted in the database takes
+  effect within that time;
+- "no such user" (``negative_ttl``): a client retrying a wrong name, or a flood of made-up
+  names repeated, costs one query per name per interval;
+- "the database did not answer" (``failure_ttl``): the request gets 401 at once, and the
+  client's next retransmission after the interval asks the database again.
+
+Keys still cached when the database goes away keep serving until they expire, no longer.
+The cache holds at most ``limit`` entries; beyond that the oldest go first. Pure: time comes
+in as arguments.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from ..stun.attributes import PASSWORD_ALGORITHM_MD5, PASSWORD_ALGORITHM_SHA256
+
+__all__ = ["CachedAnswer", "KeyCache", "UserKeys"]
+
+
+@dataclass(frozen=True, slots=True)
+class UserKeys:
+    """A user's long-term keys as a database holds them: MD5(user:realm:password), and
+    SHA-256 of the same where the database has it (coturn's tables hold one key only)."""
+
+    md5: bytes | None = None
+    sha256: bytes | None = None
+
+    def key(self, algorithm: int) -> bytes | None:
+        if algorithm == PASSWORD_ALGORITHM_SHA256:
+            return self.sha256
+        if algorithm == PASSWORD_ALGORITHM_MD5:
+            return self.md5
+        return None
+
+
+class CachedAnswer(enum.Enum):
+    """What the cache knows of a user other than keys."""
+
+    MISSING = "not looked up"
+    UNKNOWN = "no such user"
+    UNAVAILABLE = "the database did not answer"
+
+
+class KeyCache:
+    """Answers of the user database by (realm, name), each until its expiry."""
+
+    def __init__(
+        self,
+        *,
+        ttl: float = 60.0,
+        negative_ttl: float = 10.0,
+        failure_ttl: float = 2.0,
+        limit: int = 100_000,
+    ) -> None:
+        if min(ttl, negative_ttl, failure_ttl) <= 0 or limit < 1:
+            raise ValueError("cache lifetimes and size must be positive")
+        self.ttl = ttl
+        self.negative_ttl = negative_ttl
+        self.failure_ttl = failure_ttl
+        self.limit = limit
+        self._entries: OrderedDict[tuple[str, str], tuple[UserKeys | CachedAnswer, float]] = (
+            OrderedDict()
+        )
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, realm: str, name: str, now: float) -> UserKeys | CachedAnswer:
+        entry = self._entries.get((realm, name))
+        if entry is None:
+            return CachedAnswer.MISSING
+        answer, expiry = entry
+        if expiry <= now:
+            del self._entries[(realm, name)]
+            return CachedAnswer.MISSING
+        return answer
+
+    def put(self, realm: str, name: str, keys: UserKeys | None, now: float) -> None:
+        """The database's answer: the user's keys, or None for no such user."""
+        if keys is None:
+            self._store(realm, name, CachedAnswer.UNKNOWN, now + self.negative_ttl)
+        else:
+            self._store(realm, name, keys, now + self.ttl)
+
+    def put_failure(self, realm: str, name: str, now: float) -> None:
+        """The database did not answer for this user."""
+        self._store(realm, name, CachedAnswer.UNAVAILABLE, now + self.failure_ttl)
+
+    def forget(self, realm: str, name: str) -> None:
+        """Drop what is known of one user (deleted, password changed, revoked)."""
+        self._entries.pop((realm, name), None)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def _store(self, realm: str, name: str, answer: UserKeys | CachedAnswer, expiry: float) -> None:
+        entries = self._entries
+        entries[(realm, name)] = (answer, expiry)
+        entries.move_to_end((realm, name))
+        while len(entries) > self.limit:
+            entries.popitem(last=False)

@@ -1,0 +1,109 @@
+"""The one narrow interface between tsunagu and a user database.
+
+A user database holds what coturn keeps in one: long-term users (as keys, never
+passwords), TURN REST secrets, allowed and denied peer ranges, per realm. tsunagu reads
+coturn's own layouts as they are (the tables of coturn's ``schema.sql`` in SQLite and
+PostgreSQL, the ``turn/realm/<realm>/...`` keys in Redis), so a database filled by coturn's
+``turnadmin`` serves tsunagu unchanged, and one filled by ``tsunagu user add`` serves
+coturn. What coturn's layout cannot hold lives beside it under names of tsunagu's own: the
+SHA-256 key of RFC 8489 (coturn keeps one key per user, MD5 unless the whole server runs
+SHA-256).
+
+Every method is a coroutine and may raise :class:`DatabaseError` (the database is down,
+refused, timed out): the driver counts it, logs it once per interval and carries on with
+what it has cached. Implementations: :mod:`.sqlite`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..stun.attributes import PASSWORD_ALGORITHM_MD5, PASSWORD_ALGORITHM_SHA256
+from ..turn.authentication import long_term_key
+from .cache import UserKeys
+
+__all__ = [
+    "DatabaseError",
+    "PeerRanges",
+    "UserDatabase",
+    "keys_from_hex",
+    "keys_of_password",
+]
+
+
+class DatabaseError(Exception):
+    """The database could not answer (gone, refused, timed out, a broken record)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerRanges:
+    """A realm's ``allowed_peer_ip`` and ``denied_peer_ip`` entries, as stored."""
+
+    allowed: tuple[str, ...] = ()
+    denied: tuple[str, ...] = ()
+
+
+def keys_of_password(name: str, realm: str, password: str) -> UserKeys:
+    return UserKeys(
+        md5=long_term_key(name, realm, password, PASSWORD_ALGORITHM_MD5),
+        sha256=long_term_key(name, realm, password, PASSWORD_ALGORITHM_SHA256),
+    )
+
+
+def keys_from_hex(hmackey: str, sha256: str | None = None) -> UserKeys:
+    """Keys from coturn's ``hmackey`` column (hex: 32 digits an MD5 key, 64 a SHA-256 one,
+    as coturn writes it for a server run with SHA-256) and tsunagu's own SHA-256 column."""
+    text = hmackey.strip().lower()
+    try:
+        raw = bytes.fromhex(text)
+        extra = bytes.fromhex(sha256.strip()) if sha256 else None
+    except ValueError:
+        raise DatabaseError("a user's key is not hexadecimal") from None
+    if len(raw) == hashlib.md5().digest_size:
+        return UserKeys(md5=raw, sha256=extra if extra and len(extra) == 32 else None)
+    if len(raw) == hashlib.sha256().digest_size:
+        return UserKeys(md5=None, sha256=raw)
+    raise DatabaseError(f"a user's key has {len(raw)} bytes, neither MD5 nor SHA-256")
+
+
+class UserDatabase(Protocol):
+    """What tsunagu asks of a user database; names and layout as coturn's."""
+
+    @property
+    def description(self) -> str:
+        """Where it is, without any password: for logs and errors."""
+        ...
+
+    async def user_keys(self, realm: str, name: str) -> UserKeys | None:
+        """The user's keys, or None when there is no such user in the realm."""
+        ...
+
+    async def secrets(self, realm: str) -> tuple[str, ...]:
+        """The realm's TURN REST secrets."""
+        ...
+
+    async def peer_ranges(self, realm: str) -> PeerRanges: ...
+
+    async def add_user(self, realm: str, name: str, keys: UserKeys) -> None:
+        """Add the user, or give an existing one new keys."""
+        ...
+
+    async def delete_user(self, realm: str, name: str) -> bool:
+        """Whether there was such a user."""
+        ...
+
+    async def users(self, realm: str | None) -> list[tuple[str, str]]:
+        """(realm, name) of every user, of one realm or all."""
+        ...
+
+    async def add_secret(self, realm: str, secret: str) -> None: ...
+
+    async def delete_secret(self, realm: str, secret: str) -> bool: ...
+
+    async def all_secrets(self, realm: str | None) -> list[tuple[str, str]]:
+        """(realm, secret) of every secret, of one realm or all."""
+        ...
+
+    async def close(self) -> None: ...
