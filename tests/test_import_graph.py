@@ -38,6 +38,7 @@ LAYERS: dict[str, int] = {
     "signaling": 4,
     "probe": 4,
     "browser_policy": 4,
+    "admin": 5,
     "workers": 5,
     "serve": 6,
     "cli": 7,

@@ -59,6 +59,16 @@ COMMANDS: tuple[Command, ...] = (
         "print the browser policy (chrome) matching the server: a narrow UDP port range",
         "tsunagu.browser_policy:policy_command",
     ),
+    Command(
+        "user",
+        "add, change, delete or list TURN users in the user database",
+        "tsunagu.admin.users:user_command",
+    ),
+    Command(
+        "secret",
+        "add, delete or list TURN REST secrets in the user database",
+        "tsunagu.admin.users:secret_command",
+    ),
     Command("version", "print the version", "tsunagu.cli:version_command"),
 )
 

@@ -1,0 +1,1 @@
+"""Administration: the user database from the shell (``tsunagu user``, ``tsunagu secret``)."""

@@ -1,0 +1,185 @@
+"""``tsunagu user`` and ``tsunagu secret``: the user database from the shell, as coturn's
+``turnadmin`` does it, on the same database ``tsunagu serve`` reads.
+
+The database is the one the server's configuration names (``-c FILE``, or ``-b FILE``
+directly; by default users.db in the state directory). Users are stored as keys, never
+passwords; a password is read from a prompt, a file or standard input, so that it need not
+appear in the process list (``--password`` exists for scripts that accept that). A running
+server sees a new user at once, and a changed or deleted one once its cached key expires
+(60 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import secrets
+import sys
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from ..auth.database import DatabaseError, UserDatabase, keys_of_password
+from ..auth.sqlite import SqliteUserDatabase
+from ..config import Config, ConfigError, load_config, userdb_path
+
+__all__ = ["secret_command", "user_command"]
+
+T = TypeVar("T")
+
+
+def _database_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", metavar="FILE", help="tsunagu serve's config file")
+    parser.add_argument(
+        "-b", "--userdb", metavar="FILE", help="the SQLite user database (default: the config's)"
+    )
+    parser.add_argument("-r", "--realm", help="the realm (default: the config's, else tsunagu)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    argv = []
+    if args.config:
+        argv += ["-c", args.config]
+    if args.userdb:
+        argv += ["-b", args.userdb]
+    if args.realm:
+        argv += ["-r", args.realm]
+    return load_config(argv)
+
+
+def _open(config: Config) -> UserDatabase:
+    return SqliteUserDatabase(userdb_path(config))
+
+
+def _run(config: Config, work: Callable[[UserDatabase], Awaitable[T]]) -> T:
+    async def run() -> T:
+        database = _open(config)
+        try:
+            return await work(database)
+        finally:
+            await database.close()
+
+    return asyncio.run(run())
+
+
+def _password(args: argparse.Namespace, prog: str) -> str:
+    if args.password is not None:
+        return str(args.password)
+    if args.password_file is not None:
+        if args.password_file == "-":
+            line = sys.stdin.readline()
+        else:
+            with open(args.password_file, encoding="utf-8") as fh:
+                line = fh.readline()
+        return line.rstrip("\r\n")
+    if not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\r\n")
+    first = getpass.getpass("password: ")
+    if getpass.getpass("again: ") != first:
+        raise ValueError("the two passwords differ")
+    return first
+
+
+def user_command(argv: list[str], prog: str) -> int:
+    """``tsunagu user add|passwd|delete|list``."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        allow_abbrev=False,
+        description=(
+            "Long-term TURN users in the user database, as coturn's turnadmin -a/-d/-l: "
+            "add (or give a new password), passwd (an existing user only), delete, list. "
+            "The password comes from --password-file (- = standard input), else standard "
+            "input when it is not a terminal, else a prompt."
+        ),
+    )
+    parser.add_argument("action", choices=("add", "passwd", "delete", "list"))
+    parser.add_argument("name", nargs="?", help="the user name (not for list)")
+    parser.add_argument("--password-file", metavar="FILE", help="first line: the password")
+    parser.add_argument("--password", help="the password itself (visible in the process list)")
+    _database_options(parser)
+    args = parser.parse_args(argv)
+    if args.action != "list" and not args.name:
+        parser.error(f"{args.action} needs a user name")
+    if args.action == "list" and args.name:
+        parser.error("list takes no user name")
+    try:
+        config = _config(args)
+        realm = config.realm
+        if args.action in ("add", "passwd"):
+            password = _password(args, prog)
+            if not password:
+                parser.error("the password is empty")
+            return _run(config, lambda db: _set(db, realm, args.name, password, args.action, prog))
+        if args.action == "delete":
+            gone = _run(config, lambda db: db.delete_user(realm, args.name))
+            if not gone:
+                sys.stderr.write(f"{prog}: no user {args.name!r} in realm {realm!r}\n")
+                return 1
+            return 0
+        users = _run(config, lambda db: db.users(None if args.realm is None else realm))
+    except (ConfigError, ValueError, OSError, DatabaseError) as exc:
+        sys.stderr.write(f"{prog}: {exc}\n")
+        return 2
+    if args.json:
+        sys.stdout.write(json.dumps([{"realm": r, "name": n} for r, n in users]) + "\n")
+    else:
+        for user_realm, name in users:
+            sys.stdout.write(f"{name}[{user_realm}]\n")
+    return 0
+
+
+async def _set(
+    database: UserDatabase, realm: str, name: str, password: str, action: str, prog: str
+) -> int:
+    if action == "passwd" and (realm, name) not in await database.users(realm):
+        sys.stderr.write(f"{prog}: no user {name!r} in realm {realm!r}\n")
+        return 1
+    await database.add_user(realm, name, keys_of_password(name, realm, password))
+    return 0
+
+
+def secret_command(argv: list[str], prog: str) -> int:
+    """``tsunagu secret add|delete|list``."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        allow_abbrev=False,
+        description=(
+            "TURN REST API secrets in the user database, as coturn's turnadmin -s/-X/-S: "
+            "a running server reads them every few seconds. 'add' without a value makes a "
+            "random one and prints it."
+        ),
+    )
+    parser.add_argument("action", choices=("add", "delete", "list"))
+    parser.add_argument("value", nargs="?", help="the secret (add: default a new random one)")
+    _database_options(parser)
+    args = parser.parse_args(argv)
+    if args.action == "delete" and not args.value:
+        parser.error("delete needs the secret")
+    if args.action == "list" and args.value:
+        parser.error("list takes no value")
+    try:
+        config = _config(args)
+        realm = config.realm
+        if args.action == "add":
+            value = args.value or secrets.token_urlsafe(32)
+            _run(config, lambda db: db.add_secret(realm, value))
+            if not args.value:
+                sys.stdout.write(value + "\n")
+            return 0
+        if args.action == "delete":
+            if not _run(config, lambda db: db.delete_secret(realm, args.value)):
+                sys.stderr.write(f"{prog}: no such secret in realm {realm!r}\n")
+                return 1
+            return 0
+        found = _run(config, lambda db: db.all_secrets(None if args.realm is None else realm))
+    except (ConfigError, ValueError, OSError, DatabaseError) as exc:
+        sys.stderr.write(f"{prog}: {exc}\n")
+        return 2
+    if args.json:
+        sys.stdout.write(json.dumps([{"realm": r, "secret": v} for r, v in found]) + "\n")
+    else:
+        for secret_realm, value in found:
+            sys.stdout.write(f"{value}[{secret_realm}]\n")
+    return 0
