@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,3 +43,25 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             f"CI: {len(_skipped)} skipped test(s) count as failures: {', '.join(_skipped)}",
             red=True,
         )
+
+
+# One PostgreSQL and one Redis server for the whole run, started on first use: each test
+# takes a database of its own (tests/support/databases.py).
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    from support.databases import postgres_available, postgres_server
+
+    if not postgres_available():
+        pytest.skip("PostgreSQL 15 is not installed (scripts/setup --test installs it)")
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[Any]:
+    from support.databases import redis_available, redis_server
+
+    if not redis_available():
+        pytest.skip("redis-server is not installed (scripts/setup --test installs it)")
+    with redis_server() as server:
+        yield server

@@ -44,6 +44,8 @@ CONTRACT_FIELDS = [
     "users",
     "user_file",
     "userdb",
+    "psql_userdb",
+    "redis_userdb",
     "use_auth_secret",
     "static_auth_secrets",
     "static_auth_secret_file",
@@ -171,6 +173,18 @@ EVERY_FIELD: list[tuple[str, str, list[str], Any]] = [
     ("max_port", "60000", ["--max-port", "60000"], 60000),
     ("realm", '"example.org"', ["-r", "example.org"], "example.org"),
     ("userdb", '"/var/lib/turn/turndb"', ["-b", "/var/lib/turn/turndb"], "/var/lib/turn/turndb"),
+    (
+        "psql_userdb",
+        '"host=127.0.0.1 dbname=coturn user=turn password=pw connect_timeout=30"',
+        ["-e", "host=127.0.0.1 dbname=coturn user=turn password=pw connect_timeout=30"],
+        "host=127.0.0.1 dbname=coturn user=turn password=pw connect_timeout=30",
+    ),
+    (
+        "redis_userdb",
+        '"redis://:pw@127.0.0.1:6379/0"',
+        ["-N", "redis://:pw@127.0.0.1:6379/0"],
+        "redis://:pw@127.0.0.1:6379/0",
+    ),
     (
         "users",
         '["alice:pw1", "bob:p:w"]',
@@ -705,7 +719,24 @@ def every_field_set() -> Config:
         mapping.update(tomllib.loads(f"{name} = {toml_value}\n"))
     # Every field off its default, but for the switches that would leave nothing to run.
     mapping.update(use_auth_secret=True, pkey="k.pem", stun_only=False, no_tls=False, no_web=False)
+    # One user database at a time: the SQLite file stands for the three here.
+    mapping.pop("psql_userdb")
+    mapping.pop("redis_userdb")
     return parse_config(mapping)
+
+
+def test_one_user_database_and_its_password_never_shown() -> None:
+    psql = "host=db dbname=turn user=turn password=hunter2"
+    for mapping in (
+        {"userdb": "users.db", "psql_userdb": psql},
+        {"psql_userdb": psql, "redis_userdb": "ip=db password=hunter2"},
+        {"redis_userdb": "hunter2"},
+        {"psql_userdb": "hunter2\x01"},
+    ):
+        message = config_error(parse_config, mapping)
+        assert "hunter2" not in message and "userdb" in message, message
+    assert "one user database" in config_error(parse_config, {"userdb": "u", "redis_userdb": "x=y"})
+    assert "hunter2" not in repr(parse_config({"psql_userdb": psql}))
 
 
 def test_room_access_defaults_to_tokens_where_the_internet_may_reach_the_page() -> None:
@@ -730,7 +761,11 @@ def test_room_access_defaults_to_tokens_where_the_internet_may_reach_the_page() 
 def test_a_config_survives_the_json_hand_over_to_workers() -> None:
     import json
 
-    for config in (Config(), every_field_set()):
+    databases = [
+        parse_config({"psql_userdb": "host=db dbname=turn user=turn password='a b'"}),
+        parse_config({"redis_userdb": "ip=127.0.0.1 dbname=2 password=pw"}),
+    ]
+    for config in (Config(), every_field_set(), *databases):
         sent = json.dumps(config_to_json(config))
         assert config_from_json(json.loads(sent)) == config
     assert config_to_json(every_field_set())["users"] == ["alice:pw1", "bob:p:w"]

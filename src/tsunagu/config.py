@@ -430,6 +430,25 @@ def _network_entry(key: str, value: str) -> IPNetwork:
         _fail(key, f"each entry must be a CIDR network such as 10.0.0.0/8 ({exc})", show=False)
 
 
+def _check_connection(*schemes: str) -> _Check:
+    """A database connection string: a URL of one of ``schemes``, or ``key=value`` pairs.
+    The value is never shown: it may hold a password. The rest is read when the database
+    is opened."""
+
+    def check(key: str, value: Any) -> str:
+        text = str(_check_text(secret=True)(key, value))
+        if not text.startswith(tuple(f"{scheme}://" for scheme in schemes)) and "=" not in text:
+            _fail(
+                key,
+                "must be key=value pairs (as coturn takes it) or a URL starting "
+                + " or ".join(f"{scheme}://" for scheme in schemes),
+                show=False,
+            )
+        return text
+
+    return check
+
+
 def _user_entry(key: str, value: str) -> StaticUser:
     try:
         user = StaticUser.parse(value)
@@ -571,6 +590,29 @@ class Config:
         " directory, $XDG_STATE_HOME/tsunagu)",
         short="-b",
         metavar="FILE",
+    )
+    psql_userdb: str | None = _opt(
+        None,
+        _optional(_check_connection("postgresql", "postgres")),
+        "PostgreSQL database of users, REST secrets and peer ranges in coturn's layout"
+        " (coturn's turnadmin -e fills it too; missing tables are created): a libpq"
+        " connection string as coturn takes it ('host=... port=... dbname=... user=..."
+        " password=... connect_timeout=...'), or a postgresql://user:password@host/dbname URL;"
+        " while it is unreachable, cached users and REST secrets from the configuration keep"
+        " serving",
+        short="-e",
+        metavar="CONNECTION",
+    )
+    redis_userdb: str | None = _opt(
+        None,
+        _optional(_check_connection("redis", "rediss", "unix")),
+        "Redis database of users, REST secrets and peer ranges in coturn's layout (coturn's"
+        " turnadmin -N fills it too): a connection string as coturn takes it ('ip=..."
+        " port=... dbname=N password=... connect_timeout=...'), or a"
+        " redis://:password@host:port/N URL; while it is unreachable, cached users and REST"
+        " secrets from the configuration keep serving",
+        short="-N",
+        metavar="CONNECTION",
     )
     use_auth_secret: bool = _opt(
         False,
@@ -884,7 +926,16 @@ class Config:
 
 
 _SECRET_FIELDS = frozenset(
-    {"users", "static_auth_secrets", "room_password", "join_secrets", "api_key"}
+    {
+        "users",
+        "static_auth_secrets",
+        "room_password",
+        "join_secrets",
+        "api_key",
+        # Connection strings hold the database's password.
+        "psql_userdb",
+        "redis_userdb",
+    }
 )
 
 
@@ -986,6 +1037,13 @@ def _cross_check(values: dict[str, Any]) -> None:
         _fail("no_tls", "with no_udp and no_tcp leaves no STUN/TURN listener; use no_turn", True)
     if values["no_turn"] and values["no_web"]:
         _fail("no_web", "with no_turn leaves nothing to serve", True)
+    databases = [key for key in ("userdb", "psql_userdb", "redis_userdb") if values[key]]
+    if len(databases) > 1:
+        _fail(
+            databases[1],
+            f"cannot be combined with {databases[0]}: tsunagu reads one user database",
+            show=False,
+        )
     names = [user.name for user in values["users"]]
     for name in names:
         if names.count(name) > 1:

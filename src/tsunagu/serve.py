@@ -31,12 +31,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .auth.backends import open_user_database, remote
 from .auth.cache import KeyCache
+from .auth.database import DatabaseError, UserDatabase
 from .auth.rest import mint_credentials
-from .auth.sqlite import SqliteUserDatabase
 from .auth.store import StaticCredentialStore
-from .config import Config, state_dir, userdb_path
-from .logs import setup_logging
+from .config import Config, state_dir
+from .logs import setup_logging, structured
 from .transport.admission import (
     ConnectionCounter,
     ConnectionLimits,
@@ -418,7 +419,7 @@ def _bracket(host: str) -> str:
 class _UserDatabase:
     """The user database of one worker, its key lookups and its secrets' refresh."""
 
-    database: SqliteUserDatabase
+    database: UserDatabase
     lookups: KeyLookups | None
     refresh: SecretsRefresh
 
@@ -430,16 +431,42 @@ class _UserDatabase:
 
 
 async def _open_user_database(config: Config, store: StaticCredentialStore) -> _UserDatabase | None:
-    """The SQLite user database, its users looked up through a cache in ``store`` (unless
-    ``use_auth_secret``: REST credentials only) and its secrets read into it; None, after
-    logging why, when the database cannot be opened."""
-    path = userdb_path(config)
-    database = SqliteUserDatabase(path)
+    """The user database the configuration names (SQLite, PostgreSQL or Redis), its users
+    looked up through a cache in ``store`` (unless ``use_auth_secret``: REST credentials
+    only) and its secrets read into it; None, after logging why, when it cannot be used.
+
+    A SQLite file that cannot be opened stops the start: it is this machine's file, and
+    the mistake is in the configuration. A PostgreSQL or Redis server that does not answer
+    does not: it is another machine, and it may be restarting. The server starts with
+    static users and REST secrets from the configuration; each lookup tries the database
+    again (a failure is cached for a short while), and the secrets are read again every
+    few seconds, so everything it holds serves as soon as it answers."""
+    try:
+        database = open_user_database(config)
+    except DatabaseError as exc:
+        log.error("user database: %s", exc)
+        return None
     refresh = SecretsRefresh(database, store)
     if not await refresh.refresh():
-        log.error("user database %s: %s", database.description, refresh.last_error)
-        await database.close()
-        return None
+        if not remote(config):
+            log.error("user database %s: %s", database.description, refresh.last_error)
+            await database.close()
+            return None
+        log.error(
+            "user database %s unavailable at start (%s): serving static users and the"
+            " configuration's REST secrets meanwhile; its users and secrets serve once it"
+            " answers",
+            database.description,
+            refresh.last_error,
+            extra=structured(
+                {
+                    "event": "database",
+                    "cause": "user database unavailable",
+                    "database": database.description,
+                    "error": refresh.last_error,
+                }
+            ),
+        )
     refresh.start()
     lookups = None
     if not config.use_auth_secret:

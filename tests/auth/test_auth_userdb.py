@@ -1,9 +1,12 @@
-"""The SQLite user database in coturn's layout, its cache, and the lookups that fill it.
+"""The user databases in coturn's layouts (SQLite, PostgreSQL, Redis), the cache, and the
+lookups that fill it.
 
-coturn's own ``turnadmin`` writes users and secrets into a file that tsunagu then reads, and
-the reverse: what ``tsunagu`` writes, ``turnadmin -l`` lists. A database that does not answer
-(a file locked by another writer) costs a lookup its timeout, never the event loop, and
-leaves "unavailable" in the cache for a short while.
+coturn's own ``turnadmin`` writes users and secrets into each kind of database that tsunagu
+then reads, and the reverse: what ``tsunagu`` writes, ``turnadmin -l`` lists. A database that
+does not answer (a file locked by another writer, a server stopped) costs a lookup its
+timeout or less, never the event loop, and leaves "unavailable" in the cache for a short
+while; a server that comes back is used again without anything being restarted. PostgreSQL
+and Redis run for real, one server each for the whole run, a database per test.
 """
 
 from __future__ import annotations
@@ -14,13 +17,26 @@ import shutil
 import sqlite3
 import subprocess
 import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tsunagu.auth.backends import open_user_database
 from tsunagu.auth.cache import CachedAnswer, KeyCache, UserKeys
-from tsunagu.auth.database import DatabaseError, keys_from_hex, keys_of_password
+from tsunagu.auth.database import (
+    DatabaseError,
+    UserDatabase,
+    keys_from_hex,
+    keys_of_password,
+    parse_keyword_string,
+)
+from tsunagu.auth.postgres import PostgresUserDatabase, postgres_connect_arguments
+from tsunagu.auth.redis import RedisUserDatabase, redis_connect_arguments
 from tsunagu.auth.sqlite import SqliteUserDatabase
+from tsunagu.config import parse_config
 from tsunagu.transport.lookups import KeyLookups
 from tsunagu.turn import KeyLookup
 
@@ -72,7 +88,244 @@ def test_keys_from_coturns_column() -> None:
             keys_from_hex(bad)
 
 
-# --- SQLite in coturn's layout -----------------------------------------------------------
+# --- each backend in coturn's layout ------------------------------------------------------
+
+COTURN_SCHEMA = Path("/usr/share/coturn/schema.sql")
+
+
+@dataclass
+class Backend:
+    """A fresh database of one kind: how tsunagu opens it and how turnadmin names it."""
+
+    kind: str
+    open: Callable[[], UserDatabase]
+    turnadmin: tuple[str, ...]
+    server: Any = None
+
+
+@pytest.fixture(params=["sqlite", "postgres", "redis"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    kind = request.param
+    if kind == "sqlite":
+        path = tmp_path / "users.db"
+        return Backend(kind, lambda: SqliteUserDatabase(path), ("-b", str(path)))
+    if kind == "postgres":
+        server = request.getfixturevalue("postgres_server")
+        name = server.new_database()
+        # As a coturn operator makes it: coturn's own schema first, then turnadmin.
+        server.psql(COTURN_SCHEMA.read_text(), name)
+        text = server.connection(name)
+        return Backend(kind, lambda: PostgresUserDatabase(text), ("-e", text), server)
+    server = request.getfixturevalue("redis_server")
+    text = server.connection(server.new_database())
+    return Backend(kind, lambda: RedisUserDatabase(text), ("-N", text), server)
+
+
+@pytest.fixture
+async def opened(backend: Backend) -> AsyncIterator[UserDatabase]:
+    database = backend.open()
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+async def test_turnadmins_users_and_secrets_are_served(
+    backend: Backend, opened: UserDatabase
+) -> None:
+    turnadmin("-a", *backend.turnadmin, "-u", "alice", "-r", "example.org", "-p", "secret")
+    turnadmin("-a", *backend.turnadmin, "-u", "bob", "-r", "elsewhere", "-p", "x")
+    turnadmin("-s", "rest-secret", *backend.turnadmin, "-r", "example.org")
+    keys = await opened.user_keys("example.org", "alice")
+    assert keys == UserKeys(md5=hashlib.md5(b"alice:example.org:secret").digest())
+    assert await opened.user_keys("example.org", "bob") is None
+    assert await opened.user_keys("elsewhere", "alice") is None
+    assert await opened.user_keys("example.org", "x" * 600) is None
+    assert await opened.user_keys("example.org", "al\x00ice") is None
+    assert await opened.secrets("example.org") == ("rest-secret",)
+    assert await opened.users(None) == [("elsewhere", "bob"), ("example.org", "alice")]
+    assert await opened.users("example.org") == [("example.org", "alice")]
+    assert await opened.all_secrets(None) == [("example.org", "rest-secret")]
+
+
+async def test_what_tsunagu_writes_turnadmin_reads_on_each_backend(
+    backend: Backend, opened: UserDatabase
+) -> None:
+    await opened.add_user("example.org", "carol", keys_of_password("carol", "example.org", "pw"))
+    await opened.add_secret("example.org", "s1")
+    await opened.add_secret("example.org", "s1")  # once only
+    assert await opened.user_keys("example.org", "carol") == keys_of_password(
+        "carol", "example.org", "pw"
+    )
+    assert await opened.all_secrets(None) == [("example.org", "s1")]
+    assert "carol" in turnadmin("-l", *backend.turnadmin, "-r", "example.org")
+    assert "s1" in turnadmin("-S", *backend.turnadmin, "-r", "example.org")
+    assert await opened.delete_secret("example.org", "s1")
+    assert not await opened.delete_secret("example.org", "s1")
+    assert await opened.secrets("example.org") == ()
+
+
+async def test_a_password_changed_by_turnadmin_leaves_the_sha256_key_stale(
+    backend: Backend, opened: UserDatabase
+) -> None:
+    await opened.add_user("r", "dave", keys_of_password("dave", "r", "old"))
+    assert (await opened.user_keys("r", "dave")) == keys_of_password("dave", "r", "old")
+    turnadmin("-a", *backend.turnadmin, "-u", "dave", "-r", "r", "-p", "new")
+    keys = await opened.user_keys("r", "dave")
+    assert keys == UserKeys(md5=keys_of_password("dave", "r", "new").md5)
+    # tsunagu's own write makes both keys fresh again.
+    await opened.add_user("r", "dave", keys_of_password("dave", "r", "newer"))
+    assert await opened.user_keys("r", "dave") == keys_of_password("dave", "r", "newer")
+    assert await opened.delete_user("r", "dave")
+    assert not await opened.delete_user("r", "dave")
+    assert await opened.user_keys("r", "dave") is None
+    turnadmin("-a", *backend.turnadmin, "-u", "dave", "-r", "r", "-p", "again")
+    # The SHA-256 key of the deleted user does not come back with the name.
+    assert await opened.user_keys("r", "dave") == UserKeys(
+        md5=keys_of_password("dave", "r", "again").md5
+    )
+
+
+async def test_a_user_deleted_by_turnadmin_is_gone(backend: Backend, opened: UserDatabase) -> None:
+    await opened.add_user("r", "gus", keys_of_password("gus", "r", "pw"))
+    turnadmin("-d", *backend.turnadmin, "-u", "gus", "-r", "r")
+    assert await opened.user_keys("r", "gus") is None
+    assert await opened.users("r") == []
+
+
+async def test_a_broken_record_is_an_error_for_that_user_only(
+    backend: Backend, opened: UserDatabase
+) -> None:
+    await opened.add_user("r", "good", keys_of_password("good", "r", "pw"))
+    await opened.add_user("r", "bad", keys_of_password("bad", "r", "pw"))
+    if backend.kind == "sqlite":
+        path = backend.turnadmin[1]
+        with sqlite3.connect(path) as db:
+            db.execute("UPDATE turnusers_lt SET hmackey = 'not hex' WHERE name = 'bad'")
+    elif backend.kind == "postgres":
+        database = backend.turnadmin[1].split("dbname=")[1].split()[0]
+        backend.server.psql(
+            "UPDATE turnusers_lt SET hmackey = 'not hex' WHERE name = 'bad'", database
+        )
+    else:
+        assert isinstance(opened, RedisUserDatabase)
+        await opened._client.set("turn/realm/r/user/bad/key", b"\xff" * 10_000)
+    with pytest.raises(DatabaseError):
+        await opened.user_keys("r", "bad")
+    assert await opened.user_keys("r", "good") == keys_of_password("good", "r", "pw")
+
+
+# --- PostgreSQL and Redis: connection strings, outages ----------------------------------------
+
+
+def test_connection_strings_in_coturns_forms() -> None:
+    assert parse_keyword_string("host = db  password='a b\\'c' port=1", "x") == {
+        "host": "db",
+        "password": "a b'c",
+        "port": "1",
+    }
+    for bad in ("host", "host=a host=b", "password='open"):
+        with pytest.raises(DatabaseError) as caught:
+            parse_keyword_string(bad, "x")
+        assert "open" not in str(caught.value)
+    arguments, where, password = postgres_connect_arguments(
+        "host=10.0.0.5 port=5433 dbname=coturn user=turn password=hunter2 connect_timeout=30"
+    )
+    assert arguments == {
+        "host": "10.0.0.5",
+        "port": 5433,
+        "database": "coturn",
+        "user": "turn",
+        "password": "hunter2",
+        "timeout": 5.0,
+    }
+    assert where == "PostgreSQL 10.0.0.5:5433/coturn as turn" and password == "hunter2"
+    arguments, where, _ = postgres_connect_arguments("postgresql://turn:hunter2@db:5433/coturn")
+    assert arguments == {"dsn": "postgresql://turn:hunter2@db:5433/coturn"}
+    assert "hunter2" not in where and "db:5433/coturn" in where
+    with pytest.raises(DatabaseError, match="unknown keyword 'hots'"):
+        postgres_connect_arguments("hots=db password=hunter2")
+    arguments, where, _ = redis_connect_arguments(
+        "ip=127.0.0.1 dbname=2 password=hunter2 port=6380 connect_timeout=30"
+    )
+    assert arguments == {
+        "host": "127.0.0.1",
+        "db": 2,
+        "password": "hunter2",
+        "port": 6380,
+        "timeout": 5.0,
+    }
+    assert where == "Redis 127.0.0.1:6380/2"
+    _, where, _ = redis_connect_arguments("redis://:hunter2@cache:6390/4")
+    assert where == "Redis cache:6390/4"
+    with pytest.raises(DatabaseError, match="dbname"):
+        redis_connect_arguments("ip=x dbname=first")
+
+
+def test_the_configuration_picks_one_backend_and_hides_its_password(tmp_path: Path) -> None:
+    psql = "host=127.0.0.1 dbname=turn user=turn password=hunter2"
+    config = parse_config({"psql_userdb": psql})
+    assert isinstance(open_user_database(config), PostgresUserDatabase)
+    assert "hunter2" not in repr(config)
+    config = parse_config({"redis_userdb": "redis://:hunter2@127.0.0.1/1"})
+    assert isinstance(open_user_database(config), RedisUserDatabase)
+    config = parse_config({"userdb": str(tmp_path / "u.db")})
+    assert isinstance(open_user_database(config), SqliteUserDatabase)
+    for mapping in (
+        {"userdb": "u.db", "psql_userdb": psql},
+        {"psql_userdb": psql, "redis_userdb": "ip=x password=hunter2"},
+        {"redis_userdb": "hunter2"},
+    ):
+        with pytest.raises(ValueError) as caught:
+            parse_config(mapping)
+        assert "hunter2" not in str(caught.value)
+
+
+@pytest.mark.parametrize("kind", ["postgres", "redis"])
+async def test_a_stopped_server_fails_fast_and_is_used_again_when_back(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    server = request.getfixturevalue(f"{kind}_server")
+    if kind == "postgres":
+        database: UserDatabase = PostgresUserDatabase(server.connection(server.new_database()))
+    else:
+        database = RedisUserDatabase(server.connection(server.new_database()))
+    wrong: UserDatabase = (PostgresUserDatabase if kind == "postgres" else RedisUserDatabase)(
+        server.connection(server.new_database()).replace(server.password, "wrong-password")
+    )
+    try:
+        await database.add_user("r", "erin", keys_of_password("erin", "r", "pw"))
+        with pytest.raises(DatabaseError) as caught:
+            await wrong.user_keys("r", "erin")
+        assert "wrong-password" not in str(caught.value)
+        server.stop()
+        try:
+            for _ in range(3):
+                started = time.monotonic()
+                with pytest.raises(DatabaseError) as caught:
+                    await database.user_keys("r", "erin")
+                assert time.monotonic() - started < 0.5
+                assert server.password not in str(caught.value)
+                await asyncio.sleep(0.4)
+        finally:
+            server.start()
+        # Within a second of its return (calls fail at once for that long after a refusal).
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                keys = await database.user_keys("r", "erin")
+                break
+            except DatabaseError:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+        if kind == "postgres":  # Redis here keeps nothing across a restart
+            assert keys == keys_of_password("erin", "r", "pw")
+    finally:
+        await database.close()
+        await wrong.close()
+
+
+# --- SQLite's own file -------------------------------------------------------------------
 
 
 async def test_a_database_filled_by_turnadmin_serves_its_users_and_secrets(
@@ -93,39 +346,6 @@ async def test_a_database_filled_by_turnadmin_serves_its_users_and_secrets(
         await database.close()
 
 
-async def test_what_tsunagu_writes_turnadmin_reads(tmp_path: Path) -> None:
-    path = tmp_path / "users.db"
-    database = SqliteUserDatabase(path)
-    try:
-        await database.add_user(
-            "example.org", "carol", keys_of_password("carol", "example.org", "pw")
-        )
-        await database.add_secret("example.org", "s1")
-        await database.add_secret("example.org", "s1")  # once only
-        keys = await database.user_keys("example.org", "carol")
-        assert keys == keys_of_password("carol", "example.org", "pw")
-        assert await database.all_secrets(None) == [("example.org", "s1")]
-    finally:
-        await database.close()
-    assert "carol" in turnadmin("-l", "-b", str(path), "-r", "example.org")
-    assert "s1" in turnadmin("-S", "-b", str(path), "-r", "example.org")
-
-
-async def test_a_password_changed_by_turnadmin_drops_the_stale_sha256_key(tmp_path: Path) -> None:
-    path = tmp_path / "users.db"
-    database = SqliteUserDatabase(path)
-    try:
-        await database.add_user("r", "dave", keys_of_password("dave", "r", "old"))
-        turnadmin("-a", "-b", str(path), "-u", "dave", "-r", "r", "-p", "new")
-        keys = await database.user_keys("r", "dave")
-        assert keys == UserKeys(md5=keys_of_password("dave", "r", "new").md5)
-        assert await database.delete_user("r", "dave")
-        assert not await database.delete_user("r", "dave")
-        assert await database.user_keys("r", "dave") is None
-    finally:
-        await database.close()
-
-
 async def test_a_missing_file_is_an_error_when_it_may_not_be_created(tmp_path: Path) -> None:
     database = SqliteUserDatabase(tmp_path / "absent.db", create=False)
     try:
@@ -139,17 +359,18 @@ async def test_a_missing_file_is_an_error_when_it_may_not_be_created(tmp_path: P
 # --- lookups ---------------------------------------------------------------------------
 
 
-async def test_lookups_ask_once_per_user_and_hand_every_request_in_again(tmp_path: Path) -> None:
-    database = SqliteUserDatabase(tmp_path / "users.db")
-    await database.add_user("r", "erin", keys_of_password("erin", "r", "pw"))
+async def test_lookups_ask_once_per_user_and_hand_every_request_in_again(
+    opened: UserDatabase,
+) -> None:
+    await opened.add_user("r", "erin", keys_of_password("erin", "r", "pw"))
     cache = KeyCache()
-    lookups = KeyLookups(database, cache)
+    lookups = KeyLookups(opened, cache)
     done: list[str] = []
     try:
         for number in range(5):
             assert lookups.submit(KeyLookup("erin", "r"), lambda n=number: done.append(f"e{n}"))
         assert lookups.submit(KeyLookup("ghost", "r"), lambda: done.append("g"))
-        for _ in range(100):
+        for _ in range(200):
             if len(done) == 6:
                 break
             await asyncio.sleep(0.01)
@@ -159,7 +380,6 @@ async def test_lookups_ask_once_per_user_and_hand_every_request_in_again(tmp_pat
         assert cache.get("r", "ghost", time.time()) is CachedAnswer.UNKNOWN
     finally:
         await lookups.close()
-        await database.close()
 
 
 async def test_a_locked_database_is_unavailable_and_the_lookups_stay_bounded(

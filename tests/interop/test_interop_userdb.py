@@ -1,6 +1,8 @@
-"""``tsunagu serve -b FILE`` serves the users and secrets coturn's ``turnadmin`` wrote.
+"""``tsunagu serve -b FILE`` (``-e`` PostgreSQL, ``-N`` Redis) serves the users and secrets
+coturn's ``turnadmin`` wrote.
 
-The database is made and filled by coturn's own tool, as a coturn operator's is; tsunagu
+Each database is made and filled by coturn's own tool, as a coturn operator's is (PostgreSQL
+with coturn's ``schema.sql`` first); tsunagu
 then serves coturn's ``turnutils_uclient`` and aioice from it: a long-term user, a user
 added while the server runs (no restart), and a TURN REST credential minted from a secret
 that lives only in the database. A wrong password and an unknown user get 401, and the log
@@ -12,6 +14,7 @@ from __future__ import annotations
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import aioice.turn
 import pytest
@@ -46,13 +49,28 @@ async def allocate(host: str, port: int, username: str, password: str) -> bool:
     return True
 
 
-async def test_coturns_database_serves_turnutils_and_aioice(tmp_path: Path) -> None:
-    database = tmp_path / "turndb"
-    turnadmin("-a", "-b", str(database), "-u", "dana", "-r", REALM, "-p", "dana-pw")
-    turnadmin("-s", "db-secret", "-b", str(database), "-r", REALM)
+def coturn_database(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> list[str]:
+    """A fresh database of ``kind`` as coturn's tools name it: ``-b FILE``, ``-e``, ``-N``."""
+    if kind == "sqlite":
+        return ["-b", str(tmp_path / "turndb")]
+    server: Any = request.getfixturevalue(f"{kind}_server")
+    name = server.new_database()
+    if kind == "postgres":
+        server.psql(Path("/usr/share/coturn/schema.sql").read_text(), name)
+        return ["-e", server.connection(name)]
+    return ["-N", server.connection(name)]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres", "redis"])
+async def test_coturns_database_serves_turnutils_and_aioice(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    database = coturn_database(kind, tmp_path, request)
+    turnadmin("-a", *database, "-u", "dana", "-r", REALM, "-p", "dana-pw")
+    turnadmin("-s", "db-secret", *database, "-r", REALM)
     with (
         run_turnutils_peer(tmp_path) as peer,
-        run_serve(tmp_path / "serve", "-b", str(database), "-r", REALM) as server,
+        run_serve(tmp_path / "serve", *database, "-r", REALM) as server,
     ):
         command = uclient_command(
             server.port, (peer.host, peer.port), "-z", "5", messages=20, clients=2,
@@ -64,7 +82,7 @@ async def test_coturns_database_serves_turnutils_and_aioice(tmp_path: Path) -> N
         assert int(match.group(2)) >= 38, match.group(0)
 
         # A user added while the server runs; a REST credential from the database's secret.
-        turnadmin("-a", "-b", str(database), "-u", "erin", "-r", REALM, "-p", "erin-pw")
+        turnadmin("-a", *database, "-u", "erin", "-r", REALM, "-p", "erin-pw")
         assert await allocate(server.host, server.port, "erin", "erin-pw")
         username, password = mint_credentials("db-secret", "fay", 600, time.time())
         assert await allocate(server.host, server.port, username, password)
@@ -73,3 +91,8 @@ async def test_coturns_database_serves_turnutils_and_aioice(tmp_path: Path) -> N
         assert not await allocate(server.host, server.port, "nobody", "x")
         assert await server.wait_for_log_async("wrong password for user 'dana'", 15)
         assert await server.wait_for_log_async("unknown user 'nobody'", 15)
+        # The connection string's password is in no line the server wrote.
+        password = database[1].split("password=")[-1].split()[0]
+        if kind != "sqlite":
+            assert password not in server.log_text()
+            assert password not in server.stdout_path.read_text()

@@ -11,7 +11,8 @@ SHA-256).
 
 Every method is a coroutine and may raise :class:`DatabaseError` (the database is down,
 refused, timed out): the driver counts it, logs it once per interval and carries on with
-what it has cached. Implementations: :mod:`.sqlite`.
+what it has cached. Implementations: :mod:`.sqlite`, :mod:`.postgres`, :mod:`.redis`;
+:func:`.backends.open_user_database` picks the one the configuration names.
 """
 
 from __future__ import annotations
@@ -30,7 +31,15 @@ __all__ = [
     "UserDatabase",
     "keys_from_hex",
     "keys_of_password",
+    "parse_keyword_string",
+    "usable_name",
 ]
+
+# coturn's turnusers_lt.name is varchar(512): a longer name is no user of any database.
+MAX_NAME_CHARS = 512
+# How long one call may take, whatever the connection string says: a lookup that waits
+# longer than this is worth less than a quick 401 the client retries.
+CALL_TIMEOUT = 2.0
 
 
 class DatabaseError(Exception):
@@ -107,3 +116,68 @@ class UserDatabase(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+def usable_name(name: str) -> bool:
+    """Whether a user name from the network can be asked for at all. A name no database can
+    hold (too long, a NUL that PostgreSQL refuses) is "no such user", not a database error
+    that would fill the log on a stranger's behalf."""
+    return 0 < len(name) <= MAX_NAME_CHARS and "\x00" not in name
+
+
+def parse_keyword_string(text: str, what: str) -> dict[str, str]:
+    """``key=value key='quoted value'`` pairs, as libpq reads a connection string (and
+    coturn its Redis one): spaces around ``=`` allowed, single quotes around a value with
+    spaces, backslash escaping a quote or a backslash. Errors never quote the text: it may
+    hold a password."""
+    pairs: dict[str, str] = {}
+    index, end = 0, len(text)
+    while True:
+        while index < end and text[index].isspace():
+            index += 1
+        if index == end:
+            return pairs
+        start = index
+        while index < end and not text[index].isspace() and text[index] != "=":
+            index += 1
+        key = text[start:index].lower()
+        while index < end and text[index].isspace():
+            index += 1
+        if not key or index == end or text[index] != "=":
+            raise DatabaseError(f"{what}: expected key=value pairs, as 'host=... dbname=...'")
+        index += 1
+        while index < end and text[index].isspace():
+            index += 1
+        value: list[str] = []
+        if index < end and text[index] == "'":
+            index += 1
+            while True:
+                if index == end:
+                    raise DatabaseError(f"{what}: the value of {key} lacks its closing quote")
+                char = text[index]
+                if char == "\\" and index + 1 < end:
+                    value.append(text[index + 1])
+                    index += 2
+                    continue
+                index += 1
+                if char == "'":
+                    break
+                value.append(char)
+        else:
+            while index < end and not text[index].isspace():
+                if text[index] == "\\" and index + 1 < end:
+                    index += 1
+                value.append(text[index])
+                index += 1
+        if key in pairs:
+            raise DatabaseError(f"{what}: {key} given twice")
+        pairs[key] = "".join(value)
+
+
+def scrub(text: str, *secrets: str | None) -> str:
+    """``text`` with every secret in it replaced, for an error from a driver that might
+    echo what it was given."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
