@@ -69,6 +69,11 @@ COMMANDS: tuple[Command, ...] = (
         "add, delete or list TURN REST secrets in the user database",
         "tsunagu.admin.users:secret_command",
     ),
+    Command(
+        "revoke",
+        "take TURN credentials back: live allocations end, the credentials are refused",
+        "tsunagu.admin.users:revoke_command",
+    ),
     Command("version", "print the version", "tsunagu.cli:version_command"),
 )
 

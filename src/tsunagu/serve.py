@@ -49,10 +49,12 @@ from .transport.admission import (
 from .transport.driver import TurnDriver
 from .transport.engine import EngineUnavailable, RelayEngine, load_engine
 from .transport.listeners import StreamConnection, StreamLimits, UdpListener
-from .transport.lookups import KeyLookups, SecretsRefresh
+from .transport.lookups import KeyLookups, RevocationWatch, SecretsRefresh
 from .transport.relay import UdpRelayBinder
 from .turn import NatDiscovery, PeerPolicy, TurnServer, TurnSettings
 from .turn.policy import inside
+from .turn.quotas import user_id
+from .turn.revocations import Revocation, RevocationList
 from .workers import READY_LINE, WorkerShare, start_workers
 
 __all__ = [
@@ -422,10 +424,48 @@ class _UserDatabase:
     database: UserDatabase
     lookups: KeyLookups | None
     refresh: SecretsRefresh
+    watch: RevocationWatch | None = None
+    on_user_revoked: Callable[[str], None] | None = None
+    """Closes a revoked user's signaling sessions, in the process that runs the web app."""
+
+    async def watch_revocations(
+        self, store: StaticCredentialStore, driver: TurnDriver, ttl: float, worker: int
+    ) -> None:
+        """Read the revocations in force, then follow new ones: each ends the allocations
+        made with what it covers, and the user's signaling sessions."""
+
+        def revoked(revocation: Revocation) -> None:
+            ended = driver.server.revoke(revocation, ttl, time.time())
+            driver.after_core_call()
+            what = revocation.credential or revocation.user or "credentials"
+            log.info(
+                "revocation %d of %s: %d allocations ended (worker %d)",
+                revocation.number,
+                what,
+                ended,
+                worker,
+                extra=structured(
+                    {"event": "revoked", "revocation": revocation.number, "ended": ended}
+                ),
+            )
+            user = revocation.user or (revocation.credential and user_id(revocation.credential))
+            if user and self.on_user_revoked is not None:
+                self.on_user_revoked(user)
+
+        self.watch = RevocationWatch(self.database, store, RevocationList(ttl), revoked)
+        if not await self.watch.refresh():
+            log.warning(
+                "user database %s: cannot read the revocations (%s)",
+                self.database.description,
+                self.watch.last_error,
+            )
+        self.watch.start()
 
     async def close(self) -> None:
         if self.lookups is not None:
             await self.lookups.close()
+        if self.watch is not None:
+            await self.watch.close()
         await self.refresh.close()
         await self.database.close()
 
@@ -530,6 +570,7 @@ async def _start_turn(
         return None
     server = TurnServer(settings, store, binder, rng)
     driver = TurnDriver(server, loop, engine, worker=share.index, lookups=users.lookups)
+    await users.watch_revocations(store, driver, config.credential_ttl, share.index)
     driver.start_reports()
     turn = _Turn(driver, engine, users=users)
     # TCP and TLS clients of this worker, counted together against the caps.
@@ -754,10 +795,13 @@ async def serve(config: Config, share: WorkerShare | None = None) -> int:
 
     runner: Any = None
     if not config.no_web:
-        from .signaling.server import run_web
+        from .signaling.server import revoke_user, run_web
 
         web_ssl = ssl_context if config.cert is not None else None
         runner = await run_web(config, None if config.no_turn else turn_secret, web_ssl)
+        if turn is not None and turn.users is not None:
+            web = runner
+            turn.users.on_user_revoked = lambda user: revoke_user(web, user)
         scheme = "https" if web_ssl else "http"
         _say(f"tsunagu: web app on {scheme}://{_bracket(config.web_ip)}:{config.web_port}/")
         _say(_room_access_line(config))

@@ -656,3 +656,21 @@ def test_refused_joins_are_bounded_and_do_not_get_a_connection_kicked_at_once() 
         hub.receive(conn, join_msg, 0.0)
     summaries = hub.refusals.take()
     assert len(summaries) <= 101 and sum(s.count for s in summaries) == 3 + 398
+
+
+def test_a_revoked_user_is_taken_out_and_told_why() -> None:
+    hub = make_hub()
+    ada = joined_id(join(hub, 1, name="Ada"), 1)
+    bo = joined_id(join(hub, 2, name="Bo"), 2)
+    hub.take_audit()
+    # Without a join token a peer's user id is its peer id (what its TURN username carries).
+    actions = hub.revoke_user(ada, 5.0)
+    assert [c.conn for c in closes(actions)] == [1]
+    assert sends(actions, 1) == [
+        {"type": "error", "code": "revoked", "message": "Your access to this call was revoked."}
+    ]
+    assert sends(actions, 2) == [{"type": "peer-left", "id": ada, "reason": "revoked"}]
+    assert hub.room_peers("alpha") == [(bo, "Bo")]
+    [left] = hub.take_audit()
+    assert left["event"] == "peer-left" and left["reason"] == "revoked"
+    assert hub.revoke_user("nobody", 6.0) == []

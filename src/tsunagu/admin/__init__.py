@@ -1,1 +1,2 @@
-"""Administration: the user database from the shell (``tsunagu user``, ``tsunagu secret``)."""
+"""Administration: the user database from the shell (``tsunagu user``, ``secret``,
+``revoke``)."""

@@ -1,5 +1,5 @@
-"""``tsunagu user`` and ``tsunagu secret``: the user database from the shell, as coturn's
-``turnadmin`` does it, on the same database ``tsunagu serve`` reads.
+"""``tsunagu user``, ``tsunagu secret`` and ``tsunagu revoke``: the user database from the
+shell, as coturn's ``turnadmin`` does it, on the same database ``tsunagu serve`` reads.
 
 The database is the one the server's configuration names (``-c FILE``, or ``-b FILE``
 directly; by default users.db in the state directory). Users are stored as keys, never
@@ -13,18 +13,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import getpass
 import json
 import secrets
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from ..auth.database import DatabaseError, UserDatabase, keys_of_password
 from ..auth.sqlite import SqliteUserDatabase
 from ..config import Config, ConfigError, load_config, userdb_path
+from ..turn.quotas import rest_expiry
+from ..turn.revocations import Revocation
 
-__all__ = ["secret_command", "user_command"]
+__all__ = ["revocation_for", "revoke_command", "secret_command", "user_command"]
 
 T = TypeVar("T")
 
@@ -182,4 +186,95 @@ def secret_command(argv: list[str], prog: str) -> int:
     else:
         for secret_realm, value in found:
             sys.stdout.write(f"{value}[{secret_realm}]\n")
+    return 0
+
+
+def _when(text: str) -> float:
+    if text == "now":
+        return time.time()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"a time is unix seconds, 'now' or ISO 8601 (2026-01-31T12:00:00Z), got {text!r}"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return moment.timestamp()
+
+
+def revocation_for(
+    *, user: str | None, credential: str | None, before: float | None, ttl: float, now: float
+) -> Revocation:
+    """What ``tsunagu revoke`` stores: kept as long as what it covers could be valid."""
+    if credential is not None:
+        expiry = rest_expiry(credential)
+        until = float(expiry) if expiry is not None else now + ttl
+        return Revocation(0, now, until, credential=credential)
+    if user is not None:
+        return Revocation(0, now, now + ttl, user=user)
+    assert before is not None
+    return Revocation(0, before, before + ttl)
+
+
+def revoke_command(argv: list[str], prog: str) -> int:
+    """``tsunagu revoke --user U | --credential USERNAME | --before TIME``."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        allow_abbrev=False,
+        description=(
+            "Take TURN credentials back. The revocation is stored in the user database: every "
+            "tsunagu process that shares it ends the allocations made with them within a "
+            "second, refuses them from then on (401), and closes a revoked user's signaling "
+            "sessions. --user takes back every REST credential of that user id issued until "
+            "now (and shuts the long-term user of that name out for a credential lifetime: "
+            "change the password or delete the user for good); --credential one username; "
+            "--before every REST credential issued before TIME. A revocation is kept only as "
+            "long as what it covers could still be valid."
+        ),
+    )
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--user", metavar="ID", help="a user id (the part after 'expiry:')")
+    what.add_argument("--credential", metavar="USERNAME", help="one TURN username")
+    what.add_argument("--before", type=_when, metavar="TIME", help="unix seconds, ISO 8601, now")
+    parser.add_argument(
+        "--ttl",
+        type=float,
+        metavar="SECONDS",
+        help="the longest lifetime of the REST credentials issued (default: credential_ttl)",
+    )
+    _database_options(parser)
+    args = parser.parse_args(argv)
+    now = time.time()
+    if args.before is not None and args.before > now:
+        parser.error("--before: a time in the future would take back credentials not issued yet")
+    try:
+        config = _config(args)
+        ttl = float(args.ttl if args.ttl is not None else config.credential_ttl)
+        revocation = revocation_for(
+            user=args.user, credential=args.credential, before=args.before, ttl=ttl, now=now
+        )
+        number = _run(config, lambda db: db.add_revocation(config.realm, revocation))
+    except (ConfigError, ValueError, OSError, DatabaseError) as exc:
+        sys.stderr.write(f"{prog}: {exc}\n")
+        return 2
+    until = datetime.datetime.fromtimestamp(revocation.until, datetime.UTC)
+    record = {
+        "revocation": number,
+        "realm": config.realm,
+        "user": revocation.user,
+        "credential": revocation.credential,
+        "issued_before": revocation.issued_before,
+        "until": revocation.until,
+    }
+    if args.json:
+        sys.stdout.write(json.dumps(record) + "\n")
+    else:
+        sys.stdout.write(
+            f"revocation {number} stored; in force until {until:%Y-%m-%d %H:%M:%S} UTC\n"
+        )
     return 0

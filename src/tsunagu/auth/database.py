@@ -23,6 +23,7 @@ from typing import Protocol
 
 from ..stun.attributes import PASSWORD_ALGORITHM_MD5, PASSWORD_ALGORITHM_SHA256
 from ..turn.authentication import long_term_key
+from ..turn.revocations import Revocation
 from .cache import UserKeys
 
 __all__ = [
@@ -113,6 +114,15 @@ class UserDatabase(Protocol):
 
     async def all_secrets(self, realm: str | None) -> list[tuple[str, str]]:
         """(realm, secret) of every secret, of one realm or all."""
+        ...
+
+    async def add_revocation(self, realm: str, revocation: Revocation) -> int:
+        """Store ``revocation`` (its ``number`` is ignored) and drop the revocations that
+        have run out; the number it got."""
+        ...
+
+    async def revocations(self, realm: str, after: int, now: float) -> list[Revocation]:
+        """The realm's revocations numbered above ``after`` and still in force at ``now``."""
         ...
 
     async def close(self) -> None: ...

@@ -16,6 +16,8 @@ import base64
 import hashlib
 import hmac
 
+from ..turn.quotas import rest_expiry
+
 __all__ = ["mint_credentials", "rest_password", "rest_expiry"]
 
 
@@ -27,20 +29,6 @@ def rest_password(secret: str | bytes, username: str) -> str:
     """Return the password that goes with ``username`` under ``secret``."""
     digest = hmac.new(_as_bytes(secret), username.encode(), hashlib.sha1).digest()
     return base64.b64encode(digest).decode("ascii")
-
-
-def rest_expiry(username: str) -> int | None:
-    """Return the expiry (unix seconds) encoded in a REST username, or None if it has none.
-
-    coturn accepts the timestamp before or after the separator; the common form, and the one
-    minted here, puts it first.
-    """
-    head, sep, tail = username.partition(":")
-    for part in (head, tail) if sep else (head,):
-        # ASCII only: str.isdigit() also accepts digits such as "²" that int() refuses.
-        if part.isascii() and part.isdigit():
-            return int(part)
-    return None
 
 
 def mint_credentials(secret: str | bytes, user_id: str, ttl: int, now: float) -> tuple[str, str]:

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
+from ..turn.revocations import Revocation
 from .cache import UserKeys
 from .database import DatabaseError, PeerRanges, keys_from_hex
 
@@ -50,6 +51,9 @@ _COTURN_TABLES = (
 _OWN_TABLES = (
     "CREATE TABLE IF NOT EXISTS tsunagu_user_sha256 (realm varchar(127) default '',"
     " name varchar(512), sha256 char(64), md5 char(32), primary key (realm, name))",
+    "CREATE TABLE IF NOT EXISTS tsunagu_revocation (number integer primary key autoincrement,"
+    " realm varchar(127) default '', user_id varchar(512), credential varchar(512),"
+    " issued_before double precision, until double precision)",
 )
 BUSY_TIMEOUT = 1.0
 
@@ -208,6 +212,38 @@ class SqliteUserDatabase:
             return cursor.rowcount > 0
 
         return await self._run(write)
+
+    async def add_revocation(self, realm: str, revocation: Revocation) -> int:
+        def write(db: sqlite3.Connection) -> int:
+            with _transaction(db):
+                db.execute(
+                    "DELETE FROM tsunagu_revocation WHERE until <= ?", (revocation.issued_before,)
+                )
+                cursor = db.execute(
+                    "INSERT INTO tsunagu_revocation (realm, user_id, credential, issued_before,"
+                    " until) VALUES (?, ?, ?, ?, ?)",
+                    (
+                        realm,
+                        revocation.user,
+                        revocation.credential,
+                        revocation.issued_before,
+                        revocation.until,
+                    ),
+                )
+            return int(cursor.lastrowid or 0)
+
+        return await self._run(write)
+
+    async def revocations(self, realm: str, after: int, now: float) -> list[Revocation]:
+        def read(db: sqlite3.Connection) -> list[Revocation]:
+            rows = db.execute(
+                "SELECT number, issued_before, until, user_id, credential FROM tsunagu_revocation"
+                " WHERE realm = ? AND number > ? AND until > ? ORDER BY number",
+                (realm, after, now),
+            )
+            return [Revocation(int(r[0]), float(r[1]), float(r[2]), r[3], r[4]) for r in rows]
+
+        return await self._run(read)
 
     async def close(self) -> None:
         def shut(_: object = None) -> None:

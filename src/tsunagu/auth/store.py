@@ -17,7 +17,14 @@ from collections.abc import Iterable
 
 from ..stun.attributes import PASSWORD_ALGORITHM_MD5, PASSWORD_ALGORITHM_SHA256
 from ..turn.authentication import KeysNotAtHand, long_term_key
-from ..turn.refusals import DATABASE_UNAVAILABLE, EXPIRED_CREDENTIAL, UNKNOWN_USER, Refusal
+from ..turn.refusals import (
+    DATABASE_UNAVAILABLE,
+    EXPIRED_CREDENTIAL,
+    REVOKED_CREDENTIAL,
+    UNKNOWN_USER,
+    Refusal,
+)
+from ..turn.revocations import RevocationList
 from .cache import CachedAnswer, KeyCache, UserKeys
 from .rest import rest_expiry, rest_password
 
@@ -41,6 +48,8 @@ class StaticCredentialStore:
         """Keys of the users of a database, when one is configured."""
         self.database_secrets: tuple[str, ...] = ()
         """REST secrets the database holds for this realm (kept fresh by the driver)."""
+        self.revocations: RevocationList | None = None
+        """Credentials taken back (kept fresh by the driver from the database)."""
         self._keys: dict[tuple[str, int], bytes] = {}
         self._userhashes: dict[bytes, str] = {}
         for name, password in users:
@@ -61,6 +70,8 @@ class StaticCredentialStore:
         self, username: str, realm: str, algorithm: int, now: float, *, existing: bool
     ) -> tuple[bytes, ...]:
         if realm != self.realm:
+            return ()
+        if self.revocations is not None and self.revocations.covering(username, now):
             return ()
         key = self._keys.get((username, algorithm))
         if key is not None:
@@ -88,6 +99,10 @@ class StaticCredentialStore:
         return self._userhashes.get(userhash) if realm == self.realm else None
 
     def missing_key(self, username: str, realm: str, now: float, *, existing: bool) -> Refusal:
+        if self.revocations is not None:
+            revocation = self.revocations.covering(username, now)
+            if revocation is not None:
+                return Refusal(REVOKED_CREDENTIAL, username, (("revocation", revocation.number),))
         expiry = rest_expiry(username) if self.secrets else None
         if realm == self.realm and expiry is not None and expiry <= now:
             return Refusal(EXPIRED_CREDENTIAL, username, (("expired_at", expiry),))

@@ -98,6 +98,7 @@ class ErrorCode(StrEnum):
     TOKEN_REQUIRED = "token-required"
     BAD_TOKEN = "bad-token"
     OUTSIDE_NETWORK = "outside-network"
+    REVOKED = "revoked"
 
 
 class MessageError(Exception):

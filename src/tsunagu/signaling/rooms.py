@@ -332,6 +332,23 @@ class Hub:
         peer.away_since = now
         return []
 
+    def revoke_user(self, user_id: str, now: float) -> list[Action]:
+        """The TURN credentials of ``user_id`` were revoked: take every peer with that user
+        id out of its room and close its connection (an ``error`` first says why)."""
+        self._now = now
+        actions: list[Action] = []
+        for peer in [p for p in self._peers.values() if p.user_id == user_id]:
+            conn = peer.conn
+            actions += self._remove(peer, "revoked")
+            if conn is not None:
+                actions.append(
+                    Send(
+                        conn, m.error(m.ErrorCode.REVOKED, "Your access to this call was revoked.")
+                    )
+                )
+                actions.append(Close(conn, POLICY_VIOLATION, "revoked"))
+        return actions
+
     def tick(self, now: float) -> list[Action]:
         """Expire away peers, connections that never joined and joined ones gone silent;
         call about once a second."""

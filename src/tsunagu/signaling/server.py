@@ -53,7 +53,7 @@ from tsunagu.signaling.ice import choose_host, ice_config, mint
 from tsunagu.signaling.rooms import Action, Close, Hub, IceIssuer, Limits, Send
 from tsunagu.signaling.tokens import JoinTokens
 
-__all__ = ["create_app", "run_web", "STATIC_DIR"]
+__all__ = ["create_app", "revoke_user", "run_web", "STATIC_DIR"]
 
 log = logging.getLogger("tsunagu.signaling")
 audit = logging.getLogger("tsunagu.audit")
@@ -245,6 +245,12 @@ def room_access(config: Config) -> Access:
     if mode == "token":
         return Access("token", tokens=JoinTokens(config.join_secrets))
     return Access("open")
+
+
+def revoke_user(runner: web.AppRunner, user_id: str) -> None:
+    """Close the signaling sessions of ``user_id``, whose TURN credentials were revoked."""
+    state = runner.app[STATE]
+    state.apply(state.hub.revoke_user(user_id, state.now()))
 
 
 async def run_web(

@@ -210,6 +210,13 @@ def _database_unavailable(s: RefusalSummary) -> _Words:
     )
 
 
+def _revoked(s: RefusalSummary) -> _Words:
+    return (
+        f"revoked {_names(s, 'credential') or 'credential'}",
+        "taken back with tsunagu revoke (the client or its web backend needs a new one)",
+    )
+
+
 def _wrong_realm(s: RefusalSummary) -> _Words:
     realms = _details(s, lambda facts: repr(facts.get("realm")))
     return _for_user("wrong realm", s), f"the client sent {realms}, not this server's --realm"
@@ -286,6 +293,7 @@ _WORDS: dict[str, Callable[[RefusalSummary], _Words]] = {
     refusals.UNKNOWN_USER: _unknown_user,
     refusals.EXPIRED_CREDENTIAL: _expired,
     refusals.DATABASE_UNAVAILABLE: _database_unavailable,
+    refusals.REVOKED_CREDENTIAL: _revoked,
     refusals.WRONG_REALM: _wrong_realm,
     refusals.CREDENTIAL_MISMATCH: _mismatch,
     refusals.STALE_NONCE: _stale_nonce,

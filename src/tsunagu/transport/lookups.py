@@ -17,7 +17,10 @@ and counted; its client retransmits.
 
 :class:`SecretsRefresh` keeps the database's TURN REST secrets in the store, read every
 ``interval`` seconds, so that REST credentials never wait on a query; on an error the
-secrets last read stay in use.
+secrets last read stay in use. :class:`RevocationWatch` reads new revocations every half
+second (``tsunagu revoke`` writes them to the database), so that every worker, and every
+other tsunagu process sharing the database, ends the allocations they cover within a second
+and refuses the credentials from then on.
 
 Failures are counted and written once per report interval (:meth:`KeyLookups.report`), not
 once per request.
@@ -36,8 +39,9 @@ from ..auth.database import DatabaseError, UserDatabase
 from ..auth.store import StaticCredentialStore
 from ..logs import structured
 from ..turn.authentication import KeyLookup
+from ..turn.revocations import Revocation, RevocationList
 
-__all__ = ["KeyLookups", "LookupFigures", "SecretsRefresh"]
+__all__ = ["KeyLookups", "LookupFigures", "RevocationWatch", "SecretsRefresh"]
 
 log = logging.getLogger("tsunagu")
 
@@ -167,8 +171,71 @@ class KeyLookups:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-class SecretsRefresh:
+class _Periodic:
+    """Reads something from ``database`` every ``interval`` seconds until closed; one log
+    line when reading starts failing and one when it works again, not one a read."""
+
+    what = "data"
+
+    def __init__(self, database: UserDatabase, *, interval: float, timeout: float) -> None:
+        self.database = database
+        self.interval = interval
+        self.timeout = timeout
+        self.failed = 0
+        self.last_error = ""
+        self._task: asyncio.Task[None] | None = None
+
+    async def read(self) -> None:
+        raise NotImplementedError
+
+    async def refresh(self) -> bool:
+        """Read once; whether it worked."""
+        try:
+            await asyncio.wait_for(self.read(), self.timeout)
+        except (DatabaseError, TimeoutError, OSError) as exc:
+            self.failed += 1
+            self.last_error = str(exc) or type(exc).__name__
+            return False
+        return True
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        working = True
+        while True:
+            await asyncio.sleep(self.interval)
+            if await self.refresh():
+                if not working:
+                    log.info(
+                        "user database %s: %s read again", self.database.description, self.what
+                    )
+                working = True
+            elif working:
+                working = False
+                log.warning(
+                    "user database %s: cannot read the %s (%s); %s",
+                    self.database.description,
+                    self.what,
+                    self.last_error,
+                    self.meanwhile(),
+                )
+
+    def meanwhile(self) -> str:
+        return "what was read last stays in use"
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+
+class SecretsRefresh(_Periodic):
     """Reads the realm's REST secrets from ``database`` into ``store`` every ``interval``."""
+
+    what = "REST secrets"
 
     def __init__(
         self,
@@ -178,50 +245,47 @@ class SecretsRefresh:
         interval: float = 5.0,
         timeout: float = 2.0,
     ) -> None:
-        self.database = database
+        super().__init__(database, interval=interval, timeout=timeout)
         self.store = store
-        self.interval = interval
-        self.timeout = timeout
-        self.failed = 0
-        self.last_error = ""
-        self._task: asyncio.Task[None] | None = None
 
-    async def refresh(self) -> bool:
-        """Read once; whether it worked."""
-        try:
-            secrets = await asyncio.wait_for(self.database.secrets(self.store.realm), self.timeout)
-        except (DatabaseError, TimeoutError, OSError) as exc:
-            self.failed += 1
-            self.last_error = str(exc) or type(exc).__name__
-            return False
-        self.store.database_secrets = secrets
-        return True
+    async def read(self) -> None:
+        self.store.database_secrets = await self.database.secrets(self.store.realm)
 
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+    def meanwhile(self) -> str:
+        return f"the {len(self.store.database_secrets)} read last stay in use"
 
-    async def _run(self) -> None:
-        # One line when reading starts failing and one when it works again, not one a read.
-        working = True
-        while True:
-            await asyncio.sleep(self.interval)
-            if await self.refresh():
-                if not working:
-                    log.info("user database %s: secrets read again", self.database.description)
-                working = True
-            elif working:
-                working = False
-                log.warning(
-                    "user database %s: cannot read the REST secrets (%s); the %d read last "
-                    "stay in use",
-                    self.database.description,
-                    self.last_error,
-                    len(self.store.database_secrets),
-                )
 
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+class RevocationWatch(_Periodic):
+    """Reads new revocations from ``database`` every ``interval`` seconds into ``store``'s
+    list, and hands each new one to ``revoked`` (which ends the allocations it covers)."""
+
+    what = "revocations"
+
+    def __init__(
+        self,
+        database: UserDatabase,
+        store: StaticCredentialStore,
+        revocations: RevocationList,
+        revoked: Callable[[Revocation], None],
+        *,
+        interval: float = 0.5,
+        timeout: float = 2.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(database, interval=interval, timeout=timeout)
+        self.store = store
+        self.list = revocations
+        store.revocations = revocations
+        self._revoked = revoked
+        self._clock = clock
+
+    async def read(self) -> None:
+        now = self._clock()
+        found = await self.database.revocations(self.store.realm, self.list.last_number, now)
+        self.list.prune(now)
+        for revocation in found:
+            if self.list.add(revocation):
+                self._revoked(revocation)
+
+    def meanwhile(self) -> str:
+        return f"the {len(self.list)} revocations read last stay in force"

@@ -58,12 +58,27 @@ __all__ = [
     "address_key",
     "relay_ports_in_share",
     "resolve_quotas",
+    "rest_expiry",
     "user_id",
 ]
 
 DEFAULT_USER_QUOTA = 128
 DEFAULT_ADDRESS_QUOTA = 512
 PORT_MARGIN_FRACTION = 0.02
+
+
+def rest_expiry(username: str) -> int | None:
+    """Return the expiry (unix seconds) encoded in a REST username, or None if it has none.
+
+    coturn accepts the timestamp before or after the separator; the common form, and the one
+    minted here, puts it first.
+    """
+    head, sep, tail = username.partition(":")
+    for part in (head, tail) if sep else (head,):
+        # ASCII only: str.isdigit() also accepts digits such as "²" that int() refuses.
+        if part.isascii() and part.isdigit():
+            return int(part)
+    return None
 
 
 def user_id(username: str, separator: str = ":") -> str:

@@ -36,6 +36,7 @@ __all__ = [
     "NO_RELAY_PORT",
     "PEER_DENIED",
     "RESERVATION_UNKNOWN",
+    "REVOKED_CREDENTIAL",
     "STALE_NONCE",
     "TOO_MANY_PERMISSIONS",
     "TOTAL_QUOTA",
@@ -55,6 +56,7 @@ WRONG_PASSWORD = "wrong password"
 UNKNOWN_USER = "unknown user"
 EXPIRED_CREDENTIAL = "expired credential"
 DATABASE_UNAVAILABLE = "user database unavailable"
+REVOKED_CREDENTIAL = "revoked credential"
 WRONG_REALM = "wrong realm"
 CREDENTIAL_MISMATCH = "credential mismatch"
 STALE_NONCE = "stale nonce"

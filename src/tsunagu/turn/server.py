@@ -119,6 +119,7 @@ from .refusals import (
     Refusal,
     RefusalTally,
 )
+from .revocations import Revocation
 from .settings import TurnSettings
 from .timers import (
     AllocationExpiry,
@@ -253,6 +254,19 @@ class TurnServer:
         for allocation in list(self.allocations.values()):
             self._end(allocation, "shutdown", now)
         self._ports.release_reservations()
+
+    def end_allocations(self, match: Callable[[Allocation], bool], reason: str, now: float) -> int:
+        """End every allocation ``match`` accepts (revoked, killed by the operator); how many."""
+        ended = [a for a in self.allocations.values() if match(a)]
+        for allocation in ended:
+            self._end(allocation, reason, now)
+        return len(ended)
+
+    def revoke(self, revocation: Revocation, ttl: float, now: float) -> int:
+        """End the allocations made with credentials ``revocation`` covers; how many."""
+        return self.end_allocations(
+            lambda a: revocation.covers(a.username, now, ttl), "revoked", now
+        )
 
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None

@@ -522,6 +522,10 @@ function onError(message) {
       `${message.message.replace(/^join: t/, "T")}. Join from inside that network (at the office, or through its VPN).`,
     );
     signaling.leave();
+  } else if (message.code === "revoked") {
+    // The server closes the connection next: hang up rather than reconnect into a call it ended.
+    leave();
+    end("Access revoked", `${message.message} Ask whoever invited you if this is a mistake.`);
   } else if (message.code === "room-full") {
     end("This room is full", `It already has ${state.capacity || "the most"} people. Try again later.`);
     signaling.leave();
