@@ -1286,14 +1286,78 @@ def _from_flag(name: str, raw: Any) -> Any:
     return raw
 
 
-def _read_file(path: str) -> dict[str, Any]:
+def _warn(message: str) -> None:
+    # Said before logging is set up (the file may choose the log), so on standard error.
+    sys.stderr.write(f"config: warning: {message}\n")
+
+
+def _read_file(path: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """The options of the ``-c`` file; and, for those read in coturn's format, where each
+    was set (key -> ``file:line: name``)."""
     try:
         with open(path, "rb") as fh:
-            return tomllib.load(fh)
+            data = fh.read()
     except OSError as exc:
         raise ConfigError(f"config: {path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config: {path}: not UTF-8 text ({exc.reason})") from None
+    # Only a file in coturn's format needs the reader.
+    from . import coturn_config
+
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix == ".conf" and not coturn_config.has_toml_constructs(text):
+        return _read_coturn(path, text)
+    if suffix != ".toml" and coturn_config.reads_as_coturn(text):
+        try:
+            tomllib.loads(text)
+        except tomllib.TOMLDecodeError:
+            return _read_coturn(path, text)
+    try:
+        return _normalise_keys(tomllib.loads(text)), {}
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config: {path}: invalid TOML: {exc}") from None
+
+
+def _read_coturn(path: str, text: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """A file in coturn's format (``turnserver.conf``). Each value is checked on its own,
+    so that an error names the file and line; what tsunagu ignores is said once."""
+    from . import coturn_config
+
+    options: dict[str, coturn_config.Option] = {}
+    for name, f in _FIELDS.items():
+        kind: coturn_config.Kind = "value"
+        if isinstance(f.default, bool):
+            kind = "flag"
+        elif isinstance(f.default, tuple):
+            kind = "list"
+        option = coturn_config.Option(name, kind)
+        options[name.replace("_", "-")] = option
+        options[(f.metadata["flag"] or _flag_name(name)).removeprefix("--")] = option
+    try:
+        read = coturn_config.read_coturn_config(text, options)
+    except coturn_config.CoturnConfigError as exc:
+        raise ConfigError(f"config: {path}:{exc.line}: {exc}") from None
+    for setting in read.settings:
+        raw = _from_flag(setting.key, setting.value)
+        check: _Check = _FIELDS[setting.key].metadata["check"]
+        try:
+            check(setting.key, [raw] if read.kinds[setting.key] == "list" else raw)
+        except ConfigError as exc:
+            reason = str(exc).removeprefix(f"config: {setting.key}: ")
+            raise ConfigError(f"config: {path}:{setting.line}: {setting.name}: {reason}") from None
+    if read.ignored:
+        _warn(f"{path}: coturn options tsunagu ignores: {', '.join(read.ignored)}")
+    for note in read.notes:
+        _warn(f"{path}: {note}")
+    values = {key: _from_flag(key, value) for key, value in read.values.items()}
+    origins = {}
+    for key in values:
+        last = read.last(key)
+        if last is not None:
+            origins[key] = f"{path}:{last.line}: {last.name}"
+    return values, origins
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -1303,14 +1367,24 @@ def config_from_args(args: argparse.Namespace) -> Config:
     """
     given = vars(args)
     merged: dict[str, Any] = {}
+    origins: dict[str, str] = {}
     if given.get("config") is not None:
-        merged.update(_normalise_keys(_read_file(given["config"])))
+        values, origins = _read_file(given["config"])
+        merged.update(values)
     for name, raw in given.items():
         if name in _FIELDS:
             merged[name] = _from_flag(name, raw)
+            origins.pop(name, None)
     _add_credentials_from_files(merged, os.environ)
     _add_web_secrets_from_env(merged, os.environ)
-    return parse_config(merged)
+    try:
+        return parse_config(merged)
+    except ConfigError as exc:
+        # A rule over several options, broken by a line of a coturn file: name that line.
+        key, _, reason = str(exc).removeprefix("config: ").partition(": ")
+        if key not in origins:
+            raise
+        raise ConfigError(f"config: {origins[key]}: {reason}") from None
 
 
 USERS_ENV = "TSUNAGU_USERS"
