@@ -4,7 +4,9 @@ Every field can be set in a TOML file given with ``-c/--config`` (keys are the f
 dashes and underscores are interchangeable) and with a command-line flag named after the
 field. Flags win over the file; a repeatable flag given on the command line replaces the
 file's list for that field rather than extending it, so the command line always shows the
-whole effective value. Long option names follow coturn where coturn has the option.
+whole effective value. Long option names follow coturn where coturn has the option, so
+``-c`` also reads coturn's ``turnserver.conf`` (:mod:`tsunagu.coturn_config`), the format
+chosen by the file's name and content.
 
 Everything is validated up front: a bad key, type or value raises :class:`ConfigError`, whose
 message is one line naming the key and what is allowed.
@@ -1239,9 +1241,16 @@ def build_parser(prog: str | None = None, *, add_help: bool = True) -> argparse.
         prog=prog,
         add_help=add_help,
         allow_abbrev=False,
-        description="Options may also be set in a TOML file given with -c; flags win.",
+        description="Options may also be set in a file given with -c (TOML, or coturn's"
+        " turnserver.conf); flags win.",
     )
-    parser.add_argument("-c", "--config", metavar="FILE", help="TOML configuration file")
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help="configuration file: TOML, or coturn's turnserver.conf (a .conf name or content"
+        " that is not TOML)",
+    )
     for name, f in _FIELDS.items():
         meta = f.metadata
         names = [meta["short"]] if meta["short"] else []
