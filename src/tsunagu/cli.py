@@ -271,7 +271,7 @@ def token_command(argv: list[str], prog: str) -> int:
     parser.add_argument(
         "--join-secret-file", metavar="FILE", help="first line: the secret (- = stdin)"
     )
-    parser.add_argument("-c", "--config", metavar="FILE", help="tsunagu serve's TOML config file")
+    parser.add_argument("-c", "--config", metavar="FILE", help="tsunagu serve's config file")
     parser.add_argument(
         "--url", metavar="BASE", help="print the invitation link under BASE (https://host:port)"
     )
