@@ -33,7 +33,7 @@ from typing import Any
 
 from .auth.backends import open_user_database, remote
 from .auth.cache import KeyCache
-from .auth.database import DatabaseError, UserDatabase
+from .auth.database import DatabaseError, PeerRanges, UserDatabase
 from .auth.rest import mint_credentials
 from .auth.store import StaticCredentialStore
 from .config import Config, state_dir
@@ -52,7 +52,7 @@ from .transport.listeners import StreamConnection, StreamLimits, UdpListener
 from .transport.lookups import KeyLookups, RevocationWatch, SecretsRefresh
 from .transport.relay import UdpRelayBinder
 from .turn import NatDiscovery, PeerPolicy, TurnServer, TurnSettings
-from .turn.policy import inside
+from .turn.policy import IPNetwork, inside, parse_range
 from .turn.quotas import user_id
 from .turn.revocations import Revocation, RevocationList
 from .workers import READY_LINE, WorkerShare, start_workers
@@ -461,6 +461,38 @@ class _UserDatabase:
             )
         self.watch.start()
 
+    async def follow_peer_ranges(self, server: TurnServer) -> None:
+        """Add the realm's allowed and denied peer ranges in the database to ``server``'s
+        peer policy, now and whenever they change (coturn's allowed_peer_ip and
+        denied_peer_ip tables, read with the secrets)."""
+        base = server.settings.policy
+
+        def apply(ranges: PeerRanges) -> None:
+            lists: dict[str, list[IPNetwork]] = {"allowed": [], "denied": []}
+            ignored = []
+            for kind, texts in (("allowed", ranges.allowed), ("denied", ranges.denied)):
+                for text in texts:
+                    try:
+                        lists[kind] += parse_range(text)
+                    except ValueError:
+                        ignored.append(text[:64])
+            if ignored:
+                log.warning(
+                    "user database %s: peer ranges not understood, ignored: %s",
+                    self.database.description,
+                    ", ".join(ignored[:10]),
+                )
+            server.set_peer_policy(base.with_ranges(lists["allowed"], lists["denied"]))
+            log.info(
+                "user database %s: %d allowed and %d denied peer ranges in force",
+                self.database.description,
+                len(ranges.allowed),
+                len(ranges.denied),
+            )
+
+        self.refresh.on_ranges = apply
+        await self.refresh.refresh()
+
     async def close(self) -> None:
         if self.lookups is not None:
             await self.lookups.close()
@@ -570,6 +602,7 @@ async def _start_turn(
         return None
     server = TurnServer(settings, store, binder, rng)
     driver = TurnDriver(server, loop, engine, worker=share.index, lookups=users.lookups)
+    await users.follow_peer_ranges(server)
     await users.watch_revocations(store, driver, config.credential_ttl, share.index)
     driver.start_reports()
     turn = _Turn(driver, engine, users=users)

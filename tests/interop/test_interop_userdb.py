@@ -11,6 +11,11 @@ names them.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import io
+import json
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -27,6 +32,7 @@ from support.interop import (
     uclient_command,
 )
 from tsunagu.auth.rest import mint_credentials
+from tsunagu.cli import main
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(120)]
 
@@ -96,3 +102,38 @@ async def test_coturns_database_serves_turnutils_and_aioice(
         if kind != "sqlite":
             assert password not in server.log_text()
             assert password not in server.stdout_path.read_text()
+
+
+def probe_turn(server: Any) -> str:
+    out = io.StringIO()
+    argv = ["probe", "turn", f"turn:{server.host}:{server.port}", "-u", "alice:secret"]
+    with contextlib.redirect_stdout(out):
+        main([*argv, "--seconds", "0.5", "--timeout", "3", "--json"])
+    return str(json.loads(out.getvalue())["verdict"]["code"])
+
+
+async def test_peer_ranges_in_the_database_apply_while_the_server_runs(tmp_path: Path) -> None:
+    """coturn's allowed_peer_ip and denied_peer_ip tables, edited while tsunagu serves: a
+    loopback peer, denied by default, is allowed once the table names it, within the 5 s in
+    which the database is read again; denied again once the row is gone and a denied row
+    takes its place."""
+    database = tmp_path / "users.db"
+    with run_serve(tmp_path / "serve", "-b", str(database), allowed_peers=False) as server:
+        assert await asyncio.to_thread(probe_turn, server) == "peer-denied"
+        realm = "tsunagu"
+        with sqlite3.connect(database) as db:
+            db.execute(
+                "INSERT INTO allowed_peer_ip VALUES (?, ?)", (realm, "127.0.0.0-127.0.0.255")
+            )
+        started = time.monotonic()
+        verdict = "peer-denied"
+        while verdict != "ok" and time.monotonic() - started < 12:
+            await asyncio.sleep(1.0)
+            verdict = await asyncio.to_thread(probe_turn, server)
+        assert verdict == "ok", server.log_text()[-2000:]
+        assert await server.wait_for_log_async("1 allowed and 0 denied peer ranges in force", 5)
+        with sqlite3.connect(database) as db:
+            db.execute("DELETE FROM allowed_peer_ip")
+            db.execute("INSERT INTO denied_peer_ip VALUES (?, ?)", (realm, "10.0.0.0/8"))
+        assert await server.wait_for_log_async("0 allowed and 1 denied peer ranges in force", 12)
+        assert await asyncio.to_thread(probe_turn, server) == "peer-denied"

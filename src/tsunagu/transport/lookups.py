@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..auth.cache import KeyCache
-from ..auth.database import DatabaseError, UserDatabase
+from ..auth.database import DatabaseError, PeerRanges, UserDatabase
 from ..auth.store import StaticCredentialStore
 from ..logs import structured
 from ..turn.authentication import KeyLookup
@@ -233,9 +233,10 @@ class _Periodic:
 
 
 class SecretsRefresh(_Periodic):
-    """Reads the realm's REST secrets from ``database`` into ``store`` every ``interval``."""
+    """Reads the realm's REST secrets from ``database`` into ``store`` every ``interval``,
+    and its allowed and denied peer ranges, handed to ``on_ranges`` when they change."""
 
-    what = "REST secrets"
+    what = "REST secrets and peer ranges"
 
     def __init__(
         self,
@@ -244,12 +245,20 @@ class SecretsRefresh(_Periodic):
         *,
         interval: float = 5.0,
         timeout: float = 2.0,
+        on_ranges: Callable[[PeerRanges], None] | None = None,
     ) -> None:
         super().__init__(database, interval=interval, timeout=timeout)
         self.store = store
+        self.on_ranges = on_ranges
+        self.ranges = PeerRanges()
 
     async def read(self) -> None:
         self.store.database_secrets = await self.database.secrets(self.store.realm)
+        if self.on_ranges is not None:
+            ranges = await self.database.peer_ranges(self.store.realm)
+            if ranges != self.ranges:
+                self.ranges = ranges
+                self.on_ranges(ranges)
 
     def meanwhile(self) -> str:
         return f"the {len(self.store.database_secrets)} read last stay in use"

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 __all__ = ["DEFAULT_DENIED", "PeerPolicy", "inside", "parse_range"]
 
@@ -151,6 +151,12 @@ class PeerPolicy:
             allowed=tuple(net for text in allowed for net in parse_range(text)),
             denied=tuple(net for text in (*deny, *denied) for net in parse_range(text)),
             inside=networks,
+        )
+
+    def with_ranges(self, allowed: Iterable[IPNetwork], denied: Iterable[IPNetwork]) -> PeerPolicy:
+        """This policy with more ranges allowed and denied (a user database's, per realm)."""
+        return replace(
+            self, allowed=self.allowed + tuple(allowed), denied=self.denied + tuple(denied)
         )
 
     def _matches(self, address: IPAddress, networks: tuple[IPNetwork, ...]) -> bool:

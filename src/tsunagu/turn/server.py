@@ -45,6 +45,7 @@ How it works, in order, for a request:
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any, assert_never
@@ -105,6 +106,7 @@ from .errors import (
 from .events import AllocationCreated, AllocationEnded, Event
 from .forwarding import Forward, channel_data_forward
 from .nonce import NonceManager
+from .policy import PeerPolicy
 from .ports import RandomSource, RelayBinder, RelayPortPool
 from .quotas import address_key, resolve_quotas, user_id
 from .refusals import (
@@ -254,6 +256,11 @@ class TurnServer:
         for allocation in list(self.allocations.values()):
             self._end(allocation, "shutdown", now)
         self._ports.release_reservations()
+
+    def set_peer_policy(self, policy: PeerPolicy) -> None:
+        """Decide peers by ``policy`` from now on (ranges read again from a user database);
+        permissions already granted stay until they expire."""
+        self.settings = dataclasses.replace(self.settings, policy=policy)
 
     def end_allocations(self, match: Callable[[Allocation], bool], reason: str, now: float) -> int:
         """End every allocation ``match`` accepts (revoked, killed by the operator); how many."""
