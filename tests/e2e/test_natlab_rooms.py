@@ -25,7 +25,7 @@ import pytest
 from cryptography import x509
 from playwright.async_api import Browser, Page
 
-from support.browser import Server, chromium, run_server, wait_connected
+from support.browser import Server, chromium, one_peer_video, run_server, wait_connected
 from support.certs import make_certificate
 from support.natlab import SERVER, SERVER2, Site, internet_lab
 from support.proxy import PASSWORD, USER, run_squid
@@ -44,17 +44,6 @@ async def person(browser: Browser, base: str, room: str, name: str, query: str =
     except Exception as exc:
         raise AssertionError(f"{name} did not join: {await page.inner_text('body')}") from exc
     return page
-
-
-async def flowing(page: Page) -> dict[str, Any]:
-    """The one peer's stats once video frames from it were decoded (bounded wait)."""
-    stats: list[dict[str, Any]] = []
-    for _ in range(60):
-        stats = await page.evaluate("window.tsunagu.stats()")
-        if len(stats) == 1 and stats[0]["framesDecoded"] > 0:
-            return stats[0]
-        await asyncio.sleep(0.5)
-    raise AssertionError(f"no decoded frames: {stats}")
 
 
 async def call(
@@ -77,7 +66,7 @@ async def call(
             await asyncio.gather(*(wait_connected(page, 1) for page in pages))
         except Exception as exc:
             raise AssertionError("".join(server.output)) from exc
-        return [await flowing(page) for page in pages]
+        return [await one_peer_video(page) for page in pages]
 
 
 def serve(tmp: Path, inet: str, *extra: str) -> Any:
@@ -157,7 +146,7 @@ async def test_chromium_behind_the_authenticated_proxy_relays_over_tls(tmp_path:
                     await asyncio.gather(*(wait_connected(page, 1) for page in pages))
                 except Exception as exc:
                     raise AssertionError(squid.access_log() + "".join(server.output)) from exc
-                stats = [await flowing(page) for page in pages]
+                stats = [await one_peer_video(page) for page in pages]
             log = squid.access_log()
     assert stats[0]["path"]["kind"] == "relay", stats[0]
     assert stats[0]["local"]["relayProtocol"] == "tls", stats[0]

@@ -12,12 +12,19 @@ from __future__ import annotations
 import asyncio
 import signal
 from pathlib import Path
-from typing import Any
 
 import pytest
 from playwright.async_api import Page
 
-from support.browser import Server, chromium, free_ports, port_free, run_server, wait_connected
+from support.browser import (
+    Server,
+    chromium,
+    free_ports,
+    one_peer_video,
+    port_free,
+    run_server,
+    wait_connected,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
 
@@ -28,17 +35,6 @@ HTTPS_PORT = 443
 async def open_person(page: Page, url: str) -> None:
     await page.goto(url)
     await page.wait_for_function("() => window.tsunagu?.state?.().joined", timeout=STEP_MS)
-
-
-async def relayed_stats(page: Page) -> dict[str, Any]:
-    """The one peer's stats once video frames were decoded from it (bounded wait)."""
-    stats: list[dict[str, Any]] = []
-    for _ in range(60):
-        stats = await page.evaluate("window.tsunagu.stats()")
-        if len(stats) == 1 and stats[0]["framesDecoded"] > 0:
-            return stats[0]
-        await asyncio.sleep(0.5)
-    raise AssertionError(f"no decoded frames: {stats}")
 
 
 @pytest.mark.parametrize("setup", ["tls-port-is-the-main-port", "aux-server-on-443"])
@@ -79,7 +75,7 @@ async def _call(server: Server, port: int) -> None:
             state = await page.evaluate("window.tsunagu.state()")
             urls = [u for s in state["iceServers"] for u in s["urls"] if u.startswith("turn")]
             assert urls == [expected[transport]], urls
-            stats = await relayed_stats(page)
+            stats = await one_peer_video(page)
             assert stats["path"]["kind"] == "relay", stats
             assert stats["local"]["type"] == "relay", stats
             assert stats["local"]["relayProtocol"] == transport, stats

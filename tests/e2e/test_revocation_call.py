@@ -15,13 +15,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from playwright.async_api import Browser, Page
 
 from support.audit import audit_records
-from support.browser import Server, chromium, run_server, wait_connected
+from support.browser import Server, chromium, one_peer_video, run_server, wait_connected
 from tsunagu.signaling.tokens import mint_join_token
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -43,16 +42,6 @@ async def join(browser: Browser, url: str) -> Page:
     return page
 
 
-async def video_flowing(page: Page) -> dict[str, Any]:
-    stats: list[dict[str, Any]] = []
-    for _ in range(60):
-        stats = await page.evaluate("window.tsunagu.stats()")
-        if len(stats) == 1 and stats[0]["framesDecoded"] > 0:
-            return stats[0]
-        await asyncio.sleep(0.5)
-    raise AssertionError(f"no video: {stats}")
-
-
 async def test_a_revoked_user_is_cut_off_within_a_second(tmp_path: Path) -> None:
     database = tmp_path / "users.db"
     with run_server(
@@ -71,7 +60,7 @@ async def test_a_revoked_user_is_cut_off_within_a_second(tmp_path: Path) -> None
             bob = await join(browser, invitation(server, "board", "bob"))
             await asyncio.gather(wait_connected(ann, 1), wait_connected(bob, 1))
             for page in (ann, bob):
-                assert (await video_flowing(page))["path"]["kind"] == "relay"
+                assert (await one_peer_video(page))["path"]["kind"] == "relay"
             before = len(server.audit_records())
 
             done = await asyncio.to_thread(
@@ -120,4 +109,4 @@ async def test_a_revoked_user_is_cut_off_within_a_second(tmp_path: Path) -> None
             await asyncio.sleep(1.0)
             again = await join(browser, invitation(server, "board", "ann"))
             await asyncio.gather(wait_connected(again, 1), wait_connected(bob, 1))
-            assert (await video_flowing(again))["path"]["kind"] == "relay"
+            assert (await one_peer_video(again))["path"]["kind"] == "relay"

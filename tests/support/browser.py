@@ -3,6 +3,7 @@ both on loopback only."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -242,3 +243,15 @@ async def browser_joins(base: str, room: str, name: str = "Visitor") -> dict[str
         await page.wait_for_function("() => window.tsunagu?.state?.().joined", timeout=15_000)
         state: dict[str, Any] = await page.evaluate("window.tsunagu.state()")
         return state
+
+
+async def one_peer_video(page: Page) -> dict[str, Any]:
+    """The room page's stats of its one peer once video frames from it were decoded
+    (bounded wait: 30 s)."""
+    stats: list[dict[str, Any]] = []
+    for _ in range(60):
+        stats = await page.evaluate("window.tsunagu.stats()")
+        if len(stats) == 1 and stats[0]["framesDecoded"] > 0:
+            return stats[0]
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"no decoded frames: {stats}")
