@@ -68,6 +68,14 @@ def _run(config: Config, work: Callable[[UserDatabase], Awaitable[T]]) -> T:
     return asyncio.run(run())
 
 
+def _print_rows(rows: list[tuple[str, str]], field: str, *, as_json: bool) -> None:
+    """(realm, value) rows: a JSON list of objects, or ``value[realm]`` lines as turnadmin."""
+    if as_json:
+        sys.stdout.write(json.dumps([{"realm": r, field: v} for r, v in rows]) + "\n")
+    else:
+        sys.stdout.writelines(f"{value}[{realm}]\n" for realm, value in rows)
+
+
 def _password(args: argparse.Namespace, prog: str) -> str:
     if args.password is not None:
         return str(args.password)
@@ -126,11 +134,7 @@ def user_command(argv: list[str], prog: str) -> int:
     except (ConfigError, ValueError, OSError, DatabaseError) as exc:
         sys.stderr.write(f"{prog}: {exc}\n")
         return 2
-    if args.json:
-        sys.stdout.write(json.dumps([{"realm": r, "name": n} for r, n in users]) + "\n")
-    else:
-        for user_realm, name in users:
-            sys.stdout.write(f"{name}[{user_realm}]\n")
+    _print_rows(users, "name", as_json=args.json)
     return 0
 
 
@@ -181,11 +185,7 @@ def secret_command(argv: list[str], prog: str) -> int:
     except (ConfigError, ValueError, OSError, DatabaseError) as exc:
         sys.stderr.write(f"{prog}: {exc}\n")
         return 2
-    if args.json:
-        sys.stdout.write(json.dumps([{"realm": r, "secret": v} for r, v in found]) + "\n")
-    else:
-        for secret_realm, value in found:
-            sys.stdout.write(f"{value}[{secret_realm}]\n")
+    _print_rows(found, "secret", as_json=args.json)
     return 0
 
 
