@@ -88,7 +88,7 @@ def fake_serve(monkeypatch: pytest.MonkeyPatch) -> Callable[[Any], list[Any]]:
     def install(outcome: Any) -> list[Any]:
         calls: list[Any] = []
 
-        async def serve(config: Config) -> int:
+        async def serve(config: Config, config_file: str | None = None) -> int:
             calls.append((config, asyncio.get_running_loop()))
             if isinstance(outcome, BaseException):
                 raise outcome

@@ -98,6 +98,8 @@ CONTRACT_FIELDS = [
     "credential_ttl",
     "workers",
     "relay_engine",
+    "admin_socket",
+    "no_admin",
 ]
 
 
@@ -298,6 +300,13 @@ EVERY_FIELD: list[tuple[str, str, list[str], Any]] = [
     ("credential_ttl", "3600", ["--credential-ttl", "3600"], 3600),
     ("workers", "2", ["--workers", "2"], 2),
     ("relay_engine", '"python"', ["--relay-engine", "python"], "python"),
+    (
+        "admin_socket",
+        '"/run/tsunagu/admin.sock"',
+        ["--admin-socket", "/run/tsunagu/admin.sock"],
+        "/run/tsunagu/admin.sock",
+    ),
+    ("no_admin", "true", ["--no-admin"], True),
 ]
 
 

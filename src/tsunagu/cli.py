@@ -74,6 +74,31 @@ COMMANDS: tuple[Command, ...] = (
         "take TURN credentials back: live allocations end, the credentials are refused",
         "tsunagu.admin.users:revoke_command",
     ),
+    Command(
+        "status",
+        "a running server's figures: workers, allocations, relayed bytes, user database",
+        "tsunagu.admin.commands:status_command",
+    ),
+    Command(
+        "sessions",
+        "a running server's allocations, one a line (--user U: one user's)",
+        "tsunagu.admin.commands:sessions_command",
+    ),
+    Command(
+        "kill",
+        "end an allocation (SESSION) or all of a user's (--user U) on a running server",
+        "tsunagu.admin.commands:kill_command",
+    ),
+    Command(
+        "drain",
+        "a running server refuses new allocations and lets the others end",
+        "tsunagu.admin.commands:drain_command",
+    ),
+    Command(
+        "reload",
+        "a running server reads its user database's secrets, users and revocations again",
+        "tsunagu.admin.commands:reload_command",
+    ),
     Command("version", "print the version", "tsunagu.cli:version_command"),
 )
 
@@ -130,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # --- serve ----------------------------------------------------------------------------------
 
-ServeFunction = Callable[[Config], Coroutine[Any, Any, int]]
+ServeFunction = Callable[..., Coroutine[Any, Any, int]]
 
 
 def _serve_function() -> ServeFunction:
@@ -147,11 +172,14 @@ def serve_command(argv: list[str], prog: str) -> int:
         _error(str(exc))
         return 2
     serve = _serve_function()
+    from tsunagu.config import build_parser
     from tsunagu.workers import loop_factory
 
+    # Named by tsunagu reload's answer: the file a later version reads again.
+    config_file = getattr(build_parser(prog).parse_known_args(argv)[0], "config", None)
     try:
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
-            return int(runner.run(serve(config)))
+            return int(runner.run(serve(config, config_file=config_file)))
     except ConfigError as exc:
         # Problems only found while starting up (an unusable certificate, say).
         _error(str(exc))

@@ -879,6 +879,15 @@ class Config:
         "per-packet relay path: native (C, Linux), python, or auto (native when built)",
         metavar="{auto,native,python}",
     )
+    admin_socket: str | None = _opt(
+        None,
+        _optional(_check_text(4096)),
+        "Unix socket of the admin API that tsunagu status, sessions, kill, drain and reload"
+        " talk to, mode 0600: whoever can connect is the operator (default: admin.sock in the"
+        " state directory, $XDG_STATE_HOME/tsunagu)",
+        metavar="PATH",
+    )
+    no_admin: bool = _opt(False, _check_bool, "do not listen on the admin socket")
 
     @property
     def alternate_port(self) -> int:
@@ -1476,3 +1485,8 @@ def state_dir() -> Path:
 def userdb_path(config: Config) -> Path:
     """The SQLite user database: ``userdb``, else users.db in :func:`state_dir`."""
     return Path(config.userdb) if config.userdb else state_dir() / "users.db"
+
+
+def admin_socket_path(config: Config) -> Path:
+    """The admin API's Unix socket: ``admin_socket``, else admin.sock in :func:`state_dir`."""
+    return Path(config.admin_socket) if config.admin_socket else state_dir() / "admin.sock"

@@ -21,11 +21,13 @@ import logging
 import os
 import random
 import secrets
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +38,7 @@ from .auth.cache import KeyCache
 from .auth.database import DatabaseError, PeerRanges, UserDatabase
 from .auth.rest import mint_credentials
 from .auth.store import StaticCredentialStore
-from .config import Config, state_dir
+from .config import Config, admin_socket_path, state_dir
 from .logs import setup_logging, structured
 from .transport.admission import (
     ConnectionCounter,
@@ -425,6 +427,7 @@ class _UserDatabase:
     lookups: KeyLookups | None
     refresh: SecretsRefresh
     watch: RevocationWatch | None = None
+    kind: str = "sqlite"
     on_user_revoked: Callable[[str], None] | None = None
     """Closes a revoked user's signaling sessions, in the process that runs the web app."""
 
@@ -493,6 +496,45 @@ class _UserDatabase:
         self.refresh.on_ranges = apply
         await self.refresh.refresh()
 
+    def figures(self) -> dict[str, Any]:
+        """What ``tsunagu status`` shows of the user database in this worker."""
+        lookups = self.lookups
+        errors = [self.refresh.last_error] if not self.refresh.working else []
+        if self.watch is not None and not self.watch.working:
+            errors.append(self.watch.last_error)
+        return {
+            "kind": self.kind,
+            "description": self.database.description,
+            "reachable": not errors,
+            "last_error": errors[0] if errors else "",
+            "secrets": len(self.refresh.store.database_secrets),
+            "cached_users": 0 if lookups is None else len(lookups.cache),
+            "lookups": 0 if lookups is None else lookups.total_queries,
+            "lookups_failed": 0 if lookups is None else lookups.total_failed,
+        }
+
+    async def reload(self) -> dict[str, Any]:
+        """Read what the database can change without a restart now (``tsunagu reload``):
+        the REST secrets, the revocations; forget the cached users, so that each is looked
+        up again on its next request."""
+        secrets_read = await self.refresh.refresh()
+        dropped = 0
+        if self.lookups is not None:
+            dropped = len(self.lookups.cache)
+            self.lookups.cache.clear()
+        revocations_read = None if self.watch is None else await self.watch.refresh()
+        errors = [] if secrets_read else [self.refresh.last_error]
+        if revocations_read is False and self.watch is not None:
+            errors.append(self.watch.last_error)
+        return {
+            "description": self.database.description,
+            "secrets_read": secrets_read,
+            "secrets": len(self.refresh.store.database_secrets),
+            "cached_users_dropped": dropped,
+            "revocations_read": revocations_read,
+            "error": "; ".join(errors),
+        }
+
     async def close(self) -> None:
         if self.lookups is not None:
             await self.lookups.close()
@@ -545,7 +587,8 @@ async def _open_user_database(config: Config, store: StaticCredentialStore) -> _
         cache = KeyCache()
         store.database = cache
         lookups = KeyLookups(database, cache)
-    return _UserDatabase(database, lookups, refresh)
+    kind = "postgresql" if config.psql_userdb else "redis" if config.redis_userdb else "sqlite"
+    return _UserDatabase(database, lookups, refresh, kind=kind)
 
 
 @dataclass
@@ -745,6 +788,74 @@ def _say_turn(
         _say(json.dumps(entry))
 
 
+def _native_counters(turn: _Turn) -> dict[str, int] | None:
+    """What the native UDP listeners did without Python: relayed datagrams, Bindings."""
+    listeners = [item for item in turn.udp_listeners if hasattr(item, "relayed")]
+    if not listeners:
+        return None
+    return {
+        "relayed": sum(int(getattr(item, "relayed", 0)) for item in listeners),
+        "bindings": sum(int(getattr(item, "bindings", 0)) for item in listeners),
+    }
+
+
+def _worker_socket(directory: str, index: int) -> str:
+    return os.path.join(directory, f"worker-{index}.sock")
+
+
+async def _start_admin(
+    config: Config, share: WorkerShare, turn: _Turn, started: float, config_file: str | None
+) -> Any:
+    """The admin API: worker 0 on the operator's socket, asking the others on their
+    private ones; each other worker on its private socket. None (after logging why on
+    worker 0) when it is off or its socket cannot be made."""
+    from .admin.server import (
+        AdminEndpoint,
+        AdminServer,
+        Peer,
+        WorkerControl,
+        bind_unix_socket,
+        worker_handler,
+    )
+
+    if config.no_admin:
+        return None
+    control = WorkerControl(
+        turn.driver, turn.users, started=started, native=lambda: _native_counters(turn)
+    )
+    if share.index > 0:
+        if not share.admin_dir:
+            return None
+        path = _worker_socket(share.admin_dir, share.index)
+        handler = worker_handler(control)
+    else:
+        path = str(admin_socket_path(config))
+        peers = [
+            Peer(index, _worker_socket(share.admin_dir, index))
+            for index in range(1, config.workers)
+            if share.admin_dir
+        ]
+        endpoint = AdminEndpoint(control, peers, workers=config.workers, config_file=config_file)
+        handler = endpoint.handle
+    try:
+        if share.index == 0:
+            os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+        sock = bind_unix_socket(path)
+    except OSError as exc:
+        log.error(
+            "admin socket %s: %s; tsunagu status and the other admin commands cannot reach"
+            " this server (--admin-socket PATH chooses another place)",
+            path,
+            exc.strerror or exc,
+        )
+        return None
+    server = AdminServer(sock, handler)
+    await server.start()
+    if share.index == 0:
+        _say(f"tsunagu: admin socket {path} (tsunagu status, sessions, kill, drain, reload)")
+    return server
+
+
 async def _drain(turn: _Turn, timeout: float) -> None:
     """Refuse new allocations, let the others end for up to ``timeout`` seconds, end the rest."""
     driver = turn.driver
@@ -760,12 +871,16 @@ async def _drain(turn: _Turn, timeout: float) -> None:
         stream.close("the server is stopping")
 
 
-async def serve(config: Config, share: WorkerShare | None = None) -> int:
+async def serve(
+    config: Config, share: WorkerShare | None = None, *, config_file: str | None = None
+) -> int:
     """Run everything ``config`` enables until a signal; return the exit status.
 
     With ``workers`` > 1 this process is worker 0 (and serves the web app); it starts the
     other workers, which run this function with the same configuration and ``share``.
+    ``config_file`` is the file given with ``-c``, named by ``tsunagu reload``'s answer.
     """
+    started = time.time()
     if config.workers == 0:
         # Like coturn's relay threads: one per core this process may run on.
         config = dataclasses.replace(config, workers=len(os.sched_getaffinity(0)))
@@ -813,18 +928,28 @@ async def serve(config: Config, share: WorkerShare | None = None) -> int:
 
     turn: _Turn | None = None
     children: list[subprocess.Popen[bytes]] = []
+    admin: Any = None
+    admin_dir = ""
     if not config.no_turn:
         turn = await _start_turn(config, share, listening, rest_secrets, ssl_context)
         if turn is None:
             return 1
         if share.index == 0 and config.workers > 1:
+            if not config.no_admin:
+                # Where the other workers answer worker 0's admin requests: only this
+                # user may enter (mkdtemp makes it 0700).
+                admin_dir = tempfile.mkdtemp(prefix="tsunagu-admin-")
+                share = dataclasses.replace(share, admin_dir=admin_dir)
             children = await start_workers(config, share)
             if len(children) != config.workers - 1:
                 for child in children:
                     child.kill()
+                if admin_dir:
+                    shutil.rmtree(admin_dir, ignore_errors=True)
                 log.error("worker processes did not start")
                 return 1
         _say_turn(config, listening, turn, ssl_context, material, turn_secret)
+        admin = await _start_admin(config, share, turn, started, config_file)
 
     runner: Any = None
     if not config.no_web:
@@ -885,12 +1010,16 @@ async def serve(config: Config, share: WorkerShare | None = None) -> int:
             turn.counter.close()  # what is left of the interval's counts reaches the log
         if turn.users is not None:
             await turn.users.close()
+    if admin is not None:
+        await admin.close()
     deadline = time.monotonic() + 5.0
     for child in children:
         try:
             await asyncio.to_thread(child.wait, max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             child.kill()
+    if admin_dir:
+        shutil.rmtree(admin_dir, ignore_errors=True)
     await asyncio.sleep(0)
     log.info("stopped")
     return 0

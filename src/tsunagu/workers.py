@@ -42,6 +42,9 @@ class WorkerShare:
     turn_secret: str
     nonce_secret: bytes
     index: int
+    admin_dir: str = ""
+    """The private (0700) directory where each worker k > 0 answers worker 0's admin
+    requests on ``worker-<k>.sock``; empty without the admin API."""
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -63,6 +66,7 @@ def _payload(config: Config, share: WorkerShare, index: int) -> bytes:
         "turn_secret": share.turn_secret,
         "nonce_secret": share.nonce_secret.hex(),
         "index": index,
+        "admin_dir": share.admin_dir,
     }
     return json.dumps(document).encode() + b"\n"
 
@@ -70,7 +74,10 @@ def _payload(config: Config, share: WorkerShare, index: int) -> bytes:
 def _read_payload(line: str | bytes) -> tuple[Config, WorkerShare]:
     document = json.loads(line)
     share = WorkerShare(
-        document["turn_secret"], bytes.fromhex(document["nonce_secret"]), document["index"]
+        document["turn_secret"],
+        bytes.fromhex(document["nonce_secret"]),
+        document["index"],
+        document.get("admin_dir", ""),
     )
     return config_from_json(document["config"]), share
 

@@ -13,6 +13,7 @@ facts (:func:`~.failures.describe`), never one per packet.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -24,7 +25,7 @@ from ..turn.allocation import Allocation
 from ..turn.authentication import KeyLookup
 from ..turn.events import AllocationCreated, AllocationEnded
 from ..turn.refusals import RefusalTally
-from ..turn.server import TurnServer
+from ..turn.server import Session, TurnServer
 from .engine import RelayEngine
 from .failures import describe
 from .listeners import ClientSide, StreamConnection, UdpListener
@@ -82,6 +83,46 @@ class TurnDriver:
         self.failures = RefusalTally()
         """What the transport saw fail (TLS handshakes, bytes that are not STUN), by cause
         and client; written with the core's refusals."""
+        self.ended_counters = [0, 0, 0, 0, 0]
+        """What the allocations that ended relayed, summed: packets and bytes to the peers,
+        packets and bytes to the clients, drops (``tsunagu status``)."""
+        self.ended_count = 0
+
+    def session_id(self, number: int) -> str:
+        """The id operators name an allocation by: unique across the workers of a server."""
+        return f"{self.worker}-{number}"
+
+    def sessions(self, match: Callable[[Allocation], bool] | None = None) -> list[Session]:
+        """The core's sessions with what the engine counted outside them added in."""
+        found = self.server.sessions(match)
+        pending = getattr(self.engine, "pending_counters", None)
+        if pending is None:
+            return found
+        allocations = self.server.allocations
+        completed = []
+        for session in found:
+            allocation = allocations.get(session.five_tuple)
+            if allocation is None:
+                continue
+            extra = pending(allocation)
+            if any(extra):
+                session = dataclasses.replace(
+                    session,
+                    packets_to_peers=session.packets_to_peers + extra[0],
+                    bytes_to_peers=session.bytes_to_peers + extra[1],
+                    packets_to_client=session.packets_to_client + extra[2],
+                    bytes_to_client=session.bytes_to_client + extra[3],
+                    dropped=session.dropped + extra[4],
+                )
+            completed.append(session)
+        return completed
+
+    def end_allocations(self, match: Callable[[Allocation], bool], reason: str) -> int:
+        """End the allocations ``match`` accepts now (an operator's kill): audit lines
+        written, relay sockets closed; how many."""
+        ended = self.server.end_allocations(match, reason, time.time())
+        self.after_core_call()
+        return ended
 
     def start_reports(self) -> None:
         """Write the failure lines every ``report_interval`` seconds until :meth:`shutdown`."""
@@ -172,6 +213,7 @@ class TurnDriver:
         record = {
             "event": "allocation-created",
             "worker": self.worker,
+            "session": self.session_id(allocation.number),
             "user": allocation.username,
             "client": str(allocation.five_tuple),
             "relay": [
@@ -190,10 +232,18 @@ class TurnDriver:
         if link is not None:
             link.detach(allocation)
         self._fold_counters(allocation)
+        totals = self.ended_counters
+        totals[0] += allocation.packets_to_peers
+        totals[1] += allocation.bytes_to_peers
+        totals[2] += allocation.packets_to_client
+        totals[3] += allocation.bytes_to_client
+        totals[4] += allocation.dropped
+        self.ended_count += 1
         duration = round(event.ended_at - allocation.created, 3)
         record = {
             "event": "allocation-ended",
             "worker": self.worker,
+            "session": self.session_id(allocation.number),
             "reason": event.reason,
             "user": allocation.username,
             "client": str(allocation.five_tuple),

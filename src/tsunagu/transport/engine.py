@@ -58,6 +58,11 @@ class RelayEngine(Protocol):
         """Add whatever the engine counted outside the allocation to it, once it ended."""
         ...
 
+    def pending_counters(self, allocation: Allocation) -> tuple[int, int, int, int, int]:
+        """What the engine counted outside a live allocation so far, not yet folded in:
+        packets and bytes to the peers, packets and bytes to the client, drops."""
+        ...
+
 
 class PythonEngine:
     """Everything in Python on the event loop; runs wherever tsunagu runs."""
@@ -77,6 +82,10 @@ class PythonEngine:
     @staticmethod
     def fold_counters(allocation: Allocation) -> None:
         pass  # the Python path counts on the allocation itself
+
+    @staticmethod
+    def pending_counters(allocation: Allocation) -> tuple[int, int, int, int, int]:
+        return (0, 0, 0, 0, 0)
 
 
 class EngineUnavailable(RuntimeError):

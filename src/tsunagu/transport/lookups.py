@@ -183,6 +183,8 @@ class _Periodic:
         self.timeout = timeout
         self.failed = 0
         self.last_error = ""
+        self.working = True
+        """Whether the last read worked."""
         self._task: asyncio.Task[None] | None = None
 
     async def read(self) -> None:
@@ -195,7 +197,9 @@ class _Periodic:
         except (DatabaseError, TimeoutError, OSError) as exc:
             self.failed += 1
             self.last_error = str(exc) or type(exc).__name__
+            self.working = False
             return False
+        self.working = True
         return True
 
     def start(self) -> None:

@@ -135,3 +135,16 @@ class NativeEngine:
                 allocation.packets_to_client += relay.packets_to_client
                 allocation.bytes_to_client += relay.bytes_to_client
                 allocation.dropped += relay.dropped
+
+    @staticmethod
+    def pending_counters(allocation: Allocation) -> tuple[int, int, int, int, int]:
+        """The C counters of a live allocation's relay sockets: a few attribute reads."""
+        totals = [0, 0, 0, 0, 0]
+        for relay in allocation.relays.values():
+            if isinstance(relay, _fastpath.Relay):
+                totals[0] += relay.packets_to_peers
+                totals[1] += relay.bytes_to_peers
+                totals[2] += relay.packets_to_client
+                totals[3] += relay.bytes_to_client
+                totals[4] += relay.dropped
+        return (totals[0], totals[1], totals[2], totals[3], totals[4])

@@ -8,7 +8,7 @@ from .events import AllocationCreated, AllocationEnded, Event
 from .forwarding import Forward, channel_data_forward
 from .policy import PeerPolicy
 from .ports import RandomSource, RelayBinder
-from .server import TurnServer
+from .server import Session, TurnServer
 from .settings import TurnSettings
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "RelayBinder",
     "RelaySocket",
     "Reply",
+    "Session",
     "TurnServer",
     "TurnSettings",
     "channel_data_forward",

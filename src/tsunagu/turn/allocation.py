@@ -95,6 +95,9 @@ class Allocation(ForwardingState):
     allocate_transaction_id: bytes
     allocate_response: bytes
     dont_fragment: bool = False
+    number: int = 0
+    """This worker's serial number of the allocation, 1 up: with the worker's index, the
+    session id operators name it by (``tsunagu sessions``, ``tsunagu kill``)."""
     # channel number -> expiry, for the channels in ``channels``
     channel_expiry: dict[int, float] = field(default_factory=dict)
     peers_seen: set[str] = field(default_factory=set)

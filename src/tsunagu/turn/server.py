@@ -138,9 +138,37 @@ __all__ = [
     "RandomSource",
     "RelayBinder",
     "Reply",
+    "Session",
     "TurnServer",
     "TurnSettings",
 ]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Session:
+    """What an operator sees of one allocation (``tsunagu sessions``): a copy, plain data.
+
+    The counters are the allocation's own; a per-packet path that counts elsewhere while the
+    allocation lasts (the native engine) adds its share at the driver's layer.
+    """
+
+    number: int
+    username: str
+    user: str
+    """The user id quotas count (:func:`~.quotas.user_id`)."""
+    five_tuple: FiveTuple
+    relayed: tuple[tuple[str, int], ...]
+    peers: tuple[str, ...]
+    """Peer IPs with a permission now."""
+    channels: int
+    created: float
+    expiry: float
+    packets_to_peers: int
+    bytes_to_peers: int
+    packets_to_client: int
+    bytes_to_client: int
+    dropped: int
+
 
 _FAMILY_TO_VERSION = {FAMILY_IPV4: 4, FAMILY_IPV6: 6}
 _VERSION_TO_FAMILY = {4: FAMILY_IPV4, 6: FAMILY_IPV6}
@@ -195,6 +223,7 @@ class TurnServer:
         self._cache: dict[tuple[FiveTuple, bytes], tuple[bytes, float]] = {}
         self.unauthenticated = UnauthenticatedLimiter(settings.unauth_rate)
         self.draining = False
+        self._numbered = 0
         self._alternates_given = 0
         self.drops: Counter[str] = Counter()
         """Silent drops by cause; read by the metrics exporter."""
@@ -268,6 +297,46 @@ class TurnServer:
         for allocation in ended:
             self._end(allocation, reason, now)
         return len(ended)
+
+    def of_user(self, user: str) -> Callable[[Allocation], bool]:
+        """Matches the allocations of ``user``: a user id (a REST username's part after the
+        expiry) or a full username."""
+        separator = self.settings.rest_api_separator
+
+        def match(allocation: Allocation) -> bool:
+            name = allocation.username
+            return name == user or user_id(name, separator) == user
+
+        return match
+
+    def sessions(self, match: Callable[[Allocation], bool] | None = None) -> list[Session]:
+        """The live allocations ``match`` accepts (all without one), oldest first."""
+        separator = self.settings.rest_api_separator
+        found = [
+            Session(
+                number=a.number,
+                username=a.username,
+                user=user_id(a.username, separator),
+                five_tuple=a.five_tuple,
+                relayed=tuple(
+                    (str(address[0]), int(address[1]))
+                    for _, address in sorted(a.relayed_addresses.items())
+                ),
+                peers=tuple(sorted(a.permissions)),
+                channels=len(a.channels),
+                created=a.created,
+                expiry=a.expiry,
+                packets_to_peers=a.packets_to_peers,
+                bytes_to_peers=a.bytes_to_peers,
+                packets_to_client=a.packets_to_client,
+                bytes_to_client=a.bytes_to_client,
+                dropped=a.dropped,
+            )
+            for a in self.allocations.values()
+            if match is None or match(a)
+        ]
+        found.sort(key=lambda session: session.number)
+        return found
 
     def revoke(self, revocation: Revocation, ttl: float, now: float) -> int:
         """End the allocations made with credentials ``revocation`` covers; how many."""
@@ -661,7 +730,9 @@ class TurnServer:
             allocate_transaction_id=message.transaction_id,
             allocate_response=response,
             dont_fragment=dont_fragment,
+            number=self._numbered + 1,
         )
+        self._numbered += 1
         self.allocations[five_tuple] = allocation
         self._per_user[user] += 1
         self._per_address[source] += 1
