@@ -39,6 +39,7 @@ from tsunagu.auth.sqlite import SqliteUserDatabase
 from tsunagu.config import parse_config
 from tsunagu.transport.lookups import KeyLookups
 from tsunagu.turn import KeyLookup
+from tsunagu.turn.revocations import Revocation
 
 TURNADMIN = shutil.which("turnadmin") or "/usr/bin/turnadmin"
 
@@ -65,6 +66,36 @@ def test_cache_answers_each_for_its_own_lifetime() -> None:
     assert cache.get("r", "nobody", 110.0) is CachedAnswer.MISSING
     assert cache.get("r", "known", 160.0) is CachedAnswer.MISSING
     assert cache.get("other", "known", 100.0) is CachedAnswer.MISSING
+
+
+def test_expired_keys_serve_again_while_the_database_does_not_answer() -> None:
+    cache = KeyCache(ttl=60, failure_ttl=2, stale_ttl=900)
+    keys = UserKeys(md5=b"m" * 16)
+    cache.put("r", "known", keys, 100.0)
+    # Expired: the database is asked again ...
+    assert cache.get("r", "known", 200.0) is CachedAnswer.MISSING
+    # ... and when it does not answer, the keys of late serve for failure_ttl.
+    cache.put_failure("r", "known", 200.0)
+    assert cache.get("r", "known", 201.9) == keys
+    assert cache.get("r", "known", 202.0) is CachedAnswer.MISSING
+    cache.put_failure("r", "known", 500.0)
+    assert cache.get("r", "known", 500.0) == keys and cache.stale_served == 2
+    # Not beyond stale_ttl after their expiry, however long the outage.
+    cache.put_failure("r", "known", 100.0 + 60 + 900)
+    assert cache.get("r", "known", 100.0 + 60 + 900) is CachedAnswer.UNAVAILABLE
+    # A user never seen, or known to be unknown, is unavailable.
+    cache.put("r", "nobody", None, 100.0)
+    cache.put_failure("r", "nobody", 120.0)
+    cache.put_failure("r", "stranger", 120.0)
+    assert cache.get("r", "nobody", 120.0) is CachedAnswer.UNAVAILABLE
+    assert cache.get("r", "stranger", 120.0) is CachedAnswer.UNAVAILABLE
+    # The database's answer, when it comes, wins at once; a forgotten user serves nothing.
+    cache.put("r", "known", None, 1200.0)
+    assert cache.get("r", "known", 1200.0) is CachedAnswer.UNKNOWN
+    cache.put("r", "again", keys, 100.0)
+    cache.forget("r", "again")
+    cache.put_failure("r", "again", 200.0)
+    assert cache.get("r", "again", 200.0) is CachedAnswer.UNAVAILABLE
 
 
 def test_cache_is_bounded_oldest_first() -> None:
@@ -184,6 +215,33 @@ async def test_a_password_changed_by_turnadmin_leaves_the_sha256_key_stale(
     assert await opened.user_keys("r", "dave") == UserKeys(
         md5=keys_of_password("dave", "r", "again").md5
     )
+
+
+async def test_more_lookups_at_once_than_connections_wait_their_turn(
+    opened: UserDatabase,
+) -> None:
+    await opened.add_user("r", "u7", keys_of_password("u7", "r", "pw"))
+    answers = await asyncio.gather(*(opened.user_keys("r", f"u{n}") for n in range(40)))
+    assert [n for n, keys in enumerate(answers) if keys is not None] == [7]
+
+
+async def test_revocations_are_numbered_read_after_a_number_and_dropped_when_run_out(
+    opened: UserDatabase,
+) -> None:
+    first = await opened.add_revocation("r", Revocation(0, 1000.0, 1600.0, user="u1"))
+    second = await opened.add_revocation("r", Revocation(0, 1010.0, 1700.0, credential="9:u2"))
+    await opened.add_revocation("other", Revocation(0, 1010.0, 1700.0))
+    assert second > first
+    found = await opened.revocations("r", 0, 1100.0)
+    assert found == [
+        Revocation(first, 1000.0, 1600.0, user="u1"),
+        Revocation(second, 1010.0, 1700.0, credential="9:u2"),
+    ]
+    assert [r.number for r in await opened.revocations("r", first, 1100.0)] == [second]
+    assert [r.number for r in await opened.revocations("r", 0, 1650.0)] == [second]
+    # Adding one at a later time drops those run out by then.
+    third = await opened.add_revocation("r", Revocation(0, 1650.0, 2000.0))
+    assert [r.number for r in await opened.revocations("r", 0, 0.0)] == [second, third]
 
 
 async def test_a_user_deleted_by_turnadmin_is_gone(backend: Backend, opened: UserDatabase) -> None:

@@ -215,6 +215,8 @@ class RedisServer:
     password: str = field(default_factory=lambda: "redis-" + secrets.token_hex(8))
     process: subprocess.Popen[bytes] | None = None
     databases: int = 0
+    persistent: bool = False
+    """Keep the data across a stop and start (an append-only file), as a real one does."""
 
     @property
     def log_path(self) -> Path:
@@ -224,7 +226,8 @@ class RedisServer:
         assert self.process is None or self.process.poll() is not None
         self.process = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", HOST, "--save", "",
-             "--appendonly", "no", "--daemonize", "no", "--dir", str(self.directory),
+             "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "no",
+             "--daemonize", "no", "--dir", str(self.directory),
              "--logfile", str(self.log_path), "--requirepass", self.password,
              "--databases", "64"],
             stdout=subprocess.DEVNULL,
@@ -266,10 +269,10 @@ class RedisServer:
 
 
 @contextlib.contextmanager
-def redis_server() -> Iterator[RedisServer]:
+def redis_server(*, persistent: bool = False) -> Iterator[RedisServer]:
     directory = Path(tempfile.mkdtemp(prefix="tsunagu-redis-", dir="/tmp"))
     try:
-        server = RedisServer(directory, _free_tcp_port())
+        server = RedisServer(directory, _free_tcp_port(), persistent=persistent)
         server.start()
         try:
             yield server

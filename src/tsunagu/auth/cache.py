@@ -13,7 +13,14 @@ own time:
 - "the database did not answer" (``failure_ttl``): the request gets 401 at once, and the
   client's next retransmission after the interval asks the database again.
 
-Keys still cached when the database goes away keep serving until they expire, no longer.
+Keys still cached when the database goes away keep serving until they expire, and longer:
+a user's keys that expired at most ``stale_ttl`` ago serve again whenever a lookup finds the
+database unavailable (each time for ``failure_ttl``, then the database is asked again).
+Clients refresh their allocations every few minutes, so most refreshes find their user's
+keys expired from a 60 s cache; without this, every call would lose its allocations to an
+outage of a few seconds. What the database cannot tell meanwhile (a password changed, a
+user deleted) takes effect when it answers again.
+
 The cache holds at most ``limit`` entries; beyond that the oldest go first. Pure: time comes
 in as arguments.
 """
@@ -62,17 +69,22 @@ class KeyCache:
         ttl: float = 60.0,
         negative_ttl: float = 10.0,
         failure_ttl: float = 2.0,
+        stale_ttl: float = 900.0,
         limit: int = 100_000,
     ) -> None:
-        if min(ttl, negative_ttl, failure_ttl) <= 0 or limit < 1:
+        if min(ttl, negative_ttl, failure_ttl) <= 0 or stale_ttl < 0 or limit < 1:
             raise ValueError("cache lifetimes and size must be positive")
         self.ttl = ttl
         self.negative_ttl = negative_ttl
         self.failure_ttl = failure_ttl
+        self.stale_ttl = stale_ttl
         self.limit = limit
-        self._entries: OrderedDict[tuple[str, str], tuple[UserKeys | CachedAnswer, float]] = (
-            OrderedDict()
-        )
+        self.stale_served = 0
+        """How many times expired keys served again because the database did not answer."""
+        # (realm, name) -> (answer, expiry, until when the keys may serve stale)
+        self._entries: OrderedDict[
+            tuple[str, str], tuple[UserKeys | CachedAnswer, float, float]
+        ] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -81,9 +93,11 @@ class KeyCache:
         entry = self._entries.get((realm, name))
         if entry is None:
             return CachedAnswer.MISSING
-        answer, expiry = entry
+        answer, expiry, stale_until = entry
         if expiry <= now:
-            del self._entries[(realm, name)]
+            # Expired keys stay, unseen, for put_failure to serve again in an outage.
+            if not isinstance(answer, UserKeys) or stale_until <= now:
+                del self._entries[(realm, name)]
             return CachedAnswer.MISSING
         return answer
 
@@ -92,10 +106,17 @@ class KeyCache:
         if keys is None:
             self._store(realm, name, CachedAnswer.UNKNOWN, now + self.negative_ttl)
         else:
-            self._store(realm, name, keys, now + self.ttl)
+            expiry = now + self.ttl
+            self._store(realm, name, keys, expiry, expiry + self.stale_ttl)
 
     def put_failure(self, realm: str, name: str, now: float) -> None:
-        """The database did not answer for this user."""
+        """The database did not answer for this user: its keys of late serve again for a
+        while if there are any, else "unavailable"."""
+        entry = self._entries.get((realm, name))
+        if entry is not None and isinstance(entry[0], UserKeys) and now < entry[2]:
+            self.stale_served += 1
+            self._store(realm, name, entry[0], now + self.failure_ttl, entry[2])
+            return
         self._store(realm, name, CachedAnswer.UNAVAILABLE, now + self.failure_ttl)
 
     def forget(self, realm: str, name: str) -> None:
@@ -105,9 +126,16 @@ class KeyCache:
     def clear(self) -> None:
         self._entries.clear()
 
-    def _store(self, realm: str, name: str, answer: UserKeys | CachedAnswer, expiry: float) -> None:
+    def _store(
+        self,
+        realm: str,
+        name: str,
+        answer: UserKeys | CachedAnswer,
+        expiry: float,
+        stale_until: float = 0.0,
+    ) -> None:
         entries = self._entries
-        entries[(realm, name)] = (answer, expiry)
+        entries[(realm, name)] = (answer, expiry, stale_until)
         entries.move_to_end((realm, name))
         while len(entries) > self.limit:
             entries.popitem(last=False)

@@ -26,6 +26,7 @@ from urllib.parse import unquote, urlsplit
 
 import asyncpg  # type: ignore[import-untyped]
 
+from ..turn.revocations import Revocation
 from .cache import UserKeys
 from .database import (
     CALL_TIMEOUT,
@@ -65,6 +66,9 @@ _OWN_TABLE = "tsunagu_user_sha256"
 _OWN_TABLES = {
     _OWN_TABLE: f"CREATE TABLE {_OWN_TABLE} (realm varchar(127) default '',"
     " name varchar(512), sha256 char(64), md5 char(32), primary key (realm, name))",
+    "tsunagu_revocation": "CREATE TABLE tsunagu_revocation (number bigserial primary key,"
+    " realm varchar(127) default '', user_id varchar(512), credential varchar(512),"
+    " issued_before double precision, until double precision)",
 }
 # Any number: several worker processes creating the tables at once take turns on it.
 _SCHEMA_LOCK = 0x7473756E
@@ -390,6 +394,45 @@ class PostgresUserDatabase:
             return bool(status != "DELETE 0")
 
         return await self._run(write)
+
+    async def add_revocation(self, realm: str, revocation: Revocation) -> int:
+        async def write(db: Any) -> int:
+            async with db.transaction():
+                await db.execute(
+                    "DELETE FROM tsunagu_revocation WHERE until <= $1", revocation.issued_before
+                )
+                number = await db.fetchval(
+                    "INSERT INTO tsunagu_revocation (realm, user_id, credential, issued_before,"
+                    " until) VALUES ($1, $2, $3, $4, $5) RETURNING number",
+                    realm,
+                    revocation.user,
+                    revocation.credential,
+                    revocation.issued_before,
+                    revocation.until,
+                )
+            return int(number)
+
+        return await self._run(write)
+
+    async def revocations(self, realm: str, after: int, now: float) -> list[Revocation]:
+        async def read(db: Any) -> Any:
+            return await db.fetch(
+                "SELECT number, issued_before, until, user_id, credential FROM tsunagu_revocation"
+                " WHERE realm = $1 AND number > $2 AND until > $3 ORDER BY number LIMIT 10000",
+                realm,
+                after,
+                now,
+            )
+
+        rows = await self._run(read)
+        try:
+            return [
+                Revocation(int(r[0]), float(r[1]), float(r[2]), r[3], r[4])
+                for r in rows
+                if r[1] is not None and r[2] is not None
+            ]
+        except (TypeError, ValueError):
+            raise DatabaseError(f"{self.description}: a broken revocation record") from None
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None

@@ -23,6 +23,8 @@ server for everyone while it runs.
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -32,6 +34,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from ..turn.revocations import Revocation
 from .cache import UserKeys
 from .database import (
     CALL_TIMEOUT,
@@ -93,6 +96,19 @@ def secret_key(realm: str) -> str:
     return f"turn/realm/{realm}/secret"
 
 
+def revocations_key(realm: str) -> str:
+    """tsunagu's revocations of a realm: a sorted set of JSON records scored by number."""
+    return f"tsunagu/realm/{realm}/revocations"
+
+
+def revocation_counter(realm: str) -> str:
+    return f"tsunagu/realm/{realm}/revocation-number"
+
+
+# At most this many revocations are read at once; more wait for the next read.
+REVOCATIONS_READ = 10_000
+
+
 def redis_connect_arguments(text: str) -> tuple[dict[str, Any], str, str | None]:
     """redis-py's client arguments for a coturn connection string (``key=value`` pairs) or
     a ``redis://`` URL, with a description without the password, and the password."""
@@ -152,23 +168,26 @@ class RedisUserDatabase:
         self._clock = clock
         self._failed_at: float | None = None
         self._last_error = ""
+        # A blocking pool: a call beyond its connections waits for one (within the call's
+        # time) instead of failing at once with "too many connections".
         common: dict[str, Any] = {
+            "max_connections": POOL_SIZE,
+            "timeout": timeout,
             "socket_timeout": timeout,
             "socket_connect_timeout": arguments.pop("timeout", CONNECT_TIMEOUT),
             # The caller retries with its own cache and timing; a retry here only waits.
             "retry": Retry(NoBackoff(), 0),
-            "max_connections": POOL_SIZE,
-            "decode_responses": False,
         }
-        if "url" in arguments:
-            try:
-                self._client = aioredis.Redis.from_url(arguments["url"], **common)
-            except ValueError as exc:
-                raise DatabaseError(
-                    f"redis_userdb: not a Redis URL ({scrub(str(exc), self._password)})"
-                ) from None
-        else:
-            self._client = aioredis.Redis(**arguments, **common)
+        try:
+            if "url" in arguments:
+                pool = aioredis.BlockingConnectionPool.from_url(arguments["url"], **common)
+            else:
+                pool = aioredis.BlockingConnectionPool(**arguments, **common)
+        except ValueError as exc:
+            raise DatabaseError(
+                f"redis_userdb: not a Redis URL ({scrub(str(exc), self._password)})"
+            ) from None
+        self._client = aioredis.Redis.from_pool(pool)
 
     @property
     def description(self) -> str:
@@ -322,6 +341,59 @@ class RedisUserDatabase:
     async def delete_secret(self, realm: str, secret: str) -> bool:
         removed = await self._run(lambda db: db.srem(secret_key(realm), secret))
         return bool(removed)
+
+    async def add_revocation(self, realm: str, revocation: Revocation) -> int:
+        key = revocations_key(realm)
+
+        async def write(db: Any) -> int:
+            number = int(await db.incr(revocation_counter(realm)))
+            record = json.dumps(
+                {
+                    "number": number,
+                    "issued_before": revocation.issued_before,
+                    "until": revocation.until,
+                    "user": revocation.user,
+                    "credential": revocation.credential,
+                }
+            )
+            await db.zadd(key, {record: number})
+            # Those that ran out go, so that the set stays as small as what is in force.
+            stale = []
+            for member in await db.zrange(key, 0, -1):
+                kept = self._revocation(member, 0.0)
+                if kept is None or kept.until <= revocation.issued_before:
+                    stale.append(member)
+            if stale:
+                await db.zrem(key, *stale)
+            return number
+
+        return await self._run(write)
+
+    def _revocation(self, member: Any, now: float) -> Revocation | None:
+        """One stored record, or None for one that ran out or cannot be read."""
+        try:
+            data = json.loads(member)
+            revocation = Revocation(
+                int(data["number"]),
+                float(data["issued_before"]),
+                float(data["until"]),
+                None if data.get("user") is None else str(data["user"]),
+                None if data.get("credential") is None else str(data["credential"]),
+            )
+        except (ValueError, TypeError, KeyError):
+            return None
+        if not math.isfinite(revocation.until) or revocation.until <= now:
+            return None
+        return revocation
+
+    async def revocations(self, realm: str, after: int, now: float) -> list[Revocation]:
+        members = await self._run(
+            lambda db: db.zrangebyscore(
+                revocations_key(realm), f"({after}", "+inf", start=0, num=REVOCATIONS_READ
+            )
+        )
+        found = [self._revocation(member, now) for member in members]
+        return sorted((r for r in found if r is not None), key=lambda r: r.number)
 
     async def close(self) -> None:
         try:
