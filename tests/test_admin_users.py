@@ -90,3 +90,29 @@ def test_usage_errors(
     assert run(capsys, monkeypatch, "secret", "delete", "-b", db)[0] == 2
     status, _, err = run(capsys, monkeypatch, "user", "list", "-b", str(tmp_path))
     assert status == 2 and str(tmp_path) in err  # a directory is no database
+
+
+@pytest.mark.parametrize("kind", ["postgres", "redis"])
+def test_user_secret_and_revoke_on_postgres_and_redis_as_turnadmin_names_them(
+    kind: str,
+    request: pytest.FixtureRequest,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server = request.getfixturevalue(f"{kind}_server")
+    flag = "-e" if kind == "postgres" else "-N"
+    connection = server.connection(server.new_database())
+    common = [flag, connection, "-r", "example.org"]
+    assert run(capsys, monkeypatch, "user", "add", "dana", *common, stdin="pw-1\n")[0] == 0
+    assert run(capsys, monkeypatch, "secret", "add", "s3cret", *common)[0] == 0
+    assert "dana[example.org]" in turnadmin("-l", flag, connection)
+    assert "s3cret" in turnadmin("-S", flag, connection, "-r", "example.org")
+    status, out, _ = run(capsys, monkeypatch, "user", "list", *common, "--json")
+    assert status == 0 and json.loads(out) == [{"realm": "example.org", "name": "dana"}]
+    assert run(capsys, monkeypatch, "revoke", "--user", "dana", *common)[0] == 0
+    # One database at a time; and the connection string's password is never shown.
+    status, _, err = run(capsys, monkeypatch, "user", "list", *common, "-b", "users.db")
+    assert status == 2 and "one user database" in err and server.password not in err
+    wrong = connection.replace(server.password, "not-the-password")
+    status, _, err = run(capsys, monkeypatch, "user", "list", flag, wrong)
+    assert status == 2 and "not-the-password" not in err, err

@@ -1,8 +1,9 @@
 """``tsunagu user``, ``tsunagu secret`` and ``tsunagu revoke``: the user database from the
 shell, as coturn's ``turnadmin`` does it, on the same database ``tsunagu serve`` reads.
 
-The database is the one the server's configuration names (``-c FILE``, or ``-b FILE``
-directly; by default users.db in the state directory). Users are stored as keys, never
+The database is the one the server's configuration names (``-c FILE``, or directly ``-b
+FILE``, ``-e`` PostgreSQL or ``-N`` Redis as turnadmin takes them; by default users.db in the
+state directory). Users are stored as keys, never
 passwords; a password is read from a prompt, a file or standard input, so that it need not
 appear in the process list (``--password`` exists for scripts that accept that). A running
 server sees a new user at once, and a changed or deleted one once its cached key expires
@@ -22,9 +23,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from ..auth.backends import open_user_database
 from ..auth.database import DatabaseError, UserDatabase, keys_of_password
-from ..auth.sqlite import SqliteUserDatabase
-from ..config import Config, ConfigError, load_config, userdb_path
+from ..config import Config, ConfigError, load_config
 from ..turn.quotas import rest_expiry
 from ..turn.revocations import Revocation
 
@@ -38,6 +39,18 @@ def _database_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-b", "--userdb", metavar="FILE", help="the SQLite user database (default: the config's)"
     )
+    parser.add_argument(
+        "-e",
+        "--psql-userdb",
+        metavar="CONNECTION",
+        help="a PostgreSQL user database instead, as coturn's turnadmin -e takes it",
+    )
+    parser.add_argument(
+        "-N",
+        "--redis-userdb",
+        metavar="CONNECTION",
+        help="a Redis user database instead, as coturn's turnadmin -N takes it",
+    )
     parser.add_argument("-r", "--realm", help="the realm (default: the config's, else tsunagu)")
     parser.add_argument("--json", action="store_true", help="print JSON")
 
@@ -48,13 +61,17 @@ def _config(args: argparse.Namespace) -> Config:
         argv += ["-c", args.config]
     if args.userdb:
         argv += ["-b", args.userdb]
+    if args.psql_userdb:
+        argv += ["-e", args.psql_userdb]
+    if args.redis_userdb:
+        argv += ["-N", args.redis_userdb]
     if args.realm:
         argv += ["-r", args.realm]
     return load_config(argv)
 
 
 def _open(config: Config) -> UserDatabase:
-    return SqliteUserDatabase(userdb_path(config))
+    return open_user_database(config)
 
 
 def _run(config: Config, work: Callable[[UserDatabase], Awaitable[T]]) -> T:
