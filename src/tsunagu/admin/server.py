@@ -529,10 +529,12 @@ class AdminServer:
                 await _reply(writer, _error("busy: too many admin connections"))
                 return
             self._connections[writer] = True
-            answer = await self._answer(reader)
+            request = await self._read(reader)
             if writer not in self._connections:
                 return  # evicted while it waited
+            # Read: from now on it is an operator's command, never evicted.
             self._connections[writer] = False
+            answer = request if "ok" in request else await self._handle(request)
             await _reply(writer, answer)
         except (OSError, asyncio.IncompleteReadError):
             pass
@@ -552,7 +554,8 @@ class AdminServer:
                 return True
         return False
 
-    async def _answer(self, reader: asyncio.StreamReader) -> dict[str, Any]:
+    async def _read(self, reader: asyncio.StreamReader) -> dict[str, Any]:
+        """The checked request, or the error answer to send instead (it has "ok")."""
         try:
             line = await asyncio.wait_for(reader.readline(), self.read_timeout)
         except TimeoutError:
@@ -562,9 +565,11 @@ class AdminServer:
         if not line.strip():
             return _error("empty request: send one JSON object on one line")
         try:
-            request = parse_request(line)
+            return parse_request(line)
         except RequestError as exc:
             return _error(str(exc))
+
+    async def _handle(self, request: dict[str, Any]) -> dict[str, Any]:
         try:
             return await self.handler(request)
         except Exception as exc:  # a bug must cost this request, not the server
