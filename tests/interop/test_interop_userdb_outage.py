@@ -15,6 +15,10 @@ again on the same port and data. Checked:
   database unavailable";
 - that user allocates again within 5 s of the database's return (the figure is printed).
 
+And a database that is down when the server starts does not stop it: static users serve at
+once, the error is logged once per worker, and the database's users and secrets serve as soon
+as it is up.
+
 The figures go to the test's output (``-s`` shows them) and to ``record_property``.
 """
 
@@ -40,10 +44,19 @@ from support.databases import (
     redis_available,
     redis_server,
 )
-from support.interop import Collector, error_code, relay_range, run_serve, run_turnutils_peer
+from support.interop import (
+    PASSWORD,
+    USER,
+    Collector,
+    error_code,
+    relay_range,
+    run_serve,
+    run_turnutils_peer,
+)
 from tsunagu.auth.database import UserDatabase, keys_of_password
 from tsunagu.auth.postgres import PostgresUserDatabase
 from tsunagu.auth.redis import RedisUserDatabase
+from tsunagu.auth.rest import mint_credentials
 
 OUTAGE = float(os.environ.get("TSUNAGU_OUTAGE_SECONDS", "8"))
 ALLOCATIONS = 50
@@ -287,3 +300,46 @@ async def outage_run(database: Database, server: Any, peer: tuple[str, int]) -> 
     assert late_refused == 401, figures
     assert recovered is not None and recovered <= RECOVERY_LIMIT, figures
     return figures
+
+
+async def allocates(host: str, port: int, username: str, secret: str) -> int:
+    """0 when an allocation succeeds, else its error code (or -1)."""
+    try:
+        transport, _ = await allocate(host, port, username, secret)
+    except Exception as exc:
+        return error_code(exc) or -1
+    transport.close()
+    return 0
+
+
+@pytest.mark.parametrize("kind", ["postgres", "redis"])
+async def test_a_database_down_at_start_does_not_stop_the_server(kind: str, tmp_path: Path) -> None:
+    with database_server(kind) as database:
+        filled = database.open()
+        try:
+            await filled.add_user(REALM, "dana", keys_of_password("dana", REALM, "dana-pw"))
+            await filled.add_secret(REALM, "db-secret")
+        finally:
+            await filled.close()
+        database.server.stop()
+        with run_serve(
+            tmp_path / "serve", database.flag, database.connection, "-r", REALM
+        ) as server:
+            host, port = server.host, server.port
+            assert server.log_text().count("unavailable at start") == server.workers
+            assert await allocates(host, port, USER, PASSWORD) == 0
+            assert await allocates(host, port, "dana", "dana-pw") == 401
+            database.server.start()
+            started = time.monotonic()
+            while await allocates(host, port, "dana", "dana-pw") != 0:
+                assert time.monotonic() - started < 10, server.log_text()[-3000:]
+                await asyncio.sleep(0.2)
+            # The database's secrets are read every 5 s.
+            username, credential = mint_credentials("db-secret", "fay", 600, time.time())
+            while await allocates(host, port, username, credential) != 0:
+                assert time.monotonic() - started < 15, server.log_text()[-3000:]
+                await asyncio.sleep(0.5)
+            log = server.log_text()
+            assert "read again" in log
+            assert database.server.password not in log
+            assert database.server.password not in server.stdout_path.read_text()

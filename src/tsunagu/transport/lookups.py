@@ -207,7 +207,9 @@ class _Periodic:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        working = True
+        # From the state of the read before start: a database already down then was logged
+        # by the caller, and is said to work again when it does.
+        working = self.working
         while True:
             await asyncio.sleep(self.interval)
             if await self.refresh():
