@@ -299,7 +299,7 @@ async def test_reload_reads_secrets_and_users_again_at_once(
         secret = tsunagu(None, "secret", "add", "-b", database).stdout.strip()
         added = time.monotonic()
         done = tsunagu(server, "reload")
-        assert done.stdout.count("REST secrets read") == server.workers
+        assert done.stdout.count("REST secrets in the database") == server.workers
         assert "reloads in a later version" in done.stdout and "min_port" in done.stdout
         username, password = mint_credentials(secret, "dave", 600, time.time())
         daves = [await allocate(server, username, password) for _ in range(4)]

@@ -331,8 +331,8 @@ def reload_command(argv: list[str], prog: str) -> int:
             lines.append(f"worker {part['worker']}: {database['description']}: {database['error']}")
             continue
         lines.append(
-            f"worker {part['worker']}: {database['secrets']} REST secrets read, revocations"
-            f" read, {database['cached_users_dropped']} cached users dropped"
+            f"worker {part['worker']}: {database['secrets']} REST secrets in the database,"
+            f" revocations read, {database['cached_users_dropped']} cached users dropped"
         )
     configuration = answer["configuration"]
     if configuration.get("file"):
