@@ -244,6 +244,28 @@ async def test_revocations_are_numbered_read_after_a_number_and_dropped_when_run
     assert [r.number for r in await opened.revocations("r", 0, 0.0)] == [second, third]
 
 
+async def test_peer_ranges_from_coturns_tables_and_sets(
+    backend: Backend, opened: UserDatabase
+) -> None:
+    rows = {"allowed_peer_ip": ["10.0.0.0/8"], "denied_peer_ip": ["10.1.0.0/16", "192.0.2.7"]}
+    await opened.users(None)  # the tables exist once the database has been used
+    for table, ranges in rows.items():
+        for text in ranges:
+            if backend.kind == "sqlite":
+                with sqlite3.connect(backend.turnadmin[1]) as db:
+                    db.execute(f"INSERT INTO {table} VALUES ('r', ?)", (text,))
+            elif backend.kind == "postgres":
+                name = backend.turnadmin[1].split("dbname=")[1].split()[0]
+                backend.server.psql(f"INSERT INTO {table} VALUES ('r', '{text}')", name)
+            else:
+                assert isinstance(opened, RedisUserDatabase)
+                await opened._client.sadd(f"turn/realm/r/{table.replace('_', '-')}", text)
+    ranges = await opened.peer_ranges("r")
+    assert ranges.allowed == ("10.0.0.0/8",)
+    assert ranges.denied == ("10.1.0.0/16", "192.0.2.7")
+    assert await opened.peer_ranges("elsewhere") == type(ranges)()
+
+
 async def test_a_user_deleted_by_turnadmin_is_gone(backend: Backend, opened: UserDatabase) -> None:
     await opened.add_user("r", "gus", keys_of_password("gus", "r", "pw"))
     turnadmin("-d", *backend.turnadmin, "-u", "gus", "-r", "r")
@@ -381,6 +403,47 @@ async def test_a_stopped_server_fails_fast_and_is_used_again_when_back(
     finally:
         await database.close()
         await wrong.close()
+
+
+@pytest.mark.parametrize("kind", ["postgres", "redis"])
+async def test_keys_of_late_serve_again_while_the_server_is_away(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    server = request.getfixturevalue(f"{kind}_server")
+    text = server.connection(server.new_database())
+    database: UserDatabase = (
+        PostgresUserDatabase(text) if kind == "postgres" else RedisUserDatabase(text)
+    )
+    cache = KeyCache(ttl=0.2, failure_ttl=0.5, stale_ttl=60)
+    lookups = KeyLookups(database, cache)
+    done: list[str] = []
+
+    async def look_up(name: str) -> None:
+        done.clear()
+        assert lookups.submit(KeyLookup(name, "r"), lambda: done.append(name))
+        for _ in range(300):
+            if done:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"the lookup of {name} did not end")
+
+    try:
+        await database.add_user("r", "erin", keys_of_password("erin", "r", "pw"))
+        await look_up("erin")
+        await asyncio.sleep(0.3)
+        assert cache.get("r", "erin", time.time()) is CachedAnswer.MISSING
+        server.stop()
+        try:
+            await look_up("erin")
+            assert cache.get("r", "erin", time.time()) == keys_of_password("erin", "r", "pw")
+            await look_up("ghost")
+            assert cache.get("r", "ghost", time.time()) is CachedAnswer.UNAVAILABLE
+        finally:
+            server.start()
+        assert cache.stale_served == 1 and lookups.total_failed == 2
+    finally:
+        await lookups.close()
+        await database.close()
 
 
 # --- SQLite's own file -------------------------------------------------------------------
