@@ -27,6 +27,7 @@ import pytest
 from tsunagu.auth.backends import open_user_database
 from tsunagu.auth.cache import CachedAnswer, KeyCache, UserKeys
 from tsunagu.auth.database import (
+    MAX_ROWS,
     DatabaseError,
     UserDatabase,
     keys_from_hex,
@@ -264,6 +265,32 @@ async def test_peer_ranges_from_coturns_tables_and_sets(
     assert ranges.allowed == ("10.0.0.0/8",)
     assert ranges.denied == ("10.1.0.0/16", "192.0.2.7")
     assert await opened.peer_ranges("elsewhere") == type(ranges)()
+
+
+async def test_too_many_secrets_fail_the_read_and_a_broken_one_is_left_out(
+    backend: Backend, opened: UserDatabase
+) -> None:
+    await opened.add_secret("r", "good")
+    await opened.add_secret("big", "first")
+    many = MAX_ROWS + 1
+    if backend.kind == "sqlite":
+        with sqlite3.connect(backend.turnadmin[1]) as db:
+            db.executemany(
+                "INSERT INTO turn_secret VALUES ('big', ?)", ((f"s{n}",) for n in range(many))
+            )
+    elif backend.kind == "postgres":
+        name = backend.turnadmin[1].split("dbname=")[1].split()[0]
+        backend.server.psql(
+            f"INSERT INTO turn_secret SELECT 'big', 's' || n FROM generate_series(1, {many}) n",
+            name,
+        )
+    else:
+        assert isinstance(opened, RedisUserDatabase)
+        await opened._client.sadd("turn/realm/big/secret", *(f"s{n}" for n in range(many)))
+        await opened._client.sadd("turn/realm/r/secret", b"\xff\xfe")
+    with pytest.raises(DatabaseError, match="more than"):
+        await opened.secrets("big")
+    assert await opened.secrets("r") == ("good",)
 
 
 async def test_a_user_deleted_by_turnadmin_is_gone(backend: Backend, opened: UserDatabase) -> None:

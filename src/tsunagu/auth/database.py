@@ -41,6 +41,9 @@ MAX_NAME_CHARS = 512
 # How long one call may take, whatever the connection string says: a lookup that waits
 # longer than this is worth less than a quick 401 the client retries.
 CALL_TIMEOUT = 2.0
+# A realm's REST secrets or peer ranges are read every few seconds, whole: beyond this many
+# the database is broken or hostile, and the read fails (what was read last stays in use).
+MAX_ROWS = 10_000
 
 
 class DatabaseError(Exception):

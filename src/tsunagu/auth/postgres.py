@@ -30,6 +30,7 @@ from ..turn.revocations import Revocation
 from .cache import UserKeys
 from .database import (
     CALL_TIMEOUT,
+    MAX_ROWS,
     DatabaseError,
     PeerRanges,
     keys_from_hex,
@@ -296,9 +297,11 @@ class PostgresUserDatabase:
 
     async def _values(self, query: str, *arguments: Any) -> tuple[str, ...]:
         async def read(db: Any) -> Any:
-            return await db.fetch(query, *arguments)
+            return await db.fetch(f"{query} LIMIT {MAX_ROWS + 1}", *arguments)
 
         rows = await self._run(read)
+        if len(rows) > MAX_ROWS:
+            raise DatabaseError(f"{self.description}: more than {MAX_ROWS} rows for a realm")
         return tuple(sorted(str(row[0]) for row in rows if row[0] is not None))
 
     async def secrets(self, realm: str) -> tuple[str, ...]:

@@ -38,6 +38,7 @@ from ..turn.revocations import Revocation
 from .cache import UserKeys
 from .database import (
     CALL_TIMEOUT,
+    MAX_ROWS,
     DatabaseError,
     PeerRanges,
     keys_from_hex,
@@ -250,10 +251,17 @@ class RedisUserDatabase:
             # every refresh.
             if await db.type(key) not in (b"set", b"none"):
                 return set()
+            if await db.scard(key) > MAX_ROWS:
+                raise DatabaseError(f"{self.description}: {key} has more than {MAX_ROWS} members")
             return await db.smembers(key)
 
-        members = await self._run(read)
-        return tuple(sorted(self._text(member, key) for member in members))
+        found = []
+        for member in await self._run(read):
+            try:
+                found.append(self._text(member, key))
+            except DatabaseError:
+                continue  # one broken member; the others serve
+        return tuple(sorted(found))
 
     async def secrets(self, realm: str) -> tuple[str, ...]:
         return await self._members(secret_key(realm))

@@ -22,7 +22,7 @@ from typing import TypeVar
 
 from ..turn.revocations import Revocation
 from .cache import UserKeys
-from .database import DatabaseError, PeerRanges, keys_from_hex
+from .database import MAX_ROWS, DatabaseError, PeerRanges, keys_from_hex
 
 __all__ = ["SqliteUserDatabase"]
 
@@ -119,16 +119,16 @@ class SqliteUserDatabase:
 
     async def secrets(self, realm: str) -> tuple[str, ...]:
         def read(db: sqlite3.Connection) -> tuple[str, ...]:
-            rows = db.execute("SELECT value FROM turn_secret WHERE realm = ?", (realm,))
-            return tuple(sorted(str(r[0]) for r in rows))
+            query = f"SELECT value FROM turn_secret WHERE realm = ? LIMIT {MAX_ROWS + 1}"
+            return _bounded(db.execute(query, (realm,)).fetchall())
 
         return await self._run(read)
 
     async def peer_ranges(self, realm: str) -> PeerRanges:
         def read(db: sqlite3.Connection) -> PeerRanges:
             def ranges(table: str) -> tuple[str, ...]:
-                rows = db.execute(f"SELECT ip_range FROM {table} WHERE realm = ?", (realm,))
-                return tuple(sorted(str(r[0]) for r in rows))
+                query = f"SELECT ip_range FROM {table} WHERE realm = ? LIMIT {MAX_ROWS + 1}"
+                return _bounded(db.execute(query, (realm,)).fetchall())
 
             return PeerRanges(ranges("allowed_peer_ip"), ranges("denied_peer_ip"))
 
@@ -253,6 +253,12 @@ class SqliteUserDatabase:
 
         await asyncio.get_running_loop().run_in_executor(self._executor, shut)
         self._executor.shutdown(wait=False)
+
+
+def _bounded(rows: list[tuple[object, ...]]) -> tuple[str, ...]:
+    if len(rows) > MAX_ROWS:
+        raise sqlite3.DataError(f"more than {MAX_ROWS} rows for a realm")
+    return tuple(sorted(str(r[0]) for r in rows))
 
 
 class _transaction:  # noqa: N801 - a context manager named for what it does
