@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import shutil
+import socket
 import sqlite3
 import subprocess
 import time
@@ -471,6 +472,35 @@ async def test_keys_of_late_serve_again_while_the_server_is_away(
     finally:
         await lookups.close()
         await database.close()
+
+
+@pytest.mark.parametrize("kind", ["postgres", "redis"])
+async def test_a_server_that_never_answers_costs_a_call_its_timeout_and_no_more(
+    kind: str,
+) -> None:
+    # Connections are taken by the kernel and never answered: a frozen server.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        port = silent.getsockname()[1]
+        if kind == "postgres":
+            text = f"host=127.0.0.1 port={port} dbname=x user=x password=pw connect_timeout=0"
+            database: UserDatabase = PostgresUserDatabase(text, timeout=0.5)
+        else:
+            text = f"ip=127.0.0.1 port={port} password=pw connect_timeout=0"
+            database = RedisUserDatabase(text, timeout=0.5)
+        try:
+            started = time.monotonic()
+            with pytest.raises(DatabaseError, match="no answer in 0.5 s"):
+                await database.user_keys("r", "erin")
+            assert time.monotonic() - started < 1.5
+            # Then at once, for a while, instead of each call waiting again.
+            started = time.monotonic()
+            with pytest.raises(DatabaseError):
+                await database.secrets("r")
+            assert time.monotonic() - started < 0.1
+        finally:
+            await database.close()
 
 
 # --- SQLite's own file -------------------------------------------------------------------
