@@ -296,3 +296,73 @@ def test_sessions_text() -> None:
         "1-7", "ann", "udp:192.0.2.1:5000", "198.51.100.1:50000", "-", "1", "100", "2", "200",
         "1", "min", "15", "s",
     ]  # fmt: skip
+
+
+# --- over HTTP on loopback ------------------------------------------------------------------
+
+TOKEN = "t" * 40
+
+
+async def _http(port: int, data: bytes) -> tuple[int, dict[str, Any]]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    response = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), json.loads(body) if body else {}
+
+
+def _post(body: bytes, *, token: str = TOKEN, extra: str = "") -> bytes:
+    return (
+        f"POST /admin HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n{extra}"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+async def test_http_needs_the_token_and_is_bounded(tmp_path: Path) -> None:
+    from support.interop import free_port
+    from tsunagu.admin.http import AdminHttp, read_token
+
+    async def handler(request: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True, "command": request["command"]}
+
+    port = free_port(udp=False)
+    server = AdminHttp(port, TOKEN, handler, max_connections=4, read_timeout=0.5)
+    await server.start()
+    try:
+        assert server.addresses[0] == "127.0.0.1"
+        assert set(server.addresses) <= {"127.0.0.1", "::1"}
+        status = b'{"command": "status"}'
+        assert await _http(port, _post(status)) == (200, {"ok": True, "command": "status"})
+        assert (await _http(port, _post(status, token="t" * 39)))[0] == 401
+        assert (await _http(port, _post(status, token=TOKEN + "x")))[0] == 401
+        assert (await _http(port, _post(status).replace(b"Authorization", b"X-Other")))[0] == 401
+        assert (await _http(port, b"nonsense\r\n\r\n"))[0] == 400
+        assert (await _http(port, _post(status, extra="Origin: http://a.example\r\n")))[0] == 403
+        assert (await _http(port, _post(b"{}")))[0] == 400
+        assert (await _http(port, _post(b"x" * 70000)))[0] == 413
+        get = f"GET /admin HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode()
+        assert (await _http(port, get))[0] == 405
+        other = _post(status).replace(b"POST /admin", b"POST /other")
+        assert (await _http(port, other))[0] == 404
+        no_length = f"POST /admin HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode()
+        assert (await _http(port, no_length))[0] == 411
+        assert (await _http(port, b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 2000 + b"\r\n"))[0] == 431
+        assert (await _http(port, b"POST /admin HTTP/1.1\r\n"))[0] == 408
+
+        # Idle connections make room for a request, oldest first.
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(6)]
+        await asyncio.sleep(0.05)
+        assert (await _http(port, _post(status)))[0] == 200
+        for _, writer in idle:
+            writer.close()
+    finally:
+        await server.close()
+
+    path = tmp_path / "token"
+    path.write_text(TOKEN + "\nignored\n")
+    assert read_token(str(path)) == TOKEN
+    path.write_text("short\n")
+    with pytest.raises(ValueError, match="at least 32"):
+        read_token(str(path))

@@ -100,6 +100,8 @@ CONTRACT_FIELDS = [
     "relay_engine",
     "admin_socket",
     "no_admin",
+    "admin_port",
+    "admin_token_file",
 ]
 
 
@@ -307,6 +309,12 @@ EVERY_FIELD: list[tuple[str, str, list[str], Any]] = [
         "/run/tsunagu/admin.sock",
     ),
     ("no_admin", "true", ["--no-admin"], True),
+    (
+        "admin_token_file",
+        '"/etc/tsunagu/admin.token"',
+        ["--admin-token-file", "/etc/tsunagu/admin.token"],
+        "/etc/tsunagu/admin.token",
+    ),
 ]
 
 
@@ -315,9 +323,21 @@ def test_every_field_is_exercised() -> None:
     files = {"user_file", "static_auth_secret_file"}
     # rfc5780 needs two listening IPs: test_rfc5780_from_file_and_flags; internal_networks
     # an address of the web server inside them: test_internal_networks_from_file_and_flags.
-    special = {"use_auth_secret", "pkey", "rfc5780", "internal_networks"}
+    # admin_port needs admin_token_file: test_admin_port_needs_a_token_file.
+    special = {"use_auth_secret", "pkey", "rfc5780", "internal_networks", "admin_port"}
     covered = {row[0] for row in EVERY_FIELD} | special | files
     assert covered == set(CONTRACT_FIELDS)
+
+
+def test_admin_port_needs_a_token_file(tmp_path: Path) -> None:
+    message = config_error(load_config, ["--admin-port", "8091"])
+    assert message.startswith("config: admin_token_file: is needed with admin_port")
+    path = write_toml(tmp_path, 'admin_port = 8091\nadmin_token_file = "t"\n')
+    config = load_config(["-c", path])
+    assert (config.admin_port, config.admin_token_file) == (8091, "t")
+    flags = load_config(["--admin-port", "8091", "--admin-token-file", "t"])
+    assert (flags.admin_port, flags.admin_token_file) == (8091, "t")
+    assert Config().admin_port == 0
 
 
 @pytest.mark.parametrize(("name", "toml_value", "flags", "expected"), EVERY_FIELD)

@@ -888,6 +888,20 @@ class Config:
         metavar="PATH",
     )
     no_admin: bool = _opt(False, _check_bool, "do not listen on the admin socket")
+    admin_port: int = _opt(
+        0,
+        _check_int(0, 65535, " (0 = off)"),
+        "also serve the admin API over HTTP on this port of 127.0.0.1 and ::1 only, to"
+        " clients presenting the token of admin_token_file (POST /admin, Authorization:"
+        " Bearer TOKEN; 0: off)",
+    )
+    admin_token_file: str | None = _opt(
+        None,
+        _optional(_check_text()),
+        "file whose first line is the token the HTTP admin API (admin_port) requires, at least"
+        " 32 characters; keep it readable by the server's user only",
+        metavar="FILE",
+    )
 
     @property
     def alternate_port(self) -> int:
@@ -1048,6 +1062,8 @@ def _cross_check(values: dict[str, Any]) -> None:
         _fail("no_tls", "with no_udp and no_tcp leaves no STUN/TURN listener; use no_turn", True)
     if values["no_turn"] and values["no_web"]:
         _fail("no_web", "with no_turn leaves nothing to serve", True)
+    if values["admin_port"] and not values["admin_token_file"]:
+        _fail("admin_token_file", "is needed with admin_port (the HTTP admin API's token)", None)
     databases = [key for key in ("userdb", "psql_userdb", "redis_userdb") if values[key]]
     if len(databases) > 1:
         _fail(

@@ -38,7 +38,7 @@ from .auth.cache import KeyCache
 from .auth.database import DatabaseError, PeerRanges, UserDatabase
 from .auth.rest import mint_credentials
 from .auth.store import StaticCredentialStore
-from .config import Config, admin_socket_path, state_dir
+from .config import Config, ConfigError, admin_socket_path, state_dir
 from .logs import setup_logging, structured
 from .transport.admission import (
     ConnectionCounter,
@@ -799,16 +799,37 @@ def _native_counters(turn: _Turn) -> dict[str, int] | None:
     }
 
 
+def _admin_token(config: Config) -> str:
+    """The HTTP admin API's token; ConfigError (before anything starts) when it is unusable."""
+    from .admin.http import read_token
+
+    assert config.admin_token_file is not None  # the configuration checked it
+    try:
+        return read_token(config.admin_token_file)
+    except OSError as exc:
+        raise ConfigError(
+            f"config: admin_token_file: cannot read {config.admin_token_file}:"
+            f" {exc.strerror or exc}"
+        ) from None
+    except ValueError as exc:
+        raise ConfigError(f"config: admin_token_file: {exc}") from None
+
+
 def _worker_socket(directory: str, index: int) -> str:
     return os.path.join(directory, f"worker-{index}.sock")
 
 
 async def _start_admin(
-    config: Config, share: WorkerShare, turn: _Turn, started: float, config_file: str | None
-) -> Any:
-    """The admin API: worker 0 on the operator's socket, asking the others on their
-    private ones; each other worker on its private socket. None (after logging why on
-    worker 0) when it is off or its socket cannot be made."""
+    config: Config,
+    share: WorkerShare,
+    turn: _Turn,
+    started: float,
+    config_file: str | None,
+    token: str | None,
+) -> list[Any]:
+    """The admin API: worker 0 on the operator's socket (and with ``token`` over HTTP on
+    loopback), asking the others on their private ones; each other worker on its private
+    socket. What was started, each with ``close()``; what could not be is logged."""
     from .admin.server import (
         AdminEndpoint,
         AdminServer,
@@ -818,14 +839,15 @@ async def _start_admin(
         worker_handler,
     )
 
+    started_servers: list[Any] = []
     if config.no_admin:
-        return None
+        return started_servers
     control = WorkerControl(
         turn.driver, turn.users, started=started, native=lambda: _native_counters(turn)
     )
     if share.index > 0:
         if not share.admin_dir:
-            return None
+            return started_servers
         path = _worker_socket(share.admin_dir, share.index)
         handler = worker_handler(control)
     else:
@@ -837,6 +859,18 @@ async def _start_admin(
         ]
         endpoint = AdminEndpoint(control, peers, workers=config.workers, config_file=config_file)
         handler = endpoint.handle
+        if token is not None:
+            from .admin.http import AdminHttp
+
+            web = AdminHttp(config.admin_port, token, handler)
+            try:
+                await web.start()
+            except OSError as exc:
+                log.error("admin API over HTTP: %s", exc.strerror or exc)
+            else:
+                started_servers.append(web)
+                where = " and ".join(_bracket(ip) for ip in web.addresses)
+                _say(f"tsunagu: admin API over HTTP on {where} port {config.admin_port}")
     try:
         if share.index == 0:
             os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
@@ -848,12 +882,13 @@ async def _start_admin(
             path,
             exc.strerror or exc,
         )
-        return None
+        return started_servers
     server = AdminServer(sock, handler)
     await server.start()
+    started_servers.append(server)
     if share.index == 0:
         _say(f"tsunagu: admin socket {path} (tsunagu status, sessions, kill, drain, reload)")
-    return server
+    return started_servers
 
 
 async def _drain(turn: _Turn, timeout: float) -> None:
@@ -881,6 +916,9 @@ async def serve(
     ``config_file`` is the file given with ``-c``, named by ``tsunagu reload``'s answer.
     """
     started = time.time()
+    admin_token = None
+    if config.admin_port and not config.no_admin and (share is None or share.index == 0):
+        admin_token = _admin_token(config)
     if config.workers == 0:
         # Like coturn's relay threads: one per core this process may run on.
         config = dataclasses.replace(config, workers=len(os.sched_getaffinity(0)))
@@ -928,7 +966,7 @@ async def serve(
 
     turn: _Turn | None = None
     children: list[subprocess.Popen[bytes]] = []
-    admin: Any = None
+    admin: list[Any] = []
     admin_dir = ""
     if not config.no_turn:
         turn = await _start_turn(config, share, listening, rest_secrets, ssl_context)
@@ -949,7 +987,7 @@ async def serve(
                 log.error("worker processes did not start")
                 return 1
         _say_turn(config, listening, turn, ssl_context, material, turn_secret)
-        admin = await _start_admin(config, share, turn, started, config_file)
+        admin = await _start_admin(config, share, turn, started, config_file, admin_token)
 
     runner: Any = None
     if not config.no_web:
@@ -1010,8 +1048,8 @@ async def serve(
             turn.counter.close()  # what is left of the interval's counts reaches the log
         if turn.users is not None:
             await turn.users.close()
-    if admin is not None:
-        await admin.close()
+    for item in admin:
+        await item.close()
     deadline = time.monotonic() + 5.0
     for child in children:
         try:

@@ -9,6 +9,7 @@ server makes it, in its state directory.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import os
@@ -446,3 +447,51 @@ async def test_a_worker_that_does_not_answer_is_reported(tmp_path: Path, private
         assert "not answering" in done.stdout and f"{server.workers} workers" in done.stdout
         assert elapsed < 2.5, elapsed
         log.info("a killed worker reported in %.2f s (the command's start included)", elapsed)
+
+
+# --- over HTTP ------------------------------------------------------------------------------
+
+
+def http_post(host: str, port: int, body: bytes, token: str) -> tuple[int, dict[str, Any]]:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect((host, port))
+        sock.sendall(
+            (
+                f"POST /admin HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode()
+            + body
+        )
+        response = b""
+        while chunk := sock.recv(65536):
+            response += chunk
+    head, _, rest = response.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), json.loads(rest)
+
+
+def test_admin_over_http_on_loopback_with_a_token(tmp_path: Path, private_tmp: Path) -> None:
+    from support.interop import free_port
+    from tsunagu.serve import local_addresses
+
+    token = "k" * 48
+    token_file = tmp_path / "admin.token"
+    token_file.write_text(token + "\n")
+    port = free_port(udp=False)
+    extra = ("--admin-port", str(port), "--admin-token-file", str(token_file))
+    with run_serve(tmp_path / "serve", *extra) as server:
+        assert "admin API over HTTP on 127.0.0.1" in "\n".join(server.startup)
+        status, answer = http_post("127.0.0.1", port, b'{"command": "status"}', token)
+        assert status == 200 and answer["ok"] is True and answer["workers"] == server.workers
+        assert len(answer["per_worker"]) == server.workers
+        status, answer = http_post("127.0.0.1", port, b'{"command": "status"}', token[:-1] + "x")
+        assert status == 401 and answer["ok"] is False
+        # Nowhere but on loopback.
+        for ip in local_addresses():
+            if not ipaddress.ip_address(ip).is_loopback:
+                family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+                with socket.socket(family, socket.SOCK_STREAM) as sock:
+                    sock.settimeout(2)
+                    with pytest.raises(OSError):
+                        sock.connect((ip, port))

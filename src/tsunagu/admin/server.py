@@ -49,6 +49,7 @@ __all__ = [
     "WORKER_TIMEOUT",
     "AdminEndpoint",
     "AdminServer",
+    "Handler",
     "RequestError",
     "UserDatabaseControl",
     "WorkerControl",
