@@ -122,6 +122,16 @@ def _not_relaying(record: Record) -> float | None:
     return requested - relaying
 
 
+def _database_cpu_per_allocation(record: Record) -> float | None:
+    """CPU of the PostgreSQL or Redis server (all its processes) over the whole load, per
+    allocation made; SQLite runs inside the server under test and is counted there."""
+    if record.get("auth") not in ("postgresql", "redis"):
+        return None
+    cpu = _get(record.get("machine") or {}, "database_cpu_s")
+    ready = _get(_result(record), "setup", "ready")
+    return None if cpu is None or not ready else cpu / ready
+
+
 def _relay_metrics() -> list[Metric]:
     return [
         Metric(
@@ -225,6 +235,62 @@ FIGURES: dict[str, list[Metric]] = {
                 if (v := _get(_result(r), "setup", "server_rss_bytes_per_allocation")) is None
                 else v / 1000
             ),
+            1,
+        ),
+        Metric(
+            "failed",
+            "failed allocations",
+            "count",
+            "lower",
+            lambda r: _get(_result(r), "setup", "failed"),
+            0,
+        ),
+        Metric(
+            "generator_busy",
+            "load generator busy",
+            "share of a core",
+            "lower",
+            _setup_generator_busy,
+            2,
+            ratio=False,
+        ),
+    ],
+    "alloc-db": [
+        Metric(
+            "allocs_per_s",
+            "allocations/s (401, Allocate, CreatePermission, ChannelBind)",
+            "1/s",
+            "higher",
+            lambda r: _get(_result(r), "setup", "per_second"),
+            0,
+        ),
+        Metric(
+            "cpu_ms_per_alloc",
+            "server CPU per allocation",
+            "ms",
+            "lower",
+            lambda r: (
+                None
+                if (v := _get(_result(r), "setup", "server_cpu_us_per_allocation")) is None
+                else v / 1000
+            ),
+            3,
+        ),
+        Metric(
+            "db_cpu_ms_per_alloc",
+            "database server CPU per allocation (whole load)",
+            "ms",
+            "lower",
+            lambda r: None if (v := _database_cpu_per_allocation(r)) is None else v * 1000,
+            3,
+            ratio=False,
+        ),
+        Metric(
+            "latency_p50",
+            "time to set one allocation up, median",
+            "ms",
+            "lower",
+            lambda r: _get(_result(r), "setup", "latency_ms", "p50"),
             1,
         ),
         Metric(
@@ -469,6 +535,7 @@ _SECTION_TITLES = [
     ("rtp", "3. RTP-like load"),
     ("rtt", "4. Round-trip time through the relay"),
     ("alloc", "5. Allocations per second"),
+    ("alloc-db", "5b. Allocations per second, users in a user database"),
     ("hold", "6. Many allocations held"),
     ("binding", "7. STUN Binding requests per second"),
     ("uclient", "The same with coturn's load generator (turnutils_uclient + turnutils_peer)"),
@@ -499,6 +566,12 @@ _HEADLINES = [
     ("5", "alloc-lt", "allocs_per_s"),
     ("5", "alloc-rest", "allocs_per_s"),
     ("5", "alloc-lt", "cpu_ms_per_alloc"),
+    *(
+        ("5b", f"alloc-db-{kind}-{when}", metric)
+        for kind in ("sqlite", "postgresql", "redis")
+        for metric in ("allocs_per_s", "cpu_ms_per_alloc")
+        for when in ("cold", "cached")
+    ),
     ("6", "hold-10000", "rss_per_alloc"),
     ("6", "hold-10000", "not_relaying"),
     ("7", "binding", "binding_per_s"),
@@ -697,6 +770,70 @@ def _notes(summary: dict[str, Any]) -> list[str]:
     return notes
 
 
+def _run_info(meta: dict[str, Any]) -> dict[str, Any]:
+    machine = meta.get("machine", {})
+    return {
+        "plan": meta.get("plan"),
+        "repeats": meta.get("repeats"),
+        "started": meta.get("started"),
+        "seconds": meta.get("seconds"),
+        "cpu": machine.get("cpu"),
+        "tsunagu_commit": machine.get("tsunagu_commit"),
+        "coturn": machine.get("coturn"),
+    }
+
+
+def carry_over(results: dict[str, Any], earlier: dict[str, Any]) -> list[str]:
+    """Add to ``results`` the rows of ``earlier`` (the report it replaces) that this run did
+    not measure, so that a run of some loads (the opt-in user database rows, say) updates
+    the report without dropping the rest; meta["earlier_runs"] says where each came from.
+    Returns the cases carried over."""
+    meta = results["meta"]
+    old_meta = earlier.get("meta", {})
+    if old_meta.get("plan") != meta.get("plan"):
+        return []
+    ran = {r["case"] for r in results["records"]}
+    old_records = earlier.get("records", [])
+    measured = {r["case"] for r in old_records}
+    older = old_meta.get("earlier_runs", [])
+    from_older = {case for part in older for case in part["cases"]}
+    parts = [
+        {**_run_info(old_meta), "cases": [c for c in old_meta["cases"] if c not in from_older]},
+        *older,
+    ]
+    kept = []
+    for part in parts:
+        cases = [c for c in part["cases"] if c not in ran and c in measured]
+        if cases:
+            kept.append({**part, "cases": cases})
+    carried = [case for part in kept for case in part["cases"]]
+    if not carried:
+        return []
+    results["records"] = results["records"] + [r for r in old_records if r["case"] in carried]
+    cases = {c: old_meta["cases"][c] for c in old_meta["cases"] if c in carried}
+    meta["cases"] = {**cases, **meta["cases"]}
+    variants = set(meta["variants"]) | set(old_meta.get("variants", []))
+    meta["variants"] = [v for v in VARIANT_ORDER if v in variants]
+    commands = dict(meta.get("server_commands", {}))
+    for record in old_records:
+        key = server_key(record["variant"], record["auth"])
+        if record["case"] in carried and key in old_meta.get("server_commands", {}):
+            commands.setdefault(key, old_meta["server_commands"][key])
+    meta["server_commands"] = commands
+    if "databases" in old_meta and any(c.startswith("alloc-db") for c in carried):
+        meta.setdefault("databases", old_meta["databases"])
+    meta["earlier_runs"] = kept
+    return carried
+
+
+def _run_line(info: dict[str, Any]) -> str:
+    return (
+        f"{info.get('plan')} plan, {info.get('repeats')} repeat(s), run {info.get('started')}, "
+        f"took {info.get('seconds') or 0:.0f} s, tsunagu commit {info.get('tsunagu_commit')}, "
+        f"coturn {info.get('coturn')}, {info.get('cpu')}"
+    )
+
+
 def _peer(peer: Any) -> str:
     return shlex.join(peer) if isinstance(peer, list) else str(peer)
 
@@ -730,8 +867,13 @@ def markdown(results: dict[str, Any], plots: list[Path]) -> str:
         f"{', '.join(str(v) for v in machine.get('loadavg_at_start', []))}",
         f"- Pinning: server on CPU {meta['pinning']['server_cpu']}, load generator and echo peer "
         f"on CPU {meta['pinning']['generator_cpu']}; echo peer: `{_peer(meta['echo_peer'])}`",
-        "",
     ]
+    for part in meta.get("earlier_runs", []):
+        titles = ", ".join(f"`{case}`" for case in part["cases"] if case in summary["cases"])
+        lines.append(f"- From an earlier run ({_run_line(part)}): {titles}")
+    if meta.get("earlier_runs"):
+        lines.append("- Every other row comes from the run described first.")
+    lines.append("")
     lines += ["## Summary", ""]
     lines += _headline_table(summary, variants)
     lines += [
@@ -790,6 +932,17 @@ METHOD = """
   of the shared secret). tsunagu runs with `--unauth-rate 1000000`: its default of 20
   unauthenticated answers per second per source IP (a guard against reflection) would
   otherwise cap a single-address load generator, and coturn has no such limit.
+- **User databases** (section 5b, opt-in: `make -C bench userdb`): the benchmark starts
+  PostgreSQL 15 and Redis 7 itself (loopback, a password, each under a time limit) and fills
+  each, and an SQLite file, once with coturn's rows for 2,000 users (`turnusers_lt`, or
+  `turn/realm/<realm>/user/<name>/key` in Redis: the hex MD5 of name:realm:password, as
+  `turnadmin -a` writes it). Every server then reads that same database: coturn with `-b FILE`,
+  `--psql-userdb` or `--redis-userdb`, tsunagu with the same options, neither with any other
+  user. On a freshly started server, **cold** makes 2,000 allocations of 2,000 different users
+  (each a first lookup: tsunagu asks the database off its event loop and answers the Allocate
+  when the key arrives), then **cached** makes them again at once (tsunagu's key cache, 60 s,
+  answers; coturn has no such cache and asks its database for every allocation). The database
+  server's own CPU (all its processes) is given beside, over the whole load.
 - **Memory**: resident set (RSS) of the server process before the allocations and while they
   are held; divided by the number of allocations.
 - **STUN Binding**: 4 sockets, each with 16 requests in flight (a new one for every answer);

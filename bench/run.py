@@ -11,6 +11,7 @@ generator and echo peer on the other (``taskset``); server CPU is utime + stime 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -25,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import report
+from . import databases, report
+from .databases import UserDatabase
 from .servers import (
     HOST,
     REST_SECRET,
@@ -63,6 +65,10 @@ class Case:
     variants: tuple[str, ...] = PRIMARY
     kind: str = "probe"  # "probe" or "uclient"
     timeout: float = 120.0
+    users: int = 0  # > 0: allocations spread over this many users of the user database
+    # A load that leaves state behind it (a filled key cache) cannot be run again on the
+    # same server when the machine was busy.
+    retry: bool = True
 
 
 @dataclass
@@ -76,6 +82,42 @@ class Plan:
     hold_variants: tuple[str, ...] = PRIMARY
     variants: tuple[str, ...] = ALL_VARIANTS
     notes: dict[str, Any] = field(default_factory=dict)
+    # Opt-in (--only alloc-db): allocations of users in each user database, per database
+    # the cases in the order they run on one server.
+    db_cases: dict[str, list[Case]] = field(default_factory=dict)
+
+
+# The user database rows are not part of a default run: they start PostgreSQL and Redis.
+DB_PREFIX = "alloc-db"
+
+
+def userdb_cases(count: int, window: int) -> dict[str, list[Case]]:
+    """Per database: ``count`` allocations of ``count`` different users (each a first
+    lookup), then the same users again at once (tsunagu's key cache answers; coturn asks
+    its database for every allocation)."""
+    args = ("--mode", "allocate", "-n", str(count), "--window", str(window), "--release")
+    out: dict[str, list[Case]] = {}
+    for kind in databases.KINDS:
+        label = databases.LABELS[kind]
+        out[kind] = [
+            Case(
+                f"{DB_PREFIX}-{kind}-cold",
+                "alloc-db",
+                f"Allocations/s, {count:,} users in {label}, each looked up for the first time",
+                args,
+                users=count,
+                retry=False,
+            ),
+            Case(
+                f"{DB_PREFIX}-{kind}-cached",
+                "alloc-db",
+                f"Allocations/s, the same {count:,} users in {label} again at once",
+                args,
+                users=count,
+                retry=False,
+            ),
+        ]
+    return out
 
 
 def _ladder(rates: list[int]) -> str:
@@ -215,7 +257,9 @@ def full_plan(hold: float) -> Plan:
         + ("--verify", "--release", "--setup-timeout", "200"),
         timeout=hold + 300,
     )
-    return Plan("full", 3, cases, rest, hold_case, budget=14 * 60)
+    plan = Plan("full", 3, cases, rest, hold_case, budget=14 * 60)
+    plan.db_cases = userdb_cases(2000, 32)
+    return plan
 
 
 def quick_plan(hold: float) -> Plan:
@@ -305,7 +349,9 @@ def quick_plan(hold: float) -> Plan:
         ),
         timeout=hold + 60,
     )
-    return Plan("quick", 1, cases, rest, hold_case, budget=60, variants=PRIMARY)
+    plan = Plan("quick", 1, cases, rest, hold_case, budget=60, variants=PRIMARY)
+    plan.db_cases = userdb_cases(20, 8)
+    return plan
 
 
 # --- measuring -----------------------------------------------------------------------------
@@ -339,13 +385,17 @@ def _children_cpu() -> float:
 class Window:
     """What else ran on the machine while one load ran: CPU not charged to the benchmark."""
 
-    def __init__(self, server: Server, peer: EchoPeer | None) -> None:
+    def __init__(
+        self, server: Server, peer: EchoPeer | None, database: UserDatabase | None = None
+    ) -> None:
         self.server = server
         self.peer = peer
+        self.database = database
         self.started = time.monotonic()
         self.busy = _system_busy()
         self.server_cpu = _process_cpu(server.pid)
         self.peer_cpu = _process_cpu(peer.pid if peer else None)
+        self.database_cpu = database.cpu_seconds() if database else 0.0
         self.children = _children_cpu()
         self.load = os.getloadavg()[0]
 
@@ -355,13 +405,15 @@ class Window:
         server = _process_cpu(self.server.pid) - self.server_cpu
         peer = _process_cpu(self.peer.pid if self.peer else None) - self.peer_cpu
         generator = _children_cpu() - self.children
-        other = max(0.0, busy - server - peer - generator)
+        database = self.database.cpu_seconds() - self.database_cpu if self.database else 0.0
+        other = max(0.0, busy - server - peer - generator - database)
         cores = os.cpu_count() or 1
         return {
             "wall_s": round(wall, 3),
             "server_cpu_s": round(server, 3),
             "generator_cpu_s": round(generator, 3),
             "peer_cpu_s": round(peer, 3),
+            **({"database_cpu_s": round(database, 3)} if self.database else {}),
             "other_cpu_s": round(other, 3),
             # Share of the machine used by processes outside the benchmark.
             "other_share": round(other / (wall * cores), 4) if wall > 0 else None,
@@ -392,6 +444,7 @@ class Context:
     # once more, while retry_budget (seconds) lasts.
     noise_limit: float | None = None
     retry_budget: float = 0.0
+    database: UserDatabase | None = None  # the user database of the session running
 
     def say(self, text: str) -> None:
         self.log.write(f"bench: {text}\n")
@@ -403,6 +456,8 @@ def probe_command(case: Case, server: Server, ctx: Context) -> list[str]:
     command = [sys.executable, "-m", "tsunagu", "probe", f"{HOST}:{port}"]
     if server.auth == "rest":
         command += ["--rest-secret", REST_SECRET]
+    elif case.users:
+        command += ["-u", ":".join(databases.USER_PATTERN), "--users", str(case.users)]
     elif "binding" not in case.args:
         command += ["-u", f"{USER[0]}:{USER[1]}"]
     if ctx.peer is not None and "binding" not in case.args:
@@ -470,7 +525,7 @@ def run_case(case: Case, server: Server, ctx: Context, repeat: int) -> dict[str,
     if remaining < 5:
         record["skipped"] = "time budget spent"
         return record
-    window = Window(server, ctx.peer)
+    window = Window(server, ctx.peer, ctx.database)
     before = _process_cpu(server.pid)
     try:
         done = subprocess.run(
@@ -537,8 +592,15 @@ def wait_for_quiet(ctx: Context) -> None:
 
 
 def session(
-    ctx: Context, variant_name: str, cases: list[Case], repeat: int, auth: str = "static"
+    ctx: Context,
+    variant_name: str,
+    cases: list[Case],
+    repeat: int,
+    auth: str = "static",
+    database: UserDatabase | None = None,
 ) -> None:
+    """One fresh server of ``variant_name`` through ``cases``; with ``database``, its users
+    live there (``auth`` is then the database's kind)."""
     if time.monotonic() > ctx.deadline - 10:
         ctx.say(f"time budget spent: skipping {variant_name} ({auth}) repeat {repeat + 1}")
         return
@@ -556,12 +618,14 @@ def session(
             key=ctx.key,
             workdir=ctx.workdir,
             cpu=ctx.server_cpu,
+            userdb=(database.coturn_args, database.tsunagu_args) if database else None,
         )
     except BenchError as exc:
         ctx.say(str(exc))
         for case in cases:
             ctx.records.append(_failed(case, variant_name, auth, repeat, f"server: {exc}"))
         return
+    ctx.database = database
     try:
         for case in cases:
             if case.kind == "uclient" and (
@@ -581,6 +645,7 @@ def session(
                 other = record.get("machine", {}).get("other_share")
                 if (
                     attempt
+                    or not case.retry
                     or ctx.noise_limit is None
                     or other is None
                     or other <= ctx.noise_limit
@@ -597,6 +662,7 @@ def session(
                 ctx.say(f"{variant_name} exited; see {server.log_path}")
                 break
     finally:
+        ctx.database = None
         try:
             server.stop()
         except BenchError as exc:
@@ -685,6 +751,17 @@ def _os_release() -> str | None:
     return None
 
 
+def _db_selected(kind: str, only: set[str] | None) -> bool:
+    """Whether --only asks for the user database rows of ``kind``: alloc-db (all of them),
+    alloc-db-KIND or one of its cases (a cached case needs the cold one before it)."""
+    if only is None:
+        return False
+    own = f"{DB_PREFIX}-{kind}"
+    return any(
+        key.startswith(DB_PREFIX) and (own.startswith(key) or key.startswith(own)) for key in only
+    )
+
+
 def _rotate(items: tuple[str, ...], by: int) -> list[str]:
     by %= len(items)
     return list(items[by:] + items[:by])
@@ -729,6 +806,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     only = set(args.only.split(",")) if args.only else None
     cases = [c for c in plan.cases if only is None or c.key in only]
+    db_cases = {
+        kind: [c for c in kind_cases if c.variants and set(c.variants) & set(variants)]
+        for kind, kind_cases in plan.db_cases.items()
+        if _db_selected(kind, only)
+    }
+    for kind in list(db_cases):
+        if not databases.available(kind):
+            ctx.say(f"{databases.LABELS[kind]} is not installed: no {DB_PREFIX}-{kind} rows")
+            del db_cases[kind]
     meta = {
         "plan": plan.name,
         "repeats": plan.repeats,
@@ -740,7 +826,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "hold_seconds": args.hold or (1.0 if args.quick else 60.0),
         "cases": {
             c.key: {"title": c.title, "figure": c.figure, "variants": list(c.variants)}
-            for c in [*plan.cases, plan.rest_case, plan.hold_case]
+            for c in [
+                *plan.cases,
+                plan.rest_case,
+                plan.hold_case,
+                *(c for kind_cases in db_cases.values() for c in kind_cases),
+            ]
         },
     }
     ctx.say(
@@ -753,15 +844,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # The held allocations come last; keep their time free of the repeats.
         count = int(plan.hold_case.args[plan.hold_case.args.index("-n") + 1])
         ctx.deadline -= len(hold_variants) * (meta["hold_seconds"] + 5 + count / 500)
+    opened: dict[str, UserDatabase] = {}
     try:
-        for repeat in range(plan.repeats):
-            order = _rotate(tuple(variants), repeat)
-            for name in order:
-                session(ctx, name, cases, repeat)
-            if only is None or plan.rest_case.key in only:
+        with contextlib.ExitStack() as stack:
+            for kind in db_cases:
+                # Filled once; every server and repeat then reads the very same database.
+                opened[kind] = stack.enter_context(
+                    databases.user_database(
+                        kind, workdir, db_cases[kind][0].users, lifetime=budget + 120
+                    )
+                )
+                ctx.say(
+                    f"{databases.LABELS[kind]}: {opened[kind].users} users "
+                    f"in {opened[kind].fill_seconds:.1f} s"
+                )
+            meta["databases"] = {kind: db.describe() for kind, db in opened.items()}
+            for repeat in range(plan.repeats):
+                order = _rotate(tuple(variants), repeat)
                 for name in order:
-                    if name in plan.rest_case.variants:
-                        session(ctx, name, [plan.rest_case], repeat, auth="rest")
+                    session(ctx, name, cases, repeat)
+                if only is None or plan.rest_case.key in only:
+                    for name in order:
+                        if name in plan.rest_case.variants:
+                            session(ctx, name, [plan.rest_case], repeat, auth="rest")
+                for kind, database in opened.items():
+                    for name in order:
+                        session(ctx, name, db_cases[kind], repeat, auth=kind, database=database)
         if run_holds:
             ctx.deadline = started + budget
             for name in hold_variants:
@@ -796,7 +904,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"comma-separated server variants (default: {','.join(ALL_VARIANTS)}; "
         f"quick: {','.join(PRIMARY)})",
     )
-    parser.add_argument("--only", help="comma-separated case keys to run (default: all)")
+    parser.add_argument(
+        "--only",
+        help="comma-separated case keys to run (default: all but the user database rows); "
+        f"{DB_PREFIX} runs those (PostgreSQL, Redis and SQLite), {DB_PREFIX}-sqlite one of them",
+    )
     parser.add_argument("--hold", type=float, help="seconds to hold the 10,000 allocations")
     parser.add_argument("--no-hold", action="store_true", help="skip the held allocations")
     parser.add_argument("--budget", type=float, help="overall time limit in seconds")
@@ -829,6 +941,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-plot", action="store_true", help="no PNG plots")
     parser.add_argument("--keep-logs", action="store_true", help="keep the servers' logs")
+    parser.add_argument(
+        "--no-carry",
+        action="store_true",
+        help="write the report with this run's loads only (by default a full-plan report keeps "
+        "the rows of loads this run did not measure from the benchmarks.json it replaces, "
+        "each marked with the run it came from)",
+    )
     parser.add_argument(
         "--from-json", type=Path, help="only write the report from an earlier result file"
     )
@@ -871,6 +990,14 @@ def main(argv: list[str] | None = None) -> int:
     quick = results["meta"]["plan"] == "quick"
     docs = args.docs or (args.out if quick else DOCS)
     docs.mkdir(parents=True, exist_ok=True)
+    earlier = docs / "benchmarks.json"
+    if not quick and not args.no_carry and earlier.exists():
+        carried = report.carry_over(results, json.loads(earlier.read_text()))
+        if carried:
+            results["summary"] = report.summarize(results)
+            sys.stderr.write(
+                f"bench: {len(carried)} load(s) this run did not measure kept from {earlier}\n"
+            )
     plots = [] if args.no_plot else report.plot(results, docs, install=not quick)
     markdown = report.markdown(results, plots)
     (docs / "BENCHMARKS.md").write_text(markdown)

@@ -224,7 +224,14 @@ class Server:
 
 
 def coturn_command(
-    variant: Variant, port: int, tls_port: int, auth: str, cert: Path, key: Path, workdir: Path
+    variant: Variant,
+    port: int,
+    tls_port: int,
+    auth: str,
+    cert: Path,
+    key: Path,
+    workdir: Path,
+    userdb: list[str] | None = None,
 ) -> list[str]:
     command = [
         "turnserver",
@@ -234,8 +241,7 @@ def coturn_command(
         "stdout",
         "--pidfile",
         str(workdir / f"turnserver-{port}.pid"),
-        "--userdb",
-        str(workdir / f"turndb-{port}"),
+        *(userdb or ["--userdb", str(workdir / f"turndb-{port}")]),
         "--listening-ip",
         HOST,
         "-p",
@@ -259,6 +265,8 @@ def coturn_command(
     ]
     if auth == "rest":
         command += ["--use-auth-secret", "--static-auth-secret", REST_SECRET]
+    elif userdb:
+        command += ["--lt-cred-mech"]
     else:
         command += ["--lt-cred-mech", "--user", f"{USER[0]}:{USER[1]}"]
     if variant.relay_threads is not None:
@@ -267,7 +275,13 @@ def coturn_command(
 
 
 def tsunagu_command(
-    variant: Variant, port: int, tls_port: int, auth: str, cert: Path, key: Path
+    variant: Variant,
+    port: int,
+    tls_port: int,
+    auth: str,
+    cert: Path,
+    key: Path,
+    userdb: list[str] | None = None,
 ) -> list[str]:
     command = [
         sys.executable,
@@ -308,6 +322,8 @@ def tsunagu_command(
     ]
     if auth == "rest":
         command += ["--use-auth-secret", "--static-auth-secret", REST_SECRET]
+    elif userdb:
+        command += userdb
     else:
         command += ["-u", f"{USER[0]}:{USER[1]}"]
     if variant.workers is not None:
@@ -327,12 +343,19 @@ def start_server(
     workdir: Path,
     cpu: str | None,
     timeout: float = 20.0,
+    userdb: tuple[list[str], list[str]] | None = None,
 ) -> Server:
+    """Start ``variant``; ``userdb`` is (coturn's options, tsunagu's options) for a user
+    database that holds the users instead of the static one."""
     port, tls_port = ports.take()
     if variant.kind == "coturn":
-        command = coturn_command(variant, port, tls_port, auth, cert, key, workdir)
+        command = coturn_command(
+            variant, port, tls_port, auth, cert, key, workdir, userdb[0] if userdb else None
+        )
     else:
-        command = tsunagu_command(variant, port, tls_port, auth, cert, key)
+        command = tsunagu_command(
+            variant, port, tls_port, auth, cert, key, userdb[1] if userdb else None
+        )
     log_path = workdir / f"{variant.name}-{auth}-{port}.log"
     env = dict(os.environ)
     # tsunagu keeps its state (a generated certificate, unused here) in this directory.

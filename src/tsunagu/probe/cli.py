@@ -120,6 +120,13 @@ def build_load_parser(prog: str) -> argparse.ArgumentParser:
         help="mint TURN REST credentials from this shared secret, one per allocation",
     )
     parser.add_argument(
+        "--users",
+        type=_positive(int),
+        metavar="N",
+        help="spread the allocations over N long-term users: allocation i authenticates as "
+        "user i mod N, with {n} in -u NAME:PASSWORD replaced by that number",
+    )
+    parser.add_argument(
         "--peer",
         type=_address,
         metavar="IP:PORT",
@@ -202,6 +209,8 @@ def load_command(argv: list[str], prog: str) -> int:
     if args.mode == "binding" and args.transport != "udp":
         parser.error("--mode binding runs over UDP")
     username, password = args.user if args.user is not None else ("", "")
+    if args.users is not None and (args.user is None or "{n}" not in username):
+        parser.error("--users needs -u with {n} in the name, e.g. -u 'user{n}:password{n}'")
     spec = LoadSpec(
         server=args.server,
         transport=args.transport,
@@ -210,6 +219,7 @@ def load_command(argv: list[str], prog: str) -> int:
         username=username,
         password=password,
         rest_secret=args.rest_secret,
+        users=args.users or 0,
         peer=args.peer,
         size=args.size,
         rates=args.rate or [],

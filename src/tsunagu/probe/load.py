@@ -58,6 +58,10 @@ class LoadSpec:
     username: str = ""
     password: str = ""
     rest_secret: str | None = None  # mint one REST credential per allocation
+    # Long-term users to spread the allocations over: allocation i is user i mod ``users``,
+    # with "{n}" in the username and password replaced by that number, so that each
+    # allocation up to ``users`` makes the server look a new user up.
+    users: int = 0
     peer: tuple[str, int] | None = None  # None: echo inside this process
     size: int = 100
     rates: list[float] = field(default_factory=list)
@@ -323,6 +327,12 @@ class LoadGenerator:
     def _credentials(self, index: int) -> tuple[str, str]:
         spec = self.spec
         if spec.rest_secret is None:
+            if spec.users:
+                number = str(index % spec.users)
+                return (
+                    spec.username.replace("{n}", number),
+                    spec.password.replace("{n}", number),
+                )
             return spec.username, spec.password
         from ..auth.rest import mint_credentials
 
