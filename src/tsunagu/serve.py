@@ -815,6 +815,19 @@ def _admin_token(config: Config) -> str:
         raise ConfigError(f"config: admin_token_file: {exc}") from None
 
 
+def _private_directory() -> str:
+    """Where the other workers answer worker 0's admin requests: only this user may enter
+    (mkdtemp makes it 0700). In $TMPDIR (short paths: a socket's is at most 107 bytes), else
+    in the state directory; empty (logged) when neither can be made."""
+    for parent in (None, str(state_dir())):
+        try:
+            return tempfile.mkdtemp(prefix="tsunagu-admin-", dir=parent)
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+    log.error("admin API: cannot make a private directory for the workers: %s", problem)
+    return ""
+
+
 def _worker_socket(directory: str, index: int) -> str:
     return os.path.join(directory, f"worker-{index}.sock")
 
@@ -852,10 +865,10 @@ async def _start_admin(
         handler = worker_handler(control)
     else:
         path = str(admin_socket_path(config))
+        # Without the private directory the other workers are reported as not answering.
         peers = [
-            Peer(index, _worker_socket(share.admin_dir, index))
+            Peer(index, _worker_socket(share.admin_dir or "/nonexistent", index))
             for index in range(1, config.workers)
-            if share.admin_dir
         ]
         endpoint = AdminEndpoint(control, peers, workers=config.workers, config_file=config_file)
         handler = endpoint.handle
@@ -974,9 +987,7 @@ async def serve(
             return 1
         if share.index == 0 and config.workers > 1:
             if not config.no_admin:
-                # Where the other workers answer worker 0's admin requests: only this
-                # user may enter (mkdtemp makes it 0700).
-                admin_dir = tempfile.mkdtemp(prefix="tsunagu-admin-")
+                admin_dir = _private_directory()
                 share = dataclasses.replace(share, admin_dir=admin_dir)
             children = await start_workers(config, share)
             if len(children) != config.workers - 1:

@@ -150,6 +150,12 @@ def status_text(answer: dict[str, Any]) -> str:
         f"relayed to peers: {_flow(relayed['to_peers'])}; to clients:"
         f" {_flow(relayed['to_client'])}; dropped {relayed['dropped']}",
     ]
+    native = answer.get("native")
+    if native:
+        lines.append(
+            f"native path: {native['relayed']} datagrams relayed from clients in C,"
+            f" {native['bindings']} Binding requests answered in C"
+        )
     database = answer.get("user_database")
     if database:
         state = "reachable" if database["reachable"] else f"unreachable ({database['last_error']})"

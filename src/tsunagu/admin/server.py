@@ -405,6 +405,13 @@ class AdminEndpoint:
             totals[4] += relayed["dropped"]
             for key in allocations:
                 allocations[key] += int(part["allocations"].get(key, 0))
+        natives = [part["native"] for part in parts if part.get("native")]
+        native = None
+        if natives:
+            native = {
+                "relayed": sum(int(n["relayed"]) for n in natives),
+                "bindings": sum(int(n["bindings"]) for n in natives),
+            }
         databases = [part["user_database"] for part in parts if part["user_database"]]
         user_database: dict[str, Any] | None = None
         if databases:
@@ -426,6 +433,7 @@ class AdminEndpoint:
             "draining": any(part["draining"] for part in parts),
             "allocations": allocations,
             "relayed": _relayed(totals),
+            "native": native,
             "user_database": user_database,
             "per_worker": parts,
         }
