@@ -256,7 +256,11 @@ class WorkerControl:
         else:
             assert user is not None
             match = self.driver.server.of_user(user)
-        return {"worker": self.worker, "ended": self.driver.end_allocations(match, "killed")}
+        ended = self.driver.end_allocations(match, "killed")
+        if ended:
+            what = f"session {session}" if session is not None else f"user {user!r}"
+            log.info("tsunagu kill %s: %d allocations ended (worker %d)", what, ended, self.worker)
+        return {"worker": self.worker, "ended": ended}
 
     def drain(self) -> dict[str, Any]:
         server = self.driver.server
@@ -271,7 +275,14 @@ class WorkerControl:
     async def reload(self) -> dict[str, Any]:
         if self.users is None:
             return {"worker": self.worker, "user_database": None}
-        return {"worker": self.worker, "user_database": await self.users.reload()}
+        done = await self.users.reload()
+        log.info(
+            "tsunagu reload: user database read again, %d cached users dropped%s (worker %d)",
+            done.get("cached_users_dropped", 0),
+            f"; {done['error']}" if done.get("error") else "",
+            self.worker,
+        )
+        return {"worker": self.worker, "user_database": done}
 
 
 def _relayed(totals: Sequence[int]) -> dict[str, Any]:
