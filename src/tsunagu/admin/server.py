@@ -315,6 +315,8 @@ async def ask_worker(peer: Peer, request: dict[str, Any], timeout: float) -> dic
             line = await reader.readline()
         finally:
             writer.close()
+    if not line:
+        raise ValueError("it closed the connection without an answer")
     answer = json.loads(line)
     if not isinstance(answer, dict) or answer.get("ok") is not True:
         error = answer.get("error") if isinstance(answer, dict) else None
