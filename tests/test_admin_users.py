@@ -92,6 +92,7 @@ def test_usage_errors(
     assert status == 2 and str(tmp_path) in err  # a directory is no database
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("kind", ["postgres", "redis"])
 def test_user_secret_and_revoke_on_postgres_and_redis_as_turnadmin_names_them(
     kind: str,

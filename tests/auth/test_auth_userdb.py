@@ -136,7 +136,11 @@ class Backend:
     server: Any = None
 
 
-@pytest.fixture(params=["sqlite", "postgres", "redis"])
+# PostgreSQL and Redis are real servers from Debian's packages: interop tests.
+SERVERS = [pytest.param(kind, marks=pytest.mark.interop) for kind in ("postgres", "redis")]
+
+
+@pytest.fixture(params=["sqlite", *SERVERS])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     kind = request.param
     if kind == "sqlite":
@@ -389,7 +393,7 @@ def test_the_configuration_picks_one_backend_and_hides_its_password(tmp_path: Pa
         assert "hunter2" not in str(caught.value)
 
 
-@pytest.mark.parametrize("kind", ["postgres", "redis"])
+@pytest.mark.parametrize("kind", SERVERS)
 async def test_a_stopped_server_fails_fast_and_is_used_again_when_back(
     kind: str, request: pytest.FixtureRequest
 ) -> None:
@@ -433,7 +437,7 @@ async def test_a_stopped_server_fails_fast_and_is_used_again_when_back(
         await wrong.close()
 
 
-@pytest.mark.parametrize("kind", ["postgres", "redis"])
+@pytest.mark.parametrize("kind", SERVERS)
 async def test_keys_of_late_serve_again_while_the_server_is_away(
     kind: str, request: pytest.FixtureRequest
 ) -> None:
@@ -474,7 +478,7 @@ async def test_keys_of_late_serve_again_while_the_server_is_away(
         await database.close()
 
 
-@pytest.mark.parametrize("kind", ["postgres", "redis"])
+@pytest.mark.parametrize("kind", SERVERS)
 async def test_a_server_that_never_answers_costs_a_call_its_timeout_and_no_more(
     kind: str,
 ) -> None:
