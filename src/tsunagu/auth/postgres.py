@@ -201,6 +201,11 @@ class PostgresUserDatabase:
                 if pool is not None:
                     pool.terminate()
                 raise self._failure(exc) from None
+            except BaseException:
+                # Cancelled (the call's time ran out): no half-made pool left connected.
+                if pool is not None:
+                    pool.terminate()
+                raise
             self._pool = pool
             return pool
 

@@ -121,7 +121,10 @@ def redis_connect_arguments(text: str) -> tuple[dict[str, Any], str, str | None]
         except ValueError as exc:
             raise DatabaseError(f"{what}: not a Redis URL ({exc})") from None
         password = unquote(url.password) if url.password else None
-        where = f"Redis {url.hostname or 'localhost'}:{port or 6379}{url.path or '/0'}"
+        if url.scheme == "unix":
+            where = f"Redis {url.path}"
+        else:
+            where = f"Redis {url.hostname or 'localhost'}:{port or 6379}{url.path or '/0'}"
         return {"url": text}, scrub(where, password), password
     pairs = parse_keyword_string(text, what)
     arguments: dict[str, Any] = {}
