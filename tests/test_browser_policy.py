@@ -1,6 +1,6 @@
 """``tsunagu policy chrome``: the Chrome/Chromium enterprise policy for a narrow UDP range.
 
-Pure: the command reads a configuration and prints. tests/e2e/test_browser_policy.py proves
+Pure: the command reads a configuration and prints. tests/e2e/test_browser_policy_lab.py proves
 the policy in Chromium behind a firewall that opens only the range.
 """
 
@@ -162,7 +162,7 @@ def test_help_explains_and_lists_only_what_it_reads(capsys: Captured) -> None:
         "default_public_and_private_interfaces",
         "WebRtcLocalIpsAllowedUrls",
         "/etc/opt/chrome/policies/managed",
-        "tests/e2e/test_browser_policy.py",
+        "tests/e2e/test_browser_policy_lab.py",
         "--browser-udp-ports",
         "--ice-transport-policy",
         "--explain",

@@ -191,8 +191,8 @@ def explanation(config: Config, ports: PortRange = DEFAULT_UDP_PORTS) -> str:
         )
     if config.ice_transport_policy == "relay":
         lines.append(
-            "  No other UDP of the browsers needs to leave: tests/e2e/test_browser_policy.py"
-            " drops it at the router, and the call connects."
+            "  No other UDP of the browsers needs to leave: with all of it dropped at the"
+            " router, calls connect through the relay."
         )
     return "\n".join(lines) + "\n"
 
@@ -232,7 +232,7 @@ templates) or the registry (HKLM\\SOFTWARE\\Policies\\Google\\Chrome, string val
 same names), on macOS a configuration profile for com.google.Chrome. Microsoft Edge takes
 WebRtcUdpPortRange as it is and the IP handling as WebRtcLocalhostIpHandling
 (AllowPublicInterfaceOnly, AllowPublicAndPrivateInterfaces). Restart the browser and check
-chrome://policy. tests/e2e/test_browser_policy.py proves it with Chromium behind a router
+chrome://policy. tests/e2e/test_browser_policy_lab.py proves it with Chromium behind a router
 that lets UDP out from the range only.
 
 Every option of 'tsunagu serve' is accepted (-c FILE and flags, see 'tsunagu serve --help'),

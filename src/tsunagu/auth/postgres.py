@@ -192,6 +192,9 @@ class PostgresUserDatabase:
                     min_size=0,
                     max_size=POOL_SIZE,
                     max_inactive_connection_lifetime=60.0,
+                    # asyncpg resets a connection's session state (locks, LISTEN, settings)
+                    # on every release, a second round trip per lookup; nothing here sets any.
+                    reset=_keep_session,
                     command_timeout=self.timeout,
                     **self._arguments,
                 )
@@ -450,3 +453,7 @@ class PostgresUserDatabase:
             except Exception:
                 # A server that is gone cannot say goodbye; drop the connections.
                 pool.terminate()
+
+
+async def _keep_session(connection: object) -> None:
+    """What the pool does to a connection given back: nothing (see ``create_pool``)."""
