@@ -496,6 +496,46 @@ class _UserDatabase:
         self.refresh.on_ranges = apply
         await self.refresh.refresh()
 
+    async def follow_realm_options(self, server: TurnServer, config: Config) -> None:
+        """Apply the realm's user-quota and total-quota from the database (coturn's
+        turn_realm_option, ``turnadmin -g``) over the configured ones, now and whenever
+        they change; 0 or no row means the configured value."""
+        said_max_bps = False
+
+        def quota(options: dict[str, str], name: str, configured: int | None) -> int | None:
+            text = options.get(name)
+            if text is None:
+                return configured
+            try:
+                value = int(text)
+            except ValueError:
+                log.warning("user database: realm option %s=%r is not a number", name, text[:32])
+                return configured
+            return value if value > 0 else configured
+
+        def apply(options: dict[str, str]) -> None:
+            nonlocal said_max_bps
+            user = quota(options, "user-quota", config.user_quota)
+            total = quota(options, "total-quota", config.total_quota)
+            server.set_quotas(user, total)
+            log.info(
+                "user database %s: realm %s quotas in force: %d allocations per user id, "
+                "%d in all (per worker)",
+                self.database.description,
+                config.realm,
+                server.quotas.user,
+                server.quotas.total,
+            )
+            if "max-bps" in options and not said_max_bps:
+                said_max_bps = True
+                log.warning(
+                    "user database %s: realm option max-bps is not enforced by this version",
+                    self.database.description,
+                )
+
+        self.refresh.on_options = apply
+        await self.refresh.refresh()
+
     def figures(self) -> dict[str, Any]:
         """What ``tsunagu status`` shows of the user database in this worker."""
         lookups = self.lookups
@@ -646,6 +686,7 @@ async def _start_turn(
     server = TurnServer(settings, store, binder, rng)
     driver = TurnDriver(server, loop, engine, worker=share.index, lookups=users.lookups)
     await users.follow_peer_ranges(server)
+    await users.follow_realm_options(server, config)
     await users.watch_revocations(store, driver, config.credential_ttl, share.index)
     driver.start_reports()
     turn = _Turn(driver, engine, users=users)

@@ -185,6 +185,20 @@ async def test_turnadmins_users_and_secrets_are_served(
     assert await opened.all_secrets(None) == [("example.org", "rest-secret")]
 
 
+async def test_turnadmins_realm_options_are_read(backend: Backend, opened: UserDatabase) -> None:
+    assert await opened.realm_options("example.org") == {}
+    turnadmin(
+        "-g", *backend.turnadmin, "-r", "example.org",
+        "--user-quota", "3", "--total-quota", "50", "--max-bps", "1000",
+    )  # fmt: skip
+    assert await opened.realm_options("example.org") == {
+        "user-quota": "3",
+        "total-quota": "50",
+        "max-bps": "1000",
+    }
+    assert await opened.realm_options("elsewhere") == {}
+
+
 async def test_what_tsunagu_writes_turnadmin_reads_on_each_backend(
     backend: Backend, opened: UserDatabase
 ) -> None:

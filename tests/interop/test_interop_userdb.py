@@ -137,3 +137,40 @@ async def test_peer_ranges_in_the_database_apply_while_the_server_runs(tmp_path:
             db.execute("INSERT INTO denied_peer_ip VALUES (?, ?)", (realm, "10.0.0.0/8"))
         assert await server.wait_for_log_async("0 allowed and 1 denied peer ranges in force", 12)
         assert await asyncio.to_thread(probe_turn, server) == "peer-denied"
+
+
+async def test_a_realm_user_quota_from_turnadmin_is_applied(tmp_path: Path) -> None:
+    """``turnadmin -g --user-quota`` on the database a running server reads: within the 5 s
+    in which the database is read again, one user id gets no more allocations than that
+    (quotas count per worker: one worker here, so that the figure is exact)."""
+    database = tmp_path / "turndb"
+    turnadmin("-a", "-b", str(database), "-u", "dana", "-r", REALM, "-p", "dana-pw")
+    with run_serve(
+        tmp_path / "serve", "-b", str(database), "-r", REALM, "--workers", "1"
+    ) as server:
+        first = await allocate_kept(server, "dana", "dana-pw")
+        second = await allocate_kept(server, "dana", "dana-pw")
+        assert first is not None and second is not None
+        turnadmin("-g", "-b", str(database), "-r", REALM, "--user-quota", "2")
+        assert await server.wait_for_log_async("2 allocations per user id", 12)
+        assert await allocate_kept(server, "dana", "dana-pw") is None
+        assert await server.wait_for_log_async("user quota", 15)
+        for transport in (first, second):
+            transport.close()
+
+
+async def allocate_kept(server: Any, username: str, password: str) -> Any:
+    """An allocation kept open (its transport), or None if refused."""
+    try:
+        transport, _ = await asyncio.wait_for(
+            aioice.turn.create_turn_endpoint(
+                Collector,
+                server_addr=(server.host, server.port),
+                username=username,
+                password=password,
+            ),
+            10,
+        )
+    except Exception:  # aioice raises its own error for an error response
+        return None
+    return transport

@@ -120,3 +120,22 @@ def test_default_limits_stop_one_address_taking_a_small_range() -> None:
     assert allocated == quotas.address
     # Another address still gets relay ports.
     assert success(rest_client(server, 200, "v", ip="198.51.100.200").allocate())
+
+
+def test_quotas_change_while_the_server_runs() -> None:
+    # A realm's user-quota and total-quota read from a user database apply to what comes
+    # next; allocations beyond a lowered quota stay.
+    server, _ = make_server(TurnSettings(address_quota=0), secrets=[SECRET])
+    assert success(rest_client(server, 1, "mallory").allocate())
+    assert success(rest_client(server, 2, "mallory").allocate())
+    server.set_quotas(1, None)
+    assert server.quotas.user == 1
+    assert error_code(rest_client(server, 3, "mallory").allocate()) == 486
+    assert success(rest_client(server, 4, "alice").allocate())
+    # The default user quota follows the total: at most half of it.
+    server.set_quotas(None, 4)
+    assert (server.quotas.total, server.quotas.user) == (4, 2)
+    assert error_code(rest_client(server, 5, "mallory").allocate()) == 486
+    assert success(rest_client(server, 6, "bob").allocate())
+    assert error_code(rest_client(server, 7, "carol").allocate()) == 508  # total: capacity
+    assert len(server.allocations) == 4

@@ -27,6 +27,7 @@ from ..turn.revocations import Revocation
 from .cache import UserKeys
 
 __all__ = [
+    "REALM_OPTIONS",
     "DatabaseError",
     "PeerRanges",
     "UserDatabase",
@@ -44,6 +45,10 @@ CALL_TIMEOUT = 2.0
 # A realm's REST secrets or peer ranges are read every few seconds, whole: beyond this many
 # the database is broken or hostile, and the read fails (what was read last stays in use).
 MAX_ROWS = 10_000
+
+
+REALM_OPTIONS = ("max-bps", "total-quota", "user-quota")
+"""coturn's per-realm options (its turn_realm_option table, ``turnadmin -g``)."""
 
 
 class DatabaseError(Exception):
@@ -98,6 +103,11 @@ class UserDatabase(Protocol):
         ...
 
     async def peer_ranges(self, realm: str) -> PeerRanges: ...
+
+    async def realm_options(self, realm: str) -> dict[str, str]:
+        """The realm's options coturn keeps (``REALM_OPTIONS``: ``turnadmin -g``), as
+        stored; the others are left out."""
+        ...
 
     async def add_user(self, realm: str, name: str, keys: UserKeys) -> None:
         """Add the user, or give an existing one new keys."""

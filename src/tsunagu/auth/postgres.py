@@ -31,6 +31,7 @@ from .cache import UserKeys
 from .database import (
     CALL_TIMEOUT,
     MAX_ROWS,
+    REALM_OPTIONS,
     DatabaseError,
     PeerRanges,
     keys_from_hex,
@@ -319,6 +320,19 @@ class PostgresUserDatabase:
         allowed = await self._values("SELECT ip_range FROM allowed_peer_ip WHERE realm = $1", realm)
         denied = await self._values("SELECT ip_range FROM denied_peer_ip WHERE realm = $1", realm)
         return PeerRanges(allowed, denied)
+
+    async def realm_options(self, realm: str) -> dict[str, str]:
+        async def read(db: Any) -> Any:
+            return await db.fetch(
+                "SELECT opt, value FROM turn_realm_option WHERE realm = $1 LIMIT 64", realm
+            )
+
+        rows = await self._run(read)
+        return {
+            str(row[0]): str(row[1])
+            for row in rows
+            if row[0] in REALM_OPTIONS and row[1] is not None
+        }
 
     async def _pairs(self, table: str, column: str, realm: str | None) -> list[tuple[str, str]]:
         async def read(db: Any) -> Any:

@@ -39,6 +39,7 @@ from .cache import UserKeys
 from .database import (
     CALL_TIMEOUT,
     MAX_ROWS,
+    REALM_OPTIONS,
     DatabaseError,
     PeerRanges,
     keys_from_hex,
@@ -273,6 +274,15 @@ class RedisUserDatabase:
         allowed = await self._members(f"turn/realm/{realm}/allowed-peer-ip")
         denied = await self._members(f"turn/realm/{realm}/denied-peer-ip")
         return PeerRanges(allowed, denied)
+
+    async def realm_options(self, realm: str) -> dict[str, str]:
+        keys = [f"turn/realm/{realm}/{option}" for option in REALM_OPTIONS]
+        values = await self._run(lambda db: db.mget(*keys))
+        found = {}
+        for option, value in zip(REALM_OPTIONS, values, strict=True):
+            if value is not None:
+                found[option] = self._text(value, f"the realm option {option}")
+        return found
 
     async def _scan(self, pattern: str) -> list[str]:
         async def walk(db: Any) -> list[bytes]:

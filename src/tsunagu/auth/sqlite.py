@@ -22,7 +22,7 @@ from typing import TypeVar
 
 from ..turn.revocations import Revocation
 from .cache import UserKeys
-from .database import MAX_ROWS, DatabaseError, PeerRanges, keys_from_hex
+from .database import MAX_ROWS, REALM_OPTIONS, DatabaseError, PeerRanges, keys_from_hex
 
 __all__ = ["SqliteUserDatabase"]
 
@@ -131,6 +131,15 @@ class SqliteUserDatabase:
                 return _bounded(db.execute(query, (realm,)).fetchall())
 
             return PeerRanges(ranges("allowed_peer_ip"), ranges("denied_peer_ip"))
+
+        return await self._run(read)
+
+    async def realm_options(self, realm: str) -> dict[str, str]:
+        def read(db: sqlite3.Connection) -> dict[str, str]:
+            rows = db.execute(
+                "SELECT opt, value FROM turn_realm_option WHERE realm = ? LIMIT 64", (realm,)
+            ).fetchall()
+            return {str(o): str(v) for o, v in rows if o in REALM_OPTIONS and v is not None}
 
         return await self._run(read)
 

@@ -240,9 +240,10 @@ class _Periodic:
 
 class SecretsRefresh(_Periodic):
     """Reads the realm's REST secrets from ``database`` into ``store`` every ``interval``,
-    and its allowed and denied peer ranges, handed to ``on_ranges`` when they change."""
+    and its allowed and denied peer ranges and its options (coturn's turn_realm_option),
+    handed to ``on_ranges`` and ``on_options`` when they change."""
 
-    what = "REST secrets and peer ranges"
+    what = "REST secrets, peer ranges and realm options"
 
     def __init__(
         self,
@@ -252,11 +253,14 @@ class SecretsRefresh(_Periodic):
         interval: float = 5.0,
         timeout: float = 2.0,
         on_ranges: Callable[[PeerRanges], None] | None = None,
+        on_options: Callable[[dict[str, str]], None] | None = None,
     ) -> None:
         super().__init__(database, interval=interval, timeout=timeout)
         self.store = store
         self.on_ranges = on_ranges
         self.ranges = PeerRanges()
+        self.on_options = on_options
+        self.options: dict[str, str] = {}
 
     async def read(self) -> None:
         self.store.database_secrets = await self.database.secrets(self.store.realm)
@@ -265,6 +269,11 @@ class SecretsRefresh(_Periodic):
             if ranges != self.ranges:
                 self.ranges = ranges
                 self.on_ranges(ranges)
+        if self.on_options is not None:
+            options = await self.database.realm_options(self.store.realm)
+            if options != self.options:
+                self.options = options
+                self.on_options(options)
 
     def meanwhile(self) -> str:
         return f"the {len(self.store.database_secrets)} read last stay in use"

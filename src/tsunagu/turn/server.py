@@ -286,6 +286,20 @@ class TurnServer:
             self._end(allocation, "shutdown", now)
         self._ports.release_reservations()
 
+    def set_quotas(self, user: int | None, total: int | None) -> None:
+        """Limit allocations per user id and in all to ``user`` and ``total`` from now on
+        (None: the default; a realm's options read from a user database). Allocations
+        beyond a lowered quota stay until they end."""
+        settings = self.settings
+        self.quotas = resolve_quotas(
+            user,
+            settings.address_quota,
+            total,
+            min_port=settings.min_port,
+            max_port=settings.max_port,
+            share=settings.port_share,
+        )
+
     def set_peer_policy(self, policy: PeerPolicy) -> None:
         """Decide peers by ``policy`` from now on (ranges read again from a user database);
         permissions already granted stay until they expire."""
