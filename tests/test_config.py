@@ -102,6 +102,9 @@ CONTRACT_FIELDS = [
     "no_admin",
     "admin_port",
     "admin_token_file",
+    "prometheus_port",
+    "prometheus_ip",
+    "metrics_per_user",
 ]
 
 
@@ -315,6 +318,9 @@ EVERY_FIELD: list[tuple[str, str, list[str], Any]] = [
         ["--admin-token-file", "/etc/tsunagu/admin.token"],
         "/etc/tsunagu/admin.token",
     ),
+    ("prometheus_port", "9641", ["--prometheus-port", "9641"], 9641),
+    ("prometheus_ip", '"::1"', ["--prometheus-ip", "::1"], "::1"),
+    ("metrics_per_user", "true", ["--metrics-per-user"], True),
 ]
 
 

@@ -902,6 +902,24 @@ class Config:
         " 32 characters; keep it readable by the server's user only",
         metavar="FILE",
     )
+    prometheus_port: int = _opt(
+        0,
+        _check_int(0, 65535, " (0 = off)"),
+        "also serve /metrics (Prometheus text format), /healthz and /readyz on this port of"
+        " prometheus_ip (0: off; the web port serves them too)",
+    )
+    prometheus_ip: str = _opt(
+        "127.0.0.1",
+        _check_ip(wildcard=True),
+        "address of the prometheus_port listener (loopback by default)",
+        metavar="IP",
+    )
+    metrics_per_user: bool = _opt(
+        False,
+        _check_bool,
+        "label relayed traffic and allocations by user id in /metrics (the busiest users,"
+        " the rest as other); off: no user names in the metrics",
+    )
 
     @property
     def alternate_port(self) -> int:

@@ -945,6 +945,69 @@ async def _start_admin(
     return started_servers
 
 
+async def _start_metrics(
+    config: Config, share: WorkerShare, turn: _Turn | None
+) -> tuple[Any, list[Any]]:
+    """Worker 0's ``/metrics``, ``/healthz`` and ``/readyz`` (admin/metrics.py): the
+    exporter, which the web app serves too, and the ``prometheus_port`` listener if one is
+    configured. A scrape asks every other worker over its private admin socket, as
+    ``tsunagu status`` does. Other workers: (None, [])."""
+    if share.index > 0:
+        return None, []
+    from .admin.metrics import Exporter, MetricsHttp
+    from .admin.server import AdminEndpoint, Peer, WorkerControl
+
+    gather = None
+    if turn is not None:
+        running = turn
+        control = WorkerControl(
+            running.driver,
+            running.users,
+            started=time.time(),
+            native=lambda: _native_counters(running),
+        )
+        # Without the private directory (no_admin) the others show as not answering.
+        peers = [
+            Peer(index, _worker_socket(share.admin_dir or "/nonexistent", index))
+            for index in range(1, config.workers)
+        ]
+        endpoint = AdminEndpoint(control, peers, workers=config.workers)
+
+        async def gather() -> tuple[list[dict[str, Any]], list[int]]:
+            return await endpoint.metrics(per_user=config.metrics_per_user)
+
+    def not_ready() -> list[str]:
+        reasons = []
+        if turn is not None:
+            if turn.driver.server.draining:
+                reasons.append("draining")
+            users = turn.users
+            if users is not None and users.kind != "sqlite" and not users.figures()["reachable"]:
+                reasons.append(f"{users.kind} user database unreachable")
+        return reasons
+
+    exporter = Exporter(gather, not_ready)
+    servers: list[Any] = []
+    if config.prometheus_port:
+        http = MetricsHttp(exporter, config.prometheus_ip, config.prometheus_port)
+        try:
+            await http.start()
+        except OSError as exc:
+            log.error(
+                "metrics: cannot listen on %s port %d: %s",
+                _bracket(config.prometheus_ip),
+                config.prometheus_port,
+                exc.strerror or exc,
+            )
+        else:
+            servers.append(http)
+            _say(
+                f"tsunagu: metrics on http://{_bracket(config.prometheus_ip)}:"
+                f"{config.prometheus_port}/metrics (and /healthz, /readyz)"
+            )
+    return exporter, servers
+
+
 async def _drain(turn: _Turn, timeout: float) -> None:
     """Refuse new allocations, let the others end for up to ``timeout`` seconds, end the rest."""
     driver = turn.driver
@@ -1041,12 +1104,24 @@ async def serve(
         _say_turn(config, listening, turn, ssl_context, material, turn_secret)
         admin = await _start_admin(config, share, turn, started, config_file, admin_token)
 
+    exporter, metrics_servers = await _start_metrics(config, share, turn)
     runner: Any = None
     if not config.no_web:
         from .signaling.server import revoke_user, run_web
 
         web_ssl = ssl_context if config.cert is not None else None
-        runner = await run_web(config, None if config.no_turn else turn_secret, web_ssl)
+        from .admin.metrics import routes
+        from .signaling.server import hub_figures
+
+        runner = await run_web(
+            config,
+            None if config.no_turn else turn_secret,
+            web_ssl,
+            extra_routes=None if exporter is None else routes(exporter),
+        )
+        if exporter is not None:
+            signaling = runner
+            exporter.hub = lambda: hub_figures(signaling)
         if turn is not None and turn.users is not None:
             web = runner
             turn.users.on_user_revoked = lambda user: revoke_user(web, user)
@@ -1086,6 +1161,8 @@ async def serve(
         loop.add_reader(0, on_stdin)
     _say(READY_LINE)
     await stop.wait()
+    if exporter is not None:
+        exporter.stopping = True  # /readyz: 503 from now on, while the drain runs
 
     if turn is not None:
         for item in turn.servers:
@@ -1101,6 +1178,8 @@ async def serve(
         if turn.users is not None:
             await turn.users.close()
     for item in admin:
+        await item.close()
+    for item in metrics_servers:
         await item.close()
     deadline = time.monotonic() + 5.0
     for child in children:

@@ -40,6 +40,7 @@ from .. import __version__
 from ..transport.driver import TurnDriver
 from ..turn.allocation import Allocation
 from ..turn.server import Session
+from .metrics import worker_figures
 
 __all__ = [
     "COMMANDS",
@@ -59,7 +60,7 @@ __all__ = [
 
 log = logging.getLogger("tsunagu")
 
-COMMANDS = ("status", "sessions", "kill", "drain", "reload")
+COMMANDS = ("status", "sessions", "kill", "drain", "reload", "metrics")
 MAX_REQUEST = 64 * 1024
 """Bytes of one request line; a longer one gets an error."""
 READ_TIMEOUT = 5.0
@@ -78,6 +79,7 @@ _FIELDS = {
     "kill": frozenset({"session", "user"}),
     "drain": frozenset(),
     "reload": frozenset(),
+    "metrics": frozenset({"per_user"}),
 }
 # What only a restart changes: named in reload's answer until a full reload exists.
 RESTART_NEEDED = (
@@ -123,6 +125,11 @@ def parse_request(line: bytes) -> dict[str, Any]:
         if not isinstance(session, str) or not _SESSION.fullmatch(session):
             raise RequestError("'session' must be a session id such as 1-42 (tsunagu sessions)")
         request["session"] = session
+    per_user = document.get("per_user")
+    if per_user is not None:
+        if not isinstance(per_user, bool):
+            raise RequestError("'per_user' must be true or false")
+        request["per_user"] = per_user
     if command == "kill" and ("user" in request) == ("session" in request):
         raise RequestError("kill takes either 'session' or 'user'")
     return request
@@ -206,6 +213,8 @@ class WorkerControl:
             return self.kill(request.get("session"), request.get("user"))
         if command == "drain":
             return self.drain()
+        if command == "metrics":
+            return self.metrics(per_user=bool(request.get("per_user")))
         return await self.reload()
 
     def status(self) -> dict[str, Any]:
@@ -231,6 +240,11 @@ class WorkerControl:
             "native": self.native(),
             "user_database": None if self.users is None else self.users.figures(),
         }
+
+    def metrics(self, *, per_user: bool = False) -> dict[str, Any]:
+        """This worker's figures for a Prometheus scrape (:mod:`.metrics`); with
+        ``per_user``, its busiest users too."""
+        return worker_figures(self.driver, self.users, self.native(), per_user=per_user)
 
     def sessions(self, user: str | None) -> dict[str, Any]:
         driver = self.driver
@@ -359,6 +373,8 @@ class AdminEndpoint:
                 "ended": sum(int(part["ended"]) for part in parts),
                 "per_worker": [{"worker": p["worker"], "ended": p["ended"]} for p in parts],
             }
+        elif command == "metrics":
+            merged = {"per_worker": parts}
         elif command == "drain":
             merged = {
                 "draining": True,
@@ -378,6 +394,11 @@ class AdminEndpoint:
                 },
             }
         return {"ok": True, "command": command, **merged, "not_answering": missing}
+
+    async def metrics(self, *, per_user: bool = False) -> tuple[list[dict[str, Any]], list[int]]:
+        """Every answering worker's figures for a scrape, and the index of every worker."""
+        parts, _ = await self._gather({"command": "metrics", "per_user": per_user})
+        return parts, [self.local.worker, *(peer.index for peer in self.peers)]
 
     async def _gather(
         self, request: dict[str, Any]

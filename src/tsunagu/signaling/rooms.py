@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -240,6 +240,14 @@ class Hub:
         self._rooms: dict[str, _Room] = {}
         self._conns: dict[int, _Conn] = {}
         self._peers: dict[str, _Peer] = {}
+        # Plain counts since start, read by the metrics exporter.
+        self.messages = 0
+        """Frames received from connections."""
+        self.joined = 0
+        """Joins admitted (resumed seats included)."""
+        self.refused: Counter[str] = Counter()
+        """``error`` answers sent, by code (refused joins, malformed and rate-limited
+        messages)."""
 
     # --- introspection (for tests, metrics and the admin side) -----------------------------
 
@@ -262,6 +270,11 @@ class Hub:
     @property
     def connection_count(self) -> int:
         return len(self._conns)
+
+    @property
+    def people_count(self) -> int:
+        """People holding a seat in a room (those briefly away included)."""
+        return len(self._peers)
 
     # --- events ----------------------------------------------------------------------------
 
@@ -307,6 +320,7 @@ class Hub:
         if c is None or c.closed:
             return []
         c.last_frame = now
+        self.messages += 1
         if not c.bucket.take(now):
             return self._refuse(
                 c,
@@ -383,6 +397,7 @@ class Hub:
     # --- internals -------------------------------------------------------------------------
 
     def _refuse(self, c: _Conn, exc: MessageError, now: float) -> list[Action]:
+        self.refused[str(exc.code)] += 1
         actions: list[Action] = [
             Send(c.id, m.error(exc.code, exc.message, ref=exc.ref, field=exc.field))
         ]
@@ -692,6 +707,7 @@ class Hub:
     def _joined(
         self, c: _Conn, peer: _Peer, room: _Room, now: float, *, resumed: bool
     ) -> dict[str, Any]:
+        self.joined += 1
         return m.joined(
             room=room.name,
             peer_id=peer.id,

@@ -30,7 +30,7 @@ import resource
 import secrets
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -53,7 +53,7 @@ from tsunagu.signaling.ice import choose_host, ice_config, mint
 from tsunagu.signaling.rooms import Action, Close, Hub, IceIssuer, Limits, Send
 from tsunagu.signaling.tokens import JoinTokens
 
-__all__ = ["create_app", "revoke_user", "run_web", "STATIC_DIR"]
+__all__ = ["create_app", "hub_figures", "revoke_user", "run_web", "STATIC_DIR"]
 
 log = logging.getLogger("tsunagu.signaling")
 audit = logging.getLogger("tsunagu.audit")
@@ -186,6 +186,11 @@ class _State:
 STATE: Final = web.AppKey("tsunagu_signaling", _State)
 
 
+_OWN_PATHS = frozenset({"/", "/ws", "/api/turn-credentials", "/healthz", "/api/info", "/test"})
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+"""An aiohttp GET handler (``extra_routes``)."""
+
+
 def create_app(
     config: Config,
     *,
@@ -195,6 +200,7 @@ def create_app(
     resume_grace: float = 5.0,
     limits: Limits | None = None,
     websockets: Caps | None = None,
+    extra_routes: Mapping[str, Handler] | None = None,
 ) -> web.Application:
     """The page, the signaling WebSocket and the TURN REST endpoint.
 
@@ -202,7 +208,9 @@ def create_app(
     page gets no TURN servers. A peer whose connection dies silently is noticed after at most
     ``1.5 * heartbeat`` seconds and announced as left ``resume_grace`` seconds later unless it
     reconnects first. ``limits`` tunes rate limits and the like (capacity comes from config);
-    ``websockets`` bounds the WebSockets in total and per address.
+    ``websockets`` bounds the WebSockets in total and per address. ``extra_routes`` are
+    more GET paths and their handlers (``/metrics``, ``/readyz``); a path the app serves
+    already keeps its own handler.
     """
     limits = dataclasses.replace(
         limits or Limits(), capacity=config.room_capacity, resume_grace=resume_grace
@@ -231,7 +239,26 @@ def create_app(
     app.router.add_get("/api/info", _info)
     app.router.add_get("/test", _test_page)
     app.router.add_static("/static/", STATIC_DIR, follow_symlinks=False)
+    for path, handler in (extra_routes or {}).items():
+        if path not in _OWN_PATHS:
+            app.router.add_get(path, handler)
     return app
+
+
+def hub_figures(runner: web.AppRunner) -> dict[str, Any]:
+    """The signaling hub's counts for the metrics: plain numbers, no names."""
+    hub = runner.app[STATE].hub
+    refused = dict(hub.refused)
+    for cause, count in hub.refusals.total.items():
+        refused[cause] = refused.get(cause, 0) + count
+    return {
+        "rooms": len(hub.room_names()),
+        "people": hub.people_count,
+        "connections": hub.connection_count,
+        "messages": hub.messages,
+        "joins": hub.joined,
+        "refused": refused,
+    }
 
 
 def room_access(config: Config) -> Access:
@@ -254,7 +281,10 @@ def revoke_user(runner: web.AppRunner, user_id: str) -> None:
 
 
 async def run_web(
-    config: Config, turn_secret: str | None, ssl_context: ssl.SSLContext | None
+    config: Config,
+    turn_secret: str | None,
+    ssl_context: ssl.SSLContext | None,
+    extra_routes: Mapping[str, Handler] | None = None,
 ) -> web.AppRunner:
     """Start serving on ``config.web_ip:config.web_port`` and return the runner to clean up.
 
@@ -268,7 +298,7 @@ async def run_web(
         open_files = 1 << 20
     budget = web_connection_budget(open_files)
     sockets = Caps.fair(min(_MAX_WEBSOCKETS, budget // 2), _WEBSOCKETS_PER_ADDRESS)
-    app = create_app(config, turn_secret=turn_secret, websockets=sockets)
+    app = create_app(config, turn_secret=turn_secret, websockets=sockets, extra_routes=extra_routes)
     runner = web.AppRunner(
         app,
         access_log=(

@@ -32,7 +32,7 @@ from .listeners import ClientSide, StreamConnection, UdpListener
 from .lookups import KeyLookups
 from .relay import RelayEndpointLike
 
-__all__ = ["TurnDriver"]
+__all__ = ["TurnDriver", "family_label"]
 
 log = logging.getLogger("tsunagu")
 audit = logging.getLogger("tsunagu.audit")
@@ -87,6 +87,10 @@ class TurnDriver:
         """What the allocations that ended relayed, summed: packets and bytes to the peers,
         packets and bytes to the clients, drops (``tsunagu status``)."""
         self.ended_count = 0
+        self.created: dict[tuple[str, str], int] = {}
+        """Allocations created, by transport and relayed address family (metrics)."""
+        self.ended_by_transport: dict[str, list[int]] = {}
+        """``ended_counters`` by the client's transport (metrics)."""
 
     def session_id(self, number: int) -> str:
         """The id operators name an allocation by: unique across the workers of a server."""
@@ -225,6 +229,8 @@ class TurnDriver:
             json.dumps(record, separators=(",", ":")),
             extra=structured(record, "allocation created"),
         )
+        key = (allocation.five_tuple.protocol, family_label(allocation))
+        self.created[key] = self.created.get(key, 0) + 1
 
     def _ended(self, event: AllocationEnded) -> None:
         allocation = event.allocation
@@ -239,6 +245,15 @@ class TurnDriver:
         totals[3] += allocation.bytes_to_client
         totals[4] += allocation.dropped
         self.ended_count += 1
+        protocol = allocation.five_tuple.protocol
+        mine = self.ended_by_transport.get(protocol)
+        if mine is None:
+            mine = self.ended_by_transport[protocol] = [0, 0, 0, 0, 0]
+        mine[0] += allocation.packets_to_peers
+        mine[1] += allocation.bytes_to_peers
+        mine[2] += allocation.packets_to_client
+        mine[3] += allocation.bytes_to_client
+        mine[4] += allocation.dropped
         duration = round(event.ended_at - allocation.created, 3)
         record = {
             "event": "allocation-ended",
@@ -284,6 +299,11 @@ class TurnDriver:
             self._report.cancel()
             self._report = None
         self.report_refusals()
+
+
+def family_label(allocation: Allocation) -> str:
+    """The relayed address families of ``allocation``: ipv4, ipv6 or ipv4+ipv6."""
+    return "+".join(f"ipv{version}" for version in sorted(allocation.relayed_addresses))
 
 
 def _hand_to_relays(allocation: Allocation) -> None:

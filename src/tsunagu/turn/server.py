@@ -231,6 +231,8 @@ class TurnServer:
         """Responses sent by code (200 for success)."""
         self.lookups = 0
         """Requests that waited for a key lookup (:class:`KeyLookup`)."""
+        self.bindings = 0
+        """Binding requests handled here (the native path counts those it answers itself)."""
         self._handlers: dict[int, Callable[[Message, FiveTuple, Authenticated, float], bytes]] = {
             Method.ALLOCATE: self._allocate,
             Method.REFRESH: self._refresh,
@@ -424,6 +426,7 @@ class TurnServer:
             if unknown:
                 raise UnknownAttribute(attributes=[UnknownAttributes(unknown)])
             if message.method == Method.BINDING:
+                self.bindings += 1
                 return None if self.settings.no_stun else self._binding(message, five_tuple, now)
             handler = self._handlers.get(message.method)
             if handler is None:
