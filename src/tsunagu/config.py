@@ -514,6 +514,8 @@ def _opt(
 _PORT = _check_int(1, 65535)
 _POSITIVE = _check_int(1)
 _QUOTA = _check_int(0, note=" (0 = unlimited)")
+# The highest rate turn/bandwidth.py's 64-bit arithmetic allows (MAX_BPS, about 34 Gbit/s).
+_BPS = _check_int(0, 0xFFFF_FFFF, note=" (0 = unlimited)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -707,6 +709,28 @@ class Config:
         "allocations in total, per worker (default: the worker's share of the relay ports,"
         " less 2%%)",
         metavar="N",
+    )
+    # Bytes per second, as coturn's options of these names; turn/bandwidth.py meters them.
+    max_bps: int = _opt(
+        0,
+        _BPS,
+        "bytes per second each allocation may relay in each direction, as coturn's max-bps"
+        " (bytes, not bits; burst: one second's worth; 0 = unlimited)",
+        metavar="BYTES",
+    )
+    user_max_bps: int = _opt(
+        0,
+        _BPS,
+        "bytes per second all allocations of one user id may relay together in each"
+        " direction, per worker (0 = unlimited)",
+        metavar="BYTES",
+    )
+    bps_capacity: int = _opt(
+        0,
+        _BPS,
+        "bytes per second the whole server may relay in each direction, as coturn's"
+        " bps-capacity; each worker meters its share, N / workers (0 = unlimited)",
+        metavar="BYTES",
     )
     max_allocate_lifetime: int = _opt(3600, _POSITIVE, "longest allocation lifetime, seconds")
     channel_lifetime: int = _opt(600, _POSITIVE, "channel binding lifetime, seconds")

@@ -170,6 +170,9 @@ def settings_from_config(
         user_quota=config.user_quota,
         address_quota=config.address_quota,
         total_quota=config.total_quota,
+        max_bps=config.max_bps,
+        user_max_bps=config.user_max_bps,
+        bps_capacity=worker_share(config.bps_capacity, config.workers),
         software="tsunagu" if config.software_attribute else None,
         rfc3489_compat=config.stun_backward_compatibility,
         nat_discovery=nat_discovery(config),
@@ -497,10 +500,10 @@ class _UserDatabase:
         await self.refresh.refresh()
 
     async def follow_realm_options(self, server: TurnServer, config: Config) -> None:
-        """Apply the realm's user-quota and total-quota from the database (coturn's
-        turn_realm_option, ``turnadmin -g``) over the configured ones, now and whenever
-        they change; 0 or no row means the configured value."""
-        said_max_bps = False
+        """Apply the realm's user-quota, total-quota and max-bps from the database
+        (coturn's turn_realm_option, ``turnadmin -g``) over the configured ones, now and
+        whenever they change; 0 or no row means the configured value. A new max-bps
+        applies to allocations made from then on."""
 
         def quota(options: dict[str, str], name: str, configured: int | None) -> int | None:
             text = options.get(name)
@@ -514,7 +517,6 @@ class _UserDatabase:
             return value if value > 0 else configured
 
         def apply(options: dict[str, str]) -> None:
-            nonlocal said_max_bps
             user = quota(options, "user-quota", config.user_quota)
             total = quota(options, "total-quota", config.total_quota)
             server.set_quotas(user, total)
@@ -526,11 +528,14 @@ class _UserDatabase:
                 server.quotas.user,
                 server.quotas.total,
             )
-            if "max-bps" in options and not said_max_bps:
-                said_max_bps = True
-                log.warning(
-                    "user database %s: realm option max-bps is not enforced by this version",
+            max_bps = quota(options, "max-bps", config.max_bps) or 0
+            if max_bps != server.max_bps:
+                server.set_max_bps(max_bps)
+                log.info(
+                    "user database %s: realm %s: %s bytes per second per allocation each way",
                     self.database.description,
+                    config.realm,
+                    server.max_bps or "unlimited",
                 )
 
         self.refresh.on_options = apply

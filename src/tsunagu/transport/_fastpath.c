@@ -37,6 +37,12 @@
  * the cache rather than growing it. */
 #define CACHE_LIMIT 65536
 #define COOKIE 0x2112A442u
+/* Bandwidth limits (turn/bandwidth.py): nanoseconds per second, the longest refill (the
+ * burst time, one second), and at most this many buckets per direction (the allocation's,
+ * its user's, the worker's). */
+#define NS 1000000000LL
+#define MAX_ELAPSED NS
+#define MAX_BUCKETS 4
 
 static unsigned char *pool;
 static struct mmsghdr rmsgs[BATCH];
@@ -51,6 +57,7 @@ static int busy;
 static PyObject *peer_cache;   /* raw peer address -> (ip, port) */
 static PyObject *client_cache; /* raw client address -> (ip, port) or (ip, port, flow, scope) */
 static PyObject *s_permissions, *s_peer_channels, *s_channels, *s_relays;
+static PyObject *s_limits, *s_to_peers, *s_to_client, *s_drops, *s_bandwidth;
 static PyObject *v4_key, *v6_key;
 
 static PyTypeObject RelayType;
@@ -69,6 +76,54 @@ static inline void put32(unsigned char *p, uint32_t v)
     p[1] = (unsigned char)(v >> 16);
     p[2] = (unsigned char)(v >> 8);
     p[3] = (unsigned char)v;
+}
+
+/* ------------------------------------------------------------------ bandwidth */
+
+/* turn/bandwidth.py's admit() to the letter: each bucket is int64 [tokens, stamp, rate,
+ * capacity], tokens in bytes x 10^9, the stamp in CLOCK_MONOTONIC nanoseconds (Python's
+ * time.monotonic_ns). 1 when ``size`` bytes may pass at ``now`` (and every bucket paid). */
+static int admit_buckets(int64_t *const *buckets, int count, int64_t now, int64_t size)
+{
+    int64_t cost = size * NS;
+    for (int i = 0; i < count; i++) {
+        int64_t *bucket = buckets[i];
+        int64_t elapsed = now - bucket[1];
+        if (elapsed > 0) {
+            if (elapsed > MAX_ELAPSED)
+                elapsed = MAX_ELAPSED;
+            int64_t tokens = bucket[0] + elapsed * bucket[2];
+            bucket[0] = tokens < bucket[3] ? tokens : bucket[3];
+            bucket[1] = now;
+        }
+        if (bucket[0] < cost)
+            return 0;
+    }
+    for (int i = 0; i < count; i++)
+        buckets[i][0] -= cost;
+    return 1;
+}
+
+static inline int64_t monotonic_ns(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (int64_t)now.tv_sec * NS + (int64_t)now.tv_nsec;
+}
+
+/* Exports a bucket's memory for as long as the view is held (the array cannot be resized
+ * meanwhile), -1 with an exception when it is not a bucket. */
+static int bucket_view(PyObject *bucket, Py_buffer *view)
+{
+    if (PyObject_GetBuffer(bucket, view, PyBUF_WRITABLE | PyBUF_FORMAT) < 0)
+        return -1;
+    if (view->itemsize != 8 || view->len != 4 * 8 || view->format == NULL ||
+        strcmp(view->format, "q") != 0) {
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_TypeError, "a bucket is an array('q') of 4 integers");
+        return -1;
+    }
+    return 0;
 }
 
 /* ------------------------------------------------------------------ addresses */
@@ -272,6 +327,13 @@ typedef struct {
     unsigned long long packets_to_peers, bytes_to_peers;
     unsigned long long packets_to_client, bytes_to_client;
     unsigned long long dropped;
+    /* The allocation's bandwidth buckets, by direction; none without limits. Their arrays
+     * stay exported (views) while the allocation is attached. */
+    int n_up, n_down, n_views;
+    int64_t *up[MAX_BUCKETS], *down[MAX_BUCKETS];
+    Py_buffer views[2 * MAX_BUCKETS];
+    PyObject *drops; /* the core's drop counter, for the cause "bandwidth" */
+    unsigned long long bandwidth_dropped;
 } Relay;
 
 static int Relay_init(Relay *self, PyObject *args, PyObject *kwargs)
@@ -301,11 +363,88 @@ static int Relay_traverse(Relay *self, visitproc visit, void *arg)
     Py_VISIT(self->last_from_tuple);
     Py_VISIT(self->last_to_tuple);
     Py_VISIT(self->to_client);
+    Py_VISIT(self->drops);
     return 0;
+}
+
+static void forget_limits(Relay *self)
+{
+    self->n_up = self->n_down = 0;
+    for (int i = 0; i < self->n_views; i++)
+        PyBuffer_Release(&self->views[i]);
+    self->n_views = 0;
+    Py_CLEAR(self->drops);
+}
+
+/* Takes the buckets of ``allocation.limits`` (a bandwidth.Limits, or None). */
+static int load_limits(Relay *self, PyObject *allocation)
+{
+    PyObject *limits = PyObject_GetAttr(allocation, s_limits);
+    if (limits == NULL)
+        return -1;
+    if (limits == Py_None) {
+        Py_DECREF(limits);
+        return 0;
+    }
+    PyObject *sides[2] = {PyObject_GetAttr(limits, s_to_peers), NULL};
+    sides[1] = sides[0] ? PyObject_GetAttr(limits, s_to_client) : NULL;
+    PyObject *drops = sides[1] ? PyObject_GetAttr(limits, s_drops) : NULL;
+    Py_DECREF(limits);
+    int result = -1;
+    if (drops == NULL)
+        goto done;
+    if (!PyDict_Check(drops)) {
+        PyErr_SetString(PyExc_TypeError, "limits.drops must be a dict");
+        goto done;
+    }
+    for (int side = 0; side < 2; side++) {
+        PyObject *buckets = sides[side];
+        if (!PyTuple_Check(buckets) || PyTuple_GET_SIZE(buckets) > MAX_BUCKETS) {
+            PyErr_SetString(PyExc_TypeError, "limits hold a tuple of at most 4 buckets each way");
+            goto done;
+        }
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(buckets); i++) {
+            Py_buffer *view = &self->views[self->n_views];
+            if (bucket_view(PyTuple_GET_ITEM(buckets, i), view) < 0)
+                goto done;
+            self->n_views++;
+            if (side == 0)
+                self->up[self->n_up++] = view->buf;
+            else
+                self->down[self->n_down++] = view->buf;
+        }
+    }
+    Py_INCREF(drops);
+    self->drops = drops;
+    result = 0;
+done:
+    if (result < 0)
+        forget_limits(self);
+    Py_XDECREF(sides[0]);
+    Py_XDECREF(sides[1]);
+    Py_XDECREF(drops);
+    return result;
+}
+
+/* A packet a bandwidth limit refused: counted here, and by cause in the core's counter. */
+static void bandwidth_drop(Relay *self)
+{
+    self->dropped++;
+    self->bandwidth_dropped++;
+    PyObject *drops = self->drops;
+    if (drops == NULL)
+        return;
+    PyObject *old = PyDict_GetItemWithError(drops, s_bandwidth);
+    long long count = old != NULL ? PyLong_AsLongLong(old) : 0;
+    PyObject *new = count >= 0 ? PyLong_FromLongLong(count + 1) : NULL;
+    if (new == NULL || PyDict_SetItem(drops, s_bandwidth, new) < 0)
+        PyErr_Clear(); /* a count lost is not worth failing a packet for */
+    Py_XDECREF(new);
 }
 
 static void forget_allocation(Relay *self)
 {
+    forget_limits(self);
     Py_CLEAR(self->allocation);
     Py_CLEAR(self->permissions);
     Py_CLEAR(self->peer_channels);
@@ -343,6 +482,11 @@ static int Relay_set_allocation(Relay *self, PyObject *value, void *closure)
         return -1;
     }
     forget_allocation(self);
+    if (load_limits(self, value) < 0) {
+        Py_DECREF(permissions);
+        Py_DECREF(peer_channels);
+        return -1;
+    }
     Py_INCREF(value);
     self->allocation = value;
     self->permissions = permissions;
@@ -565,6 +709,12 @@ static PyObject *Relay_readable(Relay *self, PyObject *unused)
             self->dropped++;
             continue;
         }
+        /* A paused stream client's packets are dropped below without paying, as in Python. */
+        if (self->n_down && !self->paused &&
+            !admit_buckets(self->down, self->n_down, (int64_t)now_ns, (int64_t)size)) {
+            bandwidth_drop(self);
+            continue;
+        }
         size_t total;
         unsigned char *start = wrap_for_client(self, data, size, &rnames[i], channel, &total);
         if (start == NULL) {
@@ -640,6 +790,8 @@ static PyMemberDef Relay_members[] = {
     {"packets_to_client", T_ULONGLONG, offsetof(Relay, packets_to_client), READONLY, NULL},
     {"bytes_to_client", T_ULONGLONG, offsetof(Relay, bytes_to_client), READONLY, NULL},
     {"dropped", T_ULONGLONG, offsetof(Relay, dropped), READONLY, NULL},
+    {"bandwidth_dropped", T_ULONGLONG, offsetof(Relay, bandwidth_dropped), READONLY,
+     "of dropped, those a bandwidth limit refused"},
     {NULL},
 };
 
@@ -733,7 +885,8 @@ static int relay_channel_data(PyObject *allocation, const unsigned char *data, s
         goto done;
     Relay *relay = (Relay *)PyTuple_GET_ITEM(entry, 0);
     PyObject *peer = PyTuple_GET_ITEM(entry, 1);
-    if (!PyTuple_Check(peer) || PyTuple_GET_SIZE(peer) < 2)
+    /* A relay not yet handed its allocation has not got its limits either: Python decides. */
+    if (!PyTuple_Check(peer) || PyTuple_GET_SIZE(peer) < 2 || relay->allocation != allocation)
         goto done;
     if ((permissions = PyObject_GetAttr(allocation, s_permissions)) == NULL)
         goto error;
@@ -742,6 +895,12 @@ static int relay_channel_data(PyObject *allocation, const unsigned char *data, s
         goto error;
     if (allowed == 0)
         goto done;
+    if (relay->n_up &&
+        !admit_buckets(relay->up, relay->n_up, monotonic_ns(), (int64_t)length)) {
+        bandwidth_drop(relay);
+        result = 1;
+        goto done;
+    }
     if (peer != relay->last_to_tuple) {
         if (parse_address(peer, &relay->last_to, &relay->last_to_length) < 0) {
             PyErr_Clear();
@@ -842,7 +1001,7 @@ static int relay_send_indication(PyObject *allocation, const unsigned char *data
             goto error;
         goto done;
     }
-    if (!PyObject_TypeCheck(relay, &RelayType))
+    if (!PyObject_TypeCheck(relay, &RelayType) || ((Relay *)relay)->allocation != allocation)
         goto done;
     if ((permissions = PyObject_GetAttr(allocation, s_permissions)) == NULL ||
         (ip = PyUnicode_FromString(text)) == NULL)
@@ -853,6 +1012,11 @@ static int relay_send_indication(PyObject *allocation, const unsigned char *data
     if (allowed == 0)
         goto done;
     Relay *r = (Relay *)relay;
+    if (r->n_up && !admit_buckets(r->up, r->n_up, monotonic_ns(), (int64_t)payload_length)) {
+        bandwidth_drop(r);
+        result = 1;
+        goto done;
+    }
     if (sendto(r->fd, payload, payload_length, 0, (struct sockaddr *)&to, to_length) < 0) {
         r->dropped++;
     } else {
@@ -1282,11 +1446,46 @@ static PyTypeObject StreamType = {
 
 /* ------------------------------------------------------------------ module */
 
+/* admit(buckets, now, size): the C arithmetic on Python's buckets, for the parity tests. */
+static PyObject *module_admit(PyObject *module, PyObject *args)
+{
+    PyObject *buckets;
+    long long now, size;
+    if (!PyArg_ParseTuple(args, "O!LL", &PyTuple_Type, &buckets, &now, &size))
+        return NULL;
+    Py_ssize_t count = PyTuple_GET_SIZE(buckets);
+    if (count > MAX_BUCKETS) {
+        PyErr_SetString(PyExc_ValueError, "at most 4 buckets");
+        return NULL;
+    }
+    Py_buffer views[MAX_BUCKETS];
+    int64_t *pointers[MAX_BUCKETS] = {NULL};
+    Py_ssize_t held = 0;
+    for (; held < count; held++) {
+        if (bucket_view(PyTuple_GET_ITEM(buckets, held), &views[held]) < 0)
+            break;
+        pointers[held] = views[held].buf;
+    }
+    int admitted = held == count ? admit_buckets(pointers, (int)count, now, size) : -1;
+    for (Py_ssize_t i = 0; i < held; i++)
+        PyBuffer_Release(&views[i]);
+    if (admitted < 0)
+        return NULL;
+    return PyBool_FromLong(admitted);
+}
+
+static PyMethodDef module_methods[] = {
+    {"admit", module_admit, METH_VARARGS,
+     "admit(buckets, now, size): turn.bandwidth.admit, in the C path's arithmetic."},
+    {NULL},
+};
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "tsunagu.transport._fastpath",
     .m_doc = "The per-packet relay path in C (Linux).",
     .m_size = -1,
+    .m_methods = module_methods,
 };
 
 PyMODINIT_FUNC PyInit__fastpath(void)
@@ -1303,6 +1502,11 @@ PyMODINIT_FUNC PyInit__fastpath(void)
         (s_peer_channels = PyUnicode_InternFromString("peer_channels")) == NULL ||
         (s_channels = PyUnicode_InternFromString("channels")) == NULL ||
         (s_relays = PyUnicode_InternFromString("relays")) == NULL ||
+        (s_limits = PyUnicode_InternFromString("limits")) == NULL ||
+        (s_to_peers = PyUnicode_InternFromString("to_peers")) == NULL ||
+        (s_to_client = PyUnicode_InternFromString("to_client")) == NULL ||
+        (s_drops = PyUnicode_InternFromString("drops")) == NULL ||
+        (s_bandwidth = PyUnicode_InternFromString("bandwidth")) == NULL ||
         (v4_key = PyLong_FromLong(4)) == NULL || (v6_key = PyLong_FromLong(6)) == NULL)
         return NULL;
     PyObject *m = PyModule_Create(&module);

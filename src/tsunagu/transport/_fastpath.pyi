@@ -4,6 +4,8 @@ from tsunagu.stun.framing import FramingError as FramingError
 
 BATCH: int
 
+def admit(buckets: tuple[Any, ...], now: int, size: int) -> bool: ...
+
 class Relay:
     fd: int
     allocation: Any
@@ -15,6 +17,7 @@ class Relay:
     packets_to_client: int
     bytes_to_client: int
     dropped: int
+    bandwidth_dropped: int
     def __init__(self, fd: int, tid_prefix: bytes) -> None: ...
     def readable(self) -> None: ...
     def set_client(self, fd: int, address: Any) -> None: ...

@@ -277,6 +277,7 @@ class TurnDriver:
                 "bytes": allocation.bytes_to_client,
             },
             "dropped": allocation.dropped,
+            "bandwidth_dropped": allocation.bandwidth_dropped,
             "duration": duration,
         }
         audit.info(

@@ -29,7 +29,7 @@ from ..stun.framing import FramingError, StreamFramer
 from ..turn.allocation import Allocation, FiveTuple
 from ..turn.authentication import KeyLookup
 from ..turn.discovery import Reply
-from ..turn.forwarding import Forward, channel_data_forward, send_failed
+from ..turn.forwarding import Forward, channel_data_forward, send_failed, within_limit
 from ..turn.refusals import RefusalTally
 from ..turn.server import TurnServer
 from .failures import NOT_STUN, not_stun
@@ -50,6 +50,8 @@ __all__ = [
 log = logging.getLogger("tsunagu.transport")
 
 _READ_BUFFER = memoryview(bytearray(256 * 1024))
+# The bandwidth limits' clock (turn/bandwidth.py): read only for an allocation with limits.
+_monotonic_ns = time.monotonic_ns
 _PADDING = (b"", b"\x00\x00\x00", b"\x00\x00", b"\x00")
 
 
@@ -135,10 +137,13 @@ def _relays(allocation: Allocation) -> list[RelayEndpointLike]:
 
 
 def _forward(forward: Forward, server: TurnServer, five_tuple: FiveTuple) -> None:
+    allocation = server.allocations.get(five_tuple)
+    if not within_limit(allocation, forward, server.drops, _monotonic_ns()):
+        return
     try:
         forward.relay.sendto(forward.data, forward.peer)
     except OSError:  # unreachable peer or full buffer: the datagram is lost
-        send_failed(server.allocations.get(five_tuple), forward)
+        send_failed(allocation, forward)
 
 
 class UdpClientLink:
@@ -202,7 +207,7 @@ class UdpListener(asyncio.DatagramProtocol):
         if len(data) >= 4 and 0x40 <= data[0] <= 0x7F:
             # ChannelData: the core's rule on this listener's own client -> allocation map.
             allocation = self.allocations.get(addr)
-            forward = channel_data_forward(allocation, data, self._drops)
+            forward = channel_data_forward(allocation, data, self._drops, _monotonic_ns)
             if forward is not None:
                 relay, payload, peer = forward
                 try:
@@ -431,7 +436,7 @@ class StreamConnection(asyncio.BufferedProtocol):
                 # ChannelData before any allocation: not a TURN client (say, "GET /").
                 self._not_stun(frame, channel_data=True)
                 return True
-            forward = channel_data_forward(allocation, frame, self._drops)
+            forward = channel_data_forward(allocation, frame, self._drops, _monotonic_ns)
             if forward is not None:
                 relay, payload, peer = forward
                 try:

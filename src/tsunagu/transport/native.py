@@ -135,6 +135,7 @@ class NativeEngine:
                 allocation.packets_to_client += relay.packets_to_client
                 allocation.bytes_to_client += relay.bytes_to_client
                 allocation.dropped += relay.dropped
+                allocation.bandwidth_dropped += relay.bandwidth_dropped
 
     @staticmethod
     def pending_counters(allocation: Allocation) -> tuple[int, int, int, int, int]:

@@ -21,6 +21,8 @@ from typing import Any, Protocol
 from ..stun.attributes import Address
 from ..stun.indication import data_indication
 from ..turn.allocation import Allocation
+from ..turn.bandwidth import admit
+from ..turn.forwarding import over_limit
 
 __all__ = [
     "EndpointFactory",
@@ -35,6 +37,7 @@ log = logging.getLogger("tsunagu.relay")
 _CHANNEL_HEADER = struct.Struct("!HH")
 _BURST = 16
 _monotonic = time.monotonic
+_monotonic_ns = time.monotonic_ns
 # Matching coturn's relay sockets, whose 64 KiB the kernel doubles.
 RELAY_BUFFER_BYTES = 64 * 1024
 # The socket option that sets IPv4's DF bit on Linux: IP_MTU_DISCOVER = IP_PMTUDISC_DO.
@@ -164,6 +167,10 @@ class RelayEndpoint:
                 return
             if addr[0] not in allocation.permissions or self.paused:
                 allocation.dropped += 1
+                continue
+            limits = allocation.limits
+            if limits is not None and not admit(limits.to_client, _monotonic_ns(), len(data)):
+                over_limit(allocation, limits.drops)
                 continue
             if len(addr) != 2:  # IPv6 socket addresses carry flow info and scope id
                 addr = (addr[0], addr[1])

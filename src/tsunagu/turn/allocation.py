@@ -11,6 +11,7 @@ from dataclasses import InitVar, dataclass, field
 from typing import Any, Protocol
 
 from ..stun.attributes import Address
+from .bandwidth import Limits
 
 __all__ = ["MAX_REFUSAL_CAUSES", "Allocation", "FiveTuple", "ForwardingState", "RelaySocket"]
 
@@ -59,7 +60,13 @@ class ForwardingState:
       removes what is due; no reader compares times.
     * The counters are plain ints that the transports bump: packets and bytes relayed
       towards the peers and towards the client, and packets ``dropped`` on the way (no
-      permission, unbound channel, short ChannelData, a send that failed).
+      permission, unbound channel, short ChannelData, a send that failed, a bandwidth
+      limit), of which ``bandwidth_dropped`` over a bandwidth limit.
+    * ``limits`` is None (no bandwidth limit: the per-packet paths test only that) or the
+      :class:`~.bandwidth.Limits` the core gave the allocation before any transport saw it,
+      never rebound: the C path keeps the buckets it found when the allocation was handed
+      to a relay socket, and refills and spends them with :func:`~.bandwidth.admit`'s
+      arithmetic. The transports pass the monotonic clock in nanoseconds.
     """
 
     relays: dict[int, RelaySocket] = field(default_factory=dict, init=False)
@@ -75,6 +82,8 @@ class ForwardingState:
     packets_to_client: int = field(default=0, init=False)
     bytes_to_client: int = field(default=0, init=False)
     dropped: int = field(default=0, init=False)
+    bandwidth_dropped: int = field(default=0, init=False)
+    limits: Limits | None = field(default=None, init=False)
 
 
 @dataclass(slots=True, eq=False)

@@ -46,6 +46,7 @@ How it works, in order, for a request:
 from __future__ import annotations
 
 import dataclasses
+from array import array
 from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any, assert_never
@@ -86,6 +87,7 @@ from ..stun.message import (
 )
 from .allocation import Allocation, FiveTuple, RelaySocket
 from .authentication import Authenticated, Authenticator, CredentialStore, KeyLookup, KeysNotAtHand
+from .bandwidth import MAX_BPS, Limits, new_bucket
 from .discovery import Reply, padding_for, route_binding
 from .errors import (
     AddressFamilyNotSupported,
@@ -215,6 +217,12 @@ class TurnServer:
         """The effective limits (defaults filled in from the relay port range)."""
         self._per_user: Counter[str] = Counter()
         self._per_address: Counter[str] = Counter()
+        self.max_bps = settings.max_bps
+        """Each new allocation's bandwidth limit (bytes per second each way; 0: none)."""
+        self._user_buckets: dict[str, tuple[array[int], array[int]]] = {}
+        self._capacity: tuple[array[int], array[int]] | None = None
+        if settings.bps_capacity:
+            self._capacity = (new_bucket(settings.bps_capacity), new_bucket(settings.bps_capacity))
         self.refusals = RefusalTally()
         """Refusals by cause and client, since the driver last took them."""
         self._timers = ExpiryHeap()
@@ -301,6 +309,32 @@ class TurnServer:
             max_port=settings.max_port,
             share=settings.port_share,
         )
+
+    def set_max_bps(self, max_bps: int) -> None:
+        """Limit allocations made from now on to ``max_bps`` bytes per second each way (0:
+        none; a realm's max-bps read from a user database). Live allocations keep theirs."""
+        self.max_bps = max(0, min(max_bps, MAX_BPS))
+
+    def _limits(self, user: str) -> Limits | None:
+        """The buckets a new allocation of ``user`` passes through, None without a limit."""
+        to_peers: list[array[int]] = []
+        to_client: list[array[int]] = []
+        if self.max_bps:
+            to_peers.append(new_bucket(self.max_bps))
+            to_client.append(new_bucket(self.max_bps))
+        rate = self.settings.user_max_bps
+        if rate:
+            shared = self._user_buckets.get(user)
+            if shared is None:
+                shared = self._user_buckets[user] = (new_bucket(rate), new_bucket(rate))
+            to_peers.append(shared[0])
+            to_client.append(shared[1])
+        if self._capacity is not None:
+            to_peers.append(self._capacity[0])
+            to_client.append(self._capacity[1])
+        if not to_peers:
+            return None
+        return Limits(tuple(to_peers), tuple(to_client), self.drops)
 
     def set_peer_policy(self, policy: PeerPolicy) -> None:
         """Decide peers by ``policy`` from now on (ranges read again from a user database);
@@ -749,6 +783,7 @@ class TurnServer:
             dont_fragment=dont_fragment,
             number=self._numbered + 1,
         )
+        allocation.limits = self._limits(user)
         self._numbered += 1
         self.allocations[five_tuple] = allocation
         self._per_user[user] += 1
@@ -925,6 +960,7 @@ class TurnServer:
         self._per_user[user] -= 1
         if self._per_user[user] <= 0:
             del self._per_user[user]
+            self._user_buckets.pop(user, None)
         source = address_key(allocation.five_tuple.client[0])
         self._per_address[source] -= 1
         if self._per_address[source] <= 0:

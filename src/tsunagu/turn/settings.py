@@ -38,6 +38,15 @@ class TurnSettings:
     total_quota: int | None = None
     """Allocations of this worker; None: derived from its relay ports, 0: unlimited.
     :mod:`.quotas` explains the derived defaults."""
+    max_bps: int = 0
+    """Bytes per second each allocation may relay in each direction (coturn's max-bps);
+    0: unlimited. :mod:`.bandwidth` says how it is metered."""
+    user_max_bps: int = 0
+    """Bytes per second all of a user id's allocations in this worker may relay together,
+    in each direction; 0: unlimited."""
+    bps_capacity: int = 0
+    """Bytes per second this worker may relay in all, in each direction (its share of
+    coturn's bps-capacity); 0: unlimited."""
     rest_api_separator: str = ":"
     """What separates the expiry from the user id in a TURN REST username."""
     software: str | None = None
