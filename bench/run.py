@@ -605,7 +605,7 @@ def session(
         ctx.say(f"time budget spent: skipping {variant_name} ({auth}) repeat {repeat + 1}")
         return
     variant = VARIANTS[variant_name]
-    cases = [c for c in cases if variant_name in c.variants]
+    cases = [c for c in cases if (variant.cases_of or variant_name) in c.variants]
     if not cases:
         return
     wait_for_quiet(ctx)

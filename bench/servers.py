@@ -42,6 +42,8 @@ class Variant:
     relay_threads: int | None = None  # coturn -m
     workers: int | None = None  # tsunagu --workers
     relay_engine: str | None = None  # tsunagu --relay-engine
+    extra: tuple[str, ...] = ()  # more tsunagu options
+    cases_of: str | None = None  # runs the loads of this variant (default: its own name)
 
 
 VARIANTS = {
@@ -57,6 +59,29 @@ VARIANTS = {
         relay_engine="python",
     ),
 }
+# Every bandwidth limit on (per allocation, per user, the server), each high enough that
+# nothing is dropped: what metering costs per packet.
+_UNREACHED_LIMITS: tuple[str, ...] = (
+    *("--max-bps", "1000000000", "--user-max-bps", "2000000000"),
+    *("--bps-capacity", "4000000000"),
+)
+VARIANTS["tsunagu-bw"] = Variant(
+    "tsunagu-bw",
+    "tsunagu",
+    "tsunagu, bandwidth limits on",
+    workers=1,
+    extra=_UNREACHED_LIMITS,
+    cases_of="tsunagu",
+)
+VARIANTS["tsunagu-py-bw"] = Variant(
+    "tsunagu-py-bw",
+    "tsunagu",
+    "tsunagu --relay-engine python, bandwidth limits on",
+    workers=1,
+    relay_engine="python",
+    extra=_UNREACHED_LIMITS,
+    cases_of="tsunagu-py",
+)
 
 
 def _port_free(port: int) -> bool:
@@ -330,7 +355,7 @@ def tsunagu_command(
         command += ["--workers", str(variant.workers)]
     if variant.relay_engine is not None:
         command += ["--relay-engine", variant.relay_engine]
-    return command
+    return command + list(variant.extra)
 
 
 def start_server(
