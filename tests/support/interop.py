@@ -123,7 +123,10 @@ class ServeProcess:
     min_port: int
     max_port: int
     allowed_peers: bool = True
+    web: bool = False
+    """Serve the web app too (on ``web_port``); by default ``--no-web``."""
     process: subprocess.Popen[bytes] = field(init=False)
+    web_port: int = 0
     port: int = 0
     tls_port: int = 0
     alt_port: int = 0
@@ -150,6 +153,8 @@ class ServeProcess:
     def launch(self) -> None:
         """Start the process on freshly picked ports (again, if they were taken meanwhile)."""
         self.port, self.tls_port, self.alt_port = free_ports(3)
+        if self.web:
+            self.web_port = free_port(udp=False)
         command = [
             sys.executable,
             "-m",
@@ -167,7 +172,7 @@ class ServeProcess:
             str(self.tls_port),
             "--alt-listening-port",
             str(self.alt_port),
-            "--no-web",
+            *(("--web-port", str(self.web_port)) if self.web else ("--no-web",)),
             "-u",
             f"{USER}:{PASSWORD}",
             "--min-port",
@@ -306,6 +311,7 @@ def run_serve(
     check_exit: bool = True,
     wait_ready: bool = True,
     allowed_peers: bool = True,
+    web: bool = False,
 ) -> Iterator[ServeProcess]:
     """Start ``tsunagu serve`` on loopback with fresh ports; stop it by PID afterwards.
 
@@ -316,7 +322,7 @@ def run_serve(
     """
     tmp.mkdir(parents=True, exist_ok=True)
     low, high = relay_range()
-    server = ServeProcess(tmp, extra, hosts, drain_timeout, low, high, allowed_peers)
+    server = ServeProcess(tmp, extra, hosts, drain_timeout, low, high, allowed_peers, web)
     server.launch()
     try:
         if wait_ready:
