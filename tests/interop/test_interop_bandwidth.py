@@ -1,5 +1,6 @@
 """``--max-bps`` holds a flood to its rate through a real ``tsunagu serve``, each way, on both
-relay engines, and a client under its limit loses nothing.
+relay engines, and a client under its limit loses nothing; a realm's ``max-bps`` set with
+coturn's ``turnadmin`` limits the allocations made after it.
 
 An aioice client floods at four times the limit, client to peer (what the peer receives is
 measured) and peer to client (what the client receives). Past the first second, which the
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -169,3 +171,39 @@ async def test_a_client_under_its_limit_loses_nothing(served: ServeProcess) -> N
         await client.close()
     records = [r for r in served.audit_records() if r.get("event") == "allocation-ended"]
     assert records and all("bandwidth_dropped" in r for r in records)
+
+
+async def test_a_realm_max_bps_from_turnadmin_limits_new_allocations(tmp_path: Path) -> None:
+    database = tmp_path / "turndb"
+    realm = "example.org"
+
+    def turnadmin(*argv: str) -> None:
+        done = subprocess.run(["turnadmin", *argv], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr + done.stdout
+
+    turnadmin("-a", "-b", str(database), "-u", "erin", "-r", realm, "-p", "erin-pw")
+    # One worker: each reads the realm's options on its own, within 5 s.
+    serve = ("-b", str(database), "-r", realm, "--workers", "1")
+    with run_serve(tmp_path / "serve", *serve) as server:
+        turnadmin("-g", "-b", str(database), "-r", realm, "--max-bps", str(10 * PAYLOAD))
+        assert await server.wait_for_log_async("10000 bytes per second per allocation", 12)
+        transport, protocol = await asyncio.wait_for(
+            aioice.turn.create_turn_endpoint(
+                Collector, server_addr=(HOST, server.port), username="erin", password="erin-pw"
+            ),
+            10.0,
+        )
+        client = TurnClient(transport, protocol)
+        peer_transport, peer = await peer_socket()
+        try:
+            address = peer_transport.get_extra_info("sockname")
+            client.transport.sendto(b"bind", address)
+            await asyncio.sleep(1.2)  # the channel is bound, the bucket full again
+            for _ in range(30):
+                client.transport.sendto(b"b" * PAYLOAD, address)
+            await asyncio.sleep(0.5)
+            # The first message, then one second's worth: ten.
+            assert [size for _, size in peer.arrivals].count(PAYLOAD) == 10
+        finally:
+            peer_transport.close()
+            await client.close()
