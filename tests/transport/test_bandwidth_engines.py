@@ -17,6 +17,7 @@ from array import array
 import pytest
 
 from support.engines import HOST, audit_records, make_engine, running, wait_for
+from tsunagu.stun import Data, MessageClass, Method, XorPeerAddress, encode_message
 from tsunagu.turn.bandwidth import MAX_BPS, NS, admit, new_bucket
 
 pytestmark = pytest.mark.timeout(60)
@@ -118,3 +119,28 @@ async def test_a_burst_passes_one_seconds_worth_each_way(
     assert record["dropped"] >= record["bandwidth_dropped"]
     assert record["to_peers"]["packets"] == 11
     assert record["to_client"]["packets"] == 10
+
+
+@pytest.mark.parametrize("engine_name", ["native", "python"])
+async def test_send_indications_pay_the_same_buckets(engine_name: str) -> None:
+    engine = make_engine(engine_name)
+    async with running(engine, max_bps=LIMIT) as rig:
+        client = await rig.allocate("udp")
+        peer = sink()
+        peer_address = peer.getsockname()
+        try:
+            client.transport.sendto(b"x" * PAYLOAD, peer_address)  # the permission
+            await wait_for(lambda: drain(peer) == 1)
+            await asyncio.sleep(1.1)
+            server_socket = client.inner.transport
+            for n in range(SENT):
+                attributes = [XorPeerAddress(*peer_address), Data(b"s" * PAYLOAD)]
+                txid = n.to_bytes(12, "big")
+                server_socket.sendto(
+                    encode_message(Method.SEND, MessageClass.INDICATION, txid, attributes)
+                )
+            await asyncio.sleep(0.3)
+            assert drain(peer) == 10
+            assert rig.driver.server.drops["bandwidth"] == SENT - 10
+        finally:
+            peer.close()

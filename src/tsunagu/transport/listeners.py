@@ -137,13 +137,18 @@ def _relays(allocation: Allocation) -> list[RelayEndpointLike]:
 
 
 def _forward(forward: Forward, server: TurnServer, five_tuple: FiveTuple) -> None:
-    allocation = server.allocations.get(five_tuple)
-    if not within_limit(allocation, forward, server.drops, _monotonic_ns()):
+    # The relay socket knows its allocation: no look-up by 5-tuple unless limits apply.
+    allocation = forward.relay.allocation
+    if (
+        allocation is not None
+        and allocation.limits is not None
+        and not within_limit(allocation, forward, server.drops, _monotonic_ns())
+    ):
         return
     try:
         forward.relay.sendto(forward.data, forward.peer)
     except OSError:  # unreachable peer or full buffer: the datagram is lost
-        send_failed(allocation, forward)
+        send_failed(server.allocations.get(five_tuple), forward)
 
 
 class UdpClientLink:
