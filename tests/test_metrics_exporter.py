@@ -119,3 +119,22 @@ def test_the_metrics_request() -> None:
         parse_request(b'{"command": "metrics", "per_user": 1}')
     with pytest.raises(RequestError, match="takes no user"):
         parse_request(b'{"command": "metrics", "user": "alice"}')
+
+
+def test_scrapes_at_once_ask_the_workers_once() -> None:
+    calls = 0
+
+    async def gather() -> tuple[list[dict[str, Any]], list[int]]:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.05)
+        return [part(0)], [0]
+
+    async def main() -> list[bytes]:
+        exporter = Exporter(gather, list)
+        texts = await asyncio.gather(*(exporter.scrape() for _ in range(10)))
+        texts.append(await exporter.scrape())
+        return texts
+
+    texts = asyncio.run(main())
+    assert calls == 2 and len(set(texts)) == 1

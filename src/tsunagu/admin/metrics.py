@@ -25,6 +25,7 @@ rest summed as ``other``; worker 0 keeps the same number after merging.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
@@ -432,8 +433,22 @@ class Exporter:
         self.hub: Callable[[], dict[str, Any]] | None = None
         self.stopping = False
         """Set once the server got its stop signal: not ready from then on."""
+        self._running: asyncio.Future[bytes] | None = None
 
     async def scrape(self) -> bytes:
+        """The text of one scrape. Requests that come while one is being gathered share
+        its answer: however many arrive at once, the workers are asked once."""
+        running = self._running
+        if running is None:
+            running = self._running = asyncio.ensure_future(self._scrape())
+            running.add_done_callback(self._done)
+        return await asyncio.shield(running)
+
+    def _done(self, done: asyncio.Future[bytes]) -> None:
+        if self._running is done:
+            self._running = None
+
+    async def _scrape(self) -> bytes:
         parts: list[dict[str, Any]] = []
         workers: list[int] = []
         if self.gather is not None:
