@@ -90,6 +90,7 @@ CONTRACT_FIELDS = [
     "no_web",
     "web_ip",
     "web_port",
+    "web_plain_http",
     "public_host",
     "ice_transport_policy",
     "room_capacity",
@@ -288,6 +289,7 @@ EVERY_FIELD: list[tuple[str, str, list[str], Any]] = [
     ("verbose", "true", ["-v"], True),
     ("no_turn", "true", ["--no-turn"], True),
     ("no_web", "true", ["--no-web"], True),
+    ("web_plain_http", "true", ["--web-plain-http"], True),
     ("web_ip", '"10.1.2.3"', ["--web-ip", "10.1.2.3"], "10.1.2.3"),
     ("web_port", "8443", ["--web-port", "8443"], 8443),
     (

@@ -835,6 +835,13 @@ class Config:
         "127.0.0.1", _check_ip(wildcard=True), "address of the web server", metavar="IP"
     )
     web_port: int = _opt(8080, _PORT, "port of the web server")
+    web_plain_http: bool = _opt(
+        False,
+        _check_bool,
+        "serve the web app over plain HTTP on an address beyond loopback, for a reverse proxy"
+        " in front that terminates TLS (browsers give camera and microphone to HTTPS pages"
+        " only); default: HTTPS with --cert, else the generated certificate",
+    )
     public_host: str | None = _opt(
         None,
         _optional(_check_host),

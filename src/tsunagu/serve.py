@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -410,6 +410,56 @@ def _host_for_uris(config: Config, listening: list[str]) -> str:
         if not ipaddress.ip_address(ip).is_loopback:
             return ip
     return listening[0] if listening else "127.0.0.1"
+
+
+def web_serves_https(config: Config) -> bool:
+    """Whether the web app takes HTTPS: with ``--cert``, and on any address beyond loopback,
+    since browsers give the camera and microphone only to a secure page and count a
+    plain-HTTP one from another machine as insecure (localhost counts as secure).
+    ``web_plain_http`` opts out, for a reverse proxy in front that terminates TLS."""
+    if config.no_web or config.web_plain_http:
+        return False
+    if config.cert is not None:
+        return True
+    return not ipaddress.ip_address(config.web_ip).is_loopback
+
+
+def certificate_hosts(config: Config, listening: list[str]) -> list[str]:
+    """The names a generated certificate must cover: where TURN listens, the public host,
+    and the web app's address (with a wildcard, every address of the machine)."""
+    hosts = [*listening, config.public_host or "localhost"]
+    if web_serves_https(config):
+        if ipaddress.ip_address(config.web_ip).is_unspecified:
+            hosts += _machine_addresses(config)
+        else:
+            hosts.append(config.web_ip)
+    return list(dict.fromkeys(hosts))
+
+
+def web_app_line(config: Config, material: Any) -> str:
+    """The start-up line naming the web app's URL; over HTTPS, the certificate's
+    fingerprints too, so that a tester can accept a generated one knowingly."""
+    port = config.web_port
+    web_ip = ipaddress.ip_address(config.web_ip)
+    if material is None:
+        line = f"tsunagu: web app on http://{_bracket(config.web_ip)}:{port}/"
+        if not web_ip.is_loopback:
+            line += (
+                " (plain HTTP, --web-plain-http: browsers allow camera and microphone only if a"
+                " reverse proxy in front serves it over HTTPS)"
+            )
+        return line
+    host = config.web_ip
+    if web_ip.is_unspecified:
+        host = config.public_host or host
+    line = f"tsunagu: web app on https://{_bracket(host)}:{port}/"
+    if web_ip.is_unspecified and not config.public_host:
+        line += " (every address of this machine)"
+    kind = "self-signed certificate" if material.generated else "certificate"
+    line += f"; {kind} sha256 {material.sha256_fingerprint} spki {material.spki_sha256_b64}"
+    if material.generated:
+        line += " (browsers warn until it is accepted; --cert gives a real one)"
+    return line
 
 
 def _say(text: str) -> None:
@@ -885,10 +935,12 @@ async def _start_admin(
     started: float,
     config_file: str | None,
     token: str | None,
-) -> list[Any]:
+) -> tuple[list[Any], Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None]:
     """The admin API: worker 0 on the operator's socket (and with ``token`` over HTTP on
     loopback), asking the others on their private ones; each other worker on its private
-    socket. What was started, each with ``close()``; what could not be is logged."""
+    socket. What was started, each with ``close()``, what could not be is logged; and in
+    worker 0 the handler of admin requests, which SIGHUP's reload goes through too (with
+    ``no_admin`` as well, when no socket is opened)."""
     from .admin.server import (
         AdminEndpoint,
         AdminServer,
@@ -899,14 +951,13 @@ async def _start_admin(
     )
 
     started_servers: list[Any] = []
-    if config.no_admin:
-        return started_servers
     control = WorkerControl(
         turn.driver, turn.users, started=started, native=lambda: _native_counters(turn)
     )
+    endpoint_handler = None
     if share.index > 0:
-        if not share.admin_dir:
-            return started_servers
+        if config.no_admin or not share.admin_dir:
+            return started_servers, None
         path = _worker_socket(share.admin_dir, share.index)
         handler = worker_handler(control)
     else:
@@ -917,7 +968,9 @@ async def _start_admin(
             for index in range(1, config.workers)
         ]
         endpoint = AdminEndpoint(control, peers, workers=config.workers, config_file=config_file)
-        handler = endpoint.handle
+        handler = endpoint_handler = endpoint.handle
+        if config.no_admin:
+            return started_servers, endpoint_handler
         if token is not None:
             from .admin.http import AdminHttp
 
@@ -941,13 +994,36 @@ async def _start_admin(
             path,
             exc.strerror or exc,
         )
-        return started_servers
+        return started_servers, endpoint_handler
     server = AdminServer(sock, handler)
     await server.start()
     started_servers.append(server)
     if share.index == 0:
         _say(f"tsunagu: admin socket {path} (tsunagu status, sessions, kill, drain, reload)")
-    return started_servers
+    return started_servers, endpoint_handler
+
+
+async def reload_on_signal(handler: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]) -> None:
+    """SIGHUP (systemd's ``ExecReload``): what ``tsunagu reload`` does, through the same
+    admin request, and its outcome in the log."""
+    log.info("SIGHUP: reloading, as tsunagu reload does")
+    try:
+        answer = await handler({"command": "reload"})
+    except Exception:
+        log.exception("SIGHUP: reload failed")
+        return
+    missing = answer.get("not_answering") or []
+    errors = [
+        f"worker {part['worker']}: {part['user_database']['error']}"
+        for part in answer.get("per_worker", [])
+        if part.get("user_database") and part["user_database"].get("error")
+    ]
+    log.info(
+        "SIGHUP: reload done: %d workers answered%s%s",
+        len(answer.get("per_worker", [])),
+        f", {len(missing)} did not" if missing else "",
+        f"; {'; '.join(errors)}" if errors else "",
+    )
 
 
 async def _start_metrics(
@@ -1075,20 +1151,20 @@ async def serve(
 
     ssl_context: ssl.SSLContext | None = None
     material: Any = None
-    need_tls = (not config.no_turn and not config.no_tls and not config.stun_only) or (
-        not config.no_web and config.cert is not None
-    )
+    web_tls = web_serves_https(config)
+    need_tls = (not config.no_turn and not config.no_tls and not config.stun_only) or web_tls
     if need_tls:
         from .tls import ensure_certificate, server_ssl_context
 
         material = ensure_certificate(
-            config.cert, config.pkey, [*listening, config.public_host or "localhost"], state_dir()
+            config.cert, config.pkey, certificate_hosts(config, listening), state_dir()
         )
         ssl_context = server_ssl_context(material)
 
     turn: _Turn | None = None
     children: list[subprocess.Popen[bytes]] = []
     admin: list[Any] = []
+    admin_handler: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None
     admin_dir = ""
     if not config.no_turn:
         turn = await _start_turn(config, share, listening, rest_secrets, ssl_context)
@@ -1107,14 +1183,16 @@ async def serve(
                 log.error("worker processes did not start")
                 return 1
         _say_turn(config, listening, turn, ssl_context, material, turn_secret)
-        admin = await _start_admin(config, share, turn, started, config_file, admin_token)
+        admin, admin_handler = await _start_admin(
+            config, share, turn, started, config_file, admin_token
+        )
 
     exporter, metrics_servers = await _start_metrics(config, share, turn)
     runner: Any = None
     if not config.no_web:
         from .signaling.server import revoke_user, run_web
 
-        web_ssl = ssl_context if config.cert is not None else None
+        web_ssl = ssl_context if web_tls else None
         from .admin.metrics import routes
         from .signaling.server import hub_figures
 
@@ -1130,8 +1208,7 @@ async def serve(
         if turn is not None and turn.users is not None:
             web = runner
             turn.users.on_user_revoked = lambda user: revoke_user(web, user)
-        scheme = "https" if web_ssl else "http"
-        _say(f"tsunagu: web app on {scheme}://{_bracket(config.web_ip)}:{config.web_port}/")
+        _say(web_app_line(config, material if web_tls else None))
         _say(_room_access_line(config))
     internal = internal_network_line(config)
     if internal is not None and share.index == 0:
@@ -1156,6 +1233,23 @@ async def serve(
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal)
+    reloads: set[asyncio.Task[None]] = set()
+    if share.index == 0:
+        reload_handler = admin_handler
+
+        def on_hangup() -> None:
+            if reload_handler is None:
+                log.info("SIGHUP: nothing to reload without TURN")
+                return
+            task = loop.create_task(reload_on_signal(reload_handler))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    else:
+        # Worker 0 asks this worker over its admin socket; a SIGHUP sent to the whole
+        # process group must not end it.
+        loop.add_signal_handler(signal.SIGHUP, lambda: None)
     if share.index > 0:
         # A worker drains when its parent goes away: the parent holds our stdin open.
         def on_stdin() -> None:

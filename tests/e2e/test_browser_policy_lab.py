@@ -213,10 +213,12 @@ async def test_chromium_with_the_policy_calls_through_a_narrow_udp_range(
         ) as server:
             ports = f"{server.web_port}, {server.turn_port}, {server.tls_port}"
             nft(office, "add", "element", "inet", "narrowudp", "server_tcp", f"{{ {ports} }}")
-            secure = f"--unsafely-treat-insecure-origin-as-secure={server.base}"
+            # A lab address is no loopback: the page is HTTPS with the generated certificate.
+            assert server.scheme == "https", server.output
+            trust = f"--ignore-certificate-errors-spki-list={server.spki}"
             wrapper = chromium_with_policy(tmp_path, office, text)
-            async with chromium(secure, executable=str(home.chromium[0])) as outside:
-                async with chromium(secure, executable=str(wrapper)) as inside:
+            async with chromium(trust, executable=str(home.chromium[0])) as outside:
+                async with chromium(trust, executable=str(wrapper)) as inside:
                     shown = await policy_page(inside)
                     # Chromium read the file: both policies, from the platform, mandatory, OK.
                     for name, value in policy.items():
@@ -231,7 +233,7 @@ async def test_chromium_with_the_policy_calls_through_a_narrow_udp_range(
                     during_call = dropped(office)
                 # The control: the same host and router, Chromium without the policy, calls
                 # the same person.
-                async with chromium(secure, executable=str(office.chromium[0])) as plain:
+                async with chromium(trust, executable=str(office.chromium[0])) as plain:
                     await join(plain, server, "Unmanaged")
                     for _ in range(60):
                         if dropped(office) > during_call:

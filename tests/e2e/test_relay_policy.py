@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 # that joins after it, trickles every candidate, and reports what it sent, what it was sent
 # and the pair its connection selected.
 CLIENT = """async ([room, name]) => {
-  const ws = new WebSocket(`ws://${location.host}/ws`);
+  const ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`);
   const inbox = [];
   let wake = null;
   ws.onmessage = (e) => { inbox.push(JSON.parse(e.data)); if (wake) wake(); };
@@ -106,7 +106,9 @@ async def test_a_client_that_ignores_the_relay_policy_still_relays(tmp_path: Pat
             host=LINK_SERVER,
             wrap=("ip", "netns", "exec", server_ns),
         ) as server:
-            async with chromium(executable=str(chromium_in_client)) as browser:
+            # The page on the link's address is HTTPS, with the certificate serve printed.
+            trust = f"--ignore-certificate-errors-spki-list={server.spki}"
+            async with chromium(trust, executable=str(chromium_in_client)) as browser:
                 pages: list[Page] = []
                 for _ in range(2):
                     page = await (await browser.new_context()).new_page()

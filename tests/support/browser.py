@@ -182,7 +182,9 @@ def run_server(
     try:
         lines = _read_until_ready(process, time.monotonic() + START_TIMEOUT)
         match = re.search(r"\bspki (\S+)", "".join(lines))
-        scheme = "https" if "--cert" in extra else "http"
+        # HTTPS with --cert, and beyond loopback unless --web-plain-http: as serve says.
+        web = re.search(r"web app on (https?)://", "".join(lines))
+        scheme = web.group(1) if web else "http"
         spki = match and match.group(1)
         server = Server(process, web_port, turn_port, tls_port, spki, log_path, scheme, lines, host)
         # Keep draining stdout so that a chatty server never blocks on a full pipe.

@@ -137,12 +137,12 @@ async function gather(row) {
   });
   pc.createDataChannel("check");
   await pc.setLocalDescription(await pc.createOffer());
-  await new Promise((resolve) => {
-    const timer = setTimeout(resolve, GATHER_MS);
+  const completed = await new Promise((resolve) => {
+    const timer = setTimeout(() => resolve(false), GATHER_MS);
     pc.addEventListener("icegatheringstatechange", () => {
       if (pc.iceGatheringState === "complete") {
         clearTimeout(timer);
-        resolve();
+        resolve(true);
       }
     });
   });
@@ -151,8 +151,11 @@ async function gather(row) {
   const wanted = row.kind === "turn" ? "relay" : "srflx";
   const found = row.candidates.some((c) => c.type === wanted);
   // A server on this very network answers STUN with the address the host already has, and
-  // the browser drops that duplicate: no error for the URL is then the answer.
-  const stunAnswered = row.kind === "stun" && row.candidates.length > 0 && row.errors.length === 0;
+  // the browser drops that duplicate: gathering that completed with no error for the URL is
+  // then the answer. Gathering still running when the time is up is a server that did not
+  // answer (the browser's error for it may come later still).
+  const stunAnswered =
+    row.kind === "stun" && completed && row.candidates.length > 0 && row.errors.length === 0;
   row.state = found || stunAnswered ? "ok" : "fail";
   render();
 }
