@@ -1,5 +1,6 @@
 """contrib/: the systemd unit checked by systemd-analyze and run as written, the example
-configuration and the sysusers entry."""
+configuration, the sysusers entry and what the Dockerfile relies on (the image is not built
+here: no Docker)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +119,7 @@ def test_the_units_command_line_runs_with_the_example_configuration(tmp_path: Pa
     command = shlex.split(unit["ExecStart"][0])
     assert command[0] == "/opt/tsunagu/bin/tsunagu"
     assert command[-2:] == ["-c", "/etc/tsunagu/tsunagu.toml"]
-    web_port, turn_port, tls_port = free_ports(3)
+    web_port, turn_port, tls_port, metrics_port = free_ports(4)
     low, high = relay_range()
     cert, key = make_certificate(
         tmp_path, "turn.example.org", x509.IPAddress(ipaddress.ip_address("127.0.0.1"))
@@ -136,6 +138,7 @@ def test_the_units_command_line_runs_with_the_example_configuration(tmp_path: Pa
         web_port=web_port,
         admin_socket=str(tmp_path / "run" / "admin.sock"),
         userdb=str(tmp_path / "state" / "users.db"),
+        prometheus_port=metrics_port,
         workers=1,
     )
     path = tmp_path / "tsunagu.toml"
@@ -159,6 +162,9 @@ def test_the_units_command_line_runs_with_the_example_configuration(tmp_path: Pa
             rf"web app on https://127\.0\.0\.1:{web_port}/; certificate sha256", printed
         )
         assert "room access token" in printed
+        # What the container image's health check asks.
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/healthz", timeout=5) as r:
+            assert r.status == 200
         process.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 10
         while "SIGHUP: reload done" not in out.read_text() and time.monotonic() < deadline:
@@ -172,3 +178,23 @@ def test_the_units_command_line_runs_with_the_example_configuration(tmp_path: Pa
             process.kill()
             process.wait(timeout=5)
     assert code == 0, out.read_text()
+
+
+def test_the_dockerfile_agrees_with_the_example_configuration() -> None:
+    text = (CONTRIB / "Dockerfile").read_text()
+    config = tomllib.loads(EXAMPLE.read_text())
+    stages = re.findall(r"^FROM (\S+)", text, re.M)
+    assert stages and all(s == "debian:bookworm-slim" for s in stages), stages
+    assert re.search(r"^USER tsunagu$", text, re.M)
+    assert "ENV XDG_STATE_HOME=/var/lib " in text and "VOLUME /var/lib/tsunagu" in text
+    assert f"127.0.0.1:{config['prometheus_port']}/healthz" in text
+    (exposed,) = re.findall(r"^EXPOSE (.*)$", text, re.M)
+    for port in (
+        f"{config['listening_port']}/udp",
+        f"{config['listening_port']}/tcp",
+        f"{config['tls_listening_port']}/tcp",
+        f"{config['web_port']}/tcp",
+        f"{config['min_port']}-{config['max_port']}/udp",
+    ):
+        assert port in exposed.split(), port
+    assert 'CMD ["serve", "-c", "/etc/tsunagu/tsunagu.toml"]' in text
