@@ -391,3 +391,26 @@ async def test_every_dashboard_query_returns_data_from_prometheus(
 
 def dashboard_queries_by_expr() -> dict[str, str]:
     return {expr: title for title, expr in dashboard_queries()}
+
+
+async def test_readyz_while_a_remote_user_database_is_unreachable(
+    tmp_path: Path, private_tmp: Path
+) -> None:
+    port = free_port(udp=False)
+    nobody = free_port(udp=False)  # nothing listens there
+    with run_serve(
+        tmp_path / "serve",
+        "--redis-userdb",
+        f"ip={HOST} port={nobody} dbname=0 connect_timeout=1",
+        "--prometheus-port",
+        str(port),
+        "--workers",
+        "1",
+    ) as server:
+        status, body = http_get(f"http://{HOST}:{port}/readyz")
+        assert status == 503, body
+        assert json.loads(body)["reasons"] == ["redis user database unreachable"]
+        assert http_get(f"http://{HOST}:{port}/healthz")[0] == 200
+        _, found = scrape(port)
+        assert found[("tsunagu_userdb_up", (("kind", "redis"),))] == 0
+        assert str(nobody) not in body.decode() and server.workers == 1
