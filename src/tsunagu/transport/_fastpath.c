@@ -435,6 +435,10 @@ static void bandwidth_drop(Relay *self)
     if (drops == NULL)
         return;
     PyObject *old = PyDict_GetItemWithError(drops, s_bandwidth);
+    if (old == NULL && PyErr_Occurred()) {
+        PyErr_Clear();
+        return;
+    }
     long long count = old != NULL ? PyLong_AsLongLong(old) : 0;
     PyObject *new = count >= 0 ? PyLong_FromLongLong(count + 1) : NULL;
     if (new == NULL || PyDict_SetItem(drops, s_bandwidth, new) < 0)

@@ -53,7 +53,7 @@ MAX_BPS = 0xFFFF_FFFF
 signed 64-bit integer in the C path."""
 BUCKET_FIELDS = 4
 """tokens, stamp, rate, capacity: the layout the C path reads."""
-_TOKENS, _STAMP, _RATE, _CAPACITY = range(BUCKET_FIELDS)
+_TOKENS, _STAMP = 0, 1
 _MAX_ELAPSED = BURST_SECONDS * NS
 
 
@@ -72,16 +72,17 @@ def admit(buckets: tuple[array[int], ...], now: int, size: int) -> bool:
     """
     cost = size * NS
     for bucket in buckets:
-        elapsed = now - bucket[_STAMP]
-        if elapsed > 0:
+        # One unpacking reads the four fields at once: cheaper per packet than four indexings.
+        tokens, stamp, rate, capacity = bucket
+        if now > stamp:
+            elapsed = now - stamp
             # Beyond the burst time the bucket is full anyway; the cap keeps the product small.
-            if elapsed > _MAX_ELAPSED:
-                elapsed = _MAX_ELAPSED
-            tokens = bucket[_TOKENS] + elapsed * bucket[_RATE]
-            capacity = bucket[_CAPACITY]
-            bucket[_TOKENS] = tokens if tokens < capacity else capacity
+            tokens += (elapsed if elapsed < _MAX_ELAPSED else _MAX_ELAPSED) * rate
+            if tokens > capacity:
+                tokens = capacity
+            bucket[_TOKENS] = tokens
             bucket[_STAMP] = now
-        if bucket[_TOKENS] < cost:
+        if tokens < cost:
             return False
     for bucket in buckets:
         bucket[_TOKENS] -= cost
