@@ -7,6 +7,7 @@ draining). Every process started here is bounded in time and ended by its PID.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import random
@@ -40,9 +41,10 @@ ROOT = Path(__file__).resolve().parents[2]
 _RELAY_LOW = 10000
 _RELAY_HIGH = 32000
 # Handed out by this process: servers started side by side get distinct ports and ranges
-# even before the first of them has bound anything.
+# even before the first of them has bound anything. Only the latest ranges are kept: a test
+# runs a few servers at once, and a whole run's ranges would fill the window (22,000 ports).
 _given_ports: set[int] = set()
-_given_ranges: list[tuple[int, int]] = []
+_given_ranges: collections.deque[tuple[int, int]] = collections.deque(maxlen=16)
 
 
 def _family(host: str) -> socket.AddressFamily:
