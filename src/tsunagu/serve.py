@@ -1278,14 +1278,16 @@ async def serve(
             await turn.users.close()
     for item in admin:
         await item.close()
-    for item in metrics_servers:
-        await item.close()
     deadline = time.monotonic() + 5.0
     for child in children:
         try:
             await asyncio.to_thread(child.wait, max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             child.kill()
+    # Open until the other workers are gone too: /readyz keeps saying 503 while any of
+    # them still drains its allocations.
+    for item in metrics_servers:
+        await item.close()
     if admin_dir:
         shutil.rmtree(admin_dir, ignore_errors=True)
     await asyncio.sleep(0)
