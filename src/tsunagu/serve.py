@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import faulthandler
 import ipaddress
 import json
 import logging
@@ -1114,6 +1115,8 @@ async def serve(
     ``config_file`` is the file given with ``-c``, named by ``tsunagu reload``'s answer.
     """
     started = time.time()
+    # A process that will not stop can be asked why: SIGABRT writes every thread's stack.
+    faulthandler.enable()
     admin_token = None
     if config.admin_port and not config.no_admin and (share is None or share.index == 0):
         admin_token = _admin_token(config)

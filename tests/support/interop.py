@@ -279,9 +279,14 @@ class ServeProcess:
             self.send_signal(signal.SIGTERM)
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> int:
-        """SIGTERM, wait a bounded time, SIGKILL if needed; return the exit status."""
+        """SIGTERM, wait a bounded time, then SIGABRT (the server's fault handler writes
+        every thread's stack to its output: why it did not stop) and SIGKILL if need be;
+        return the exit status."""
         self.terminate()
         code = self.wait(timeout)
+        if code is None:
+            self.send_signal(signal.SIGABRT)
+            code = self.wait(5)
         if code is None:
             self.process.kill()
             code = self.process.wait(timeout=5)
@@ -333,7 +338,8 @@ def run_serve(
     finally:
         code = server.stop()
     if check_exit:
-        assert code == 0, f"tsunagu serve exited with {code}:\n{server.log_text()}"
+        output = server.stdout_path.read_text(errors="replace")[-6000:]
+        assert code == 0, f"tsunagu serve exited with {code}:\n{server.log_text()}\n{output}"
 
 
 @dataclass
