@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aioice.turn
 import pytest
 
 from support.interop import (
     UCLIENT_SUMMARY,
-    Collector,
+    ServeProcess,
+    allocation_or_none,
     run_serve,
     run_turnutils_peer,
     uclient_command,
@@ -44,15 +44,11 @@ def turnadmin(*argv: str) -> None:
     assert done.returncode == 0, done.stderr + done.stdout
 
 
-async def allocate(host: str, port: int, username: str, password: str) -> bool:
-    try:
-        transport, _ = await aioice.turn.create_turn_endpoint(
-            Collector, server_addr=(host, port), username=username, password=password
-        )
-    except Exception:
-        return False
-    transport.close()
-    return True
+async def allocate(server: ServeProcess, username: str, password: str) -> bool:
+    transport = await allocation_or_none(server, username, password)
+    if transport is not None:
+        transport.close()
+    return transport is not None
 
 
 def coturn_database(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> list[str]:
@@ -89,12 +85,12 @@ async def test_coturns_database_serves_turnutils_and_aioice(
 
         # A user added while the server runs; a REST credential from the database's secret.
         turnadmin("-a", *database, "-u", "erin", "-r", REALM, "-p", "erin-pw")
-        assert await allocate(server.host, server.port, "erin", "erin-pw")
+        assert await allocate(server, "erin", "erin-pw")
         username, password = mint_credentials("db-secret", "fay", 600, time.time())
-        assert await allocate(server.host, server.port, username, password)
+        assert await allocate(server, username, password)
 
-        assert not await allocate(server.host, server.port, "dana", "wrong")
-        assert not await allocate(server.host, server.port, "nobody", "x")
+        assert not await allocate(server, "dana", "wrong")
+        assert not await allocate(server, "nobody", "x")
         assert await server.wait_for_log_async("wrong password for user 'dana'", 15)
         assert await server.wait_for_log_async("unknown user 'nobody'", 15)
         # The connection string's password is in no line the server wrote.
@@ -148,29 +144,12 @@ async def test_a_realm_user_quota_from_turnadmin_is_applied(tmp_path: Path) -> N
     with run_serve(
         tmp_path / "serve", "-b", str(database), "-r", REALM, "--workers", "1"
     ) as server:
-        first = await allocate_kept(server, "dana", "dana-pw")
-        second = await allocate_kept(server, "dana", "dana-pw")
+        first = await allocation_or_none(server, "dana", "dana-pw")
+        second = await allocation_or_none(server, "dana", "dana-pw")
         assert first is not None and second is not None
         turnadmin("-g", "-b", str(database), "-r", REALM, "--user-quota", "2")
         assert await server.wait_for_log_async("2 allocations per user id", 12)
-        assert await allocate_kept(server, "dana", "dana-pw") is None
+        assert await allocation_or_none(server, "dana", "dana-pw") is None
         assert await server.wait_for_log_async("user quota", 15)
         for transport in (first, second):
             transport.close()
-
-
-async def allocate_kept(server: Any, username: str, password: str) -> Any:
-    """An allocation kept open (its transport), or None if refused."""
-    try:
-        transport, _ = await asyncio.wait_for(
-            aioice.turn.create_turn_endpoint(
-                Collector,
-                server_addr=(server.host, server.port),
-                username=username,
-                password=password,
-            ),
-            10,
-        )
-    except Exception:  # aioice raises its own error for an error response
-        return None
-    return transport

@@ -646,3 +646,23 @@ def uclient_command(
     if length is not None:
         command += ["-l", str(length)]
     return [*command, "-p", str(port), host]
+
+
+async def allocation_or_none(
+    server: ServeProcess, username: str, password: str, timeout: float = 10.0
+) -> Any:
+    """An aioice allocation on ``server`` over UDP, kept open (its transport), or None when
+    the server refused it (aioice raises its own error for an error response)."""
+    try:
+        transport, _ = await asyncio.wait_for(
+            aioice.turn.create_turn_endpoint(
+                Collector,
+                server_addr=(server.host, server.port),
+                username=username,
+                password=password,
+            ),
+            timeout,
+        )
+    except Exception:
+        return None
+    return transport
