@@ -55,6 +55,11 @@ CONTRACT_FIELDS = [
     "internal_networks",
     "cert",
     "pkey",
+    "acme_domains",
+    "acme_email",
+    "acme_directory",
+    "acme_ca_file",
+    "acme_http_port",
     "stun_only",
     "no_stun",
     "no_udp",
@@ -230,6 +235,26 @@ EVERY_FIELD: list[tuple[str, str, list[str], Any]] = [
         ["--cert", "/etc/tsunagu/cert.pem"],
         "/etc/tsunagu/cert.pem",
     ),
+    (
+        "acme_domains",
+        '["turn.example.org", "web.example.org"]',
+        ["--acme-domain", "turn.example.org,web.example.org"],
+        ("turn.example.org", "web.example.org"),
+    ),
+    ("acme_email", '"ops@example.org"', ["--acme-email", "ops@example.org"], "ops@example.org"),
+    (
+        "acme_directory",
+        '"https://ca.internal:9000/acme/acme/directory"',
+        ["--acme-directory", "https://ca.internal:9000/acme/acme/directory"],
+        "https://ca.internal:9000/acme/acme/directory",
+    ),
+    (
+        "acme_ca_file",
+        '"/etc/step/root.pem"',
+        ["--acme-ca-file", "/etc/step/root.pem"],
+        "/etc/step/root.pem",
+    ),
+    ("acme_http_port", "8081", ["--acme-http-port", "8081"], 8081),
     ("stun_only", "true", ["-S"], True),
     ("no_stun", "true", ["--no-stun"], True),
     ("no_udp", "true", ["--no-udp"], True),
@@ -352,6 +377,36 @@ def test_admin_port_needs_a_token_file(tmp_path: Path) -> None:
     flags = load_config(["--admin-port", "8091", "--admin-token-file", "t"])
     assert (flags.admin_port, flags.admin_token_file) == (8091, "t")
     assert Config().admin_port == 0
+
+
+def test_acme_options_are_checked(tmp_path: Path) -> None:
+    flags = [
+        "--acme-domain",
+        "Turn.Example.org.",
+        "--acme-domain",
+        "a.example.org, turn.example.org",
+    ]
+    assert load_config(flags).acme_domains == ("turn.example.org", "a.example.org")
+    path = write_toml(tmp_path, 'acme-domains = "turn.example.org"\n')
+    assert load_config(["-c", path]).acme_domains == ("turn.example.org",)
+    defaults = Config()
+    assert defaults.acme_directory == "https://acme-v02.api.letsencrypt.org/directory"
+    assert (defaults.acme_domains, defaults.acme_http_port) == ((), 80)
+    for mapping, expected in [
+        ({"acme_domains": ["t.example.org"], "cert": "c.pem"}, "acme_domains: cannot be combined"),
+        ({"acme_domains": ["t.example.org"], "pkey": "k.pem"}, "acme_domains: cannot be combined"),
+        ({"acme_domains": ["*.example.org"]}, "acme_domains: cannot hold a wildcard"),
+        ({"acme_domains": ["192.0.2.1"]}, "acme_domains: must be DNS names, not IP"),
+        ({"acme_domains": ["localhost"]}, "acme_domains: each entry must be a fully qualified"),
+        ({"acme_domains": ["bad_name.example.org"]}, "acme_domains: each entry must be"),
+        ({"acme_domains": [3]}, "acme_domains: must be a list of DNS names"),
+        ({"acme_email": "ops"}, "acme_email: must be an e-mail address"),
+        ({"acme_email": "ops@localhost"}, "acme_email: must be an e-mail address"),
+        ({"acme_directory": "http://ca.example.org/dir"}, "acme_directory: must be an https://"),
+        ({"acme_http_port": 0}, "acme_http_port: must be an integer 1-65535"),
+    ]:
+        message = config_error(parse_config, mapping)
+        assert message.startswith(f"config: {expected}"), message
 
 
 @pytest.mark.parametrize(("name", "toml_value", "flags", "expected"), EVERY_FIELD)
@@ -715,6 +770,7 @@ def test_help_lists_every_field_flag(capsys: pytest.CaptureFixture[str]) -> None
         "aux_servers": "--aux-server",
         "join_secrets": "--join-secret",
         "allowed_origins": "--allowed-origin",
+        "acme_domains": "--acme-domain",
     }
     for name in CONTRACT_FIELDS:
         flag = flags.get(name, "--" + name.replace("_", "-"))
@@ -769,6 +825,8 @@ def every_field_set() -> Config:
     # One user database at a time: the SQLite file stands for the three here.
     mapping.pop("psql_userdb")
     mapping.pop("redis_userdb")
+    # The certificate comes from cert and pkey or from ACME, not both.
+    mapping.pop("acme_domains")
     return parse_config(mapping)
 
 

@@ -34,6 +34,7 @@ LAYERS: dict[str, int] = {
     "logs": 2,
     "auth": 3,
     "tls": 3,
+    "acme_certificates": 3,
     "transport": 4,
     "signaling": 4,
     "probe": 4,

@@ -485,6 +485,53 @@ def _long_secret_entry(key: str, value: str) -> str:
     return _check_long_secret(key, value)
 
 
+def _check_domains(key: str, value: Any) -> tuple[str, ...]:
+    """DNS names for a certificate, from a list, a repeated flag or comma-separated text.
+    Lower-cased, without a trailing dot; HTTP-01 cannot validate wildcards or addresses."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        _fail(key, "must be a list of DNS names", value)
+    out: list[str] = []
+    for part in (p.strip() for entry in value for p in entry.split(",")):
+        name = part.lower().rstrip(".")
+        if not part:
+            continue
+        if name.startswith("*."):
+            _fail(key, "cannot hold a wildcard name: the HTTP-01 challenge cannot prove it", part)
+        try:
+            _ip(name.strip("[]"))
+        except ValueError:
+            pass
+        else:
+            _fail(key, "must be DNS names, not IP addresses", part)
+        labels = name.split(".")
+        if len(name) > 253 or len(labels) < 2 or not all(_HOST_LABEL.match(x) for x in labels):
+            _fail(
+                key, "each entry must be a fully qualified DNS name such as turn.example.org", part
+            )
+        if name not in out:
+            out.append(name)
+    return tuple(out)
+
+
+_EMAIL = re.compile(r"[^@\s]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+\Z")
+
+
+def _check_email(key: str, value: Any) -> str:
+    text = str(_check_text(254)(key, value))
+    if not _EMAIL.match(text):
+        _fail(key, "must be an e-mail address such as ops@example.org", value)
+    return text
+
+
+def _check_https_url(key: str, value: Any) -> str:
+    text = str(_check_text()(key, value))
+    if not re.match(r"https://[^/\s]+(/\S*)?\Z", text):
+        _fail(key, "must be an https:// URL (an ACME directory)", value)
+    return text
+
+
 def _origin_entry(key: str, value: str) -> str:
     text = str(_check_text(253)(key, value)).rstrip("/").lower()
     scheme, sep, host = text.partition("://")
@@ -680,6 +727,41 @@ class Config:
         _optional(_check_text()),
         "PEM private key for --cert; default: the key inside the --cert file",
         metavar="FILE",
+    )
+    acme_domains: tuple[str, ...] = _opt(
+        (),
+        _check_domains,
+        "DNS name to get a certificate for from an ACME CA (Let's Encrypt by default) and"
+        " renew, for TURN over TLS and the web app (repeatable or comma-separated; instead of"
+        " cert and pkey); the CA checks each name over HTTP on acme_http_port",
+        flag="--acme-domain",
+        metavar="NAME",
+    )
+    acme_email: str | None = _opt(
+        None,
+        _optional(_check_email),
+        "e-mail address of the ACME account, where the CA warns of expiry and problems",
+        metavar="EMAIL",
+    )
+    acme_directory: str = _opt(
+        "https://acme-v02.api.letsencrypt.org/directory",
+        _check_https_url,
+        "ACME directory URL of the CA (for Let's Encrypt's staging CA:"
+        " https://acme-staging-v02.api.letsencrypt.org/directory)",
+        metavar="URL",
+    )
+    acme_ca_file: str | None = _opt(
+        None,
+        _optional(_check_text()),
+        "PEM CA bundle to trust for a private ACME server such as step-ca (default: the"
+        " system's CAs)",
+        metavar="FILE",
+    )
+    acme_http_port: int = _opt(
+        80,
+        _PORT,
+        "port the ACME HTTP-01 challenge is answered on while a certificate is ordered (the CA"
+        " connects to port 80; another one needs a forward from 80)",
     )
     stun_only: bool = _opt(False, _check_bool, "answer STUN only, no TURN", short="-S")
     no_stun: bool = _opt(False, _check_bool, "answer TURN only, no plain STUN Binding")
@@ -1081,6 +1163,13 @@ def _cross_check(values: dict[str, Any]) -> None:
             "max_port",
             f"must be an integer 1-65535 and >= min_port ({values['min_port']})",
             values["max_port"],
+        )
+    if values["acme_domains"] and (values["cert"] is not None or values["pkey"] is not None):
+        _fail(
+            "acme_domains",
+            "cannot be combined with cert or pkey: the certificate comes either from an ACME"
+            " CA or from the files, not both",
+            show=False,
         )
     if values["pkey"] is not None and values["cert"] is None:
         _fail("pkey", "needs cert as well", values["pkey"])
