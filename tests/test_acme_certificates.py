@@ -154,6 +154,36 @@ async def test_forced_renewal_makes_a_new_certificate_and_calls_back(
     assert any("two thirds" in r.getMessage() for r in caplog.records)
 
 
+async def test_run_sleeps_until_renewal_is_due_then_renews(tmp_path: Path) -> None:
+    # Certificates of 20 s renewed 15 s before expiry: current for about 5 s.
+    with pebble_server(validity=20) as short:
+        acme = certificates(short, tmp_path, renew_before=datetime.timedelta(seconds=15))
+        cert, _ = await asyncio.wait_for(acme.obtain(), WAIT)
+        first = leaf(cert)
+        assert acme.current()
+        renewed: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+
+        async def on_renewed(cert: str, key: str) -> None:
+            await renewed.put((cert, key))
+
+        task = asyncio.create_task(acme.run(on_renewed))
+        try:
+            # Nothing until the certificate is due...
+            await asyncio.sleep(1.0)
+            assert renewed.empty() and acme.current()
+            # ...then a new one, current again.
+            assert await asyncio.wait_for(renewed.get(), WAIT) == acme.paths()
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, WAIT)
+        second = leaf(cert)
+        assert second.serial_number != first.serial_number
+        assert second.not_valid_after_utc > first.not_valid_after_utc
+        assert acme.current()
+        await handshake(cert, acme.paths()[1], short.root_pem(), NAME)
+
+
 async def test_a_failed_challenge_is_logged_with_the_cas_reason_and_retried(
     pebble: Pebble, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -38,9 +38,7 @@ from josepy.jwk import JWK, JWKEC
 
 from tsunagu.config import Config
 
-__all__ = ["LETS_ENCRYPT", "AcmeCertificates", "AcmeError"]
-
-LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+__all__ = ["AcmeCertificates", "AcmeError", "describe"]
 
 log = logging.getLogger("tsunagu.acme")
 
@@ -170,6 +168,8 @@ class AcmeCertificates:
         # One account per CA: an account URL means nothing to another directory.
         tag = hashlib.sha256(directory.encode()).hexdigest()[:16]
         self._account_path = self._dir / f"account-{tag}.json"
+        # Set by obtain() when its certificate is due at once (see _earliest_next).
+        self._earliest: datetime.datetime | None = None
 
     @classmethod
     def from_config(cls, config: Config, state_dir: Path | str) -> AcmeCertificates:
@@ -268,13 +268,16 @@ class AcmeCertificates:
             raise
         except Exception as exc:
             cause = describe(exc, timeout=self.timeout, order_timeout=self.order_timeout)
-            raise AcmeError(f"acme: {', '.join(self.domains)}: {step}: {cause}") from exc
+            # A CA's detail may span lines; the log and the CLI want one.
+            message = " ".join(f"acme: {', '.join(self.domains)}: {step}: {cause}".split())
+            raise AcmeError(message) from exc
         log.info(
             "acme: certificate for %s issued by %s, valid until %s",
             ", ".join(self.domains),
             self.directory,
             self._not_after().strftime("%Y-%m-%d %H:%M UTC"),
         )
+        self._earliest = self._earliest_next()
         return self.paths()
 
     def _client(self) -> client.ClientV2:
@@ -408,12 +411,11 @@ class AcmeCertificates:
         to 6 hours. Returns never; raises nothing but CancelledError.
         """
         delay = self.retry_first
-        earliest: datetime.datetime | None = None
         while True:
             now = datetime.datetime.now(datetime.UTC)
             due = self._renewal_due() or now
-            if earliest is not None and due < earliest:
-                due = earliest
+            if self._earliest is not None and due < self._earliest:
+                due = self._earliest
             if due > now:
                 await asyncio.sleep(min((due - now).total_seconds(), _WAKE_EVERY))
                 continue
@@ -422,12 +424,11 @@ class AcmeCertificates:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.error("acme: %s; trying again in %s", exc, _duration(delay))
+                log.error("%s; trying again in %s", exc, _duration(delay))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.retry_max)
                 continue
             delay = self.retry_first
-            earliest = self._earliest_next()
             try:
                 await on_renewed(cert, key)
             except asyncio.CancelledError:
@@ -436,9 +437,9 @@ class AcmeCertificates:
                 log.exception("acme: the renewed certificate could not be put in service")
 
     def _earliest_next(self) -> datetime.datetime | None:
-        """After a renewal, a certificate still not current would be renewed again at once,
-        and again: when ``renew_before`` exceeds what the CA issues, wait for two thirds of
-        the new certificate's lifetime instead."""
+        """A certificate just obtained but not current would be renewed again at once, and
+        again: when ``renew_before`` exceeds what the CA issues, :meth:`run` waits for two
+        thirds of the new certificate's lifetime instead."""
         if self.current():
             return None
         now = datetime.datetime.now(datetime.UTC)

@@ -136,8 +136,9 @@ def _wait_ready(pebble: Pebble, processes: list[subprocess.Popen[bytes]]) -> Non
 
 
 @contextlib.contextmanager
-def pebble_server() -> Iterator[Pebble]:
-    """A pebble and its DNS server, stopped on exit."""
+def pebble_server(*, validity: int | None = None) -> Iterator[Pebble]:
+    """A pebble and its DNS server, stopped on exit. ``validity``: the lifetime in seconds
+    of the certificates it issues (default: pebble's five years), for renewal tests."""
     directory = Path(tempfile.mkdtemp(prefix="tsunagu-pebble-", dir="/tmp"))
     processes: list[subprocess.Popen[bytes]] = []
     try:
@@ -162,6 +163,7 @@ def pebble_server() -> Iterator[Pebble]:
                         "tlsPort": _free_port(),
                         "ocspResponderURL": "",
                         "externalAccountBindingRequired": False,
+                        **({"certificateValidityPeriod": validity} if validity else {}),
                     }
                 }
             )
