@@ -88,8 +88,14 @@ def fake_serve(monkeypatch: pytest.MonkeyPatch) -> Callable[[Any], list[Any]]:
     def install(outcome: Any) -> list[Any]:
         calls: list[Any] = []
 
-        async def serve(config: Config, config_file: str | None = None) -> int:
+        async def serve(
+            config: Config,
+            config_file: str | None = None,
+            reread: Callable[[], Config] | None = None,
+        ) -> int:
             calls.append((config, asyncio.get_running_loop()))
+            # What a reload reads: the same command line again.
+            assert reread is not None and reread() == config
             if isinstance(outcome, BaseException):
                 raise outcome
             return int(outcome)

@@ -34,6 +34,8 @@ LAYERS: dict[str, int] = {
     "logs": 2,
     "auth": 3,
     "tls": 3,
+    # What a reload changes: a reading of two configurations, for the admin API and serve.
+    "config_reload": 3,
     "acme_certificates": 3,
     "transport": 4,
     "signaling": 4,

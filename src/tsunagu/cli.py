@@ -175,11 +175,15 @@ def serve_command(argv: list[str], prog: str) -> int:
     from tsunagu.config import build_parser
     from tsunagu.workers import loop_factory
 
-    # Named by tsunagu reload's answer: the file a later version reads again.
+    # A reload reads the same command line again: the file, the flags, the credential files.
     config_file = getattr(build_parser(prog).parse_known_args(argv)[0], "config", None)
+
+    def reread() -> Config:
+        return load_config(argv, prog=prog)
+
     try:
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
-            return int(runner.run(serve(config, config_file=config_file)))
+            return int(runner.run(serve(config, config_file=config_file, reread=reread)))
     except ConfigError as exc:
         # Problems only found while starting up (an unusable certificate, say).
         _error(str(exc))

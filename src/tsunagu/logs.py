@@ -27,6 +27,7 @@ __all__ = [
     "AuditFormatter",
     "JsonFormatter",
     "TextFormatter",
+    "set_log_level",
     "setup_logging",
     "structured",
 ]
@@ -97,6 +98,11 @@ class AuditFormatter(logging.Formatter):
         }
         line.update(getattr(record, _FIELDS, None) or {"message": record.getMessage()})
         return json.dumps(line, default=str, ensure_ascii=False, separators=(",", ":"))
+
+
+def set_log_level(level: str) -> None:
+    """Log at ``level`` and above from now on (a reload), to where :func:`setup_logging` chose."""
+    logging.getLogger("tsunagu").setLevel(LEVELS[level])
 
 
 def setup_logging(

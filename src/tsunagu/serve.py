@@ -16,12 +16,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import faulthandler
+import hashlib
 import ipaddress
 import json
 import logging
 import os
 import random
-import secrets
 import shutil
 import signal
 import socket
@@ -32,7 +32,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .auth.backends import open_user_database, remote
 from .auth.cache import KeyCache
@@ -40,7 +40,7 @@ from .auth.database import DatabaseError, PeerRanges, UserDatabase
 from .auth.rest import mint_credentials
 from .auth.store import StaticCredentialStore
 from .config import Config, ConfigError, admin_socket_path, state_dir
-from .logs import setup_logging, structured
+from .logs import set_log_level, setup_logging, structured
 from .transport.admission import (
     ConnectionCounter,
     ConnectionLimits,
@@ -59,6 +59,10 @@ from .turn.policy import IPNetwork, inside, parse_range
 from .turn.quotas import user_id
 from .turn.revocations import Revocation, RevocationList
 from .workers import READY_LINE, WorkerShare, start_workers
+
+if TYPE_CHECKING:
+    from .config_reload import ReloadPlan
+    from .tls import ServingCertificate, TlsMaterial
 
 __all__ = [
     "Endpoints",
@@ -269,13 +273,10 @@ def peer_policy(config: Config, own: tuple[str, ...] = ()) -> PeerPolicy:
     )
 
 
-def credential_store(config: Config, rest_secrets: tuple[str, ...]) -> StaticCredentialStore:
-    """The TURN credentials: static users and TURN REST API credentials from ``rest_secrets``.
-
-    REST credentials are always accepted (the web app mints them). ``use_auth_secret`` makes
-    them the only ones, as coturn's ``use-auth-secret`` does: coturn then neither loads
-    ``user`` entries nor looks them up. Here they are left out too, and the log says so.
-    """
+def static_users(config: Config) -> list[tuple[str, str]]:
+    """The static users ``config`` accepts: none with ``use_auth_secret``, which makes TURN
+    REST API credentials the only ones, as coturn's ``use-auth-secret`` does (coturn then
+    neither loads ``user`` entries nor looks them up); the log says so."""
     users = [(user.name, user.password) for user in config.users]
     if config.use_auth_secret and users:
         log.warning(
@@ -283,10 +284,24 @@ def credential_store(config: Config, rest_secrets: tuple[str, ...]) -> StaticCre
             len(users),
         )
         users = []
+    return users
+
+
+def rest_secrets(config: Config, share: WorkerShare) -> tuple[str, ...]:
+    """The TURN REST API secrets: the configured ones, else one every worker derives from
+    the share, so that the web page can mint credentials with no configuration."""
+    if config.static_auth_secrets:
+        return config.static_auth_secrets
+    return (hashlib.sha256(b"tsunagu rest secret\0" + share.nonce_secret).hexdigest()[:32],)
+
+
+def credential_store(config: Config, secrets_in_use: tuple[str, ...]) -> StaticCredentialStore:
+    """The TURN credentials: static users and TURN REST API credentials from
+    ``secrets_in_use`` (always accepted: the web app mints them)."""
     return StaticCredentialStore(
         config.realm,
-        users,
-        rest_secrets,
+        static_users(config),
+        secrets_in_use,
         check_expiry_on_existing=config.rest_check_on_refresh,
     )
 
@@ -484,6 +499,10 @@ class _UserDatabase:
     kind: str = "sqlite"
     on_user_revoked: Callable[[str], None] | None = None
     """Closes a revoked user's signaling sessions, in the process that runs the web app."""
+    config: Config | None = None
+    """The configured quotas and max-bps, which the realm's options in the database override."""
+    base_policy: PeerPolicy | None = None
+    """The configured peer policy, to which the database's peer ranges are added."""
 
     async def watch_revocations(
         self, store: StaticCredentialStore, driver: TurnDriver, ttl: float, worker: int
@@ -522,9 +541,10 @@ class _UserDatabase:
         """Add the realm's allowed and denied peer ranges in the database to ``server``'s
         peer policy, now and whenever they change (coturn's allowed_peer_ip and
         denied_peer_ip tables, read with the secrets)."""
-        base = server.settings.policy
+        self.base_policy = server.settings.policy
 
         def apply(ranges: PeerRanges) -> None:
+            assert self.base_policy is not None
             lists: dict[str, list[IPNetwork]] = {"allowed": [], "denied": []}
             ignored = []
             for kind, texts in (("allowed", ranges.allowed), ("denied", ranges.denied)):
@@ -539,7 +559,7 @@ class _UserDatabase:
                     self.database.description,
                     ", ".join(ignored[:10]),
                 )
-            server.set_peer_policy(base.with_ranges(lists["allowed"], lists["denied"]))
+            server.set_peer_policy(self.base_policy.with_ranges(lists["allowed"], lists["denied"]))
             log.info(
                 "user database %s: %d allowed and %d denied peer ranges in force",
                 self.database.description,
@@ -555,6 +575,7 @@ class _UserDatabase:
         (coturn's turn_realm_option, ``turnadmin -g``) over the configured ones, now and
         whenever they change; 0 or no row means the configured value. A new max-bps
         applies to allocations made from then on."""
+        self.config = config
 
         def quota(options: dict[str, str], name: str, configured: int | None) -> int | None:
             text = options.get(name)
@@ -568,6 +589,8 @@ class _UserDatabase:
             return value if value > 0 else configured
 
         def apply(options: dict[str, str]) -> None:
+            config = self.config
+            assert config is not None
             user = quota(options, "user-quota", config.user_quota)
             total = quota(options, "total-quota", config.total_quota)
             server.set_quotas(user, total)
@@ -591,6 +614,16 @@ class _UserDatabase:
 
         self.refresh.on_options = apply
         await self.refresh.refresh()
+
+    def reconfigure(self, config: Config, server: TurnServer) -> None:
+        """After a reload gave ``server`` new settings: the database's peer ranges and realm
+        options, as last read, on top of them again."""
+        self.config = config
+        self.base_policy = server.settings.policy
+        if self.refresh.on_ranges is not None:
+            self.refresh.on_ranges(self.refresh.ranges)
+        if self.refresh.on_options is not None:
+            self.refresh.on_options(self.refresh.options)
 
     def figures(self) -> dict[str, Any]:
         """What ``tsunagu status`` shows of the user database in this worker."""
@@ -698,12 +731,83 @@ class _Turn:
     counter: ConnectionCounter | None = None
     endpoints: Endpoints = Endpoints((), (), ())
     users: _UserDatabase | None = None
+    store: StaticCredentialStore | None = None
+    listening: tuple[str, ...] = ()
 
     def close_listeners(self) -> None:
         for listener in self.udp_listeners:
             listener.close()
         for server in self.servers:
             server.close()
+
+    def reconfigure(self, config: Config, secrets: tuple[str, ...]) -> None:
+        """Apply a reloaded ``config``'s users, secrets, peer ranges, quotas, bandwidth
+        limits and alternate servers (:data:`~tsunagu.config_reload.LIVE`)."""
+        assert self.store is not None and self.users is not None
+        self.store.replace_static(
+            static_users(config),
+            secrets,
+            check_expiry_on_existing=config.rest_check_on_refresh,
+        )
+        server = self.driver.server
+        server.reconfigure(settings_from_config(config, self.listening, self.endpoints.aux))
+        self.users.reconfigure(config, server)
+
+
+@dataclass
+class _Running:
+    """What one worker runs with and what a reload changes in it."""
+
+    config: Config
+    share: WorkerShare
+    listening: list[str]
+    certificate: ServingCertificate | None = None
+    turn: _Turn | None = None
+    web: Any = None
+    """The web app's runner, in worker 0."""
+
+    def material(self, config: Config) -> TlsMaterial | None:
+        """The certificate ``config`` names (or the generated one), read from disk again: a
+        renewed file under the same name is what a reload is usually for."""
+        if self.certificate is None:
+            return None
+        from .tls import ensure_certificate
+
+        hosts = certificate_hosts(config, self.listening)
+        return ensure_certificate(config.cert, config.pkey, hosts, state_dir())
+
+    def check(self, config: Config) -> None:
+        """Raise ConfigError if ``config`` cannot be applied (a certificate that does not
+        load), before any worker changes anything."""
+        material = self.material(config)
+        if material is not None:
+            from .tls import server_ssl_context
+
+            server_ssl_context(material)
+
+    async def reconfigure(self, config: Config) -> dict[str, Any]:
+        """Apply ``config`` (already planned by :func:`~tsunagu.config_reload.reload_plan`)
+        in this worker; what it did, for reload's answer."""
+        done: dict[str, Any] = {"error": ""}
+        set_log_level(config.effective_log_level)
+        if self.certificate is not None:
+            try:
+                material = self.material(config)
+                assert material is not None
+                self.certificate.replace(material)
+            except ConfigError as exc:
+                log.error("reload: the TLS certificate stays as it was: %s", exc)
+                done["error"] = str(exc)
+            done["certificate"] = self.certificate.material.sha256_fingerprint
+        secrets = rest_secrets(config, self.share)
+        if self.turn is not None:
+            self.turn.reconfigure(config, secrets)
+        if self.web is not None and not config.no_turn:
+            from .signaling.server import set_turn_secret
+
+            set_turn_secret(self.web, secrets[0])
+        self.config = config
+        return done
 
 
 def _tls_enabled(config: Config, ssl_context: ssl.SSLContext | None) -> bool:
@@ -714,7 +818,7 @@ async def _start_turn(
     config: Config,
     share: WorkerShare,
     listening: list[str],
-    rest_secrets: tuple[str, ...],
+    secrets_in_use: tuple[str, ...],
     ssl_context: ssl.SSLContext | None,
 ) -> _Turn | None:
     """Build the core and bind every listener; None (after logging why) if that fails."""
@@ -735,7 +839,7 @@ async def _start_turn(
         log.error("%s", exc)
         return None
     binder = UdpRelayBinder(loop, rng.randbytes, engine.relay_endpoint)
-    store = credential_store(config, rest_secrets)
+    store = credential_store(config, secrets_in_use)
     users = await _open_user_database(config, store)
     if users is None:
         return None
@@ -784,6 +888,8 @@ async def _start_turn(
                 turn.close_listeners()
                 return None
     turn.endpoints = endpoints
+    turn.store = store
+    turn.listening = tuple(listening)
     return turn
 
 
@@ -936,6 +1042,8 @@ async def _start_admin(
     started: float,
     config_file: str | None,
     token: str | None,
+    running: _Running,
+    prepare: Callable[[], ReloadPlan] | None,
 ) -> tuple[list[Any], Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None]:
     """The admin API: worker 0 on the operator's socket (and with ``token`` over HTTP on
     loopback), asking the others on their private ones; each other worker on its private
@@ -943,6 +1051,7 @@ async def _start_admin(
     worker 0 the handler of admin requests, which SIGHUP's reload goes through too (with
     ``no_admin`` as well, when no socket is opened)."""
     from .admin.server import (
+        MAX_INTERNAL_REQUEST,
         AdminEndpoint,
         AdminServer,
         Peer,
@@ -953,7 +1062,11 @@ async def _start_admin(
 
     started_servers: list[Any] = []
     control = WorkerControl(
-        turn.driver, turn.users, started=started, native=lambda: _native_counters(turn)
+        turn.driver,
+        turn.users,
+        started=started,
+        native=lambda: _native_counters(turn),
+        reconfigure=running.reconfigure,
     )
     endpoint_handler = None
     if share.index > 0:
@@ -968,7 +1081,9 @@ async def _start_admin(
             Peer(index, _worker_socket(share.admin_dir or "/nonexistent", index))
             for index in range(1, config.workers)
         ]
-        endpoint = AdminEndpoint(control, peers, workers=config.workers, config_file=config_file)
+        endpoint = AdminEndpoint(
+            control, peers, workers=config.workers, config_file=config_file, prepare=prepare
+        )
         handler = endpoint_handler = endpoint.handle
         if config.no_admin:
             return started_servers, endpoint_handler
@@ -996,7 +1111,10 @@ async def _start_admin(
             exc.strerror or exc,
         )
         return started_servers, endpoint_handler
-    server = AdminServer(sock, handler)
+    if share.index > 0:
+        server = AdminServer(sock, handler, internal=True, max_request=MAX_INTERNAL_REQUEST)
+    else:
+        server = AdminServer(sock, handler)
     await server.start()
     started_servers.append(server)
     if share.index == 0:
@@ -1013,6 +1131,8 @@ async def reload_on_signal(handler: Callable[[dict[str, Any]], Awaitable[dict[st
     except Exception:
         log.exception("SIGHUP: reload failed")
         return
+    if answer.get("ok") is not True:
+        return  # refused, and the reason logged, by the handler
     missing = answer.get("not_answering") or []
     errors = [
         f"worker {part['worker']}: {part['user_database']['error']}"
@@ -1025,6 +1145,23 @@ async def reload_on_signal(handler: Callable[[dict[str, Any]], Awaitable[dict[st
         f", {len(missing)} did not" if missing else "",
         f"; {'; '.join(errors)}" if errors else "",
     )
+
+
+def _with_worker_count(config: Config) -> Config:
+    if config.workers == 0:
+        # Like coturn's relay threads: one per core this process may run on.
+        return dataclasses.replace(config, workers=len(os.sched_getaffinity(0)))
+    return config
+
+
+def _prepare_reload(running: _Running, reread: Callable[[], Config]) -> ReloadPlan:
+    """Read the configuration again and plan the reload; raise ConfigError, with nothing
+    changed anywhere, if the new configuration is not valid or cannot be applied."""
+    from .config_reload import reload_plan
+
+    plan = reload_plan(running.config, _with_worker_count(reread()))
+    running.check(plan.config)
+    return plan
 
 
 async def _start_metrics(
@@ -1106,13 +1243,18 @@ async def _drain(turn: _Turn, timeout: float) -> None:
 
 
 async def serve(
-    config: Config, share: WorkerShare | None = None, *, config_file: str | None = None
+    config: Config,
+    share: WorkerShare | None = None,
+    *,
+    config_file: str | None = None,
+    reread: Callable[[], Config] | None = None,
 ) -> int:
     """Run everything ``config`` enables until a signal; return the exit status.
 
     With ``workers`` > 1 this process is worker 0 (and serves the web app); it starts the
     other workers, which run this function with the same configuration and ``share``.
-    ``config_file`` is the file given with ``-c``, named by ``tsunagu reload``'s answer.
+    ``config_file`` is the file given with ``-c``, named by ``tsunagu reload``'s answer;
+    ``reread`` reads the configuration again from the same command line, for reloads.
     """
     started = time.time()
     # A process that will not stop can be asked why: SIGABRT writes every thread's stack.
@@ -1120,9 +1262,7 @@ async def serve(
     admin_token = None
     if config.admin_port and not config.no_admin and (share is None or share.index == 0):
         admin_token = _admin_token(config)
-    if config.workers == 0:
-        # Like coturn's relay threads: one per core this process may run on.
-        config = dataclasses.replace(config, workers=len(os.sched_getaffinity(0)))
+    config = _with_worker_count(config)
     _setup_logging(config)
     _raise_open_files_limit()
     loop = asyncio.get_running_loop()
@@ -1133,15 +1273,12 @@ async def serve(
 
     loop.set_exception_handler(on_loop_error)
 
-    rest_secrets = config.static_auth_secrets
     if share is None:
-        # The web page mints time-limited credentials; without an operator's secret a fresh
-        # one per start keeps that working with no configuration.
-        turn_secret = rest_secrets[0] if rest_secrets else secrets.token_urlsafe(24)
-        share = WorkerShare(turn_secret, random.SystemRandom().randbytes(32), 0)
+        share = WorkerShare("", random.SystemRandom().randbytes(32), 0)
+        # The web page mints time-limited credentials; without an operator's secret one
+        # derived from the share's random secret keeps that working with no configuration.
+        share = dataclasses.replace(share, turn_secret=rest_secrets(config, share)[0])
     turn_secret = share.turn_secret
-    if not rest_secrets:
-        rest_secrets = (turn_secret,)
     listening = listening_addresses(config)
     if config.internal_networks and not config.no_turn and not listening:
         log.error(
@@ -1152,17 +1289,19 @@ async def serve(
         )
         return 1
 
+    running = _Running(config, share, listening)
     ssl_context: ssl.SSLContext | None = None
     material: Any = None
     web_tls = web_serves_https(config)
     need_tls = (not config.no_turn and not config.no_tls and not config.stun_only) or web_tls
     if need_tls:
-        from .tls import ensure_certificate, server_ssl_context
+        from .tls import ServingCertificate, ensure_certificate
 
         material = ensure_certificate(
             config.cert, config.pkey, certificate_hosts(config, listening), state_dir()
         )
-        ssl_context = server_ssl_context(material)
+        running.certificate = ServingCertificate(material)
+        ssl_context = running.certificate.context
 
     turn: _Turn | None = None
     children: list[subprocess.Popen[bytes]] = []
@@ -1170,9 +1309,10 @@ async def serve(
     admin_handler: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None
     admin_dir = ""
     if not config.no_turn:
-        turn = await _start_turn(config, share, listening, rest_secrets, ssl_context)
+        turn = await _start_turn(config, share, listening, rest_secrets(config, share), ssl_context)
         if turn is None:
             return 1
+        running.turn = turn
         if share.index == 0 and config.workers > 1:
             if not config.no_admin:
                 admin_dir = _private_directory()
@@ -1186,8 +1326,15 @@ async def serve(
                 log.error("worker processes did not start")
                 return 1
         _say_turn(config, listening, turn, ssl_context, material, turn_secret)
+        prepare = None
+        if reread is not None:
+            source = reread
+
+            def prepare() -> ReloadPlan:
+                return _prepare_reload(running, source)
+
         admin, admin_handler = await _start_admin(
-            config, share, turn, started, config_file, admin_token
+            config, share, turn, started, config_file, admin_token, running, prepare
         )
 
     exporter, metrics_servers = await _start_metrics(config, share, turn)
@@ -1205,6 +1352,7 @@ async def serve(
             web_ssl,
             extra_routes=None if exporter is None else routes(exporter),
         )
+        running.web = runner
         if exporter is not None:
             signaling = runner
             exporter.hub = lambda: hub_figures(signaling)
@@ -1224,7 +1372,9 @@ async def serve(
         nonlocal signals_seen
         signals_seen += 1
         if signals_seen == 1:
-            log.info("draining: no new allocations; waiting up to %ss", config.drain_timeout)
+            log.info(
+                "draining: no new allocations; waiting up to %ss", running.config.drain_timeout
+            )
             stop.set()
             for child in children:
                 child.send_signal(signal.SIGTERM)
@@ -1272,7 +1422,7 @@ async def serve(
     if runner is not None:
         await runner.cleanup()
     if turn is not None:
-        await _drain(turn, config.drain_timeout)
+        await _drain(turn, running.config.drain_timeout)
         for listener in turn.udp_listeners:
             listener.close()
         if turn.counter is not None:

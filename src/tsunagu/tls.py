@@ -22,6 +22,7 @@ import ssl
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -35,6 +36,7 @@ from tsunagu.config import ConfigError, IPAddress
 __all__ = [
     "GENERATED_CERT_NAME",
     "GENERATED_KEY_NAME",
+    "ServingCertificate",
     "TlsError",
     "TlsMaterial",
     "certificate_fingerprints",
@@ -305,6 +307,34 @@ def _ensure_generated(hosts: Sequence[str], state_dir: Path, now: datetime.datet
         ) from None
     fingerprint, spki = certificate_fingerprints(leaf)
     return TlsMaterial(cert_path, key_path, True, fingerprint, spki)
+
+
+class ServingCertificate:
+    """The server-side TLS context the listeners hold, whose certificate can be replaced
+    while they run (a reload, a renewal).
+
+    A context handed to a listening socket cannot be swapped out, and loading a new chain
+    into it in place would mix old and new when the key type changes. Instead each handshake
+    is moved, from its ClientHello on, to the newest context: OpenSSL calls the server-name
+    callback on every handshake, with or without SNI. Open connections keep the certificate
+    they were made with.
+    """
+
+    def __init__(self, material: TlsMaterial) -> None:
+        self.material = material
+        self.context = server_ssl_context(material)
+        self._newest = self.context
+        self.context.sni_callback = self._choose
+
+    def _choose(self, connection: Any, server_name: str | None, context: ssl.SSLContext) -> None:
+        if self._newest is not self.context:
+            connection.context = self._newest
+
+    def replace(self, material: TlsMaterial) -> None:
+        """Serve ``material`` from the next handshake on; raises TlsError, keeping the
+        current certificate, when it cannot be loaded."""
+        self._newest = server_ssl_context(material)
+        self.material = material
 
 
 def server_ssl_context(material: TlsMaterial) -> ssl.SSLContext:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..config import ConfigError, admin_socket_path, load_config
+from ..config_reload import RESTART_NEEDED
 from .client import AdminUnavailable, request
 
 __all__ = [
@@ -315,11 +316,18 @@ def drain_command(argv: list[str], prog: str) -> int:
 
 
 def reload_command(argv: list[str], prog: str) -> int:
-    """``tsunagu reload``: read the user database again."""
+    """``tsunagu reload``: read the configuration and the user database again."""
     parser = _parser(
         prog,
-        "Make every worker read its user database again now: the REST secrets and the"
-        " revocations, and look every user up again (their cached keys are dropped).",
+        "Read the configuration again, as SIGHUP does: the file given with -c, the same"
+        " flags, the user and secret files. Applied at once in every worker, without"
+        " ending a call: static users, REST secrets, peer ranges, quotas, bandwidth limits,"
+        " log level, alternate servers, drain timeout and the TLS certificate (new"
+        " handshakes get the new one). The user database is read again too: its secrets,"
+        " revocations, and every user (cached keys are dropped). A configuration that is"
+        " not valid is refused whole, and the running one is kept. Only a restart changes: "
+        + "; ".join(RESTART_NEEDED)
+        + ".",
     )
     args = parser.parse_args(argv)
     answer = _call(prog, args, {"command": "reload"})
@@ -327,6 +335,32 @@ def reload_command(argv: list[str], prog: str) -> int:
         return 1
     lines = []
     failed = False
+    configuration = answer["configuration"]
+    where = f"configuration file {configuration['file']}" if configuration.get("file") else None
+    if not configuration.get("reloaded"):
+        lines.append(configuration.get("note", "the configuration was not read again"))
+    else:
+        lines.append(f"{where or 'the configuration'}: read again")
+        applied = configuration.get("applied") or []
+        if applied:
+            lines.append("applied:")
+            lines.extend(f"  {item['option']}: {item['what']}" for item in applied)
+        else:
+            lines.append("no option a reload applies has changed")
+        if configuration.get("restart_needed"):
+            lines.append(
+                "changed, but only a restart applies: " + ", ".join(configuration["restart_needed"])
+            )
+        certificates = {
+            part["configuration"]["certificate"]
+            for part in answer["per_worker"]
+            if part.get("configuration", {}).get("certificate")
+        }
+        for fingerprint in sorted(certificates):
+            lines.append(f"TLS certificate read again, now serving SHA-256 {fingerprint}")
+        for error in configuration.get("errors") or []:
+            failed = True
+            lines.append(f"not applied: {error}")
     for part in answer["per_worker"]:
         database = part.get("user_database")
         if database is None:
@@ -340,15 +374,5 @@ def reload_command(argv: list[str], prog: str) -> int:
             f"worker {part['worker']}: {database['secrets']} REST secrets in the database,"
             f" revocations read, {database['cached_users_dropped']} cached users dropped"
         )
-    configuration = answer["configuration"]
-    if configuration.get("file"):
-        lines.append(
-            f"configuration file {configuration['file']}: not read again; the rest of the"
-            " configuration reloads in a later version"
-        )
-    else:
-        lines.append("the rest of the configuration reloads in a later version")
-    lines.append("restart the server to change:")
-    lines.extend(f"  {item}" for item in configuration["restart_needed"])
     status = _finish(prog, args, answer, "\n".join(lines) + "\n")
     return 1 if failed else status

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .. import __version__
+from ..config import Config, ConfigError, config_from_json, config_to_json
+from ..config_reload import LIVE, RESTART_NEEDED, ReloadPlan
 from ..transport.driver import TurnDriver
 from ..turn.allocation import Allocation
 from ..turn.server import Session
@@ -69,6 +71,8 @@ MAX_CONNECTIONS = 32
 """Connections handled at once on one socket."""
 WORKER_TIMEOUT = 2.0
 """Seconds worker 0 waits for another worker's answer."""
+RELOAD_TIMEOUT = 10.0
+"""Seconds worker 0 waits for another worker to reload (it reads its user database)."""
 MAX_ANSWER = 64 * 1024 * 1024
 """Bytes of one worker's answer (a long list of sessions) worker 0 reads at most."""
 _MAX_USER = 513  # coturn's longest username
@@ -81,27 +85,19 @@ _FIELDS = {
     "reload": frozenset(),
     "metrics": frozenset({"per_user"}),
 }
-# What only a restart changes: named in reload's answer until a full reload exists.
-RESTART_NEEDED = (
-    "listening addresses and ports (listening_ips, listening_port, tls_listening_port,"
-    " aux_servers, alt_listening_port, rfc5780)",
-    "relay addresses and port range (relay_ips, external_ips, min_port, max_port)",
-    "transports (no_udp, no_tcp, no_tls, stun_only, no_stun) and the TLS certificate",
-    "workers and relay_engine",
-    "the user database (userdb, psql_userdb, redis_userdb) and realm",
-    "static users and secrets (users, user_file, static_auth_secrets), quotas, peer ranges",
-    "the web app (web_ip, web_port, room settings)",
-    "logging (log_file, log_level, log_format, audit_file) and the admin socket",
-)
+MAX_INTERNAL_REQUEST = 16 * 1024 * 1024
+"""Bytes of one request worker 0 sends another worker (a whole configuration, every static
+user in it)."""
 
 
 class RequestError(ValueError):
     """A request the endpoint cannot take; the message goes back to the client."""
 
 
-def parse_request(line: bytes) -> dict[str, Any]:
+def parse_request(line: bytes, *, internal: bool = False) -> dict[str, Any]:
     """The request in ``line``, checked: a JSON object naming a known command with only the
-    fields that command takes, each of the right type and size."""
+    fields that command takes, each of the right type and size. ``internal``: on a worker's
+    private socket, where reload carries worker 0's new configuration."""
     try:
         document = json.loads(line)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -111,7 +107,8 @@ def parse_request(line: bytes) -> dict[str, Any]:
     command = document.get("command")
     if not isinstance(command, str) or command not in _FIELDS:
         raise RequestError(f"'command' must be one of {', '.join(COMMANDS)}")
-    extra = set(document) - {"command"} - _FIELDS[command]
+    fields = _FIELDS[command] | ({"config"} if internal and command == "reload" else set())
+    extra = set(document) - {"command"} - fields
     if extra:
         raise RequestError(f"{command} takes no {', '.join(sorted(map(str, extra)))}")
     request: dict[str, Any] = {"command": command}
@@ -130,6 +127,11 @@ def parse_request(line: bytes) -> dict[str, Any]:
         if not isinstance(per_user, bool):
             raise RequestError("'per_user' must be true or false")
         request["per_user"] = per_user
+    config = document.get("config")
+    if config is not None:
+        if not isinstance(config, dict):
+            raise RequestError("'config' must be an object")
+        request["config"] = config
     if command == "kill" and ("user" in request) == ("session" in request):
         raise RequestError("kill takes either 'session' or 'user'")
     return request
@@ -191,12 +193,15 @@ class WorkerControl:
         *,
         started: float,
         native: Callable[[], dict[str, int] | None] = lambda: None,
+        reconfigure: Callable[[Config], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         self.driver = driver
         self.users = users
         self.started = started
         self.native = native
         """Counters of the native per-packet path (relayed, bindings) where it runs."""
+        self.reconfigure = reconfigure
+        """Applies a reloaded configuration in this worker; what it did."""
 
     @property
     def worker(self) -> int:
@@ -215,7 +220,7 @@ class WorkerControl:
             return self.drain()
         if command == "metrics":
             return self.metrics(per_user=bool(request.get("per_user")))
-        return await self.reload()
+        return await self.reload(request.get("config"))
 
     def status(self) -> dict[str, Any]:
         driver = self.driver
@@ -286,9 +291,19 @@ class WorkerControl:
         server.start_drain()
         return {"worker": self.worker, "draining": True, "allocations": len(server.allocations)}
 
-    async def reload(self) -> dict[str, Any]:
+    async def reload(self, config: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Apply ``config`` (worker 0's reloaded configuration, as JSON) when given, then
+        read the user database again."""
+        part: dict[str, Any] = {"worker": self.worker, "user_database": None}
+        if config is not None and self.reconfigure is not None:
+            try:
+                parsed = config_from_json(config)
+            except ConfigError as exc:
+                part["configuration"] = {"error": str(exc)}
+            else:
+                part["configuration"] = await self.reconfigure(parsed)
         if self.users is None:
-            return {"worker": self.worker, "user_database": None}
+            return part
         done = await self.users.reload()
         log.info(
             "tsunagu reload: user database read again, %d cached users dropped%s (worker %d)",
@@ -296,7 +311,8 @@ class WorkerControl:
             f"; {done['error']}" if done.get("error") else "",
             self.worker,
         )
-        return {"worker": self.worker, "user_database": done}
+        part["user_database"] = done
+        return part
 
 
 def _relayed(totals: Sequence[int]) -> dict[str, Any]:
@@ -352,14 +368,30 @@ class AdminEndpoint:
         workers: int,
         config_file: str | None = None,
         timeout: float = WORKER_TIMEOUT,
+        prepare: Callable[[], ReloadPlan] | None = None,
     ) -> None:
         self.local = local
         self.peers = tuple(peers)
         self.workers = workers
         self.config_file = config_file
         self.timeout = timeout
+        self.prepare = prepare
+        """Reads the configuration again and checks it (raising ConfigError); None where
+        the server was not started from a command line."""
 
     async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        plan = None
+        if request["command"] == "reload" and self.prepare is not None:
+            try:
+                plan = self.prepare()
+            except ConfigError as exc:
+                log.error("reload refused, the running configuration is kept: %s", exc)
+                return {
+                    "ok": False,
+                    "command": "reload",
+                    "error": f"configuration refused, the running one is kept: {exc}",
+                }
+            request = {**request, "config": config_to_json(plan.config)}
         parts, missing = await self._gather(request)
         command = request["command"]
         merged: dict[str, Any]
@@ -382,18 +414,42 @@ class AdminEndpoint:
                 "per_worker": parts,
             }
         else:
-            merged = {
-                "per_worker": parts,
-                "configuration": {
-                    "file": self.config_file,
-                    "reloaded": False,
-                    "note": "the user database's secrets, users and revocations were read"
-                    " again; the rest of the configuration is read again in a later version:"
-                    " restart the server to change it",
-                    "restart_needed": list(RESTART_NEEDED),
-                },
-            }
+            merged = {"per_worker": parts, "configuration": self._reloaded(plan, parts)}
         return {"ok": True, "command": command, **merged, "not_answering": missing}
+
+    def _reloaded(self, plan: ReloadPlan | None, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """The configuration part of reload's answer, and the same in the log."""
+        restart_only = list(RESTART_NEEDED)
+        if plan is None:
+            return {
+                "file": self.config_file,
+                "reloaded": False,
+                "note": "only the user database was read again: this server was not started"
+                " from a command line it can read again",
+                "restart_only": restart_only,
+            }
+        errors = [
+            f"worker {part['worker']}: {part['configuration']['error']}"
+            for part in parts
+            if part.get("configuration", {}).get("error")
+        ]
+        log.info(
+            "reload: configuration%s read again; %s%s%s",
+            f" file {self.config_file}" if self.config_file else "",
+            f"applied {', '.join(plan.applied)}" if plan.applied else "no live option changed",
+            f"; changed but only a restart applies them: {', '.join(plan.restart_needed)}"
+            if plan.restart_needed
+            else "",
+            f"; {'; '.join(errors)}" if errors else "",
+        )
+        return {
+            "file": self.config_file,
+            "reloaded": True,
+            "applied": [{"option": name, "what": LIVE[name]} for name in plan.applied],
+            "restart_needed": list(plan.restart_needed),
+            "errors": errors,
+            "restart_only": restart_only,
+        }
 
     async def metrics(self, *, per_user: bool = False) -> tuple[list[dict[str, Any]], list[int]]:
         """Every answering worker's figures for a scrape, and the index of every worker."""
@@ -408,9 +464,12 @@ class AdminEndpoint:
             # Only the worker the id names holds that allocation.
             index = int(request["session"].partition("-")[0])
             peers = tuple(peer for peer in peers if peer.index == index)
+        timeout = self.timeout
+        if request["command"] == "reload":
+            timeout = max(timeout, RELOAD_TIMEOUT)
         results = await asyncio.gather(
             self.local.answer(request),
-            *(ask_worker(peer, request, self.timeout) for peer in peers),
+            *(ask_worker(peer, request, timeout) for peer in peers),
             return_exceptions=True,
         )
         parts: list[dict[str, Any]] = []
@@ -419,7 +478,7 @@ class AdminEndpoint:
             (self.local.worker, *(p.index for p in peers)), results, strict=True
         ):
             if isinstance(result, BaseException):
-                missing.append({"worker": index, "error": _why(result, self.timeout)})
+                missing.append({"worker": index, "error": _why(result, timeout)})
                 if index == self.local.worker:
                     log.error("admin request failed", exc_info=result)
             else:
@@ -544,8 +603,11 @@ class AdminServer:
         max_connections: int = MAX_CONNECTIONS,
         read_timeout: float = READ_TIMEOUT,
         max_request: int = MAX_REQUEST,
+        internal: bool = False,
     ) -> None:
         self.sock = sock
+        self.internal = internal
+        """A worker's private socket: worker 0's reload carries its configuration."""
         self.path = str(sock.getsockname())
         self._inode = os.stat(self.path).st_ino
         self.handler = handler
@@ -608,7 +670,7 @@ class AdminServer:
         if not line.strip():
             return _error("empty request: send one JSON object on one line")
         try:
-            return parse_request(line)
+            return parse_request(line, internal=self.internal)
         except RequestError as exc:
             return _error(str(exc))
 

@@ -57,6 +57,22 @@ class StaticCredentialStore:
         self._secrets = tuple(secrets)
         self._check_expiry_on_existing = check_expiry_on_existing
 
+    def replace_static(
+        self,
+        users: Iterable[tuple[str, str]],
+        secrets: Iterable[str],
+        *,
+        check_expiry_on_existing: bool,
+    ) -> None:
+        """Serve these static users and configured secrets from now on, instead of the
+        ones before (a reload); the database's users and secrets are left as they are."""
+        self._keys = {}
+        self._userhashes = {}
+        for name, password in users:
+            self.add_user(name, password)
+        self._secrets = tuple(secrets)
+        self._check_expiry_on_existing = check_expiry_on_existing
+
     def add_user(self, name: str, password: str) -> None:
         for algorithm in (PASSWORD_ALGORITHM_MD5, PASSWORD_ALGORITHM_SHA256):
             self._keys[(name, algorithm)] = long_term_key(name, self.realm, password, algorithm)

@@ -53,7 +53,7 @@ from tsunagu.signaling.ice import choose_host, ice_config, mint
 from tsunagu.signaling.rooms import Action, Close, Hub, IceIssuer, Limits, Send
 from tsunagu.signaling.tokens import JoinTokens
 
-__all__ = ["create_app", "hub_figures", "revoke_user", "run_web", "STATIC_DIR"]
+__all__ = ["create_app", "hub_figures", "revoke_user", "run_web", "set_turn_secret", "STATIC_DIR"]
 
 log = logging.getLogger("tsunagu.signaling")
 audit = logging.getLogger("tsunagu.audit")
@@ -278,6 +278,14 @@ def revoke_user(runner: web.AppRunner, user_id: str) -> None:
     """Close the signaling sessions of ``user_id``, whose TURN credentials were revoked."""
     state = runner.app[STATE]
     state.apply(state.hub.revoke_user(user_id, state.now()))
+
+
+def set_turn_secret(runner: web.AppRunner, turn_secret: str) -> None:
+    """Mint TURN credentials with ``turn_secret`` from now on (a reload rotated the secrets);
+    credentials already handed out stay valid while the TURN side accepts their secret."""
+    state = runner.app[STATE]
+    if state.turn_secret is not None:
+        state.turn_secret = turn_secret
 
 
 async def run_web(

@@ -42,6 +42,7 @@ __all__ = [
     "Limits",
     "admit",
     "new_bucket",
+    "retune",
 ]
 
 NS = 1_000_000_000
@@ -63,6 +64,18 @@ def new_bucket(rate: int) -> array[int]:
         raise ValueError(f"rate must be 1-{MAX_BPS} bytes per second")
     capacity = rate * NS * BURST_SECONDS
     return array("q", (capacity, 0, rate, capacity))
+
+
+def retune(bucket: array[int], rate: int) -> None:
+    """Give a bucket in use a new ``rate`` (a reload): the allocations sharing it see the new
+    limit from their next packet; tokens above the new capacity are dropped."""
+    if not 0 < rate <= MAX_BPS:
+        raise ValueError(f"rate must be 1-{MAX_BPS} bytes per second")
+    capacity = rate * NS * BURST_SECONDS
+    bucket[2] = rate
+    bucket[3] = capacity
+    if bucket[_TOKENS] > capacity:
+        bucket[_TOKENS] = capacity
 
 
 def admit(buckets: tuple[array[int], ...], now: int, size: int) -> bool:

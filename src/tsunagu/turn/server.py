@@ -87,7 +87,7 @@ from ..stun.message import (
 )
 from .allocation import Allocation, FiveTuple, RelaySocket
 from .authentication import Authenticated, Authenticator, CredentialStore, KeyLookup, KeysNotAtHand
-from .bandwidth import MAX_BPS, Limits, new_bucket
+from .bandwidth import MAX_BPS, Limits, new_bucket, retune
 from .discovery import Reply, padding_for, route_binding
 from .errors import (
     AddressFamilyNotSupported,
@@ -335,6 +335,42 @@ class TurnServer:
         if not to_peers:
             return None
         return Limits(tuple(to_peers), tuple(to_client), self.drops)
+
+    def reconfigure(self, settings: TurnSettings) -> None:
+        """Take from ``settings`` what a reload changes (:mod:`tsunagu.config_reload`): the
+        peer policy, quotas, bandwidth limits and alternate servers.
+
+        A new per-allocation limit applies to allocations made from then on; the per-user
+        and whole-server buckets are shared, so their new rate reaches live allocations
+        too. Removing one of those leaves the live allocations' buckets at the highest rate,
+        in effect unlimited, and gives new allocations none.
+        """
+        self.settings = dataclasses.replace(
+            self.settings,
+            policy=settings.policy,
+            user_quota=settings.user_quota,
+            address_quota=settings.address_quota,
+            total_quota=settings.total_quota,
+            max_bps=settings.max_bps,
+            user_max_bps=settings.user_max_bps,
+            bps_capacity=settings.bps_capacity,
+            alternate_servers=settings.alternate_servers,
+        )
+        self.set_quotas(settings.user_quota, settings.total_quota)
+        self.set_max_bps(settings.max_bps)
+        rate = settings.user_max_bps or MAX_BPS
+        for pair in self._user_buckets.values():
+            for bucket in pair:
+                retune(bucket, rate)
+        if not settings.user_max_bps:
+            self._user_buckets.clear()
+        if self._capacity is not None:
+            for bucket in self._capacity:
+                retune(bucket, settings.bps_capacity or MAX_BPS)
+        if not settings.bps_capacity:
+            self._capacity = None
+        elif self._capacity is None:
+            self._capacity = (new_bucket(settings.bps_capacity), new_bucket(settings.bps_capacity))
 
     def set_peer_policy(self, policy: PeerPolicy) -> None:
         """Decide peers by ``policy`` from now on (ranges read again from a user database);

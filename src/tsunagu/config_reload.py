@@ -1,0 +1,79 @@
+"""What a reload (``SIGHUP``, ``tsunagu reload``) changes in a running server, and what only
+a restart changes.
+
+A running server holds sockets bound to its addresses and ports, worker processes, and a
+user database connection; changing those means a new process. Everything else a call does
+not depend on from one packet to the next can change under it: who may authenticate, the
+limits a new allocation gets, where a draining server sends new clients, the certificate
+the next TLS handshake presents. :data:`LIVE` names those options; a reload takes them
+from the new configuration and keeps every other option as it runs, naming the ones that
+differ so that the operator knows a restart is still owed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .config import Config
+
+__all__ = ["LIVE", "RESTART_NEEDED", "ReloadPlan", "reload_plan"]
+
+LIVE: dict[str, str] = {
+    "users": "static users",
+    "user_file": "static users",
+    "static_auth_secrets": "TURN REST API secrets",
+    "static_auth_secret_file": "TURN REST API secrets",
+    "rest_check_on_refresh": "TURN REST API secrets",
+    "allowed_peer_ips": "peer ranges",
+    "denied_peer_ips": "peer ranges",
+    "user_quota": "quotas (live allocations above a lowered quota stay until they end)",
+    "address_quota": "quotas (live allocations above a lowered quota stay until they end)",
+    "total_quota": "quotas (live allocations above a lowered quota stay until they end)",
+    "max_bps": "bandwidth per allocation (for allocations made from now on)",
+    "user_max_bps": "bandwidth per user (live allocations too)",
+    "bps_capacity": "bandwidth of the whole server (live allocations too)",
+    "log_level": "log level",
+    "verbose": "log level",
+    "alternate_servers": "alternate servers",
+    "drain_timeout": "drain timeout",
+    "cert": "TLS certificate (new handshakes; open connections keep theirs)",
+    "pkey": "TLS certificate (new handshakes; open connections keep theirs)",
+}
+"""The options a reload applies, each with what it changes."""
+
+RESTART_NEEDED = (
+    "listening addresses and ports (listening_ips, listening_port, tls_listening_port,"
+    " aux_servers, alt_listening_port, rfc5780)",
+    "relay addresses and port range (relay_ips, external_ips, min_port, max_port)",
+    "transports (no_udp, no_tcp, no_tls, stun_only, no_stun)",
+    "workers and relay_engine",
+    "the user database (userdb, psql_userdb, redis_userdb), use_auth_secret and realm",
+    "internal_networks, lifetimes, unauth_rate and TCP connection limits",
+    "the web app (web_ip, web_port, room settings)",
+    "log destinations (log_file, log_format, audit_file) and the admin API",
+)
+"""What only a restart changes, in groups, for ``tsunagu reload --help`` and its answer."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadPlan:
+    config: Config
+    """What runs after the reload: the new file's live options, the running rest."""
+    applied: tuple[str, ...]
+    """Live options whose value changed."""
+    restart_needed: tuple[str, ...]
+    """Options whose value changed in the file but that only a restart applies."""
+
+
+def reload_plan(running: Config, new: Config) -> ReloadPlan:
+    """How a reload from ``running`` to ``new`` (both already checked) goes."""
+    applied: list[str] = []
+    restart_needed: list[str] = []
+    for field in dataclasses.fields(Config):
+        name = field.name
+        if getattr(running, name) == getattr(new, name):
+            continue
+        (applied if name in LIVE else restart_needed).append(name)
+    config = dataclasses.replace(running, **{name: getattr(new, name) for name in LIVE})
+    return ReloadPlan(config, tuple(applied), tuple(restart_needed))
