@@ -71,14 +71,6 @@ def _write_private(path: Path, data: bytes) -> None:
         raise
 
 
-def _spki(key: Any) -> bytes:
-    return bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-
-
 def _inner_cause(text: str) -> str:
     # requests buries the cause ("[Errno 111] Connection refused", "[SSL: ...] certificate
     # verify failed: ...") inside urllib3's reprs of its retries.
@@ -112,12 +104,12 @@ def describe(exc: BaseException, *, timeout: float, order_timeout: float) -> str
     if isinstance(exc, messages.Error):
         return _problem(exc) if exc.code == "rateLimited" else f"the CA refused: {_problem(exc)}"
     if isinstance(exc, errors.ValidationError):
-        failures = []
-        for authzr in exc.failed_authzrs:
-            name = authzr.body.identifier.value
-            for challb in authzr.body.challenges:
-                if challb.error is not None:
-                    failures.append(f"{name}: {_problem(challb.error)}")
+        failures = [
+            f"{authzr.body.identifier.value}: {_problem(challb.error)}"
+            for authzr in exc.failed_authzrs
+            for challb in authzr.body.challenges
+            if challb.error is not None
+        ]
         return "the CA could not validate the challenge: " + "; ".join(failures)
     if isinstance(exc, errors.TimeoutError):
         return f"the CA did not validate and issue within {order_timeout:g} s"
@@ -201,7 +193,7 @@ class AcmeCertificates:
         names = {name.lower() for name in san.get_values_for_type(x509.DNSName)}
         # A crash between writing the key and the certificate leaves a pair that does not
         # match; it is replaced like a missing one.
-        if not set(self.domains) <= names or _spki(key) != _spki(leaf):
+        if not set(self.domains) <= names or key.public_key() != leaf.public_key():
             return None
         return leaf.not_valid_after_utc - self.renew_before
 
@@ -381,7 +373,9 @@ class AcmeCertificates:
 
         app = web.Application()
         app.router.add_get("/.well-known/acme-challenge/{token}", challenge)
-        runner = web.AppRunner(app, access_log=None)
+        # The CA's validators hold no connection open for long; ending the order must not
+        # wait the default minute for one.
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
         await runner.setup()
         try:
             await web.TCPSite(runner, self.http_host, self.http_port).start()
