@@ -389,6 +389,9 @@ def test_acme_options_are_checked(tmp_path: Path) -> None:
     assert load_config(flags).acme_domains == ("turn.example.org", "a.example.org")
     path = write_toml(tmp_path, 'acme-domains = "turn.example.org"\n')
     assert load_config(["-c", path]).acme_domains == ("turn.example.org",)
+    # Another port for the challenge, forwarded from 80: the web app may take 80 itself.
+    moved = parse_config({"acme_domains": "t.example.org", "web_port": 80, "acme_http_port": 8081})
+    assert (moved.web_port, moved.acme_http_port) == (80, 8081)
     defaults = Config()
     assert defaults.acme_directory == "https://acme-v02.api.letsencrypt.org/directory"
     assert (defaults.acme_domains, defaults.acme_http_port) == ((), 80)
@@ -404,6 +407,18 @@ def test_acme_options_are_checked(tmp_path: Path) -> None:
         ({"acme_email": "ops@localhost"}, "acme_email: must be an e-mail address"),
         ({"acme_directory": "http://ca.example.org/dir"}, "acme_directory: must be an https://"),
         ({"acme_http_port": 0}, "acme_http_port: must be an integer 1-65535"),
+        (
+            {"acme_domains": ["t.example.org"], "web_port": 80},
+            "acme_http_port: is 80, which web_port uses too",
+        ),
+        (
+            {"acme_domains": ["t.example.org"], "aux_servers": ["192.0.2.1:80"]},
+            "acme_http_port: is 80, which aux_servers uses too",
+        ),
+        (
+            {"acme_domains": ["t.example.org"], "acme_http_port": 3478},
+            "acme_http_port: is 3478, which listening_port uses too",
+        ),
     ]:
         message = config_error(parse_config, mapping)
         assert message.startswith(f"config: {expected}"), message

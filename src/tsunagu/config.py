@@ -1156,6 +1156,28 @@ def _check_rfc5780(values: dict[str, Any]) -> None:
             )
 
 
+def _check_acme_port(values: dict[str, Any]) -> None:
+    """The HTTP-01 answerer binds acme_http_port on every address while an order is open: a
+    listener of the server's own on that TCP port would make each order fail."""
+    port = values["acme_http_port"]
+    taken = []
+    if not values["no_web"]:
+        taken.append(("web_port", values["web_port"]))
+    if not values["no_turn"]:
+        taken += [("listening_port", values["listening_port"])]
+        taken += [("tls_listening_port", values["tls_listening_port"])]
+        taken += [("aux_servers", aux.port) for aux in values["aux_servers"]]
+    for key, used in taken:
+        if used == port:
+            _fail(
+                "acme_http_port",
+                f"is {port}, which {key} uses too; the ACME HTTP-01 challenge needs the port"
+                " free while a certificate is ordered (give acme_http_port another port and"
+                " forward port 80 to it)",
+                show=False,
+            )
+
+
 def _cross_check(values: dict[str, Any]) -> None:
     """Rules that involve more than one field; each error names the field to change."""
     if values["min_port"] > values["max_port"]:
@@ -1173,6 +1195,8 @@ def _cross_check(values: dict[str, Any]) -> None:
         )
     if values["pkey"] is not None and values["cert"] is None:
         _fail("pkey", "needs cert as well", values["pkey"])
+    if values["acme_domains"]:
+        _check_acme_port(values)
     if values["use_auth_secret"] and not values["static_auth_secrets"]:
         _fail("static_auth_secrets", "at least one secret is needed with use_auth_secret", ())
     access = values["room_access"]
