@@ -199,3 +199,34 @@ def test_shutdown_ends_everything() -> None:
     assert not binder.bound  # the reserved socket too
     server.handle_timer(NOW + 10_000)
     assert events(server) == []
+
+
+def test_ended_allocations_leave_the_expiry_heap() -> None:
+    """Reminders of allocations that ended (Refresh 0) do not keep them alive until their
+    deadlines, up to a lifetime later: the heap drops them as allocations end."""
+    import gc
+
+    from tsunagu.turn.allocation import Allocation
+
+    server, binder = make_server(
+        TurnSettings(min_port=50000, max_port=50999, user_quota=0, address_quota=0)
+    )
+    clients = [Client(server, udp(("198.51.100.60", 2000 + n))) for n in range(300)]
+    for client in clients:
+        assert success(client.allocate())
+        assert success(client.request(Method.CREATE_PERMISSION, [XorPeerAddress(*PEER)]))
+        assert success(
+            client.request(Method.CHANNEL_BIND, [ChannelNumber(0x4000), XorPeerAddress(*PEER)])
+        )
+    keeper = clients.pop()
+    for client in clients:
+        assert success(client.request(Method.REFRESH, [Lifetime(0)], NOW + 1))
+    assert len(events(server)) == 300 + 299  # created, then ended
+    gc.collect()
+    ended = [o for o in gc.get_objects() if isinstance(o, Allocation) and o.ended]
+    assert len(ended) < 64, f"{len(ended)} ended allocations still referenced"
+    # The live one still expires on time, and everything is released.
+    server.handle_timer(NOW + 600)
+    assert keeper.five_tuple not in server.allocations
+    assert server.get_timer() is None
+    assert not binder.bound

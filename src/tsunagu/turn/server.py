@@ -180,6 +180,8 @@ _VERSION_TO_FAMILY = {4: FAMILY_IPV4, 6: FAMILY_IPV6}
 _CHANNEL_MIN = 0x4000
 _CHANNEL_MAX_RFC5766 = 0x7FFF
 _MAX_PERMISSIONS = 1000
+# Ended allocations after which (or after as many as are live) the expiry heap drops theirs.
+_DROP_ENDED_AFTER = 64
 _RESPONSE_CACHE_LIMIT = 100_000
 # Requests on an existing allocation whose error answers are counted in its ``refused``.
 _DIAGNOSED_METHODS: dict[int, str] = {
@@ -226,6 +228,8 @@ class TurnServer:
         self.refusals = RefusalTally()
         """Refusals by cause and client, since the driver last took them."""
         self._timers = ExpiryHeap()
+        self._ended_in_timers = 0
+        """Allocations ended since the timers last dropped the reminders of ended ones."""
         self._ports = RelayPortPool(settings, binder, rng, secret, self._timers)
         self._events: deque[Event] = deque()
         self._cache: dict[tuple[FiveTuple, bytes], tuple[bytes, float]] = {}
@@ -1007,6 +1011,12 @@ class TurnServer:
         allocation.channels.clear()
         allocation.peer_channels.clear()
         self._events.append(AllocationEnded(allocation, reason, now))
+        # Its reminders would keep it (relays, buffers) until their deadlines: drop them
+        # once as many allocations have ended as are live, a constant cost per allocation.
+        self._ended_in_timers += 1
+        if self._ended_in_timers >= max(_DROP_ENDED_AFTER, len(self.allocations)):
+            self._ended_in_timers = 0
+            self._timers.drop_ended()
 
 
 def _too_many_permissions() -> InsufficientCapacity:

@@ -6,6 +6,11 @@ allocation's ``expiry``, a permission's value in ``permissions``, a channel's in
 ``channel_expiry``), so refreshing costs a dictionary write, and when a reminder comes due
 its handler either removes the thing or schedules a new reminder at the later deadline.
 Entries of the same deadline come out in the order they were scheduled.
+
+An ended allocation's reminders would stay in the heap (and keep the allocation, its relays
+and its buffers alive) until their deadlines, up to a lifetime later: the core calls
+:meth:`ExpiryHeap.drop_ended` once as many allocations have ended as are still live, which
+keeps the cost per ended allocation constant and the heap free of the dead.
 """
 
 from __future__ import annotations
@@ -67,6 +72,12 @@ class SetAsideExpiry:
 Expiry = AllocationExpiry | PermissionExpiry | ChannelExpiry | ReservationExpiry | SetAsideExpiry
 
 
+def _of_ended(entry: Expiry) -> bool:
+    if isinstance(entry, AllocationExpiry | PermissionExpiry | ChannelExpiry):
+        return entry.allocation.ended
+    return False
+
+
 class ExpiryHeap:
     """Entries by deadline; a sequence number keeps equal deadlines in scheduling order."""
 
@@ -83,6 +94,18 @@ class ExpiryHeap:
     def next_deadline(self) -> float | None:
         """The earliest deadline, or None when nothing is scheduled."""
         return self._heap[0][0] if self._heap else None
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def drop_ended(self) -> int:
+        """Remove the entries of ended allocations; how many there were."""
+        kept = [item for item in self._heap if not _of_ended(item[2])]
+        dropped = len(self._heap) - len(kept)
+        if dropped:
+            heapq.heapify(kept)
+            self._heap = kept
+        return dropped
 
     def pop_due(self, now: float) -> Expiry | None:
         """The next entry whose deadline is at or before ``now``, or None."""
