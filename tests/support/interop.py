@@ -121,7 +121,8 @@ class ServeProcess:
     tmp: Path
     extra: Sequence[str]
     hosts: Sequence[str]
-    drain_timeout: float
+    drain_timeout: float | None
+    """None: not on the command line (a configuration file gives it)."""
     min_port: int
     max_port: int
     allowed_peers: bool = True
@@ -181,8 +182,7 @@ class ServeProcess:
             str(self.min_port),
             "--max-port",
             str(self.max_port),
-            "--drain-timeout",
-            str(self.drain_timeout),
+            *(() if self.drain_timeout is None else ("--drain-timeout", str(self.drain_timeout))),
             "--log-file",
             str(self.log_path),
             # As many worker processes as the server picks by default (one per usable core),
@@ -314,7 +314,8 @@ def run_serve(
     tmp: Path,
     *extra: str,
     hosts: Sequence[str] = (HOST,),
-    drain_timeout: float = 1.0,
+    drain_timeout: float | None = 1.0,
+    relay_ports: int = 100,
     check_exit: bool = True,
     wait_ready: bool = True,
     allowed_peers: bool = True,
@@ -328,7 +329,7 @@ def run_serve(
     several servers can start side by side.
     """
     tmp.mkdir(parents=True, exist_ok=True)
-    low, high = relay_range()
+    low, high = relay_range(relay_ports)
     server = ServeProcess(tmp, extra, hosts, drain_timeout, low, high, allowed_peers, web)
     server.launch()
     try:

@@ -156,3 +156,38 @@ def test_a_new_max_bps_applies_to_new_allocations() -> None:
     assert limits is not None and [b[2] for b in limits.to_client] == [2000]
     server.set_max_bps(0)
     assert server.allocations[allocate(server, "bob", 50002).five_tuple].limits is None
+
+
+def test_a_reload_retunes_the_shared_buckets_of_live_allocations() -> None:
+    server, _ = make_server(TurnSettings(max_bps=1000, user_max_bps=5000, bps_capacity=9000))
+    live = allocate(server, "alice", 50000)
+    limits = server.allocations[live.five_tuple].limits
+    assert limits is not None
+    server.reconfigure(TurnSettings(max_bps=2000, user_max_bps=3000, bps_capacity=4000))
+    # The allocation's own bucket keeps its rate; the user's and the worker's take the new
+    # one at once, with no more tokens than the new capacity.
+    assert [b[2] for b in limits.to_peers] == [1000, 3000, 4000]
+    assert [b[3] for b in limits.to_client] == [1000 * NS, 3000 * NS, 4000 * NS]
+    assert all(b[0] <= b[3] for b in limits.to_peers + limits.to_client)
+    new = server.allocations[allocate(server, "alice", 50001).five_tuple].limits
+    assert new is not None and [b[2] for b in new.to_peers] == [2000, 3000, 4000]
+    assert new.to_peers[1] is limits.to_peers[1] and new.to_peers[2] is limits.to_peers[2]
+
+    # Limits removed: live buckets open up, new allocations get none.
+    server.reconfigure(TurnSettings())
+    assert [b[2] for b in limits.to_peers] == [1000, MAX_BPS, MAX_BPS]
+    assert server.allocations[allocate(server, "bob", 50002).five_tuple].limits is None
+    # And a server without a capacity gets one.
+    server.reconfigure(TurnSettings(bps_capacity=700))
+    later = server.allocations[allocate(server, "bob", 50003).five_tuple].limits
+    assert later is not None and [b[2] for b in later.to_peers] == [700]
+
+
+def test_retune_keeps_the_rate_bounded() -> None:
+    from tsunagu.turn.bandwidth import retune
+
+    bucket = new_bucket(1000)
+    retune(bucket, 10)
+    assert list(bucket) == [10 * NS, 0, 10, 10 * NS]
+    with pytest.raises(ValueError):
+        retune(bucket, 0)

@@ -1,0 +1,343 @@
+"""Reloading a running server (``SIGHUP``, ``tsunagu reload``) with aioice clients relaying:
+no call is dropped, what the new configuration says applies, a broken one changes nothing.
+
+The server runs as users run it (the default worker count) from a configuration file; each
+reload rewrites that file. The TLS certificate is replaced both ways operators do it: a new
+path in the file, and new contents under the same path (what certbot's renewal does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aioice.turn
+import pytest
+from cryptography import x509
+
+from support.certs import make_certificate
+from support.interop import (
+    Collector,
+    ServeProcess,
+    TurnClient,
+    error_code,
+    run_serve,
+    turn_allocate,
+    udp_echo_server,
+)
+from tsunagu.admin.client import request
+from tsunagu.auth.rest import mint_credentials
+
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(240)]
+
+log = logging.getLogger(__name__)
+
+ALLOCATIONS = {"udp": 100, "tcp": 50, "tls": 50}
+RELOADS = 10
+
+
+def write_config(path: Path, **values: Any) -> None:
+    lines = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, str):
+            lines.append(f'{key} = "{value}"')
+        elif isinstance(value, list):
+            lines.append(f"{key} = [{', '.join(repr(str(item)) for item in value)}]")
+        else:
+            lines.append(f"{key} = {value}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def admin_path(server: ServeProcess) -> str:
+    return str(server.state_dir / "tsunagu" / "admin.sock")
+
+
+def reload_command(server: ServeProcess) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tsunagu", "reload", "--admin-socket", admin_path(server)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def der_fingerprint(der: bytes) -> str:
+    return hashlib.sha256(der).hexdigest()
+
+
+def file_fingerprint(cert: Path) -> str:
+    return der_fingerprint(ssl.PEM_cert_to_DER_cert(cert.read_text()))
+
+
+def any_certificate() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def served_fingerprint(port: int) -> str:
+    """The certificate a new TLS client gets on ``port``."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as sock,
+        any_certificate().wrap_socket(sock, server_hostname="localhost") as tls,
+    ):
+        return der_fingerprint(tls.getpeercert(binary_form=True) or b"")
+
+
+def new_certificate(directory: Path, name: str) -> tuple[Path, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    return make_certificate(directory, name, [x509.DNSName("localhost")])
+
+
+async def echo_all(clients: list[TurnClient], peer: tuple[str, int], tag: bytes) -> int:
+    """One echo through every allocation at once; how many came back."""
+
+    async def one(index: int, client: TurnClient) -> bool:
+        payload = b"%s-%d" % (tag, index)
+        try:
+            return await client.echo(payload, peer, timeout=5) == payload
+        except (TimeoutError, AssertionError):
+            return False
+
+    results = await asyncio.gather(*(one(i, c) for i, c in enumerate(clients)))
+    return sum(results)
+
+
+async def test_200_allocations_relay_through_10_reloads(tmp_path: Path) -> None:
+    config = tmp_path / "tsunagu.toml"
+    pairs = [new_certificate(tmp_path / "certs" / str(k), f"cert-{k}") for k in range(RELOADS + 1)]
+    in_place_cert, in_place_key = tmp_path / "live-cert.pem", tmp_path / "live-key.pem"
+
+    def configure(index: int) -> Path:
+        """Reload ``index``'s file: odd ones name a new path, even ones keep the path and
+        change what is in it; a quota moves each time too."""
+        cert, key = pairs[index]
+        if index % 2 == 0:
+            in_place_cert.write_bytes(cert.read_bytes())
+            in_place_key.write_bytes(key.read_bytes())
+            cert, key = in_place_cert, in_place_key
+        write_config(
+            config,
+            cert=str(cert),
+            pkey=str(key),
+            user_quota=0,
+            address_quota=0,
+            total_quota=1000 + index,
+        )
+        return pairs[index][0]
+
+    configure(0)
+    with run_serve(tmp_path / "serve", "-c", str(config), relay_ports=600) as server:
+        assert served_fingerprint(server.tls_port) == file_fingerprint(pairs[0][0])
+        async with udp_echo_server() as (echo, peer):
+            clients: list[TurnClient] = []
+            started = time.monotonic()
+            for transport, count in ALLOCATIONS.items():
+                for _ in range(count):
+                    clients.append(
+                        await turn_allocate(
+                            server,
+                            "udp" if transport == "udp" else "tcp",
+                            ssl=any_certificate() if transport == "tls" else None,
+                        )
+                    )
+            log.info("%d allocations in %.1f s", len(clients), time.monotonic() - started)
+            assert await echo_all(clients, peer, b"before") == len(clients)
+
+            # Traffic runs through every allocation while the reloads happen.
+            stop = asyncio.Event()
+            rounds: list[int] = []
+
+            async def traffic() -> None:
+                while not stop.is_set():
+                    rounds.append(await echo_all(clients, peer, b"during"))
+
+            running = asyncio.create_task(traffic())
+            times = []
+            for index in range(1, RELOADS + 1):
+                expected = file_fingerprint(configure(index))
+                began = time.monotonic()
+                if index % 2:
+                    done = await asyncio.to_thread(reload_command, server)
+                    assert done.returncode == 0, (done.stdout, done.stderr)
+                    assert "total_quota" in done.stdout and "TLS certificate" in done.stdout
+                else:
+                    marks = server.log_text().count("reload: configuration file")
+                    server.send_signal(signal.SIGHUP)
+                    deadline = time.monotonic() + 10
+                    while server.log_text().count("reload: configuration file") == marks:
+                        assert time.monotonic() < deadline, server.log_text()[-3000:]
+                        await asyncio.sleep(0.05)
+                times.append(time.monotonic() - began)
+                # Every worker serves the new certificate to new clients.
+                seen = {
+                    await asyncio.to_thread(served_fingerprint, server.tls_port) for _ in range(8)
+                }
+                assert seen == {expected}, index
+            stop.set()
+            await running
+
+            after = await echo_all(clients, peer, b"after")
+            status = request(admin_path(server), {"command": "status"}, 10)
+            lost = len(clients) - after
+            log.info(
+                "%d reloads (%.2f s at most), %d echo rounds during them (%d of %d echoes"
+                " back), %d allocations lost, %d alive on the server",
+                RELOADS,
+                max(times),
+                len(rounds),
+                sum(rounds),
+                len(rounds) * len(clients),
+                lost,
+                status["allocations"]["total"],
+            )
+            assert lost == 0
+            assert rounds and all(count == len(clients) for count in rounds), rounds
+            assert status["allocations"] == {
+                "total": 200,
+                "udp": 100,
+                "tcp": 50,
+                "tls": 50,
+            }
+            assert "SIGHUP: reloading" in server.log_text()
+            for client in clients:
+                client.transport.close()
+            await asyncio.sleep(0)
+
+
+async def allocate(server: ServeProcess, username: str, password: str) -> TurnClient:
+    transport, app = await asyncio.wait_for(
+        aioice.turn.create_turn_endpoint(
+            Collector, server_addr=(server.host, server.port), username=username, password=password
+        ),
+        10,
+    )
+    return TurnClient(transport, app)
+
+
+async def refused(server: ServeProcess, username: str, password: str) -> int | None:
+    """The error code of an allocation that fails (whichever worker takes it: four tries)."""
+    codes = set()
+    for _ in range(4):
+        with pytest.raises(Exception) as info:
+            await allocate(server, username, password)
+        codes.add(error_code(info.value))
+    assert len(codes) == 1, codes
+    return codes.pop()
+
+
+async def allocates(server: ServeProcess, username: str, password: str) -> None:
+    for _ in range(4):
+        client = await allocate(server, username, password)
+        await client.close()
+
+
+async def test_reload_applies_users_secrets_peers_alternates_log_level_and_drain(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "tsunagu.toml"
+    users = tmp_path / "users.txt"
+    users.write_text("carol:first\n")
+    settings: dict[str, Any] = {
+        "user_file": str(users),
+        "static_auth_secrets": ["secret-one"],
+        "allowed_peer_ips": ["127.0.0.1"],
+        "drain_timeout": 30,
+    }
+    write_config(config, **settings)
+
+    def reload(**changes: Any) -> subprocess.CompletedProcess[str]:
+        settings.update(changes)
+        write_config(config, **settings)
+        return reload_command(server)
+
+    with run_serve(
+        tmp_path / "serve", "-c", str(config), allowed_peers=False, drain_timeout=None
+    ) as server:
+        await allocates(server, "carol", "first")
+        await allocates(server, *mint_credentials("secret-one", "dave", 600, time.time()))
+
+        # Users and secrets: the old ones stop working at once, the new ones work.
+        users.write_text("carol:second\n")
+        done = reload(static_auth_secrets=["secret-two"])
+        assert done.returncode == 0, done.stderr
+        assert "  users: static users" in done.stdout
+        assert "  static_auth_secrets: TURN REST API secrets" in done.stdout
+        assert await refused(server, "carol", "first") == 401
+        await allocates(server, "carol", "second")
+        assert (
+            await refused(server, *mint_credentials("secret-one", "dave", 600, time.time())) == 401
+        )
+        await allocates(server, *mint_credentials("secret-two", "dave", 600, time.time()))
+
+        # Peer ranges: with loopback no longer allowed, a permission to it is refused (403).
+        async with udp_echo_server() as (_, peer):
+            client = await allocate(server, "carol", "second")
+            assert await client.echo(b"allowed", peer) == b"allowed"
+            done = reload(allowed_peer_ips=None)
+            assert done.returncode == 0 and "allowed_peer_ips" in done.stdout
+            later = await allocate(server, "carol", "second")
+            later.transport.sendto(b"denied", peer)
+            with pytest.raises(TimeoutError):
+                await later.app.next(timeout=1.0)
+            # The permission granted before the reload stays until it expires.
+            assert await client.echo(b"still", peer) == b"still"
+            later.transport.close()
+            await client.close()
+
+        # Log level: debug lines appear from the reload on.
+        assert " DEBUG " not in server.log_text()
+        done = reload(log_level="debug")
+        assert done.returncode == 0
+        for _ in range(4):  # a TCP connection's end is a debug line, in whichever worker
+            stream = await turn_allocate(server, "tcp")
+            await stream.close()
+        assert await server.wait_for_log_async(" DEBUG ", timeout=5)
+        reload(log_level="info")
+
+        # An option only a restart changes is named, and not applied.
+        done = reload(realm="elsewhere.example")
+        assert done.returncode == 0
+        assert "changed, but only a restart applies: realm" in done.stdout
+        await allocates(server, "carol", "second")
+
+        # Broken configurations are refused whole; the running one keeps serving.
+        config.write_text("user_quota = \n")
+        done = reload_command(server)
+        assert done.returncode == 1 and "configuration refused" in done.stderr
+        assert "the running one is kept" in done.stderr
+        users.write_text("carol:third\n")
+        write_config(config, **{**settings, "cert": str(tmp_path / "missing.pem")})
+        done = reload_command(server)
+        assert done.returncode == 1 and "missing.pem" in done.stderr
+        assert await server.wait_for_log_async("reload refused", timeout=5)
+        await allocates(server, "carol", "second")  # the users file was not read either
+
+        # Alternate servers: a draining server now sends new clients to one (300, not 508).
+        holder = await allocate(server, "carol", "second")
+        request(admin_path(server), {"command": "drain"}, 10)
+        assert await refused(server, "carol", "second") == 508
+        users.write_text("carol:second\n")
+        done = reload(alternate_servers=["127.0.0.1:9"], drain_timeout=1)
+        assert done.returncode == 0, done.stderr
+        assert await refused(server, "carol", "second") == 300
+
+        # Drain timeout: an allocation still open holds the stop for 1 s, not 30.
+        began = time.monotonic()
+        server.terminate()
+        assert await server.wait_async(15) == 0
+        log.info("stopped %.1f s after SIGTERM with an allocation open", time.monotonic() - began)
+        assert time.monotonic() - began < 10
+        holder.transport.close()

@@ -1,0 +1,161 @@
+"""What a reload takes from a new configuration, and a certificate replaced under running
+TLS listeners."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from support.certs import make_certificate
+from tsunagu.config import Config, ConfigError, parse_config
+from tsunagu.config_reload import LIVE, reload_plan
+from tsunagu.tls import ServingCertificate, TlsError, ensure_certificate
+
+
+def test_live_options_are_taken_and_the_rest_kept_and_named() -> None:
+    running = parse_config({"user_quota": 5, "min_port": 40000, "max_port": 40100})
+    new = parse_config(
+        {
+            "user_quota": 2,
+            "min_port": 41000,
+            "max_port": 40100 + 1000,
+            "users": ["carol:pw"],
+            "log_level": "debug",
+            "alternate_servers": ["192.0.2.9:3478"],
+            "drain_timeout": 3,
+        }
+    )
+    plan = reload_plan(running, new)
+    assert plan.applied == (
+        "users",
+        "user_quota",
+        "alternate_servers",
+        "drain_timeout",
+        "log_level",
+    )
+    assert plan.restart_needed == ("min_port", "max_port")
+    assert plan.config.user_quota == 2 and plan.config.drain_timeout == 3
+    assert [user.name for user in plan.config.users] == ["carol"]
+    assert (plan.config.min_port, plan.config.max_port) == (40000, 40100)
+    # A second reload of the same file applies nothing and still names what is owed.
+    again = reload_plan(plan.config, new)
+    assert again.applied == () and again.restart_needed == ("min_port", "max_port")
+
+
+def test_every_live_option_is_a_configuration_field() -> None:
+    fields = {field.name for field in dataclasses.fields(Config)}
+    assert set(LIVE) <= fields
+    unchanged = reload_plan(Config(), Config())
+    assert unchanged.applied == () == unchanged.restart_needed
+
+
+# --- the certificate -----------------------------------------------------------------------
+
+
+def pair(directory: Path, name: str) -> tuple[Path, Path]:
+    directory.mkdir()
+    return make_certificate(directory, name, x509.DNSName("localhost"))
+
+
+def fingerprint(der: bytes) -> str:
+    return hashlib.sha256(der).hexdigest()
+
+
+def file_fingerprint(cert: Path) -> str:
+    return fingerprint(ssl.PEM_cert_to_DER_cert(cert.read_text()))
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path) -> Iterator[tuple[ServingCertificate, int, Path]]:
+    """A TLS echo server on loopback serving through a ServingCertificate; each connection
+    answers every line with itself until the client closes."""
+    cert, key = pair(tmp_path / "a", "a")
+    serving = ServingCertificate(ensure_certificate(str(cert), str(key), [], tmp_path))
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def echo(connection: socket.socket) -> None:
+        try:
+            with serving.context.wrap_socket(connection, server_side=True) as wrapped:
+                while data := wrapped.recv(100):
+                    wrapped.sendall(data)
+        except (OSError, ssl.SSLError):
+            connection.close()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            connection.settimeout(5)
+            threading.Thread(target=echo, args=(connection,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield serving, listener.getsockname()[1], tmp_path
+    stop.set()
+    thread.join(5)
+    listener.close()
+
+
+def connect(port: int, server_name: str | None) -> ssl.SSLSocket:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    return context.wrap_socket(sock, server_hostname=server_name)
+
+
+@pytest.mark.parametrize("server_name", [None, "localhost"])
+def test_new_handshakes_get_the_new_certificate_and_open_connections_keep_theirs(
+    tls_server: tuple[ServingCertificate, int, Path], server_name: str | None
+) -> None:
+    serving, port, tmp = tls_server
+    old = serving.material.cert_path
+    before = connect(port, server_name)
+    assert fingerprint(before.getpeercert(binary_form=True) or b"") == file_fingerprint(old)
+
+    cert, key = pair(tmp / "b", "b")
+    serving.replace(ensure_certificate(str(cert), str(key), [], tmp))
+    with connect(port, server_name) as after:
+        assert fingerprint(after.getpeercert(binary_form=True) or b"") == file_fingerprint(cert)
+    with before:
+        before.sendall(b"still here")
+        assert before.recv(100) == b"still here"
+
+
+def test_a_certificate_that_does_not_load_leaves_the_running_one(
+    tls_server: tuple[ServingCertificate, int, Path],
+) -> None:
+    serving, port, tmp = tls_server
+    old = serving.material
+    cert, _ = pair(tmp / "b", "b")
+    _, other_key = pair(tmp / "c", "c")
+    with pytest.raises(ConfigError):
+        serving.replace(dataclasses.replace(old, key_path=other_key, cert_path=cert))
+    with pytest.raises(TlsError):
+        ensure_certificate(str(cert), str(other_key), [], tmp)  # what a reload checks first
+    assert serving.material is old
+    with connect(port, None) as client:
+        assert fingerprint(client.getpeercert(binary_form=True) or b"") == file_fingerprint(
+            old.cert_path
+        )
+
+
+def test_an_expired_generated_certificate_is_made_anew_by_a_reload(tmp_path: Path) -> None:
+    first = ensure_certificate(None, None, ["localhost"], tmp_path)
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=40)
+    second = ensure_certificate(None, None, ["localhost"], tmp_path, now=later)
+    assert second.sha256_fingerprint != first.sha256_fingerprint
+    ServingCertificate(first).replace(second)
