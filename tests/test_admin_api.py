@@ -62,11 +62,26 @@ def test_requests_taken(line: bytes, expected: dict[str, Any]) -> None:
         (b'{"command": "sessions", "user": ["a"]}', "1 to 513"),
         (b'{"command": "sessions", "user": "' + b"u" * 514 + b'"}', "1 to 513"),
         (b'{"command": "status"' + b', "command": "status"' * 3 + b", 1: 2}", "not a JSON"),
+        # What worker 0 alone sends the other workers, on their private sockets.
+        (b'{"command": "reload", "config": {}}', "reload takes no config"),
+        (b'{"command": "certificate"}', "'command' must be one of"),
     ],
 )
 def test_requests_refused(line: bytes, words: str) -> None:
     with pytest.raises(RequestError, match=words):
         parse_request(line)
+
+
+def test_worker_sockets_take_worker_0s_requests() -> None:
+    assert parse_request(b'{"command": "reload", "config": {"realm": "x"}}', internal=True) == {
+        "command": "reload",
+        "config": {"realm": "x"},
+    }
+    assert parse_request(b'{"command": "certificate"}', internal=True) == {"command": "certificate"}
+    with pytest.raises(RequestError, match="'config' must be an object"):
+        parse_request(b'{"command": "reload", "config": []}', internal=True)
+    with pytest.raises(RequestError, match="status takes no config"):
+        parse_request(b'{"command": "status", "config": {}}', internal=True)
 
 
 # --- the socket -----------------------------------------------------------------------------

@@ -58,6 +58,16 @@ def test_every_live_option_is_a_configuration_field() -> None:
     assert unchanged.applied == () == unchanged.restart_needed
 
 
+def test_moving_between_acme_and_a_configured_certificate_is_a_restart() -> None:
+    running = parse_config({"acme_domains": ["turn.example.org"], "acme_http_port": 8081})
+    new = parse_config({"cert": "/etc/tsunagu/cert.pem", "pkey": "/etc/tsunagu/key.pem"})
+    plan = reload_plan(running, new)
+    assert set(plan.restart_needed) == {"acme_domains", "acme_http_port", "cert", "pkey"}
+    assert plan.config.cert is None and plan.config.acme_domains == ("turn.example.org",)
+    back = reload_plan(new, running)
+    assert back.config.cert == "/etc/tsunagu/cert.pem" and back.config.acme_domains == ()
+
+
 # --- the certificate -----------------------------------------------------------------------
 
 

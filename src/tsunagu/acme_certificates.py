@@ -49,6 +49,7 @@ _RETRY_MAX = 6 * 3600.0
 # Wake up at least this often while waiting to renew: a suspended machine or a clock that
 # jumped must not sleep past the renewal date on a stale timer.
 _WAKE_EVERY = 6 * 3600.0
+_SHORTEST_WAIT = 5.0
 
 
 class AcmeError(Exception):
@@ -444,7 +445,9 @@ class AcmeCertificates:
             self.renew_before,
             remaining,
         )
-        return now + max(remaining * 2 / 3, datetime.timedelta(seconds=self.retry_first))
+        # Short-lived certificates (a test CA's) renew at two thirds too; the floor only
+        # keeps an already expired one from being ordered in a tight loop.
+        return now + max(remaining * 2 / 3, datetime.timedelta(seconds=_SHORTEST_WAIT))
 
 
 def _duration(seconds: float) -> str:

@@ -68,12 +68,17 @@ class ReloadPlan:
 
 def reload_plan(running: Config, new: Config) -> ReloadPlan:
     """How a reload from ``running`` to ``new`` (both already checked) goes."""
+    live = set(LIVE)
+    if running.acme_domains or new.acme_domains:
+        # ACME's certificate and a configured one exclude each other: moving between them
+        # is a restart (the renewals start or stop with the process).
+        live -= {"cert", "pkey"}
     applied: list[str] = []
     restart_needed: list[str] = []
     for field in dataclasses.fields(Config):
         name = field.name
         if getattr(running, name) == getattr(new, name):
             continue
-        (applied if name in LIVE else restart_needed).append(name)
-    config = dataclasses.replace(running, **{name: getattr(new, name) for name in LIVE})
+        (applied if name in live else restart_needed).append(name)
+    config = dataclasses.replace(running, **{name: getattr(new, name) for name in live})
     return ReloadPlan(config, tuple(applied), tuple(restart_needed))

@@ -61,6 +61,7 @@ from .turn.revocations import Revocation, RevocationList
 from .workers import READY_LINE, WorkerShare, start_workers
 
 if TYPE_CHECKING:
+    from .acme_certificates import AcmeCertificates
     from .config_reload import ReloadPlan
     from .tls import ServingCertificate, TlsMaterial
 
@@ -429,13 +430,13 @@ def _host_for_uris(config: Config, listening: list[str]) -> str:
 
 
 def web_serves_https(config: Config) -> bool:
-    """Whether the web app takes HTTPS: with ``--cert``, and on any address beyond loopback,
+    """Whether the web app takes HTTPS: with ``--cert`` or ACME, and on any address beyond loopback,
     since browsers give the camera and microphone only to a secure page and count a
     plain-HTTP one from another machine as insecure (localhost counts as secure).
     ``web_plain_http`` opts out, for a reverse proxy in front that terminates TLS."""
     if config.no_web or config.web_plain_http:
         return False
-    if config.cert is not None:
+    if config.cert is not None or config.acme_domains:
         return True
     return not ipaddress.ip_address(config.web_ip).is_loopback
 
@@ -765,40 +766,51 @@ class _Running:
     turn: _Turn | None = None
     web: Any = None
     """The web app's runner, in worker 0."""
+    endpoint: Any = None
+    """Worker 0's admin endpoint, which reaches every worker."""
 
-    def material(self, config: Config) -> TlsMaterial | None:
-        """The certificate ``config`` names (or the generated one), read from disk again: a
-        renewed file under the same name is what a reload is usually for."""
-        if self.certificate is None:
-            return None
+    def material(self, config: Config) -> TlsMaterial:
+        """The certificate ``config`` names (or ACME keeps, or the generated one), read
+        from disk again: a renewed file under the same name is what a reload is usually for."""
         from .tls import ensure_certificate
 
         hosts = certificate_hosts(config, self.listening)
+        if config.acme_domains:
+            from .acme_certificates import AcmeCertificates
+
+            cert, key = AcmeCertificates.from_config(config, state_dir()).paths()
+            if os.path.exists(cert) and os.path.exists(key):
+                return ensure_certificate(cert, key, hosts, state_dir())
+            # Not obtained yet (the CA did not answer at start): the generated one serves
+            # until the certificate arrives, rather than no TLS at all.
         return ensure_certificate(config.cert, config.pkey, hosts, state_dir())
+
+    def reload_certificate(self) -> dict[str, Any]:
+        """Load the running configuration's certificate from its files again (renewed)."""
+        if self.certificate is None:
+            return {}
+        try:
+            material = self.material(self.config)
+            self.certificate.replace(material)
+        except ConfigError as exc:
+            log.error("the TLS certificate stays as it was: %s", exc)
+            return {"error": str(exc), "certificate": self.certificate.material.sha256_fingerprint}
+        return {"certificate": material.sha256_fingerprint}
 
     def check(self, config: Config) -> None:
         """Raise ConfigError if ``config`` cannot be applied (a certificate that does not
         load), before any worker changes anything."""
-        material = self.material(config)
-        if material is not None:
+        if self.certificate is not None:
             from .tls import server_ssl_context
 
-            server_ssl_context(material)
+            server_ssl_context(self.material(config))
 
     async def reconfigure(self, config: Config) -> dict[str, Any]:
         """Apply ``config`` (already planned by :func:`~tsunagu.config_reload.reload_plan`)
         in this worker; what it did, for reload's answer."""
-        done: dict[str, Any] = {"error": ""}
         set_log_level(config.effective_log_level)
-        if self.certificate is not None:
-            try:
-                material = self.material(config)
-                assert material is not None
-                self.certificate.replace(material)
-            except ConfigError as exc:
-                log.error("reload: the TLS certificate stays as it was: %s", exc)
-                done["error"] = str(exc)
-            done["certificate"] = self.certificate.material.sha256_fingerprint
+        self.config = config
+        done: dict[str, Any] = {"error": "", **self.reload_certificate()}
         secrets = rest_secrets(config, self.share)
         if self.turn is not None:
             self.turn.reconfigure(config, secrets)
@@ -806,7 +818,6 @@ class _Running:
             from .signaling.server import set_turn_secret
 
             set_turn_secret(self.web, secrets[0])
-        self.config = config
         return done
 
 
@@ -1067,6 +1078,7 @@ async def _start_admin(
         started=started,
         native=lambda: _native_counters(turn),
         reconfigure=running.reconfigure,
+        certificate=running.reload_certificate,
     )
     endpoint_handler = None
     if share.index > 0:
@@ -1085,6 +1097,7 @@ async def _start_admin(
             control, peers, workers=config.workers, config_file=config_file, prepare=prepare
         )
         handler = endpoint_handler = endpoint.handle
+        running.endpoint = endpoint
         if config.no_admin:
             return started_servers, endpoint_handler
         if token is not None:
@@ -1162,6 +1175,44 @@ def _prepare_reload(running: _Running, reread: Callable[[], Config]) -> ReloadPl
     plan = reload_plan(running.config, _with_worker_count(reread()))
     running.check(plan.config)
     return plan
+
+
+async def _acme_at_start(config: Config) -> AcmeCertificates:
+    """The ACME certificates, obtained now unless a current one is kept from before. A CA
+    that cannot give one now does not stop the start: the generated certificate serves
+    meanwhile, and :meth:`AcmeCertificates.run` keeps trying."""
+    from .acme_certificates import AcmeCertificates
+
+    acme = AcmeCertificates.from_config(config, state_dir())
+    if acme.current():
+        log.info(
+            "acme: the certificate for %s kept from before is current", ", ".join(acme.domains)
+        )
+        return acme
+    log.info("acme: ordering a certificate for %s from %s", ", ".join(acme.domains), acme.directory)
+    try:
+        await acme.obtain()
+    except Exception as exc:  # every failure is the CA's or the network's: keep serving
+        log.error(
+            "%s; serving a self-signed certificate meanwhile, and trying again",
+            exc,
+            extra=structured({"event": "acme", "cause": "certificate not obtained"}),
+        )
+    else:
+        log.info("acme: certificate for %s obtained", ", ".join(acme.domains))
+    return acme
+
+
+async def _keep_acme_current(acme: AcmeCertificates, running: _Running) -> None:
+    """Renew before expiry and put each renewed certificate in service in every worker."""
+
+    async def renewed(cert: str, key: str) -> None:
+        if running.endpoint is not None:
+            await running.endpoint.certificate_renewed()
+        else:
+            running.reload_certificate()
+
+    await acme.run(renewed)
 
 
 async def _start_metrics(
@@ -1294,12 +1345,13 @@ async def serve(
     material: Any = None
     web_tls = web_serves_https(config)
     need_tls = (not config.no_turn and not config.no_tls and not config.stun_only) or web_tls
+    acme = None
+    if need_tls and config.acme_domains and share.index == 0:
+        acme = await _acme_at_start(config)
     if need_tls:
-        from .tls import ServingCertificate, ensure_certificate
+        from .tls import ServingCertificate
 
-        material = ensure_certificate(
-            config.cert, config.pkey, certificate_hosts(config, listening), state_dir()
-        )
+        material = running.material(config)
         running.certificate = ServingCertificate(material)
         ssl_context = running.certificate.context
 
@@ -1337,6 +1389,7 @@ async def serve(
             config, share, turn, started, config_file, admin_token, running, prepare
         )
 
+    renewals = None if acme is None else loop.create_task(_keep_acme_current(acme, running))
     exporter, metrics_servers = await _start_metrics(config, share, turn)
     runner: Any = None
     if not config.no_web:
@@ -1413,6 +1466,9 @@ async def serve(
         loop.add_reader(0, on_stdin)
     _say(READY_LINE)
     await stop.wait()
+    if renewals is not None:
+        renewals.cancel()
+        await asyncio.gather(renewals, return_exceptions=True)
     if exporter is not None:
         exporter.stopping = True  # /readyz: 503 from now on, while the drain runs
 

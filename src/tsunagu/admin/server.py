@@ -84,6 +84,8 @@ _FIELDS = {
     "drain": frozenset(),
     "reload": frozenset(),
     "metrics": frozenset({"per_user"}),
+    # Internal: worker 0 asks the others to load a renewed certificate (ACME).
+    "certificate": frozenset(),
 }
 MAX_INTERNAL_REQUEST = 16 * 1024 * 1024
 """Bytes of one request worker 0 sends another worker (a whole configuration, every static
@@ -105,7 +107,7 @@ def parse_request(line: bytes, *, internal: bool = False) -> dict[str, Any]:
     if not isinstance(document, dict):
         raise RequestError("not a JSON object")
     command = document.get("command")
-    if not isinstance(command, str) or command not in _FIELDS:
+    if not isinstance(command, str) or command not in (_FIELDS if internal else COMMANDS):
         raise RequestError(f"'command' must be one of {', '.join(COMMANDS)}")
     fields = _FIELDS[command] | ({"config"} if internal and command == "reload" else set())
     extra = set(document) - {"command"} - fields
@@ -194,6 +196,7 @@ class WorkerControl:
         started: float,
         native: Callable[[], dict[str, int] | None] = lambda: None,
         reconfigure: Callable[[Config], Awaitable[dict[str, Any]]] | None = None,
+        certificate: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.driver = driver
         self.users = users
@@ -202,6 +205,8 @@ class WorkerControl:
         """Counters of the native per-packet path (relayed, bindings) where it runs."""
         self.reconfigure = reconfigure
         """Applies a reloaded configuration in this worker; what it did."""
+        self.certificate = certificate
+        """Loads the configured certificate from its files again; what it did."""
 
     @property
     def worker(self) -> int:
@@ -220,6 +225,9 @@ class WorkerControl:
             return self.drain()
         if command == "metrics":
             return self.metrics(per_user=bool(request.get("per_user")))
+        if command == "certificate":
+            done = {} if self.certificate is None else self.certificate()
+            return {"worker": self.worker, **done}
         return await self.reload(request.get("config"))
 
     def status(self) -> dict[str, Any]:
@@ -416,6 +424,21 @@ class AdminEndpoint:
         else:
             merged = {"per_worker": parts, "configuration": self._reloaded(plan, parts)}
         return {"ok": True, "command": command, **merged, "not_answering": missing}
+
+    async def certificate_renewed(self) -> None:
+        """Every worker loads the certificate from its files again (ACME renewed it)."""
+        parts, missing = await self._gather({"command": "certificate"})
+        errors = [f"worker {p['worker']}: {p['error']}" for p in parts if p.get("error")]
+        errors += [f"worker {m['worker']}: {m['error']}" for m in missing]
+        serving = sorted({p["certificate"] for p in parts if p.get("certificate")})
+        if errors:
+            log.error("renewed certificate not in service everywhere: %s", "; ".join(errors))
+        log.info(
+            "renewed certificate in service in %d of %d workers (SHA-256 %s)",
+            len(parts) - sum(1 for p in parts if p.get("error")),
+            self.workers,
+            ", ".join(serving),
+        )
 
     def _reloaded(self, plan: ReloadPlan | None, parts: list[dict[str, Any]]) -> dict[str, Any]:
         """The configuration part of reload's answer, and the same in the log."""
