@@ -1082,7 +1082,7 @@ async def _start_admin(
     )
     endpoint_handler = None
     if share.index > 0:
-        if config.no_admin or not share.admin_dir:
+        if not share.admin_dir:
             return started_servers, None
         path = _worker_socket(share.admin_dir, share.index)
         handler = worker_handler(control)
@@ -1236,7 +1236,7 @@ async def _start_metrics(
             started=time.time(),
             native=lambda: _native_counters(running),
         )
-        # Without the private directory (no_admin) the others show as not answering.
+        # Without the private directory the others show as not answering.
         peers = [
             Peer(index, _worker_socket(share.admin_dir or "/nonexistent", index))
             for index in range(1, config.workers)
@@ -1366,9 +1366,10 @@ async def serve(
             return 1
         running.turn = turn
         if share.index == 0 and config.workers > 1:
-            if not config.no_admin:
-                admin_dir = _private_directory()
-                share = dataclasses.replace(share, admin_dir=admin_dir)
+            # The workers' private sockets are how a reload, a renewed certificate and a
+            # scrape reach them, with or without the operator's socket (no_admin).
+            admin_dir = _private_directory()
+            share = dataclasses.replace(share, admin_dir=admin_dir)
             children = await start_workers(config, share)
             if len(children) != config.workers - 1:
                 for child in children:

@@ -341,3 +341,16 @@ async def test_reload_applies_users_secrets_peers_alternates_log_level_and_drain
         log.info("stopped %.1f s after SIGTERM with an allocation open", time.monotonic() - began)
         assert time.monotonic() - began < 10
         holder.transport.close()
+
+
+async def test_sighup_reaches_every_worker_without_the_admin_socket(tmp_path: Path) -> None:
+    config = tmp_path / "tsunagu.toml"
+    write_config(config, total_quota=100)
+    with run_serve(tmp_path / "serve", "-c", str(config), "--no-admin") as server:
+        assert not Path(admin_path(server)).exists()
+        write_config(config, total_quota=50)
+        server.send_signal(signal.SIGHUP)
+        assert await server.wait_for_log_async("applied total_quota", timeout=10)
+        for worker in range(server.workers):
+            assert await server.wait_for_log_async(f"cached users dropped (worker {worker})")
+        assert "did not" not in server.log_text()
