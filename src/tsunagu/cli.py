@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import importlib
 import json
+import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -166,6 +167,9 @@ def _serve_function() -> ServeFunction:
 
 def serve_command(argv: list[str], prog: str) -> int:
     """``tsunagu serve``: load the configuration and run everything until stopped."""
+    # A reload asked for while the server starts must not end it (serve installs the
+    # handler once it can reload); the worker processes inherit this across exec.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         config = load_config(argv, prog=prog)
     except ConfigError as exc:

@@ -1308,6 +1308,10 @@ async def serve(
     ``reread`` reads the configuration again from the same command line, for reloads.
     """
     started = time.time()
+    # A reload asked for while the server starts (systemctl reload, a SIGHUP to the process
+    # group) must not end it: ignored until the handler below is in place. Worker processes
+    # inherit this across exec, so their start is covered from their first instruction.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # A process that will not stop can be asked why: SIGABRT writes every thread's stack.
     faulthandler.enable()
     admin_token = None

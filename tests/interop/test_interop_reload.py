@@ -9,8 +9,10 @@ path in the file, and new contents under the same path (what certbot's renewal d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -354,3 +356,45 @@ async def test_sighup_reaches_every_worker_without_the_admin_socket(tmp_path: Pa
         for worker in range(server.workers):
             assert await server.wait_for_log_async(f"cached users dropped (worker {worker})")
         assert "did not" not in server.log_text()
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants, from /proc."""
+    found = [pid]
+    for current in found:
+        try:
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except OSError:
+            continue
+        found.extend(int(child) for child in children)
+    return found
+
+
+async def test_sighup_while_starting_ends_no_process(tmp_path: Path) -> None:
+    with run_serve(tmp_path / "serve", wait_ready=False) as server:
+        # From the moment tsunagu serve runs (the interpreter's own start, before any of
+        # its code, is out of its hands): SIGHUP ignored, bit 1 of SigIgn.
+        deadline = time.monotonic() + 10
+        while not int(proc_status(server.pid).get("SigIgn", "0"), 16) & 1:
+            assert time.monotonic() < deadline and server.process.poll() is None
+            await asyncio.sleep(0.002)
+        sent = 0
+        deadline = time.monotonic() + 30
+        while "tsunagu: ready" not in server.stdout_path.read_text(errors="replace"):
+            assert time.monotonic() < deadline and server.process.poll() is None
+            for pid in process_tree(server.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGHUP)
+                    sent += 1
+            await asyncio.sleep(0.01)
+        server.wait_ready()
+        log.info("%d SIGHUPs sent while the server started", sent)
+        assert sent > 10
+        assert len(process_tree(server.pid)) == server.workers
+        client = await turn_allocate(server)
+        await client.close()
