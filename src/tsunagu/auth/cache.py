@@ -81,6 +81,9 @@ class KeyCache:
         self.limit = limit
         self.stale_served = 0
         """How many times expired keys served again because the database did not answer."""
+        self.generation = 0
+        """Counts :meth:`clear` and :meth:`forget` calls: a lookup that started before one
+        of them must not store what it read, which may be what was just dropped."""
         # (realm, name) -> (answer, expiry, until when the keys may serve stale)
         self._entries: OrderedDict[
             tuple[str, str], tuple[UserKeys | CachedAnswer, float, float]
@@ -122,9 +125,11 @@ class KeyCache:
     def forget(self, realm: str, name: str) -> None:
         """Drop what is known of one user (deleted, password changed, revoked)."""
         self._entries.pop((realm, name), None)
+        self.generation += 1
 
     def clear(self) -> None:
         self._entries.clear()
+        self.generation += 1
 
     def _store(
         self,

@@ -113,15 +113,20 @@ class KeyLookups:
             async with self._slots:
                 self.figures.queries += 1
                 self.total_queries += 1
+                generation = self.cache.generation
                 try:
                     keys = await asyncio.wait_for(
                         self.database.user_keys(realm, name), self.timeout
                     )
                 except (DatabaseError, TimeoutError, OSError) as exc:
                     self._failed(exc)
-                    self.cache.put_failure(realm, name, self._clock())
+                    if self.cache.generation == generation:
+                        self.cache.put_failure(realm, name, self._clock())
                 else:
-                    self.cache.put(realm, name, keys, self._clock())
+                    # A reload or revocation while the query ran may have dropped exactly
+                    # this user: the waiting requests then look up again.
+                    if self.cache.generation == generation:
+                        self.cache.put(realm, name, keys, self._clock())
         finally:
             for again in self._waiting.pop(key, ()):
                 try:
