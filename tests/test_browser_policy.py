@@ -162,7 +162,7 @@ def test_help_explains_and_lists_only_what_it_reads(capsys: Captured) -> None:
         "default_public_and_private_interfaces",
         "WebRtcLocalIpsAllowedUrls",
         "/etc/opt/chrome/policies/managed",
-        "tests/e2e/test_browser_policy_lab.py",
+        "chrome://policy",
         "--browser-udp-ports",
         "--ice-transport-policy",
         "--explain",

@@ -232,8 +232,8 @@ templates) or the registry (HKLM\\SOFTWARE\\Policies\\Google\\Chrome, string val
 same names), on macOS a configuration profile for com.google.Chrome. Microsoft Edge takes
 WebRtcUdpPortRange as it is and the IP handling as WebRtcLocalhostIpHandling
 (AllowPublicInterfaceOnly, AllowPublicAndPrivateInterfaces). Restart the browser and check
-chrome://policy. tests/e2e/test_browser_policy_lab.py proves it with Chromium behind a router
-that lets UDP out from the range only.
+chrome://policy. tsunagu's own tests prove it with Chromium behind a router that lets UDP
+out from the range only.
 
 Every option of 'tsunagu serve' is accepted (-c FILE and flags, see 'tsunagu serve --help'),
 so that the same command line or file gives the matching policy; those read here are
