@@ -188,6 +188,21 @@ def test_options_tsunagu_gains_map_by_name_with_coturn_aliases() -> None:
     }
 
 
+def test_coturns_prometheus_switch_turns_the_exporter_on_at_its_port() -> None:
+    options = {
+        **OPTIONS,
+        "prometheus-port": Option("prometheus_port", "value"),
+        "prometheus-ip": Option("prometheus_ip", "value"),
+    }
+    config = read_coturn_config("prometheus\n", options)
+    assert [(s.key, s.value) for s in config.settings] == [("prometheus_port", "9641")]
+    assert "on loopback" in config.notes[0] and "prometheus-address" in config.notes[0]
+    text = "prometheus\nprometheus-port=9100\nprometheus-address=0.0.0.0\n"
+    assert read(text, options) == {"prometheus_port": "9100", "prometheus_ip": "0.0.0.0"}
+    assert read_coturn_config(text, options).notes == ()
+    assert read("prometheus=0\n", options) == {}
+
+
 def test_log_file_stdout_keeps_standard_error_and_syslog_is_ignored() -> None:
     options = {**OPTIONS, "log-file": Option("log_file", "value")}
     assert read_coturn_config("log-file=stdout\nlog-file=-\n", options).values == {}

@@ -118,7 +118,11 @@ _RENAMED: Final[dict[str, tuple[str, bool]]] = {
     # coturn's aliases of its database options.
     "db": ("userdb", False),
     "sql-userdb": ("psql-userdb", False),
+    "prometheus-address": ("prometheus-ip", False),
 }
+
+# coturn's switch that turns its exporter on, on this port unless prometheus-port says.
+_PROMETHEUS_PORT: Final = "9641"
 
 # On/off options asking for what tsunagu always does: silent when they ask for it (the
 # value here), named among the ignored when they ask for the opposite.
@@ -213,6 +217,7 @@ class _Reader:
     no_auth: int = 0
     stun_only: bool = False
     first_secret: int = 0
+    prometheus: int = 0
 
     def ignore(self, name: str) -> None:
         if name not in self.ignored:
@@ -252,6 +257,9 @@ class _Reader:
         if name == "no-auth":
             if self.switch(number, name, value):
                 self.no_auth = self.no_auth or number
+            return
+        if name == "prometheus":
+            self.prometheus = number if self.switch(number, name, value) else 0
             return
         if name in _ALWAYS:
             if self.switch(number, name, value) != _ALWAYS[name]:
@@ -315,5 +323,17 @@ def read_coturn_config(text: str, options: Mapping[str, Option]) -> CoturnConfig
         # As in coturn, a static-auth-secret turns on TURN REST credentials only.
         implied = Setting(secret_switch.key, True, "static-auth-secret", reader.first_secret)
         reader.settings.append(implied)
+    port = options.get("prometheus-port")
+    if reader.prometheus and port is not None:
+        if not any(setting.key == port.key for setting in reader.settings):
+            reader.settings.append(
+                Setting(port.key, _PROMETHEUS_PORT, "prometheus", reader.prometheus)
+            )
+        if not any(setting.name == "prometheus-address" for setting in reader.settings):
+            reader.notes.append(
+                f"line {reader.prometheus}: prometheus: the metrics are served on loopback,"
+                " where coturn serves them on every address; give prometheus-address to"
+                " choose"
+            )
     kinds = {option.key: option.kind for option in options.values()}
     return CoturnConfig(tuple(reader.settings), kinds, tuple(reader.ignored), tuple(reader.notes))
