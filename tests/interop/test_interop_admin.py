@@ -23,15 +23,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import aioice.turn
 import pytest
 
 from support.interop import (
-    Collector,
     ServeProcess,
     TurnClient,
     error_code,
     run_serve,
+    turn_allocate,
     udp_echo_server,
 )
 from tsunagu.admin.client import request
@@ -45,7 +44,7 @@ BOB = ("bob", "bob-password")
 
 
 def admin_path(server: ServeProcess) -> str:
-    return str(server.state_dir / "tsunagu" / "admin.sock")
+    return server.admin_socket
 
 
 def ask(server: ServeProcess, payload: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
@@ -73,13 +72,7 @@ def tsunagu(
 
 
 async def allocate(server: ServeProcess, username: str, password: str) -> TurnClient:
-    transport, app = await asyncio.wait_for(
-        aioice.turn.create_turn_endpoint(
-            Collector, server_addr=(server.host, server.port), username=username, password=password
-        ),
-        10,
-    )
-    return TurnClient(transport, app)
+    return await turn_allocate(server, username=username, password=password)
 
 
 def rest(user: str) -> tuple[str, str]:

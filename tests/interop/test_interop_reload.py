@@ -22,13 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aioice.turn
 import pytest
 from cryptography import x509
 
 from support.certs import make_certificate
 from support.interop import (
-    Collector,
     ServeProcess,
     TurnClient,
     error_code,
@@ -62,7 +60,7 @@ def write_config(path: Path, **values: Any) -> None:
 
 
 def admin_path(server: ServeProcess) -> str:
-    return str(server.state_dir / "tsunagu" / "admin.sock")
+    return server.admin_socket
 
 
 def reload_command(server: ServeProcess) -> subprocess.CompletedProcess[str]:
@@ -220,13 +218,7 @@ async def test_200_allocations_relay_through_10_reloads(tmp_path: Path) -> None:
 
 
 async def allocate(server: ServeProcess, username: str, password: str) -> TurnClient:
-    transport, app = await asyncio.wait_for(
-        aioice.turn.create_turn_endpoint(
-            Collector, server_addr=(server.host, server.port), username=username, password=password
-        ),
-        10,
-    )
-    return TurnClient(transport, app)
+    return await turn_allocate(server, username=username, password=password)
 
 
 async def refused(server: ServeProcess, username: str, password: str) -> int | None:

@@ -201,6 +201,11 @@ class ServeProcess:
         return self.process.pid
 
     @property
+    def admin_socket(self) -> str:
+        """Where the server's admin socket is (in its state directory)."""
+        return str(self.state_dir / "tsunagu" / "admin.sock")
+
+    @property
     def cert_path(self) -> Path:
         match = re.search(r"TLS certificate (\S+)", "\n".join(self.startup))
         assert match is not None, self.startup
@@ -494,6 +499,7 @@ async def turn_allocate(
     server: ServeProcess,
     transport: str = "udp",
     *,
+    username: str = USER,
     password: str = PASSWORD,
     ssl: Any = None,
     timeout: float = 10.0,
@@ -504,7 +510,7 @@ async def turn_allocate(
         aioice.turn.create_turn_endpoint(
             Collector,
             server_addr=(server.host, port),
-            username=USER,
+            username=username,
             password=password,
             ssl=ssl,
             transport=transport,
