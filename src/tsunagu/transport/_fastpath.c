@@ -34,8 +34,11 @@
 #define MAX_DATAGRAM 65536
 #define SLOT (HEADROOM + MAX_DATAGRAM + 4)
 /* Address tuples are cached by their raw socket address; a flood of new sources empties
- * the cache rather than growing it. */
+ * the cache rather than growing it. The client cache is also emptied once it holds more
+ * than twice the listener's allocations and CLIENT_CACHE_SLACK: clients come and go, and
+ * the addresses of those gone would otherwise stay until 65536 had been seen. */
 #define CACHE_LIMIT 65536
+#define CLIENT_CACHE_SLACK 1024
 #define COOKIE 0x2112A442u
 /* Bandwidth limits (turn/bandwidth.py): nanoseconds per second, the longest refill (the
  * burst time, one second), and at most this many buckets per direction (the allocation's,
@@ -172,7 +175,8 @@ static PyObject *address_tuple(const struct sockaddr_storage *ss, int full)
 
 /* A new reference to the address tuple of ``ss``; NULL without an error for an unknown
  * family, NULL with one on failure. */
-static PyObject *cached_address(PyObject *cache, const struct sockaddr_storage *ss, int full)
+static PyObject *cached_address(PyObject *cache, const struct sockaddr_storage *ss, int full,
+                                Py_ssize_t limit)
 {
     PyObject *key = address_key(ss);
     if (key == NULL)
@@ -187,7 +191,7 @@ static PyObject *cached_address(PyObject *cache, const struct sockaddr_storage *
         Py_DECREF(key);
         return NULL;
     }
-    if (PyDict_GET_SIZE(cache) >= CACHE_LIMIT)
+    if (PyDict_GET_SIZE(cache) >= limit)
         PyDict_Clear(cache);
     if (PyDict_SetItem(cache, key, value) < 0) {
         Py_DECREF(key);
@@ -686,7 +690,7 @@ static PyObject *Relay_readable(Relay *self, PyObject *unused)
             peer = self->last_from_tuple;
             Py_INCREF(peer);
         } else {
-            peer = cached_address(peer_cache, &rnames[i], 0);
+            peer = cached_address(peer_cache, &rnames[i], 0, CACHE_LIMIT);
             if (peer == NULL) {
                 if (PyErr_Occurred())
                     keep_error(&pending);
@@ -1152,6 +1156,9 @@ static PyObject *Listener_readable(Listener *self, PyObject *unused)
     PyObject *fallback = self->fallback;
     Py_INCREF(allocations);
     Py_INCREF(fallback);
+    Py_ssize_t client_limit = 2 * PyDict_GET_SIZE(allocations) + CLIENT_CACHE_SLACK;
+    if (client_limit > CACHE_LIMIT)
+        client_limit = CACHE_LIMIT;
     int answers = 0;
     for (int i = 0; i < n; i++) {
         const unsigned char *data = pool + (size_t)i * SLOT + HEADROOM;
@@ -1168,7 +1175,7 @@ static PyObject *Listener_readable(Listener *self, PyObject *unused)
                 continue;
             }
         }
-        PyObject *address = cached_address(client_cache, &rnames[i], 1);
+        PyObject *address = cached_address(client_cache, &rnames[i], 1, client_limit);
         if (address == NULL) {
             if (PyErr_Occurred())
                 keep_error(&pending);
