@@ -1000,6 +1000,10 @@ def main(argv: list[str] | None = None) -> int:
             )
     plots = [] if args.no_plot else report.plot(results, docs, install=not quick)
     markdown = report.markdown(results, plots)
+    if not quick:
+        from . import soak  # the memory soak's section, from its last run (make -C bench soak)
+
+        markdown = soak.keep_section(markdown, docs)
     (docs / "BENCHMARKS.md").write_text(markdown)
     (docs / "benchmarks.json").write_text(json.dumps(_slim(results), indent=1) + "\n")
     sys.stderr.write(f"bench: report in {docs / 'BENCHMARKS.md'}\n")
