@@ -431,12 +431,18 @@ def section(results: dict[str, Any]) -> list[str]:
         f" {'within' if summary['passed'] else 'NOT within'} the bound.",
         f"- {summary['allocations_created']:,} allocations and"
         f" {summary['relayed_packets']:,} relayed packets in all. The load generator"
-        f" (`tsunagu probe`'s, one thread) was busy {summary['generator_busy']:.0%} of a core"
-        f" on average; the echo peer's CPU is in the results JSON.",
+        f" (`tsunagu probe`'s, one thread) was busy {summary['generator_busy'] * 100:.0f} % of a"
+        f" core on average, the echo peer {_peer_busy(results) * 100:.0f} %.",
     ]
     for problem in summary["problems"]:
         lines.append(f"- Problem: {problem}")
     return lines
+
+
+def _peer_busy(results: dict[str, Any]) -> float:
+    waves = results["waves"]
+    seconds = sum(w.get("seconds", 0) for w in waves)
+    return sum(w["cpu_s"].get("peer", 0) for w in waves) / seconds if seconds else 0.0
 
 
 def insert_section(markdown: str, lines: list[str]) -> str:
