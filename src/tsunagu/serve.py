@@ -58,7 +58,7 @@ from .turn import NatDiscovery, PeerPolicy, TurnServer, TurnSettings
 from .turn.policy import IPNetwork, inside, parse_range
 from .turn.quotas import user_id
 from .turn.revocations import Revocation, RevocationList
-from .workers import READY_LINE, WorkerShare, start_workers
+from .workers import READY_LINE, WorkerShare, release_workers, start_workers
 
 if TYPE_CHECKING:
     from .acme_certificates import AcmeCertificates
@@ -114,6 +114,21 @@ def _connection_limits(config: Config) -> ConnectionLimits:
         per_address=worker_share(config.max_tcp_connections_per_ip, config.workers),
         total=min(total, budget) if total else budget,
     )
+
+
+def _discard_queued(sock: socket.socket, limit: int = 100_000) -> int:
+    """Read and drop what ``sock`` holds now (at most ``limit`` datagrams); how many."""
+    sock.setblocking(False)
+    dropped = 0
+    for _ in range(limit):
+        try:
+            sock.recv(1)
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError:
+            continue  # a queued ICMP error, reported once
+        dropped += 1
+    return dropped
 
 
 def _check_free(kind: str, ip: str, port: int) -> None:
@@ -734,12 +749,39 @@ class _Turn:
     users: _UserDatabase | None = None
     store: StaticCredentialStore | None = None
     listening: tuple[str, ...] = ()
+    waiting_udp: list[socket.socket] = field(default_factory=list)
+    """UDP sockets bound but not read yet: with several workers, until all have bound."""
 
     def close_listeners(self) -> None:
         for listener in self.udp_listeners:
             listener.close()
+        for sock in self.waiting_udp:
+            sock.close()
         for server in self.servers:
             server.close()
+
+    async def start_udp(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Serve the waiting UDP sockets, dropping what arrived before every worker had
+        bound the ports.
+
+        The kernel spreads a port's datagrams over the workers' sockets by a hash of the
+        client's address over the sockets bound so far: each worker that joins moves some
+        clients to another socket. A client served before the last one joined would find
+        its allocation in a worker its next packets no longer reach. So no worker answers
+        until all have bound, and what queued meanwhile is dropped (at start nothing is
+        allocated; STUN clients send again within a second).
+        """
+        dropped = 0
+        for sock in self.waiting_udp:
+            dropped += _discard_queued(sock)
+            self.udp_listeners.append(await self.engine.udp_listener(self.driver, sock, loop))
+        self.waiting_udp.clear()
+        if dropped:
+            log.info(
+                "worker %d: %d datagrams that came before every worker listened were dropped",
+                self.driver.worker,
+                dropped,
+            )
 
     def reconfigure(self, config: Config, secrets: tuple[str, ...]) -> None:
         """Apply a reloaded ``config``'s users, secrets, peer ranges, quotas, bandwidth
@@ -877,7 +919,10 @@ async def _start_turn(
                     _check_free(kind, ip, port)
                 if kind == "udp":
                     sock = _udp_socket(ip, port, reuse_port=reuse_port)
-                    turn.udp_listeners.append(await engine.udp_listener(driver, sock, loop))
+                    if reuse_port:
+                        turn.waiting_udp.append(sock)
+                    else:
+                        turn.udp_listeners.append(await engine.udp_listener(driver, sock, loop))
                 else:
                     sock = stream_socket(ip, port, reuse_port=reuse_port)
                     turn.servers.append(
@@ -1380,8 +1425,13 @@ async def serve(
                     child.kill()
                 if admin_dir:
                     shutil.rmtree(admin_dir, ignore_errors=True)
+                turn.close_listeners()
                 log.error("worker processes did not start")
                 return 1
+            release_workers(children)
+        if share.index == 0:
+            # The other workers start on worker 0's word, on their stdin (below).
+            await turn.start_udp(loop)
         _say_turn(config, listening, turn, ssl_context, material, turn_secret)
         prepare = None
         if reread is not None:
@@ -1462,11 +1512,17 @@ async def serve(
         # process group must not end it.
         loop.add_signal_handler(signal.SIGHUP, lambda: None)
     if share.index > 0:
-        # A worker drains when its parent goes away: the parent holds our stdin open.
+        # A worker drains when its parent goes away: the parent holds our stdin open. The
+        # parent's first line on it says every worker has bound the ports.
         def on_stdin() -> None:
-            if not os.read(0, 4096):
+            data = os.read(0, 4096)
+            if not data:
                 loop.remove_reader(0)
                 stop.set()
+            elif turn is not None and turn.waiting_udp:
+                task = loop.create_task(turn.start_udp(loop))
+                reloads.add(task)
+                task.add_done_callback(reloads.discard)
 
         loop.add_reader(0, on_stdin)
     _say(READY_LINE)

@@ -5,7 +5,10 @@ workers 1..N-1 with :func:`start_workers`. Each worker binds the same ports with
 SO_REUSEPORT, so the kernel spreads clients over them. A child reads its configuration and
 the secrets every worker must share (:class:`WorkerShare`) as one JSON line on stdin, runs
 the same serve function as worker 0, and says ``tsunagu: ready`` on stdout once its
-listeners are bound. Its stdin stays open: when worker 0 goes away, the child drains.
+listeners are bound. No worker reads its UDP sockets until every worker has bound them
+(:func:`release_workers` writes ``go`` on each child's stdin): each socket that joins a
+port moves some clients' datagrams to another socket. The stdin stays open: when worker 0
+goes away, the child drains.
 """
 
 from __future__ import annotations
@@ -21,9 +24,18 @@ from typing import IO, Any
 
 from .config import Config, config_from_json, config_to_json
 
-__all__ = ["READY_LINE", "WorkerShare", "loop_factory", "start_workers", "worker_main"]
+__all__ = [
+    "READY_LINE",
+    "WorkerShare",
+    "loop_factory",
+    "release_workers",
+    "start_workers",
+    "worker_main",
+]
 
 READY_LINE = "tsunagu: ready"
+# What worker 0 writes on a worker's stdin once every worker has bound the ports.
+GO_LINE = b"go\n"
 # How long a worker may take to bind its listeners before the start-up counts as failed.
 _START_TIMEOUT = 30.0
 # The child command: the serve module sits above this one, so only the child imports it.
@@ -114,6 +126,17 @@ async def start_workers(config: Config, share: WorkerShare) -> list[subprocess.P
         except TimeoutError:
             pass
     return ready if len(ready) == len(children) else ready[:0]
+
+
+def release_workers(children: list[subprocess.Popen[bytes]]) -> None:
+    """Tell every worker that all of them have bound the ports: they may answer on UDP."""
+    for child in children:
+        assert child.stdin is not None
+        try:
+            child.stdin.write(GO_LINE)
+            child.stdin.flush()
+        except OSError:
+            pass  # gone already: worker 0 sees it when it stops
 
 
 def worker_main(serve: ServeFunction) -> int:
