@@ -14,6 +14,7 @@ end or ``drain_timeout`` passes. A second signal exits at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import faulthandler
 import hashlib
@@ -58,7 +59,14 @@ from .turn import NatDiscovery, PeerPolicy, TurnServer, TurnSettings
 from .turn.policy import IPNetwork, inside, parse_range
 from .turn.quotas import user_id
 from .turn.revocations import Revocation, RevocationList
-from .workers import READY_LINE, WorkerShare, release_workers, start_workers
+from .workers import (
+    DRAINED_LINE,
+    READY_LINE,
+    WorkerShare,
+    release_workers,
+    start_workers,
+    wait_drained,
+)
 
 if TYPE_CHECKING:
     from .acme_certificates import AcmeCertificates
@@ -1323,6 +1331,15 @@ async def _start_metrics(
     return exporter, servers
 
 
+_DRAIN_MARGIN = 10.0
+"""Seconds beyond the drain timeout a worker waits for the others to finish draining."""
+
+
+async def _bounded(waiting: Awaitable[Any], timeout: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(waiting, timeout)
+
+
 async def _drain(turn: _Turn, timeout: float) -> None:
     """Refuse new allocations, let the others end for up to ``timeout`` seconds, end the rest."""
     driver = turn.driver
@@ -1511,6 +1528,7 @@ async def serve(
         # Worker 0 asks this worker over its admin socket; a SIGHUP sent to the whole
         # process group must not end it.
         loop.add_signal_handler(signal.SIGHUP, lambda: None)
+    parent_gone = asyncio.Event()
     if share.index > 0:
         # A worker drains when its parent goes away: the parent holds our stdin open. The
         # parent's first line on it says every worker has bound the ports.
@@ -1518,6 +1536,7 @@ async def serve(
             data = os.read(0, 4096)
             if not data:
                 loop.remove_reader(0)
+                parent_gone.set()
                 stop.set()
             elif turn is not None and turn.waiting_udp:
                 task = loop.create_task(turn.start_udp(loop))
@@ -1540,6 +1559,16 @@ async def serve(
         await runner.cleanup()
     if turn is not None:
         await _drain(turn, running.config.drain_timeout)
+        # Every worker's UDP sockets stay bound until all workers have drained: one that
+        # leaves the port's group makes the kernel hash other workers' clients anew.
+        if share.index > 0:
+            _say(DRAINED_LINE)
+            await _bounded(parent_gone.wait(), running.config.drain_timeout + _DRAIN_MARGIN)
+        elif children:
+            drained = await wait_drained(children, running.config.drain_timeout + _DRAIN_MARGIN)
+            if drained < len(children):
+                log.warning("%d worker processes did not finish draining", len(children) - drained)
+            release_workers(children, stop=True)
         for listener in turn.udp_listeners:
             listener.close()
         if turn.counter is not None:

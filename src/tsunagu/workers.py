@@ -25,17 +25,22 @@ from typing import IO, Any
 from .config import Config, config_from_json, config_to_json
 
 __all__ = [
+    "DRAINED_LINE",
     "READY_LINE",
     "WorkerShare",
     "loop_factory",
     "release_workers",
     "start_workers",
+    "wait_drained",
     "worker_main",
 ]
 
 READY_LINE = "tsunagu: ready"
 # What worker 0 writes on a worker's stdin once every worker has bound the ports.
 GO_LINE = b"go\n"
+# What a worker says on stdout when its drain is over; it then keeps its sockets until
+# worker 0 closes its stdin.
+DRAINED_LINE = "tsunagu: drained"
 # How long a worker may take to bind its listeners before the start-up counts as failed.
 _START_TIMEOUT = 30.0
 # The child command: the serve module sits above this one, so only the child imports it.
@@ -128,15 +133,41 @@ async def start_workers(config: Config, share: WorkerShare) -> list[subprocess.P
     return ready if len(ready) == len(children) else ready[:0]
 
 
-def release_workers(children: list[subprocess.Popen[bytes]]) -> None:
-    """Tell every worker that all of them have bound the ports: they may answer on UDP."""
+def release_workers(children: list[subprocess.Popen[bytes]], *, stop: bool = False) -> None:
+    """Tell every worker that all of them have bound the ports: they may answer on UDP;
+    with ``stop``, that all of them have drained: they may close them and exit."""
     for child in children:
         assert child.stdin is not None
         try:
-            child.stdin.write(GO_LINE)
-            child.stdin.flush()
+            if stop:
+                child.stdin.close()
+            else:
+                child.stdin.write(GO_LINE)
+                child.stdin.flush()
         except OSError:
             pass  # gone already: worker 0 sees it when it stops
+
+
+def _wait_line(stdout: IO[bytes], line: str) -> bool:
+    for text in stdout:
+        if text.startswith(line.encode()):
+            return True
+    return False
+
+
+async def wait_drained(children: list[subprocess.Popen[bytes]], timeout: float) -> int:
+    """Wait (at most ``timeout`` seconds) until every worker says its drain is over, or is
+    gone; how many said so."""
+
+    async def one(child: subprocess.Popen[bytes]) -> bool:
+        assert child.stdout is not None
+        return await asyncio.to_thread(_wait_line, child.stdout, DRAINED_LINE)
+
+    tasks = [asyncio.create_task(one(child)) for child in children]
+    done, pending = await asyncio.wait(tasks, timeout=timeout) if tasks else (set(), set())
+    for task in pending:
+        task.cancel()
+    return sum(1 for task in done if not task.cancelled() and task.result())
 
 
 def worker_main(serve: ServeFunction) -> int:

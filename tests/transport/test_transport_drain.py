@@ -12,6 +12,7 @@ import re
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,6 +26,7 @@ from support.interop import (
     turn_allocate,
     udp_echo_server,
 )
+from tsunagu.admin.client import request
 
 pytestmark = pytest.mark.interop
 
@@ -145,3 +147,48 @@ async def test_second_signal_exits_at_once(tmp_path: Path) -> None:
             assert time.monotonic() - second < 3
             assert "second signal" in server.log_text()
             await udp.abort()
+
+
+@pytest.mark.parametrize("idle", [0, 1, 2])
+async def test_every_workers_calls_relay_through_the_whole_drain(
+    tmp_path: Path, idle: int
+) -> None:
+    """A worker whose allocations are gone finishes its drain at once; the others' clients
+    must still reach their workers (the kernel hashes a port's datagrams over the sockets
+    bound to it, so none leaves before all have drained), for longer than 5 s."""
+    with run_serve(
+        tmp_path, "--workers", "3", "--user-quota", "0", drain_timeout=20, relay_ports=300
+    ) as server:
+        async with udp_echo_server() as (_, peer):
+            clients = [await turn_allocate(server, "udp") for _ in range(24)]
+            sessions = request(server.admin_socket, {"command": "sessions"}, 10)["sessions"]
+            worker_of = {s["client"]: s["worker"] for s in sessions}
+            by_worker: dict[int, list[Any]] = {}
+            for client in clients:
+                by_worker.setdefault(
+                    worker_of[f"{client.mapped[0]}:{client.mapped[1]}"], []
+                ).append(client)
+            assert len(by_worker) == 3, by_worker.keys()
+            # One worker has nothing left to drain: it is done at once.
+            for client in by_worker.pop(idle):
+                await client.close()
+            staying = [client for group in by_worker.values() for client in group]
+
+            drain_started = await start_draining(server)
+            rounds = failures = 0
+            while time.monotonic() - drain_started < 7.0:
+                for index, client in enumerate(staying):
+                    payload = b"drain-%d-%d" % (rounds, index)
+                    try:
+                        if await client.echo(payload, peer, timeout=2) != payload:
+                            failures += 1
+                    except (TimeoutError, AssertionError):
+                        failures += 1
+                rounds += 1
+                await asyncio.sleep(0.3)
+            assert failures == 0, f"{failures} of {rounds * len(staying)} echoes lost"
+            assert server.process.poll() is None
+            for client in staying:
+                await client.close()
+            code = await server.wait_async(15)
+    assert code == 0, server.log_text()
