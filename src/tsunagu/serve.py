@@ -1562,7 +1562,8 @@ async def serve(
         # Every worker's UDP sockets stay bound until all workers have drained: one that
         # leaves the port's group makes the kernel hash other workers' clients anew.
         if share.index > 0:
-            _say(DRAINED_LINE)
+            with contextlib.suppress(OSError):  # worker 0 may be gone (then stdin is closed)
+                _say(DRAINED_LINE)
             await _bounded(parent_gone.wait(), running.config.drain_timeout + _DRAIN_MARGIN)
         elif children:
             drained = await wait_drained(children, running.config.drain_timeout + _DRAIN_MARGIN)

@@ -150,9 +150,7 @@ async def test_second_signal_exits_at_once(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("idle", [0, 1, 2])
-async def test_every_workers_calls_relay_through_the_whole_drain(
-    tmp_path: Path, idle: int
-) -> None:
+async def test_every_workers_calls_relay_through_the_whole_drain(tmp_path: Path, idle: int) -> None:
     """A worker whose allocations are gone finishes its drain at once; the others' clients
     must still reach their workers (the kernel hashes a port's datagrams over the sockets
     bound to it, so none leaves before all have drained), for longer than 5 s."""
@@ -192,3 +190,18 @@ async def test_every_workers_calls_relay_through_the_whole_drain(
                 await client.close()
             code = await server.wait_async(15)
     assert code == 0, server.log_text()
+
+
+async def test_workers_stop_when_worker_0_is_killed(tmp_path: Path) -> None:
+    with run_serve(tmp_path, "--workers", "3", check_exit=False) as server:
+        children = [
+            int(pid)
+            for pid in Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
+        ]
+        assert len(children) == 2
+        server.process.kill()
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() for pid in children):
+            assert time.monotonic() < deadline, "a worker outlived worker 0 by 10 s"
+            await asyncio.sleep(0.05)
+        assert "Traceback" not in server.log_text()
