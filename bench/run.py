@@ -39,6 +39,7 @@ from .servers import (
     Server,
     make_certificate,
     pinned,
+    process_cpu,
     start_echo_peer,
     start_server,
 )
@@ -366,17 +367,6 @@ def _system_busy() -> float:
     return (user + nice + system) / ticks
 
 
-def _process_cpu(pid: int | None) -> float:
-    if pid is None:
-        return 0.0
-    from tsunagu.probe import procstat
-
-    try:
-        return procstat.sample(pid).cpu_seconds
-    except OSError:
-        return 0.0
-
-
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -393,8 +383,8 @@ class Window:
         self.database = database
         self.started = time.monotonic()
         self.busy = _system_busy()
-        self.server_cpu = _process_cpu(server.pid)
-        self.peer_cpu = _process_cpu(peer.pid if peer else None)
+        self.server_cpu = process_cpu(server.pid)
+        self.peer_cpu = process_cpu(peer.pid if peer else None)
         self.database_cpu = database.cpu_seconds() if database else 0.0
         self.children = _children_cpu()
         self.load = os.getloadavg()[0]
@@ -402,8 +392,8 @@ class Window:
     def close(self) -> dict[str, Any]:
         wall = time.monotonic() - self.started
         busy = _system_busy() - self.busy
-        server = _process_cpu(self.server.pid) - self.server_cpu
-        peer = _process_cpu(self.peer.pid if self.peer else None) - self.peer_cpu
+        server = process_cpu(self.server.pid) - self.server_cpu
+        peer = process_cpu(self.peer.pid if self.peer else None) - self.peer_cpu
         generator = _children_cpu() - self.children
         database = self.database.cpu_seconds() - self.database_cpu if self.database else 0.0
         other = max(0.0, busy - server - peer - generator - database)
@@ -526,7 +516,7 @@ def run_case(case: Case, server: Server, ctx: Context, repeat: int) -> dict[str,
         record["skipped"] = "time budget spent"
         return record
     window = Window(server, ctx.peer, ctx.database)
-    before = _process_cpu(server.pid)
+    before = process_cpu(server.pid)
     try:
         done = subprocess.run(
             pinned(command, ctx.generator_cpu),
@@ -547,7 +537,7 @@ def run_case(case: Case, server: Server, ctx: Context, repeat: int) -> dict[str,
         except BenchError as exc:
             record["error"] = str(exc)
             return record
-        cpu = _process_cpu(server.pid) - before
+        cpu = process_cpu(server.pid) - before
         result["server_cpu_s"] = round(cpu, 4)
         if result["relayed_packets"]:
             result["server_cpu_us_per_relayed_packet"] = round(

@@ -456,3 +456,15 @@ def start_echo_peer(cpu: str | None, first_port: int = 13400) -> EchoPeer | None
                 pass
     peer.stop()
     raise BenchError("turnutils_peer did not echo")
+
+
+def process_cpu(pid: int | None) -> float:
+    """CPU seconds (user and system) process ``pid`` used so far; 0 when it is gone."""
+    if pid is None:
+        return 0.0
+    from tsunagu.probe import procstat
+
+    try:
+        return procstat.sample(pid).cpu_seconds
+    except OSError:
+        return 0.0

@@ -60,6 +60,7 @@ from .servers import (
     Server,
     Variant,
     make_certificate,
+    process_cpu,
     start_echo_peer,
     start_server,
 )
@@ -107,15 +108,6 @@ def server_memory(pid: int) -> dict[str, Any]:
     return {"rss_kib": sum(per_process.values()), "processes": per_process}
 
 
-def _cpu(pid: int | None) -> float:
-    if pid is None:
-        return 0.0
-    try:
-        return procstat.sample(pid).cpu_seconds
-    except OSError:
-        return 0.0
-
-
 def _self_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -161,9 +153,9 @@ def run_wave(
         server_pid=server.pid,
     )
     started = time.monotonic()
-    cpu = {"generator": _self_cpu(), "server": _cpu(server.pid)}
+    cpu = {"generator": _self_cpu(), "server": process_cpu(server.pid)}
     if peer is not None:
-        cpu["peer"] = _cpu(peer.pid)
+        cpu["peer"] = process_cpu(peer.pid)
     generator = LoadGenerator(spec)
     try:
         if peer is None:
@@ -182,10 +174,10 @@ def run_wave(
     seconds = time.monotonic() - started
     used = {
         "generator": _self_cpu() - cpu["generator"],
-        "server": _cpu(server.pid) - cpu["server"],
+        "server": process_cpu(server.pid) - cpu["server"],
     }
     if peer is not None:
-        used["peer"] = _cpu(peer.pid) - cpu["peer"]
+        used["peer"] = process_cpu(peer.pid) - cpu["peer"]
     return {
         "wave": number,
         "allocations_requested": options.allocations,
