@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import faulthandler
 import hashlib
+import io
 import ipaddress
 import json
 import logging
@@ -1213,6 +1214,13 @@ async def reload_on_signal(handler: Callable[[dict[str, Any]], Awaitable[dict[st
     )
 
 
+def _log_tasks() -> None:
+    for task in asyncio.all_tasks():
+        where = io.StringIO()
+        task.print_stack(limit=8, file=where)
+        log.warning("task %s waits:\n%s", task.get_name(), where.getvalue().rstrip())
+
+
 def _with_worker_count(config: Config) -> Config:
     if config.workers == 0:
         # Like coturn's relay threads: one per core this process may run on.
@@ -1511,6 +1519,8 @@ async def serve(
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal)
+    # SIGUSR1: where every task of this worker waits, in the log (a stop that hangs).
+    loop.add_signal_handler(signal.SIGUSR1, _log_tasks)
     reloads: set[asyncio.Task[None]] = set()
     if share.index == 0:
         reload_handler = admin_handler

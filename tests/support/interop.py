@@ -290,12 +290,27 @@ class ServeProcess:
         self.terminate()
         code = self.wait(timeout)
         if code is None:
+            # Where each asyncio task waits (the server logs it), then every thread's stack.
+            for pid in _process_tree(self.process.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGUSR1)
+            code = self.wait(1)
+        if code is None:
             self.send_signal(signal.SIGABRT)
             code = self.wait(5)
         if code is None:
             self.process.kill()
             code = self.process.wait(timeout=5)
         return code
+
+
+def _process_tree(pid: int) -> list[int]:
+    found = [pid]
+    for current in found:
+        with contextlib.suppress(OSError):
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+            found.extend(int(child) for child in children)
+    return found
 
 
 def _wait_ready(server: ServeProcess, deadline: float) -> list[str]:
