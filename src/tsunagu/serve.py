@@ -62,11 +62,13 @@ from .turn.quotas import user_id
 from .turn.revocations import Revocation, RevocationList
 from .workers import (
     DRAINED_LINE,
+    READING_LINE,
     READY_LINE,
     WorkerShare,
     release_workers,
     start_workers,
     wait_drained,
+    wait_reading,
 )
 
 if TYPE_CHECKING:
@@ -1339,8 +1341,16 @@ async def _start_metrics(
     return exporter, servers
 
 
+_START_MARGIN = 10.0
+"""Seconds worker 0 waits for the other workers to read their UDP sockets once told to."""
 _DRAIN_MARGIN = 10.0
 """Seconds beyond the drain timeout a worker waits for the others to finish draining."""
+
+
+async def _start_udp_and_say(turn: _Turn, loop: asyncio.AbstractEventLoop) -> None:
+    await turn.start_udp(loop)
+    with contextlib.suppress(OSError):  # worker 0 may be gone
+        _say(READING_LINE)
 
 
 async def _bounded(waiting: Awaitable[Any], timeout: float) -> None:
@@ -1455,8 +1465,12 @@ async def serve(
                 return 1
             release_workers(children)
         if share.index == 0:
-            # The other workers start on worker 0's word, on their stdin (below).
+            # The other workers start on worker 0's word, on their stdin (below); ready
+            # means every worker reads.
             await turn.start_udp(loop)
+            reading = await wait_reading(children, _START_MARGIN)
+            if reading < len(children):
+                log.warning("%d worker processes did not start reading", len(children) - reading)
         _say_turn(config, listening, turn, ssl_context, material, turn_secret)
         prepare = None
         if reread is not None:
@@ -1549,7 +1563,7 @@ async def serve(
                 parent_gone.set()
                 stop.set()
             elif turn is not None and turn.waiting_udp:
-                task = loop.create_task(turn.start_udp(loop))
+                task = loop.create_task(_start_udp_and_say(turn, loop))
                 reloads.add(task)
                 task.add_done_callback(reloads.discard)
 

@@ -26,12 +26,14 @@ from .config import Config, config_from_json, config_to_json
 
 __all__ = [
     "DRAINED_LINE",
+    "READING_LINE",
     "READY_LINE",
     "WorkerShare",
     "loop_factory",
     "release_workers",
     "start_workers",
     "wait_drained",
+    "wait_reading",
     "worker_main",
 ]
 
@@ -41,6 +43,8 @@ GO_LINE = b"go\n"
 # What a worker says on stdout when its drain is over; it then keeps its sockets until
 # worker 0 closes its stdin.
 DRAINED_LINE = "tsunagu: drained"
+# What a worker says on stdout once it reads its UDP sockets after worker 0's word.
+READING_LINE = "tsunagu: reading"
 # How long a worker may take to bind its listeners before the start-up counts as failed.
 _START_TIMEOUT = 30.0
 # The child command: the serve module sits above this one, so only the child imports it.
@@ -158,10 +162,19 @@ def _wait_line(stdout: IO[bytes], line: str) -> bool:
 async def wait_drained(children: list[subprocess.Popen[bytes]], timeout: float) -> int:
     """Wait (at most ``timeout`` seconds) until every worker says its drain is over, or is
     gone; how many said so."""
+    return await _wait_lines(children, DRAINED_LINE, timeout)
 
+
+async def wait_reading(children: list[subprocess.Popen[bytes]], timeout: float) -> int:
+    """Wait (at most ``timeout`` seconds) until every worker released by
+    :func:`release_workers` says it reads its UDP sockets; how many said so."""
+    return await _wait_lines(children, READING_LINE, timeout)
+
+
+async def _wait_lines(children: list[subprocess.Popen[bytes]], line: str, timeout: float) -> int:
     async def one(child: subprocess.Popen[bytes]) -> bool:
         assert child.stdout is not None
-        return await asyncio.to_thread(_wait_line, child.stdout, DRAINED_LINE)
+        return await asyncio.to_thread(_wait_line, child.stdout, line)
 
     tasks = [asyncio.create_task(one(child)) for child in children]
     done, pending = await asyncio.wait(tasks, timeout=timeout) if tasks else (set(), set())
