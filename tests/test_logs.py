@@ -89,3 +89,21 @@ def test_setup_logging_writes_the_chosen_level_and_format(tmp_path: Path, fmt: s
     else:
         assert line.endswith(" tsunagu.x WARNING shown here")
     assert [parsed["message"] for parsed in log_lines(path.read_text())] == ["shown here"]
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_a_log_file_moved_away_is_opened_anew(tmp_path: Path) -> None:
+    path, audit = tmp_path / "log", tmp_path / "audit"
+    setup_logging("info", "text", str(path), str(audit))
+    logging.getLogger("tsunagu.x").info("before")
+    logging.getLogger("tsunagu.audit").info("record one")
+    path.rename(tmp_path / "log.1")  # what logrotate does
+    audit.rename(tmp_path / "audit.1")
+    logging.getLogger("tsunagu.x").info("after")
+    logging.getLogger("tsunagu.audit").info("record two")
+    for name in ("tsunagu", "tsunagu.audit"):
+        for handler in logging.getLogger(name).handlers:
+            handler.flush()
+    assert "before" in (tmp_path / "log.1").read_text()
+    assert "after" in path.read_text() and "before" not in path.read_text()
+    assert "record two" in audit.read_text() and "record one" not in audit.read_text()

@@ -11,7 +11,8 @@ JSON its fields stand beside ``message``.
 
 Worker processes set up the same handler from the same configuration
 (:func:`setup_logging`), so they write to the same file, or the stderr they inherited, in
-the same format.
+the same format. A log file moved away (logrotate) is opened anew under its name at the next
+line, by each worker: no signal and no ``copytruncate`` needed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import logging.handlers
 import sys
 from typing import Any
 
@@ -113,7 +115,7 @@ def setup_logging(
     as JSON lines (every worker appends whole lines to it)."""
     audit = logging.getLogger("tsunagu.audit")
     if audit_file:
-        audit_handler = logging.FileHandler(audit_file)
+        audit_handler = logging.handlers.WatchedFileHandler(audit_file)
         audit_handler.setFormatter(AuditFormatter())
         audit.handlers[:] = [audit_handler]
         audit.setLevel(logging.INFO)
@@ -123,7 +125,7 @@ def setup_logging(
         audit.setLevel(logging.NOTSET)
         audit.propagate = True
     handler: logging.Handler = (
-        logging.FileHandler(file) if file else logging.StreamHandler(sys.stderr)
+        logging.handlers.WatchedFileHandler(file) if file else logging.StreamHandler(sys.stderr)
     )
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger("tsunagu")
