@@ -29,8 +29,11 @@ from typing import Any
 from . import databases, report
 from .databases import UserDatabase
 from .servers import (
+    DOCS,
     HOST,
+    REPO,
     REST_SECRET,
+    RESULTS,
     USER,
     VARIANTS,
     BenchError,
@@ -44,9 +47,6 @@ from .servers import (
     start_server,
 )
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "bench" / "results"
-DOCS = REPO / "docs"
 PRIMARY = ("coturn-m1", "tsunagu")
 THREE = ("coturn-m1", "coturn", "tsunagu")
 ALL_VARIANTS = ("coturn-m1", "coturn", "tsunagu", "tsunagu-py", "tsunagu-w2")

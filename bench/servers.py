@@ -15,6 +15,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+DOCS = REPO / "docs"
 HOST = "127.0.0.1"
 REALM = "tsunagu"
 USER = ("alice", "secret")

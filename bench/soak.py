@@ -53,6 +53,8 @@ from tsunagu.workers import READY_LINE
 
 from .servers import (
     HOST,
+    REPO,
+    RESULTS,
     USER,
     BenchError,
     EchoPeer,
@@ -65,9 +67,6 @@ from .servers import (
     start_server,
 )
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "bench" / "results"
-DOCS = REPO / "docs"
 # The soak's copy of its last full run, next to BENCHMARKS.md: the full benchmark, which
 # rewrites BENCHMARKS.md, puts the section back from it.
 SOAK_JSON = "soak.json"

@@ -1535,7 +1535,8 @@ async def serve(
         loop.add_signal_handler(signum, on_signal)
     # SIGUSR1: where every task of this worker waits, in the log (a stop that hangs).
     loop.add_signal_handler(signal.SIGUSR1, _log_tasks)
-    reloads: set[asyncio.Task[None]] = set()
+    # Tasks started by signals and by worker 0's word, held until done.
+    background: set[asyncio.Task[None]] = set()
     if share.index == 0:
         reload_handler = admin_handler
 
@@ -1544,8 +1545,8 @@ async def serve(
                 log.info("SIGHUP: nothing to reload without TURN")
                 return
             task = loop.create_task(reload_on_signal(reload_handler))
-            reloads.add(task)
-            task.add_done_callback(reloads.discard)
+            background.add(task)
+            task.add_done_callback(background.discard)
 
         loop.add_signal_handler(signal.SIGHUP, on_hangup)
     else:
@@ -1564,8 +1565,8 @@ async def serve(
                 stop.set()
             elif turn is not None and turn.waiting_udp:
                 task = loop.create_task(_start_udp_and_say(turn, loop))
-                reloads.add(task)
-                task.add_done_callback(reloads.discard)
+                background.add(task)
+                task.add_done_callback(background.discard)
 
         loop.add_reader(0, on_stdin)
     _say(READY_LINE)
