@@ -74,9 +74,19 @@ class Serve:
 
 
 def running(tmp: Path, *extra: str) -> Iterator[Serve]:
-    server = Serve(tmp, *extra)
+    # The ports are checked free on loopback, the web app may bind the wildcard: a port in
+    # use elsewhere (another address, a connection's ephemeral port since) makes the server
+    # exit saying so, and it starts again on other ports, as run_serve's servers do.
+    for attempt in range(3):
+        server = Serve(tmp, *extra)
+        try:
+            server.wait_for("out", READY)
+            break
+        except AssertionError:
+            if attempt == 2 or "Address already in use" not in server.printed():
+                raise
+            server.stop()
     try:
-        server.wait_for("out", READY)
         yield server
     finally:
         code = server.stop()
