@@ -151,6 +151,23 @@ async def frames(page: Page) -> dict[str, Any]:
     raise AssertionError(f"no decoded frames: {stats}")
 
 
+async def on_udp(page: Page, stats: dict[str, Any]) -> dict[str, Any]:
+    """The connection's stats once its selected pair leaves over UDP (bounded wait: 15 s).
+
+    ICE may first select a pair whose checks finished first, a relayed TURN/TCP one, and
+    switch to the higher-priority UDP pair once that one answers: which comes first depends
+    on timing alone. A UDP path the firewall broke never answers, and the wait fails.
+    """
+    for _ in range(60):
+        local = stats.get("local") or {}
+        if local.get("protocol") == "udp" and stats["path"]["relayProtocol"] in ("udp", None):
+            return stats
+        await asyncio.sleep(0.25)
+        now = await page.evaluate("window.tsunagu.stats()")
+        stats = now[0] if len(now) == 1 else stats
+    return stats
+
+
 LOCAL_CANDIDATES = """async () => {
   const out = [];
   for (const p of window.tsunagu.peers()) {
@@ -228,6 +245,7 @@ async def test_chromium_with_the_policy_calls_through_a_narrow_udp_range(
                     b = await join(outside, server, "Home")
                     await asyncio.gather(wait_connected(a, 1), wait_connected(b, 1))
                     stats_a, stats_b = await asyncio.gather(frames(a), frames(b))
+                    stats_a = await on_udp(a, stats_a)
                     candidates = await a.evaluate(LOCAL_CANDIDATES)
                     sockets = webrtc_ports(office)
                     during_call = dropped(office)
