@@ -9,6 +9,8 @@ import pytest
 from tsunagu import serve
 from tsunagu.auth.rest import mint_credentials
 from tsunagu.config import parse_config
+from tsunagu.serve import main as serve_main
+from tsunagu.serve import settings as serve_settings
 from tsunagu.stun import PASSWORD_ALGORITHM_MD5
 from tsunagu.turn import PeerPolicy
 
@@ -73,7 +75,7 @@ def test_listening_addresses_expand_wildcards_by_family(
     monkeypatch: pytest.MonkeyPatch, listening: list[str], expected: list[str]
 ) -> None:
     machine = ["127.0.0.1", "192.0.2.1", "::1", "2001:db8::1"]
-    monkeypatch.setattr(serve, "local_addresses", lambda: list(machine))
+    monkeypatch.setattr(serve_settings, "local_addresses", lambda: list(machine))
     assert serve.listening_addresses(parse_config({"listening_ips": listening})) == expected
 
 
@@ -130,22 +132,22 @@ def test_settings_carry_the_quotas() -> None:
 
 def test_start_up_output_says_who_may_enter_rooms() -> None:
     from tsunagu.config import parse_config
-    from tsunagu.serve import _room_access_line
+    from tsunagu.serve.banner import room_access_line
 
-    line = _room_access_line(parse_config({}))
+    line = room_access_line(parse_config({}))
     assert line.startswith("tsunagu: room access open (default for this address): anyone"), line
     assert "valid 600 s and renewed" in line and "/api/turn-credentials off" in line
     public = parse_config({"web_ip": "0.0.0.0", "join_secrets": ["s" * 32], "api_key": "k" * 32})
-    line = _room_access_line(public)
+    line = room_access_line(public)
     assert "room access token (default for this address): rooms admit invitation links" in line
     assert "/api/turn-credentials on" in line
-    chosen = _room_access_line(parse_config({"web_ip": "0.0.0.0", "room_access": "open"}))
+    chosen = room_access_line(parse_config({"web_ip": "0.0.0.0", "room_access": "open"}))
     assert "room access open: anyone" in chosen
 
 
 def test_aux_servers_expand_wildcards_by_family(monkeypatch: pytest.MonkeyPatch) -> None:
     machine = ["127.0.0.1", "192.0.2.1", "::1", "2001:db8::1"]
-    monkeypatch.setattr(serve, "local_addresses", lambda: list(machine))
+    monkeypatch.setattr(serve_settings, "local_addresses", lambda: list(machine))
     config = parse_config(
         {"listening_ips": ["::1"], "aux_servers": ["0.0.0.0:443", "[2001:db8::1]:443"]}
     )
@@ -264,7 +266,7 @@ def test_wildcards_expand_to_the_machines_internal_addresses_only(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     machine = ["127.0.0.1", "10.80.0.4", "192.0.2.1", "::1", "fd00:80::4", "2001:db8::1"]
-    monkeypatch.setattr(serve, "local_addresses", lambda: list(machine))
+    monkeypatch.setattr(serve_settings, "local_addresses", lambda: list(machine))
     assert serve.listening_addresses(parse_config(INTERNAL)) == ["10.80.0.4", "fd00:80::4"]
     wildcard = parse_config({**INTERNAL, "listening_ips": ["0.0.0.0"]})
     assert serve.listening_addresses(wildcard) == ["10.80.0.4"]
@@ -277,8 +279,9 @@ def test_wildcards_expand_to_the_machines_internal_addresses_only(
 async def test_serve_refuses_to_start_without_an_address_inside(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(serve, "local_addresses", lambda: ["127.0.0.1", "192.0.2.1"])
-    monkeypatch.setattr(serve, "_setup_logging", lambda config: None)
+    for module in (serve_settings, serve_main):
+        monkeypatch.setattr(module, "local_addresses", lambda: ["127.0.0.1", "192.0.2.1"])
+    monkeypatch.setattr(serve_main, "_setup_logging", lambda config: None)
     config = parse_config({**INTERNAL, "workers": 1, "no_web": True})
     with caplog.at_level(logging.ERROR, logger="tsunagu"):
         assert await serve.serve(config) == 1

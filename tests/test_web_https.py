@@ -22,6 +22,7 @@ from cryptography import x509
 from support.interop import free_ports, relay_range
 from tsunagu import serve
 from tsunagu.config import parse_config
+from tsunagu.serve import settings as serve_settings
 from tsunagu.tls import GENERATED_CERT_NAME
 
 READY = "tsunagu: ready"
@@ -181,7 +182,7 @@ def test_the_generated_certificate_names_the_web_address_and_the_public_host(
     config = parse_config({"web_ip": "10.1.2.3", "public_host": "turn.example.org"})
     hosts = serve.certificate_hosts(config, ["10.1.2.4"])
     assert hosts == ["10.1.2.4", "turn.example.org", "10.1.2.3"]
-    monkeypatch.setattr(serve, "local_addresses", lambda: ["127.0.0.1", "192.0.2.7"])
+    monkeypatch.setattr(serve_settings, "local_addresses", lambda: ["127.0.0.1", "192.0.2.7"])
     wildcard = parse_config({"web_ip": "0.0.0.0", "room_access": "open"})
     assert serve.certificate_hosts(wildcard, ["127.0.0.1"]) == [
         "127.0.0.1",
