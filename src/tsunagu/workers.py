@@ -14,13 +14,15 @@ goes away, the child drains.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any
 
 from .config import Config, config_from_json, config_to_json
 
@@ -28,11 +30,13 @@ __all__ = [
     "DRAINED_LINE",
     "READING_LINE",
     "READY_LINE",
+    "Worker",
     "WorkerShare",
     "loop_factory",
     "release_workers",
     "start_workers",
     "wait_drained",
+    "wait_exited",
     "wait_reading",
     "worker_main",
 ]
@@ -52,6 +56,64 @@ _CHILD = (
     "from tsunagu.serve import serve; from tsunagu.workers import worker_main; "
     "raise SystemExit(worker_main(serve))"
 )
+
+
+@dataclass(eq=False)
+class Worker:
+    """A worker process 1..N-1 as worker 0 started it: worker 0 writes on its stdin and the
+    event loop reads its stdout, so that a wait for one of its lines that times out leaves
+    no reader behind (a thread blocked on the pipe would hold the process at exit) and no
+    line is read by a wait that no longer wants it.
+
+    A plain ``Popen``, not an asyncio subprocess: exec keeps the signals serve ignores
+    (SIGHUP during the start), where uvloop's spawn resets them.
+    """
+
+    process: subprocess.Popen[bytes]
+    output: asyncio.StreamReader
+    pipe: asyncio.BaseTransport
+
+    @classmethod
+    async def start(cls, command: list[str]) -> Worker:
+        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        output = asyncio.StreamReader()
+        loop = asyncio.get_running_loop()
+        pipe, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(output), process.stdout
+        )
+        return cls(process, output, pipe)
+
+    def write(self, data: bytes) -> None:
+        """Write a line on the worker's stdin (a few bytes: the pipe never fills)."""
+        assert self.process.stdin is not None
+        self.process.stdin.write(data)
+        self.process.stdin.flush()
+
+    def close_stdin(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)  # nothing once it has been reaped
+
+    def kill(self) -> None:
+        self.process.kill()
+
+    async def exited(self, timeout: float) -> bool:
+        """Whether the worker exits within ``timeout`` seconds (reaped if so)."""
+        deadline = time.monotonic() + timeout
+        while self.process.poll() is None:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    def close(self) -> None:
+        """Close both pipes (the worker has exited)."""
+        with contextlib.suppress(OSError):
+            self.close_stdin()
+        self.pipe.close()
+
 
 ServeFunction = Callable[[Config, "WorkerShare | None"], Coroutine[Any, Any, int]]
 
@@ -103,83 +165,80 @@ def _read_payload(line: str | bytes) -> tuple[Config, WorkerShare]:
     return config_from_json(document["config"]), share
 
 
-def _wait_ready(stdout: IO[bytes]) -> bool:
-    for line in stdout:
-        if line.startswith(READY_LINE.encode()):
-            return True
-    return False
+async def _wait_line(child: Worker, line: str) -> bool:
+    """Read the child's output until ``line``; False at its end.
 
-
-async def start_workers(config: Config, share: WorkerShare) -> list[subprocess.Popen[bytes]]:
-    """Start workers 1..N-1 and wait (bounded) until each has bound its listeners.
-
-    Returns the children, or an empty list if any of them did not become ready; the caller
-    kills what was started.
+    Cancelled (a wait that timed out), it leaves what it has not read in the child's stream
+    for the next wait: no reader outlives a wait, and none takes another's line.
     """
-    children: list[subprocess.Popen[bytes]] = []
-    for index in range(1, config.workers):
-        child = subprocess.Popen(
-            [sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-        )
-        assert child.stdin is not None
-        # Only worker 0 serves the web app.
-        child.stdin.write(_payload(dataclasses.replace(config, no_web=True), share, index))
-        child.stdin.flush()
-        children.append(child)
-    ready = []
-    for child in children:
-        assert child.stdout is not None
-        try:
-            if await asyncio.wait_for(asyncio.to_thread(_wait_ready, child.stdout), _START_TIMEOUT):
-                ready.append(child)
-        except TimeoutError:
-            pass
-    return ready if len(ready) == len(children) else ready[:0]
-
-
-def release_workers(children: list[subprocess.Popen[bytes]], *, stop: bool = False) -> None:
-    """Tell every worker that all of them have bound the ports: they may answer on UDP;
-    with ``stop``, that all of them have drained: they may close them and exit."""
-    for child in children:
-        assert child.stdin is not None
-        try:
-            if stop:
-                child.stdin.close()
-            else:
-                child.stdin.write(GO_LINE)
-                child.stdin.flush()
-        except OSError:
-            pass  # gone already: worker 0 sees it when it stops
-
-
-def _wait_line(stdout: IO[bytes], line: str) -> bool:
-    for text in stdout:
+    while text := await child.output.readline():
         if text.startswith(line.encode()):
             return True
     return False
 
 
-async def wait_drained(children: list[subprocess.Popen[bytes]], timeout: float) -> int:
+async def start_workers(config: Config, share: WorkerShare) -> list[Worker]:
+    """Start workers 1..N-1 and wait (bounded) until each has bound its listeners.
+
+    Returns the children; an empty list, after killing what was started, if any of them
+    did not become ready.
+    """
+    children: list[Worker] = []
+    for index in range(1, config.workers):
+        child = await Worker.start([sys.executable, "-c", _CHILD])
+        children.append(child)
+        # Only worker 0 serves the web app.
+        child.write(_payload(dataclasses.replace(config, no_web=True), share, index))
+    ready = await _wait_lines(children, READY_LINE, _START_TIMEOUT)
+    if ready == len(children):
+        return children
+    await wait_exited(children, 0.0)
+    return []
+
+
+def release_workers(children: list[Worker], *, stop: bool = False) -> None:
+    """Tell every worker that all of them have bound the ports: they may answer on UDP;
+    with ``stop``, that all of them have drained: they may close them and exit."""
+    for child in children:
+        try:
+            if stop:
+                child.close_stdin()
+            else:
+                child.write(GO_LINE)
+        except OSError:
+            pass  # gone already: worker 0 sees it when it stops
+
+
+async def wait_drained(children: list[Worker], timeout: float) -> int:
     """Wait (at most ``timeout`` seconds) until every worker says its drain is over, or is
     gone; how many said so."""
     return await _wait_lines(children, DRAINED_LINE, timeout)
 
 
-async def wait_reading(children: list[subprocess.Popen[bytes]], timeout: float) -> int:
+async def wait_reading(children: list[Worker], timeout: float) -> int:
     """Wait (at most ``timeout`` seconds) until every worker released by
     :func:`release_workers` says it reads its UDP sockets; how many said so."""
     return await _wait_lines(children, READING_LINE, timeout)
 
 
-async def _wait_lines(children: list[subprocess.Popen[bytes]], line: str, timeout: float) -> int:
-    async def one(child: subprocess.Popen[bytes]) -> bool:
-        assert child.stdout is not None
-        return await asyncio.to_thread(_wait_line, child.stdout, line)
+async def wait_exited(children: list[Worker], timeout: float) -> None:
+    """Wait (at most ``timeout`` seconds in all) until every worker has exited; kill those
+    that have not. Their output pipes are closed either way."""
+    exited = await asyncio.gather(*(child.exited(timeout) for child in children))
+    for child, gone in zip(children, exited, strict=True):
+        if not gone:
+            child.kill()
+            await child.exited(1.0)
+        child.close()
 
-    tasks = [asyncio.create_task(one(child)) for child in children]
+
+async def _wait_lines(children: list[Worker], line: str, timeout: float) -> int:
+    tasks = [asyncio.create_task(_wait_line(child, line)) for child in children]
     done, pending = await asyncio.wait(tasks, timeout=timeout) if tasks else (set(), set())
     for task in pending:
         task.cancel()
+    if pending:
+        await asyncio.wait(pending)
     return sum(1 for task in done if not task.cancelled() and task.result())
 
 

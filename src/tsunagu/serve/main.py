@@ -24,7 +24,6 @@ import random
 import shutil
 import signal
 import ssl
-import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -35,10 +34,12 @@ from ..workers import (
     DRAINED_LINE,
     READING_LINE,
     READY_LINE,
+    Worker,
     WorkerShare,
     release_workers,
     start_workers,
     wait_drained,
+    wait_exited,
     wait_reading,
 )
 from .banner import internal_network_line, room_access_line, say, say_turn, web_app_line
@@ -170,7 +171,7 @@ async def serve(
         ssl_context = running.certificate.context
 
     turn: TurnSide | None = None
-    children: list[subprocess.Popen[bytes]] = []
+    children: list[Worker] = []
     admin: list[Any] = []
     admin_handler: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None
     admin_dir = ""
@@ -188,8 +189,6 @@ async def serve(
             share = dataclasses.replace(share, admin_dir=admin_dir)
             children = await start_workers(config, share)
             if len(children) != config.workers - 1:
-                for child in children:
-                    child.kill()
                 if admin_dir:
                     shutil.rmtree(admin_dir, ignore_errors=True)
                 turn.close_listeners()
@@ -258,7 +257,7 @@ async def serve(
             )
             stop.set()
             for child in children:
-                child.send_signal(signal.SIGTERM)
+                child.signal(signal.SIGTERM)
         else:
             log.info("second signal: exiting now")
             for child in children:
@@ -337,12 +336,7 @@ async def serve(
             await turn.users.close()
     for item in admin:
         await item.close()
-    deadline = time.monotonic() + 5.0
-    for child in children:
-        try:
-            await asyncio.to_thread(child.wait, max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.kill()
+    await wait_exited(children, 5.0)
     # Open until the other workers are gone too: /readyz keeps saying 503 while any of
     # them still drains its allocations.
     for item in metrics_servers:
