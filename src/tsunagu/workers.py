@@ -17,6 +17,8 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
+import signal
 import subprocess
 import sys
 import time
@@ -25,6 +27,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import Config, config_from_json, config_to_json
+from .logs import structured
+
+log = logging.getLogger("tsunagu")
 
 __all__ = [
     "DRAINED_LINE",
@@ -32,6 +37,8 @@ __all__ = [
     "READY_LINE",
     "Worker",
     "WorkerShare",
+    "exit_cause",
+    "keep_workers",
     "loop_factory",
     "release_workers",
     "start_workers",
@@ -49,6 +56,10 @@ GO_LINE = b"go\n"
 DRAINED_LINE = "tsunagu: drained"
 # What a worker says on stdout once it reads its UDP sockets after worker 0's word.
 READING_LINE = "tsunagu: reading"
+# A worker that exits while the server runs is started again, at most this many times in
+# this many seconds (keep_workers).
+RESTART_LIMIT = 5
+RESTART_WINDOW = 60.0
 # How long a worker may take to bind its listeners before the start-up counts as failed.
 _START_TIMEOUT = 30.0
 # The child command: the serve module sits above this one, so only the child imports it.
@@ -185,15 +196,95 @@ async def start_workers(config: Config, share: WorkerShare) -> list[Worker]:
     """
     children: list[Worker] = []
     for index in range(1, config.workers):
-        child = await Worker.start([sys.executable, "-c", _CHILD])
-        children.append(child)
-        # Only worker 0 serves the web app.
-        child.write(_payload(dataclasses.replace(config, no_web=True), share, index))
+        children.append(await _start_worker(config, share, index))
     ready = await _wait_lines(children, READY_LINE, _START_TIMEOUT)
     if ready == len(children):
         return children
     await wait_exited(children, 0.0)
     return []
+
+
+async def _start_worker(config: Config, share: WorkerShare, index: int) -> Worker:
+    child = await Worker.start([sys.executable, "-c", _CHILD])
+    # Only worker 0 serves the web app.
+    child.write(_payload(dataclasses.replace(config, no_web=True), share, index))
+    return child
+
+
+def exit_cause(returncode: int) -> str:
+    """How a process ended, in words: ``killed by SIGKILL``, ``exit status 1``."""
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit status {returncode}"
+
+
+async def keep_workers(
+    children: list[Worker],
+    current: Callable[[], Config],
+    share: WorkerShare,
+    *,
+    interval: float = 0.5,
+    limit: int = RESTART_LIMIT,
+    window: float = RESTART_WINDOW,
+) -> None:
+    """While the server runs, start again a worker that exits (a crash, the OOM killer, an
+    operator's kill), in its place in ``children``, with the configuration in force now
+    (``current``: reloads included) and after the others have bound its ports again.
+
+    Its allocations are gone with it; starting it again gives the server back its capacity
+    and, with two workers, the kernel's spread of clients over the sockets as it was.
+    At most ``limit`` restarts in ``window`` seconds: a worker that keeps dying is left
+    dead, and the log says so. Runs until cancelled (the stop).
+    """
+    restarts: list[float] = []
+    given_up: set[int] = set()
+    while True:
+        await asyncio.sleep(interval)
+        for position, child in enumerate(children):
+            returncode = child.process.poll()
+            index = position + 1
+            if returncode is None or index in given_up:
+                continue
+            child.close()
+            now = time.monotonic()
+            restarts = [when for when in restarts if now - when < window]
+            if len(restarts) >= limit:
+                given_up.add(index)
+                log.error(
+                    "worker %d exited (%s); not started again: %d restarts in the last %.0f s",
+                    index,
+                    exit_cause(returncode),
+                    len(restarts),
+                    window,
+                    extra=structured({"event": "worker", "cause": "worker keeps exiting"}),
+                )
+                continue
+            restarts.append(now)
+            log.error(
+                "worker %d (pid %d) exited (%s): its allocations are gone; starting it again",
+                index,
+                child.process.pid,
+                exit_cause(returncode),
+                extra=structured({"event": "worker", "cause": "worker exited", "worker": index}),
+            )
+            replacement = await _start_worker(current(), share, index)
+            try:
+                ready = await _wait_lines([replacement], READY_LINE, _START_TIMEOUT)
+                if ready:
+                    release_workers([replacement])
+                    ready = await _wait_lines([replacement], READING_LINE, _START_TIMEOUT)
+            except asyncio.CancelledError:
+                await wait_exited([replacement], 0.0)
+                raise
+            if not ready:
+                await wait_exited([replacement], 0.0)
+                log.error("worker %d did not start again; trying later", index)
+                continue
+            children[position] = replacement
+            log.info("worker %d started again (pid %d)", index, replacement.process.pid)
 
 
 def release_workers(children: list[Worker], *, stop: bool = False) -> None:

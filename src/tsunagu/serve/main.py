@@ -36,6 +36,7 @@ from ..workers import (
     READY_LINE,
     Worker,
     WorkerShare,
+    keep_workers,
     release_workers,
     start_workers,
     wait_drained,
@@ -247,6 +248,11 @@ async def serve(
 
     stop = asyncio.Event()
     signals_seen = 0
+    # A worker that exits while the server runs is started again, with the configuration
+    # in force (reloads included).
+    keeper = None
+    if children:
+        keeper = loop.create_task(keep_workers(children, lambda: running.config, share))
 
     def on_signal() -> None:
         nonlocal signals_seen
@@ -256,6 +262,8 @@ async def serve(
                 "draining: no new allocations; waiting up to %ss", running.config.drain_timeout
             )
             stop.set()
+            if keeper is not None:
+                keeper.cancel()  # from now on a worker that exits has stopped
             for child in children:
                 child.signal(signal.SIGTERM)
         else:
@@ -304,6 +312,9 @@ async def serve(
         loop.add_reader(0, on_stdin)
     say(READY_LINE)
     await stop.wait()
+    if keeper is not None:
+        keeper.cancel()  # done already by the signal handler, the usual way here
+        await asyncio.gather(keeper, return_exceptions=True)
     if renewals is not None:
         renewals.cancel()
         await asyncio.gather(renewals, return_exceptions=True)

@@ -1,0 +1,125 @@
+"""A worker process that dies while ``tsunagu serve`` runs is started again.
+
+Two workers, pinned: what is tested is the restart, which needs a second worker. Worker 1 is
+killed with SIGKILL (as the OOM killer does). The log names it and the cause; a new
+process takes its place with the configuration in force (a user added by a reload
+authenticates there); an allocation worker 0 held relays on throughout, since with two
+workers the kernel spreads clients over the sockets as before once the new one has bound.
+A worker that keeps dying is started again at most 5 times a minute, and the server still
+serves and stops cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from support.interop import ServeProcess, TurnClient, run_serve, turn_allocate, udp_echo_server
+from tsunagu.admin.client import request
+
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(180)]
+
+log = logging.getLogger(__name__)
+
+
+def ask(server: ServeProcess, payload: dict[str, Any]) -> dict[str, Any]:
+    answer = request(server.admin_socket, payload, 10.0)
+    assert answer["ok"] is True, answer
+    return answer
+
+
+def worker_pids(server: ServeProcess) -> dict[int, int]:
+    status = ask(server, {"command": "status"})
+    return {part["worker"]: part["pid"] for part in status["per_worker"]}
+
+
+async def restarted(server: ServeProcess, old: int, timeout: float = 20.0) -> int:
+    """Worker 1's new pid once it answers again (bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        pid = worker_pids(server).get(1)
+        if pid is not None and pid != old:
+            return pid
+    raise AssertionError(f"worker 1 not started again:\n{server.log_text()[-3000:]}")
+
+
+async def on_worker(
+    server: ServeProcess, worker: int, username: str, password: str
+) -> tuple[TurnClient, list[TurnClient]]:
+    """A UDP allocation that lands on ``worker`` (the kernel picks by the client's port:
+    up to 40 tries), and the others made on the way."""
+    others: list[TurnClient] = []
+    for _ in range(40):
+        client = await turn_allocate(server, username=username, password=password)
+        sessions = ask(server, {"command": "sessions"})["sessions"]
+        port = client.mapped[1]
+        mine = [s for s in sessions if s["client"].endswith(f":{port}")]
+        assert len(mine) == 1, (port, sessions)
+        if mine[0]["worker"] == worker:
+            return client, others
+        others.append(client)
+    raise AssertionError(f"no allocation on worker {worker} in 40 tries")
+
+
+async def test_a_killed_worker_is_started_again_with_the_running_configuration(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "tsunagu.toml"
+    users = tmp_path / "users.txt"
+    users.write_text("carol:first\n")
+    config.write_text(f'user_file = "{users}"\nallowed_peer_ips = ["127.0.0.1"]\n')
+    with run_serve(
+        tmp_path / "serve", "-c", str(config), "--workers", "2", allowed_peers=False
+    ) as server:
+        async with udp_echo_server() as (_, peer):
+            held, spare = await on_worker(server, 0, "carol", "first")
+            assert await held.echo(b"before", peer) == b"before"
+
+            # A reload adds a user: the restarted worker must know it.
+            users.write_text("carol:first\nerin:late\n")
+            server.send_signal(signal.SIGHUP)
+            assert await server.wait_for_log_async("SIGHUP: reload done", timeout=10)
+
+            old = worker_pids(server)[1]
+            os.kill(old, signal.SIGKILL)
+            began = time.monotonic()
+            new = await restarted(server, old)
+            log.info("worker 1 answered again %.2f s after SIGKILL", time.monotonic() - began)
+            text = server.log_text()
+            assert f"worker 1 (pid {old}) exited (killed by SIGKILL)" in text, text
+            assert f"worker 1 started again (pid {new})" in text, text
+            assert ask(server, {"command": "status"})["not_answering"] == []
+
+            # Worker 0's allocation relays on; the new worker 1 takes the reloaded user.
+            assert await held.echo(b"after", peer) == b"after"
+            late, more = await on_worker(server, 1, "erin", "late")
+            assert await late.echo(b"late", peer) == b"late"
+            for client in (held, late, *spare, *more):
+                await client.close()
+
+
+async def test_a_worker_that_keeps_dying_is_left_dead_after_five_restarts(
+    tmp_path: Path,
+) -> None:
+    with run_serve(tmp_path / "serve", "--workers", "2") as server:
+        pid = worker_pids(server)[1]
+        for _ in range(5):
+            os.kill(pid, signal.SIGKILL)
+            pid = await restarted(server, pid)
+        os.kill(pid, signal.SIGKILL)
+        assert await server.wait_for_log_async("not started again: 5 restarts", timeout=10)
+        await asyncio.sleep(1.5)  # the keeper's next rounds: no sixth start
+        assert server.log_text().count("started again (pid") == 5
+        status = request(server.admin_socket, {"command": "status"}, 10.0)
+        assert [part["worker"] for part in status["per_worker"]] == [0]
+        # Worker 0 still serves, and the server stops cleanly (run_serve checks its exit).
+        client = await turn_allocate(server)
+        await client.close()
