@@ -57,6 +57,8 @@ def test_workers_are_summed_and_process_figures_kept_apart() -> None:
     found = samples(text)
     assert found[("tsunagu_worker_up", (("worker", "1"),))] == 1
     assert found[("tsunagu_worker_up", (("worker", "2"),))] == 0
+    # No restarts given: 0 for every worker.
+    assert found[("tsunagu_worker_restarts_total", (("worker", "2"),))] == 0
     assert found[("tsunagu_allocations", (("family", "ipv4"), ("transport", "udp")))] == 4
     created = ("tsunagu_allocations_created_total", (("family", "ipv4"), ("transport", "udp")))
     assert found[created] == 10
@@ -138,3 +140,13 @@ def test_scrapes_at_once_ask_the_workers_once() -> None:
 
     texts = asyncio.run(main())
     assert calls == 2 and len(set(texts)) == 1
+
+
+def test_worker_restarts_are_counted_per_worker() -> None:
+    found = samples(render([part(0), part(1)], [0, 1, 2], None, {2: 3}))
+    restarts = {
+        labels[0][1]: value
+        for (name, labels), value in found.items()
+        if name == "tsunagu_worker_restarts_total"
+    }
+    assert restarts == {"0": 0, "1": 0, "2": 3}

@@ -14,6 +14,7 @@ goes away, the child drains.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -229,6 +230,7 @@ async def keep_workers(
     interval: float = 0.5,
     limit: int = RESTART_LIMIT,
     window: float = RESTART_WINDOW,
+    restarts: collections.Counter[int] | None = None,
 ) -> None:
     """While the server runs, start again a worker that exits (a crash, the OOM killer, an
     operator's kill), in its place in ``children``, with the configuration in force now
@@ -237,9 +239,10 @@ async def keep_workers(
     Its allocations are gone with it; starting it again gives the server back its capacity
     and, with two workers, the kernel's spread of clients over the sockets as it was.
     At most ``limit`` restarts in ``window`` seconds: a worker that keeps dying is left
-    dead, and the log says so. Runs until cancelled (the stop).
+    dead, and the log says so. ``restarts`` counts the restarts by worker index (for the
+    metrics). Runs until cancelled (the stop).
     """
-    restarts: list[float] = []
+    recent: list[float] = []
     given_up: set[int] = set()
     while True:
         await asyncio.sleep(interval)
@@ -250,19 +253,19 @@ async def keep_workers(
                 continue
             child.close()
             now = time.monotonic()
-            restarts = [when for when in restarts if now - when < window]
-            if len(restarts) >= limit:
+            recent = [when for when in recent if now - when < window]
+            if len(recent) >= limit:
                 given_up.add(index)
                 log.error(
                     "worker %d exited (%s); not started again: %d restarts in the last %.0f s",
                     index,
                     exit_cause(returncode),
-                    len(restarts),
+                    len(recent),
                     window,
                     extra=structured({"event": "worker", "cause": "worker keeps exiting"}),
                 )
                 continue
-            restarts.append(now)
+            recent.append(now)
             log.error(
                 "worker %d (pid %d) exited (%s): its allocations are gone; starting it again",
                 index,
@@ -284,6 +287,8 @@ async def keep_workers(
                 log.error("worker %d did not start again; trying later", index)
                 continue
             children[position] = replacement
+            if restarts is not None:
+                restarts[index] += 1
             log.info("worker %d started again (pid %d)", index, replacement.process.pid)
 
 

@@ -6,7 +6,7 @@ process takes its place with the configuration in force (a user added by a reloa
 authenticates there); an allocation worker 0 held relays on throughout, since with two
 workers the kernel spreads clients over the sockets as before once the new one has bound.
 A worker that keeps dying is started again at most 5 times a minute, and the server still
-serves and stops cleanly.
+serves and stops cleanly. The restarts are counted in the metrics.
 """
 
 from __future__ import annotations
@@ -16,12 +16,22 @@ import logging
 import os
 import signal
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from support.interop import ServeProcess, TurnClient, run_serve, turn_allocate, udp_echo_server
+from support.interop import (
+    HOST,
+    ServeProcess,
+    TurnClient,
+    free_port,
+    run_serve,
+    turn_allocate,
+    udp_echo_server,
+)
 from tsunagu.admin.client import request
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(180)]
@@ -38,6 +48,18 @@ def ask(server: ServeProcess, payload: dict[str, Any]) -> dict[str, Any]:
 def worker_pids(server: ServeProcess) -> dict[int, int]:
     status = ask(server, {"command": "status"})
     return {part["worker"]: part["pid"] for part in status["per_worker"]}
+
+
+def restart_counts(port: int) -> dict[str, float]:
+    """``tsunagu_worker_restarts_total`` by worker, from a scrape of ``/metrics``."""
+    with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    return {
+        sample.labels["worker"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "tsunagu_worker_restarts_total"
+    }
 
 
 async def restarted(server: ServeProcess, old: int, timeout: float = 20.0) -> int:
@@ -76,9 +98,18 @@ async def test_a_killed_worker_is_started_again_with_the_running_configuration(
     users = tmp_path / "users.txt"
     users.write_text("carol:first\n")
     config.write_text(f'user_file = "{users}"\nallowed_peer_ips = ["127.0.0.1"]\n')
+    metrics = free_port(udp=False)
     with run_serve(
-        tmp_path / "serve", "-c", str(config), "--workers", "2", allowed_peers=False
+        tmp_path / "serve",
+        "-c",
+        str(config),
+        "--workers",
+        "2",
+        "--prometheus-port",
+        str(metrics),
+        allowed_peers=False,
     ) as server:
+        assert restart_counts(metrics) == {"0": 0.0, "1": 0.0}
         async with udp_echo_server() as (_, peer):
             held, spare = await on_worker(server, 0, "carol", "first")
             assert await held.echo(b"before", peer) == b"before"
@@ -97,6 +128,7 @@ async def test_a_killed_worker_is_started_again_with_the_running_configuration(
             assert f"worker 1 (pid {old}) exited (killed by SIGKILL)" in text, text
             assert f"worker 1 started again (pid {new})" in text, text
             assert ask(server, {"command": "status"})["not_answering"] == []
+            assert restart_counts(metrics) == {"0": 0.0, "1": 1.0}
 
             # Worker 0's allocation relays on; the new worker 1 takes the reloaded user.
             assert await held.echo(b"after", peer) == b"after"

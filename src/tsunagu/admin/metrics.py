@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -185,19 +185,26 @@ def render(
     parts: Sequence[dict[str, Any]],
     workers: Sequence[int],
     hub: dict[str, Any] | None,
+    restarts: Mapping[int, int] | None = None,
 ) -> bytes:
     """The scrape in Prometheus's classic text format: the answering workers' ``parts``
     (:func:`worker_figures`) summed, process figures per worker, ``workers`` the indexes of
     every worker that should have answered, ``hub`` the signaling figures (worker 0's web
-    app) or None."""
+    app) or None, ``restarts`` how often worker 0 started each worker again."""
     metrics: list[Metric] = []
     answered = {int(part["worker"]) for part in parts}
     up = GaugeMetricFamily(
         "tsunagu_worker_up", "1 when the worker's figures are in this scrape", labels=["worker"]
     )
+    started_again = CounterMetricFamily(
+        "tsunagu_worker_restarts",
+        "Times worker 0 started the worker again after it exited (a crash, the OOM killer)",
+        labels=["worker"],
+    )
     for index in workers:
         up.add_metric([str(index)], 1.0 if index in answered else 0.0)
-    metrics.append(up)
+        started_again.add_metric([str(index)], float((restarts or {}).get(index, 0)))
+    metrics += [up, started_again]
     metrics.append(
         GaugeMetricFamily(
             "tsunagu_draining",
@@ -431,6 +438,8 @@ class Exporter:
         self.gather = gather
         self.ready = ready
         self.hub: Callable[[], dict[str, Any]] | None = None
+        self.restarts: Mapping[int, int] = {}
+        """How often worker 0 started each worker again (``workers.keep_workers``)."""
         self.stopping = False
         """Set once the server got its stop signal: not ready from then on."""
         self._running: asyncio.Future[bytes] | None = None
@@ -462,7 +471,7 @@ class Exporter:
         if not parts:
             # Without TURN, this process's own figures still come with the signaling ones.
             parts = [{"worker": 0, "process": process_figures()}]
-        return render(parts, workers, hub)
+        return render(parts, workers, hub, self.restarts)
 
     def health(self) -> tuple[int, bytes]:
         return 200, b'{"ok":true}\n'

@@ -14,6 +14,7 @@ end or ``drain_timeout`` passes. A second signal exits at once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import faulthandler
@@ -252,7 +253,12 @@ async def serve(
     # in force (reloads included).
     keeper = None
     if children:
-        keeper = loop.create_task(keep_workers(children, lambda: running.config, share))
+        restarts: collections.Counter[int] = collections.Counter()
+        if exporter is not None:
+            exporter.restarts = restarts
+        keeper = loop.create_task(
+            keep_workers(children, lambda: running.config, share, restarts=restarts)
+        )
 
     def on_signal() -> None:
         nonlocal signals_seen
