@@ -191,6 +191,7 @@ class _Periodic:
         self.working = True
         """Whether the last read worked."""
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
 
     async def read(self) -> None:
         raise NotImplementedError
@@ -198,7 +199,10 @@ class _Periodic:
     async def refresh(self) -> bool:
         """Read once; whether it worked."""
         try:
-            await asyncio.wait_for(self.read(), self.timeout)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the result of a
+            # read that finished as the task was cancelled, and the cancellation is lost.
+            async with asyncio.timeout(self.timeout):
+                await self.read()
         except (DatabaseError, TimeoutError, OSError) as exc:
             self.failed += 1
             self.last_error = str(exc) or type(exc).__name__
@@ -215,7 +219,7 @@ class _Periodic:
         # From the state of the read before start: a database already down then was logged
         # by the caller, and is said to work again when it does.
         working = self.working
-        while True:
+        while not self._closed:
             await asyncio.sleep(self.interval)
             if await self.refresh():
                 if not working:
@@ -237,6 +241,9 @@ class _Periodic:
         return "what was read last stays in use"
 
     async def close(self) -> None:
+        # The flag ends the loop even if a cancellation is lost inside a read (a driver
+        # that swallows it): close must not wait for a loop that goes on.
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
