@@ -37,6 +37,10 @@ LIVE: dict[str, str] = {
     "verbose": "log level",
     "alternate_servers": "alternate servers",
     "drain_timeout": "drain timeout",
+    "max_allocate_lifetime": "allocation lifetimes (for Allocate and Refresh from now on)",
+    "permission_lifetime": "permission lifetime (for permissions granted or refreshed from now on)",
+    "channel_lifetime": "channel lifetime (for channels bound or refreshed from now on)",
+    "unauth_rate": "unauthenticated answer rate (client addresses' budgets carry on)",
     "cert": "TLS certificate (new handshakes; open connections keep theirs)",
     "pkey": "TLS certificate (new handshakes; open connections keep theirs)",
 }
@@ -49,7 +53,7 @@ RESTART_NEEDED = (
     "transports (no_udp, no_tcp, no_tls, stun_only, no_stun)",
     "workers and relay_engine",
     "the user database (userdb, psql_userdb, redis_userdb), use_auth_secret and realm",
-    "internal_networks, lifetimes, unauth_rate and TCP connection limits",
+    "internal_networks, stale_nonce and TCP connection limits",
     "the web app (web_ip, web_port, room settings)",
     "log destinations (log_file, log_format, audit_file) and the admin API",
 )

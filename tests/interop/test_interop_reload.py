@@ -301,6 +301,17 @@ async def test_reload_applies_users_secrets_peers_alternates_log_level_and_drain
         assert await server.wait_for_log_async(" DEBUG ", timeout=5)
         reload(log_level="info")
 
+        # Lifetimes: a new allocation gets the new longest lifetime, in whichever worker.
+        done = reload(max_allocate_lifetime=120)
+        assert done.returncode == 0 and "max_allocate_lifetime" in done.stdout
+        short = [await allocate(server, "carol", "second") for _ in range(4)]
+        ports = {f":{client.mapped[1]}" for client in short}
+        sessions = request(admin_path(server), {"command": "sessions"}, 10)["sessions"]
+        mine = [s for s in sessions if any(s["client"].endswith(port) for port in ports)]
+        assert len(mine) == 4 and all(s["expires_in"] <= 120 for s in mine), sessions
+        for client in short:
+            await client.close()
+
         # An option only a restart changes is named, and not applied.
         done = reload(realm="elsewhere.example")
         assert done.returncode == 0

@@ -342,7 +342,10 @@ class TurnServer:
 
     def reconfigure(self, settings: TurnSettings) -> None:
         """Take from ``settings`` what a reload changes (:mod:`tsunagu.config_reload`): the
-        peer policy, quotas, bandwidth limits and alternate servers.
+        peer policy, quotas, bandwidth limits, alternate servers, lifetimes and the
+        unauthenticated answer rate. A new lifetime counts from the next request that sets
+        one (Allocate, Refresh, CreatePermission, ChannelBind); what is granted keeps its
+        expiry.
 
         A new per-allocation limit applies to allocations made from then on; the per-user
         and whole-server buckets are shared, so their new rate reaches live allocations
@@ -359,7 +362,13 @@ class TurnServer:
             user_max_bps=settings.user_max_bps,
             bps_capacity=settings.bps_capacity,
             alternate_servers=settings.alternate_servers,
+            max_lifetime=settings.max_lifetime,
+            default_lifetime=settings.default_lifetime,
+            permission_lifetime=settings.permission_lifetime,
+            channel_lifetime=settings.channel_lifetime,
+            unauth_rate=settings.unauth_rate,
         )
+        self.unauthenticated.retune(settings.unauth_rate)
         self.set_quotas(settings.user_quota, settings.total_quota)
         self.set_max_bps(settings.max_bps)
         rate = settings.user_max_bps or MAX_BPS

@@ -95,6 +95,11 @@ class UnauthenticatedLimiter:
         self.answered_over_budget = 0
         """Answers sent beyond the budget, each paid for by the bytes of its request."""
 
+    def retune(self, rate: float) -> None:
+        """Grant ``rate`` answers per second from now on; each address keeps what it has
+        (up to the new burst, at its next request)."""
+        self._rate = rate
+
     def allow(
         self,
         ip: str,
