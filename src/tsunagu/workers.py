@@ -207,8 +207,12 @@ async def start_workers(config: Config, share: WorkerShare) -> list[Worker]:
 
 async def _start_worker(config: Config, share: WorkerShare, index: int) -> Worker:
     child = await Worker.start([sys.executable, "-c", _CHILD])
-    # Only worker 0 serves the web app.
-    child.write(_payload(dataclasses.replace(config, no_web=True), share, index))
+    try:
+        # Only worker 0 serves the web app.
+        child.write(_payload(dataclasses.replace(config, no_web=True), share, index))
+    except OSError:  # it died at once
+        await wait_exited([child], 0.0)
+        raise
     return child
 
 
@@ -262,7 +266,9 @@ async def keep_workers(
                     exit_cause(returncode),
                     len(recent),
                     window,
-                    extra=structured({"event": "worker", "cause": "worker keeps exiting"}),
+                    extra=structured(
+                        {"event": "worker", "cause": "worker keeps exiting", "worker": index}
+                    ),
                 )
                 continue
             recent.append(now)
@@ -273,7 +279,11 @@ async def keep_workers(
                 exit_cause(returncode),
                 extra=structured({"event": "worker", "cause": "worker exited", "worker": index}),
             )
-            replacement = await _start_worker(current(), share, index)
+            try:
+                replacement = await _start_worker(current(), share, index)
+            except OSError as exc:  # out of processes, memory or descriptors: next round
+                log.error("worker %d: cannot start it again: %s", index, exc.strerror or exc)
+                continue
             try:
                 ready = await _wait_lines([replacement], READY_LINE, _START_TIMEOUT)
                 if ready:

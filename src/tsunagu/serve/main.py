@@ -319,7 +319,9 @@ async def serve(
     say(READY_LINE)
     await stop.wait()
     if keeper is not None:
-        keeper.cancel()  # done already by the signal handler, the usual way here
+        # Cancelled by the signal handler: wait for its end (a worker it was starting
+        # again is killed).
+        keeper.cancel()
         await asyncio.gather(keeper, return_exceptions=True)
     if renewals is not None:
         renewals.cancel()
