@@ -37,14 +37,21 @@ class SwallowingDatabase:
         return ("s3cret",)
 
 
-async def test_close_ends_a_reader_whose_read_loses_the_cancellation() -> None:
-    database = SwallowingDatabase()
+async def reading(database: SwallowingDatabase | GatedDatabase) -> SecretsRefresh:
+    """A reader of ``database``'s secrets, once its first read has begun; its next read
+    an hour away, so that a reader that goes back to sleep would hold close for an hour."""
     store = StaticCredentialStore("tsunagu", [], ())
-    # An interval this long: a reader that goes back to sleep would hold close for an hour.
     refresh = SecretsRefresh(database, store, interval=0.0, timeout=5.0)  # type: ignore[arg-type]
     refresh.start()
     await asyncio.wait_for(database.reading.wait(), 2.0)
     refresh.interval = 3600.0
+    return refresh
+
+
+async def test_close_ends_a_reader_whose_read_loses_the_cancellation() -> None:
+    database = SwallowingDatabase()
+    refresh = await reading(database)
+    store = refresh.store
     await asyncio.wait_for(refresh.close(), 2.0)
     assert database.reads == 1
     assert store.database_secrets == ("s3cret",)
@@ -69,11 +76,7 @@ async def test_close_ends_a_reader_whose_read_finishes_as_it_is_cancelled(turns:
     """The cancellation comes ``turns`` turns of the event loop after the read's answer: one
     of them is the moment wait_for lost it."""
     database = GatedDatabase()
-    store = StaticCredentialStore("tsunagu", [], ())
-    refresh = SecretsRefresh(database, store, interval=0.0, timeout=5.0)  # type: ignore[arg-type]
-    refresh.start()
-    await asyncio.wait_for(database.reading.wait(), 2.0)
-    refresh.interval = 3600.0
+    refresh = await reading(database)
     database.gate.set_result(("s3cret",))
     for _ in range(turns):
         await asyncio.sleep(0)
