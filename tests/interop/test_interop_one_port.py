@@ -18,7 +18,7 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,7 +76,9 @@ class OnePort:
 def one_port_serve(tmp: Path, *extra: str, drain_timeout: float = 1.0) -> Iterator[OnePort]:
     (aux_port,) = free_ports(1)
     aux = ("--aux-server", f"{HOST}:{aux_port}")
-    with run_serve(tmp, *aux, *extra, drain_timeout=drain_timeout) as server:
+    # 400 relay ports: 200 per worker of two, so the default user quota (half of a worker's
+    # total, 98) leaves room for every allocation a test here makes by chance on one worker.
+    with run_serve(tmp, *aux, *extra, drain_timeout=drain_timeout, relay_ports=400) as server:
         yield OnePort(server, aux_port)
 
 
@@ -106,6 +108,18 @@ async def allocate(
         10.0,
     )
     return TurnClient(turn_transport, app)
+
+
+async def all_or_none(allocations: list[Coroutine[Any, Any, TurnClient]]) -> list[TurnClient]:
+    """Every allocation, or the first failure after the others are deleted: a client left
+    open would outlive this test and be collected, unclosed, in another one."""
+    results = await asyncio.gather(*allocations, return_exceptions=True)
+    clients = [item for item in results if isinstance(item, TurnClient)]
+    failures = [item for item in results if isinstance(item, BaseException)]
+    if failures:
+        await asyncio.gather(*(client.close() for client in clients), return_exceptions=True)
+        raise failures[0]
+    return clients
 
 
 async def wait_for_records(server: ServeProcess, clients: list[str]) -> dict[str, dict[str, Any]]:
@@ -179,8 +193,8 @@ async def test_aux_server_clients_are_spread_over_every_worker(engine_serve: One
     assert server.workers == len(os.sched_getaffinity(0)), server.startup
     async with udp_echo_server(HOST) as (_, peer):
         for transport in ("udp", "tcp"):
-            clients = await asyncio.gather(
-                *(allocate(HOST, aux, transport=transport) for _ in range(16 * server.workers))
+            clients = await all_or_none(
+                [allocate(HOST, aux, transport=transport) for _ in range(16 * server.workers)]
             )
             for client in clients:
                 assert await client.echo(b"which worker?", peer) == b"which worker?"
