@@ -17,7 +17,7 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +34,12 @@ from support.interop import (
     ServeProcess,
     address_field,
     client_field,
+    run_bounded,
     run_serve,
+    run_uclient,
     turn_allocate,
     uclient_command,
+    uclient_redrew_a_channel,
     udp_echo_server,
 )
 
@@ -67,32 +70,24 @@ MODES = {
 }
 
 
-def run_bounded(command: list[str], timeout: float) -> tuple[int, str]:
-    """Run a client tool to completion, killing it by PID if it overstays."""
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-    )
-    try:
-        out, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        out, _ = process.communicate(timeout=5)
-        raise AssertionError(
-            f"{command[0]} did not finish in {timeout}s:\n{out.decode()}"
-        ) from None
-    return process.returncode, out.decode(errors="replace")
-
-
 @dataclass
 class UclientRun:
     mode: str
     server: ServeProcess
+    command: list[str]
     process: subprocess.Popen[bytes]
     output_path: Path
     started: float
+    finished: tuple[int, str, float] | None = field(default=None, init=False)
 
     def result(self) -> tuple[int, str, float]:
-        """Exit status, output and run time, waiting (bounded) for the client to finish."""
+        """Exit status, output and run time, waiting (bounded) for the client to finish; a
+        run that ended on uclient's own channel draw is run again, alone."""
+        if self.finished is None:
+            self.finished = self._finish()
+        return self.finished
+
+    def _finish(self) -> tuple[int, str, float]:
         remaining = max(1.0, UCLIENT_TIMEOUT - (time.monotonic() - self.started))
         try:
             code = self.process.wait(timeout=remaining)
@@ -100,7 +95,10 @@ class UclientRun:
             self.process.kill()
             self.process.wait(timeout=5)
             code = -1
-        return code, self.output_path.read_text(errors="replace"), time.monotonic() - self.started
+        output = self.output_path.read_text(errors="replace")
+        if uclient_redrew_a_channel(code, output):
+            code, output = run_uclient(self.command, UCLIENT_TIMEOUT)
+        return code, output, time.monotonic() - self.started
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +148,7 @@ def uclient_runs(
                     command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
                 )
             stack.callback(_reap, process)
-            runs[mode] = UclientRun(mode, server, process, output_path, time.monotonic())
+            runs[mode] = UclientRun(mode, server, command, process, output_path, time.monotonic())
         yield runs
         for run in runs.values():
             # Draining side by side rather than one after the other.

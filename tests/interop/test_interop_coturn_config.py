@@ -27,6 +27,7 @@ from support.interop import (
     ServeProcess,
     free_ports,
     relay_range,
+    run_uclient,
     uclient_command,
 )
 
@@ -101,11 +102,9 @@ def test_a_coturn_file_serves_coturn_clients(
     command = uclient_command(
         conf_serve.port, (echo_peer.host, echo_peer.port), "-z", "5", messages=20, clients=2
     )
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=UCLIENT_TIMEOUT, check=False
-    )
-    summary = UCLIENT_SUMMARY.search(done.stdout + done.stderr)
-    assert summary is not None, done.stdout + done.stderr
+    _, output = run_uclient(command, UCLIENT_TIMEOUT)
+    summary = UCLIENT_SUMMARY.search(output)
+    assert summary is not None, output
     sent, received = int(summary.group(1)), int(summary.group(2))
     assert sent == 40 and received == sent, summary.group(0)
 

@@ -42,7 +42,9 @@ from support.interop import (
     error_code,
     free_ports,
     run_serve,
+    run_uclient,
     uclient_command,
+    uclient_redrew_a_channel,
     udp_echo_server,
 )
 
@@ -246,6 +248,7 @@ def uclient_runs(
     tmp = tmp_path_factory.mktemp("one-port-uclient")
     with one_port_serve(tmp, drain_timeout=0.2) as served:
         processes: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+        commands: dict[str, list[str]] = {}
         try:
             for mode, (flags, which) in UCLIENT_MODES.items():
                 command = uclient_command(
@@ -258,6 +261,7 @@ def uclient_runs(
                     clients=CLIENTS,
                     length=LENGTH,
                 )
+                commands[mode] = command
                 output = tmp / f"{mode}.out"
                 with open(output, "wb") as out:
                     processes[mode] = (
@@ -273,7 +277,10 @@ def uclient_runs(
                     code = process.wait(timeout=max(1.0, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     code = -1
-                results[mode] = (code, output.read_text(errors="replace"))
+                text = output.read_text(errors="replace")
+                if uclient_redrew_a_channel(code, text):
+                    code, text = run_uclient(commands[mode], UCLIENT_TIMEOUT)
+                results[mode] = (code, text)
             yield served, results
         finally:
             for process, _ in processes.values():

@@ -34,9 +34,11 @@ from support.interop import (
     ServeProcess,
     free_port,
     relay_range,
+    run_bounded,
     run_coturn,
     run_serve,
     uclient_command,
+    uclient_redrew_a_channel,
 )
 
 pytestmark = pytest.mark.interop
@@ -130,22 +132,18 @@ def test_flood_bytes_out_stay_within_the_budget(server: ServeProcess) -> None:
 
 
 def _run_uclient(port: int, peer: EchoPeer, clients: int, timeout: float) -> tuple[float, str]:
+    """uclient's run time and output; the time is that of the run that counts, a second one
+    when the first ended on uclient's own channel draw."""
     # -c: one allocation per client (no RTCP one): 100 for the one user "alice".
     command = uclient_command(
         port, (peer.host, peer.port), "-c", messages=5, clients=clients, length=100
     )
-    started = time.monotonic()
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-    )
-    try:
-        out, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        out, _ = process.communicate(timeout=5)
-        raise AssertionError(f"uclient did not finish in {timeout}s") from None
-    text = out.decode(errors="replace")
-    assert process.returncode == 0, text[-3000:]
+    for _ in range(2):
+        started = time.monotonic()
+        code, text = run_bounded(command, timeout)
+        if not uclient_redrew_a_channel(code, text):
+            break
+    assert code == 0, text[-3000:]
     return time.monotonic() - started, text
 
 

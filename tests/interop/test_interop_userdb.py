@@ -29,6 +29,7 @@ from support.interop import (
     allocation_or_none,
     run_serve,
     run_turnutils_peer,
+    run_uclient,
     uclient_command,
 )
 from tsunagu.auth.rest import mint_credentials
@@ -78,9 +79,9 @@ async def test_coturns_database_serves_turnutils_and_aioice(
             server.port, (peer.host, peer.port), "-z", "5", messages=20, clients=2,
             user="dana", password="dana-pw",
         )  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
-        match = UCLIENT_SUMMARY.search(done.stdout)
-        assert match and int(match.group(1)) == 40, done.stdout[-2000:]
+        _, output = run_uclient(command, 60)
+        match = UCLIENT_SUMMARY.search(output)
+        assert match and int(match.group(1)) == 40, output[-2000:]
         assert int(match.group(2)) >= 38, match.group(0)
 
         # A user added while the server runs; a REST credential from the database's secret.

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-from test_interop_coturn import LOST, SUMMARY, run_bounded
+from test_interop_coturn import LOST, SUMMARY
 
-from support.interop import HOST, EchoPeer, run_serve, uclient_command
+from support.interop import HOST, EchoPeer, run_serve, run_uclient, uclient_command
 
 pytestmark = pytest.mark.interop
 
@@ -32,7 +32,7 @@ def test_uclient_through_two_workers(tmp_path: Path, echo_peer: EchoPeer, flags:
     with run_serve(tmp_path / "serve", "--workers", "2") as server:
         assert len(_children(server.pid)) == 1  # worker 0 is the server process itself
         for _ in range(2):
-            code, out = run_bounded(
+            code, out = run_uclient(
                 uclient_command(
                     server.port,
                     (echo_peer.host, echo_peer.port),
