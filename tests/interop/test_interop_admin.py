@@ -43,16 +43,6 @@ SECRET = "admin-test-secret"
 BOB = ("bob", "bob-password")
 
 
-def admin_path(server: ServeProcess) -> str:
-    return server.admin_socket
-
-
-def ask(server: ServeProcess, payload: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
-    answer = request(admin_path(server), payload, timeout)
-    assert answer["ok"] is True, answer
-    return answer
-
-
 def tsunagu(
     server: ServeProcess | None, *argv: str, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
@@ -95,7 +85,7 @@ async def spread(
     clients: list[TurnClient] = []
     while len(clients) < limit:
         clients.append(await allocate(server, username, password))
-        sessions = ask(server, {"command": "sessions", "user": username})["sessions"]
+        sessions = server.ask({"command": "sessions", "user": username})["sessions"]
         if len({s["worker"] for s in sessions}) == server.workers:
             return clients
     raise AssertionError(f"{limit} allocations did not reach all {server.workers} workers")
@@ -135,7 +125,7 @@ async def test_status_and_sessions_show_every_workers_allocations(server: ServeP
     async with udp_echo_server() as (_, peer):
         assert await bobs[0].echo(b"x" * 300, peer) == b"x" * 300
 
-        status = ask(server, {"command": "status"})
+        status = server.ask({"command": "status"})
         total = len(anns) + len(bobs)
         assert status["workers"] == server.workers
         assert status["allocations"]["total"] == total
@@ -150,7 +140,7 @@ async def test_status_and_sessions_show_every_workers_allocations(server: ServeP
         database = status["user_database"]
         assert database["kind"] == "sqlite" and database["reachable"] is True
 
-        sessions = by_client(ask(server, {"command": "sessions"})["sessions"])
+        sessions = by_client(server.ask({"command": "sessions"})["sessions"])
         assert len(sessions) == total
         ids = [s["id"] for s in sessions.values()]
         assert len(set(ids)) == total
@@ -164,9 +154,9 @@ async def test_status_and_sessions_show_every_workers_allocations(server: ServeP
         assert sent["to_peers"] == {"packets": 1, "bytes": 300}
         assert sent["to_client"] == {"packets": 1, "bytes": 300}
 
-    only_bob = ask(server, {"command": "sessions", "user": "bob"})["sessions"]
+    only_bob = server.ask({"command": "sessions", "user": "bob"})["sessions"]
     assert sorted(s["client"] for s in only_bob) == sorted(client_key(c) for c in bobs)
-    assert len(ask(server, {"command": "sessions", "user": ann_user})["sessions"]) == len(anns)
+    assert len(server.ask({"command": "sessions", "user": ann_user})["sessions"]) == len(anns)
 
     # The commands: aligned text, and the same answer with --json.
     text = tsunagu(server, "status").stdout
@@ -189,7 +179,7 @@ async def test_kill_user_ends_their_allocations_on_every_worker(server: ServePro
         assert await bob.echo(b"before", peer) == b"before"
 
         started = time.monotonic()
-        answer = ask(server, {"command": "kill", "user": "ann"})
+        answer = server.ask({"command": "kill", "user": "ann"})
         elapsed = time.monotonic() - started
         assert answer["ended"] == len(anns), answer
         assert sum(1 for p in answer["per_worker"] if p["ended"]) == server.workers
@@ -207,8 +197,8 @@ async def test_kill_user_ends_their_allocations_on_every_worker(server: ServePro
 
         # Bob relays on; ann has nothing left.
         assert await bob.echo(b"after", peer) == b"after"
-        assert ask(server, {"command": "sessions", "user": "ann"})["sessions"] == []
-        assert [s["user"] for s in ask(server, {"command": "sessions"})["sessions"]] == ["bob"]
+        assert server.ask({"command": "sessions", "user": "ann"})["sessions"] == []
+        assert [s["user"] for s in server.ask({"command": "sessions"})["sessions"]] == ["bob"]
         done = tsunagu(server, "kill", "--user", "ann")
         assert done.stdout.startswith("ended 0 allocations of ann")
     await close_all([*anns, bob])
@@ -216,11 +206,11 @@ async def test_kill_user_ends_their_allocations_on_every_worker(server: ServePro
 
 async def test_kill_session_ends_exactly_one(server: ServeProcess) -> None:
     clients = [await allocate(server, *BOB) for _ in range(3)]
-    sessions = ask(server, {"command": "sessions"})["sessions"]
+    sessions = server.ask({"command": "sessions"})["sessions"]
     target = sessions[1]
     done = tsunagu(server, "kill", target["id"])
     assert done.stdout == f"ended session {target['id']}\n"
-    left = ask(server, {"command": "sessions"})["sessions"]
+    left = server.ask({"command": "sessions"})["sessions"]
     assert sorted(s["id"] for s in left) == sorted(
         s["id"] for s in sessions if s["id"] != target["id"]
     )
@@ -247,7 +237,7 @@ async def test_drain_refuses_new_allocations_while_the_others_relay(
         clients = await spread(server, *BOB)
         done = tsunagu(server, "drain")
         assert done.stdout.startswith("draining: new allocations are refused;")
-        status = ask(server, {"command": "status"})
+        status = server.ask({"command": "status"})
         assert status["draining"] is True
         assert all(part["draining"] for part in status["per_worker"])
 
@@ -263,7 +253,7 @@ async def test_drain_refuses_new_allocations_while_the_others_relay(
         # The server stays up until it is stopped, even once every allocation ended.
         await close_all(clients)
         deadline = time.monotonic() + 10
-        while ask(server, {"command": "status"})["allocations"]["total"]:
+        while server.ask({"command": "status"})["allocations"]["total"]:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.1)
         await asyncio.sleep(0.5)
@@ -281,7 +271,7 @@ async def test_reload_reads_secrets_and_users_again_at_once(
     with run_serve(tmp_path / "serve", "-b", database) as server:
         carols = await spread(server, "carol", "carol-pw")  # cached in every worker
         tsunagu(None, "user", "delete", "carol", "-b", database)
-        answer = ask(server, {"command": "reload"})
+        answer = server.ask({"command": "reload"})
         dropped = [p["user_database"]["cached_users_dropped"] for p in answer["per_worker"]]
         assert len(dropped) == server.workers and all(count >= 1 for count in dropped), answer
         # Started from a command line: the configuration is read again as well.
@@ -302,7 +292,7 @@ async def test_reload_reads_secrets_and_users_again_at_once(
         daves = [await allocate(server, username, password) for _ in range(4)]
         log.info("a new secret served %.2f s after it was added", time.monotonic() - added)
         # Live allocations are not the database's to end: tsunagu revoke or kill does that.
-        assert len(ask(server, {"command": "sessions", "user": "carol"})["sessions"]) == len(carols)
+        assert len(server.ask({"command": "sessions", "user": "carol"})["sessions"]) == len(carols)
         await close_all(carols + daves)
 
 
@@ -311,7 +301,7 @@ async def test_reload_reads_secrets_and_users_again_at_once(
 
 def test_sockets_are_private_and_removed_at_exit(tmp_path: Path, private_tmp: Path) -> None:
     with run_serve(tmp_path / "serve") as server:
-        path = Path(admin_path(server))
+        path = Path(server.admin_socket)
         info = path.stat()
         assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600
         assert info.st_uid == os.getuid()
@@ -331,7 +321,7 @@ def test_no_admin_and_another_path(tmp_path: Path, private_tmp: Path) -> None:
         done = tsunagu(None, "status", "--admin-socket", str(chosen), "--json")
         assert json.loads(done.stdout)["workers"] == server.workers
     with run_serve(tmp_path / "two", "--no-admin") as server:
-        assert not Path(admin_path(server)).exists()
+        assert not Path(server.admin_socket).exists()
         done = tsunagu(server, "status", check=False)
         assert done.returncode == 1 and "no admin socket at" in done.stderr
         # The workers' private sockets stay: a reload and a scrape reach them through it.
@@ -356,7 +346,7 @@ def raw(path: str, data: bytes, timeout: float = 10.0) -> dict[str, Any]:
 
 
 async def test_hostile_clients_are_bounded(server: ServeProcess) -> None:
-    path = admin_path(server)
+    path = server.admin_socket
     for data, words in [
         (b"not json\n", "not a JSON object"),
         (b"[1, 2]\n", "not a JSON object"),
@@ -408,7 +398,7 @@ async def test_hostile_clients_are_bounded(server: ServeProcess) -> None:
         answer = json.loads(await asyncio.to_thread(sock.recv, 65536))
     assert answer == {"ok": False, "error": "no request within 5 s"}
     assert 4.5 < time.monotonic() - started < 7
-    assert ask(server, {"command": "status"})["not_answering"] == []
+    assert server.ask({"command": "status"})["not_answering"] == []
 
 
 # --- a worker gone --------------------------------------------------------------------------
@@ -418,14 +408,14 @@ async def test_a_worker_that_does_not_answer_is_reported(tmp_path: Path, private
     with run_serve(tmp_path / "serve") as server:
         if server.workers < 2:
             pytest.skip("one worker on this machine")
-        status = ask(server, {"command": "status"})
+        status = server.ask({"command": "status"})
         pids = {part["worker"]: part["pid"] for part in status["per_worker"]}
 
         # A stopped worker: the others answer, it is named after 2 s, by tsunagu status too.
         os.kill(pids[1], signal.SIGSTOP)
         try:
             started = time.monotonic()
-            status = ask(server, {"command": "status"})
+            status = server.ask({"command": "status"})
             elapsed = time.monotonic() - started
             done = tsunagu(server, "status", check=False)
         finally:

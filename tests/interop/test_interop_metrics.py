@@ -44,7 +44,6 @@ from support.interop import (
     run_serve,
     udp_echo_server,
 )
-from tsunagu.admin.client import request
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(180)]
 
@@ -94,18 +93,12 @@ async def allocate(server: ServeProcess) -> TurnClient:
     return TurnClient(transport, app)
 
 
-def admin(server: ServeProcess, payload: dict[str, Any]) -> dict[str, Any]:
-    answer = request(str(server.state_dir / "tsunagu" / "admin.sock"), payload, 10.0)
-    assert answer["ok"] is True, answer
-    return answer
-
-
 async def spread(server: ServeProcess, limit: int = 24) -> list[TurnClient]:
     """Allocations until every worker holds one (bounded)."""
     clients: list[TurnClient] = []
     while len(clients) < limit:
         clients.append(await allocate(server))
-        sessions = admin(server, {"command": "sessions"})["sessions"]
+        sessions = server.ask({"command": "sessions"})["sessions"]
         if len({s["worker"] for s in sessions}) == server.workers:
             return clients
     raise AssertionError(f"{limit} allocations did not reach all {server.workers} workers")
@@ -249,7 +242,7 @@ async def test_per_user_labels_on_request_and_readyz_while_draining(
         assert found[("tsunagu_user_allocations", (("user", "bob"),))] == 1
         assert found[("tsunagu_user_relayed_bytes", (("direction", "to_peer"), ("user", "bob")))]
 
-        admin(server, {"command": "drain"})
+        server.ask({"command": "drain"})
         status, body = http_get(f"http://{HOST}:{port}/readyz")
         assert status == 503 and json.loads(body)["reasons"] == ["draining"]
         assert http_get(f"http://{HOST}:{port}/healthz")[0] == 200

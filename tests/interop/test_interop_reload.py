@@ -34,7 +34,6 @@ from support.interop import (
     turn_allocate,
     udp_echo_server,
 )
-from tsunagu.admin.client import request
 from tsunagu.auth.rest import mint_credentials
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(240)]
@@ -59,13 +58,9 @@ def write_config(path: Path, **values: Any) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def admin_path(server: ServeProcess) -> str:
-    return server.admin_socket
-
-
 def reload_command(server: ServeProcess) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tsunagu", "reload", "--admin-socket", admin_path(server)],
+        [sys.executable, "-m", "tsunagu", "reload", "--admin-socket", server.admin_socket],
         capture_output=True,
         text=True,
         timeout=30,
@@ -190,7 +185,7 @@ async def test_200_allocations_relay_through_10_reloads(tmp_path: Path) -> None:
             await running
 
             after = await echo_all(clients, peer, b"after")
-            status = request(admin_path(server), {"command": "status"}, 10)
+            status = server.ask({"command": "status"})
             lost = len(clients) - after
             log.info(
                 "%d reloads (%.2f s at most), %d echo rounds during them (%d of %d echoes"
@@ -306,7 +301,7 @@ async def test_reload_applies_users_secrets_peers_alternates_log_level_and_drain
         assert done.returncode == 0 and "max_allocate_lifetime" in done.stdout
         short = [await allocate(server, "carol", "second") for _ in range(4)]
         ports = {f":{client.mapped[1]}" for client in short}
-        sessions = request(admin_path(server), {"command": "sessions"}, 10)["sessions"]
+        sessions = server.ask({"command": "sessions"})["sessions"]
         mine = [s for s in sessions if any(s["client"].endswith(port) for port in ports)]
         assert len(mine) == 4 and all(s["expires_in"] <= 120 for s in mine), sessions
         for client in short:
@@ -332,7 +327,7 @@ async def test_reload_applies_users_secrets_peers_alternates_log_level_and_drain
 
         # Alternate servers: a draining server now sends new clients to one (300, not 508).
         holder = await allocate(server, "carol", "second")
-        request(admin_path(server), {"command": "drain"}, 10)
+        server.ask({"command": "drain"})
         assert await refused(server, "carol", "second") == 508
         users.write_text("carol:second\n")
         done = reload(alternate_servers=["127.0.0.1:9"], drain_timeout=1)
@@ -352,7 +347,7 @@ async def test_sighup_reaches_every_worker_without_the_admin_socket(tmp_path: Pa
     config = tmp_path / "tsunagu.toml"
     write_config(config, total_quota=100)
     with run_serve(tmp_path / "serve", "-c", str(config), "--no-admin") as server:
-        assert not Path(admin_path(server)).exists()
+        assert not Path(server.admin_socket).exists()
         write_config(config, total_quota=50)
         server.send_signal(signal.SIGHUP)
         assert await server.wait_for_log_async("applied total_quota", timeout=10)

@@ -18,7 +18,6 @@ import signal
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -39,14 +38,8 @@ pytestmark = [pytest.mark.interop, pytest.mark.timeout(180)]
 log = logging.getLogger(__name__)
 
 
-def ask(server: ServeProcess, payload: dict[str, Any]) -> dict[str, Any]:
-    answer = request(server.admin_socket, payload, 10.0)
-    assert answer["ok"] is True, answer
-    return answer
-
-
 def worker_pids(server: ServeProcess) -> dict[int, int]:
-    status = ask(server, {"command": "status"})
+    status = server.ask({"command": "status"})
     return {part["worker"]: part["pid"] for part in status["per_worker"]}
 
 
@@ -81,7 +74,7 @@ async def on_worker(
     others: list[TurnClient] = []
     for _ in range(40):
         client = await turn_allocate(server, username=username, password=password)
-        sessions = ask(server, {"command": "sessions"})["sessions"]
+        sessions = server.ask({"command": "sessions"})["sessions"]
         port = client.mapped[1]
         mine = [s for s in sessions if s["client"].endswith(f":{port}")]
         assert len(mine) == 1, (port, sessions)
@@ -127,7 +120,7 @@ async def test_a_killed_worker_is_started_again_with_the_running_configuration(
             text = server.log_text()
             assert f"worker 1 (pid {old}) exited (killed by SIGKILL)" in text, text
             assert f"worker 1 started again (pid {new})" in text, text
-            assert ask(server, {"command": "status"})["not_answering"] == []
+            assert server.ask({"command": "status"})["not_answering"] == []
             assert restart_counts(metrics) == {"0": 0.0, "1": 1.0}
 
             # Worker 0's allocation relays on; the new worker 1 takes the reloaded user.

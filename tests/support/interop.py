@@ -26,6 +26,7 @@ import aioice.stun
 import aioice.turn
 
 from support.audit import audit_records, worker_count
+from tsunagu.admin.client import request
 
 HOST = "127.0.0.1"
 HOST6 = "::1"
@@ -204,6 +205,12 @@ class ServeProcess:
     def admin_socket(self) -> str:
         """Where the server's admin socket is (in its state directory)."""
         return str(self.state_dir / "tsunagu" / "admin.sock")
+
+    def ask(self, payload: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+        """One admin request on the server's socket, which must succeed."""
+        answer = request(self.admin_socket, payload, timeout)
+        assert answer["ok"] is True, answer
+        return answer
 
     @property
     def cert_path(self) -> Path:
