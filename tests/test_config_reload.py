@@ -68,6 +68,44 @@ def test_moving_between_acme_and_a_configured_certificate_is_a_restart() -> None
     assert back.config.cert == "/etc/tsunagu/cert.pem" and back.config.acme_domains == ()
 
 
+def test_room_access_capacity_api_key_and_origins_are_live() -> None:
+    running = parse_config({"room_access": "password", "room_password": "old"})
+    new = parse_config(
+        {
+            "room_access": "token",
+            "join_secrets": ["n" * 32, "o" * 32],
+            "room_capacity": 4,
+            "api_key": "k" * 32,
+            "allowed_origins": ["https://app.example.org"],
+            "ice_transport_policy": "relay",
+        }
+    )
+    plan = reload_plan(running, new)
+    assert set(plan.applied) == {
+        "room_access",
+        "room_password",
+        "join_secrets",
+        "room_capacity",
+        "api_key",
+        "allowed_origins",
+    }
+    assert plan.restart_needed == ("ice_transport_policy",)
+    assert plan.config.effective_room_access == "token" and plan.config.room_capacity == 4
+    assert plan.config.ice_transport_policy == "all"
+
+
+def test_a_plan_that_breaks_a_rule_with_the_running_options_is_refused() -> None:
+    # Running on a public address, where rooms need join tokens unless told otherwise; the
+    # new file moves the web app to loopback (a restart) and so no longer needs its secret.
+    running = parse_config({"web_ip": "0.0.0.0", "join_secrets": ["s" * 32]})
+    new = parse_config({"web_ip": "127.0.0.1"})
+    with pytest.raises(ConfigError, match=r"room_access: must be chosen.*as they run: web_ip"):
+        reload_plan(running, new)
+    # Choosing the access in the file makes the same move a valid reload.
+    plan = reload_plan(running, parse_config({"web_ip": "127.0.0.1", "room_access": "open"}))
+    assert plan.config.effective_room_access == "open" and plan.restart_needed == ("web_ip",)
+
+
 # --- the certificate -----------------------------------------------------------------------
 
 

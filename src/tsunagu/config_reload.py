@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .config import Config
+from .config import Config, ConfigError, config_from_json, config_to_json
 
 __all__ = ["LIVE", "RESTART_NEEDED", "ReloadPlan", "reload_plan"]
 
@@ -41,6 +41,12 @@ LIVE: dict[str, str] = {
     "permission_lifetime": "permission lifetime (for permissions granted or refreshed from now on)",
     "channel_lifetime": "channel lifetime (for channels bound or refreshed from now on)",
     "unauth_rate": "unauthenticated answer rate (client addresses' budgets carry on)",
+    "room_access": "room access (joins from now on; people in rooms stay)",
+    "room_password": "room access (joins from now on; people in rooms stay)",
+    "join_secrets": "room access (joins from now on; people in rooms stay)",
+    "room_capacity": "room capacity (joins from now on; people in rooms stay)",
+    "api_key": "the web API key (requests from now on)",
+    "allowed_origins": "allowed web origins (WebSockets opened from now on)",
     "cert": "TLS certificate (new handshakes; open connections keep theirs)",
     "pkey": "TLS certificate (new handshakes; open connections keep theirs)",
 }
@@ -54,7 +60,8 @@ RESTART_NEEDED = (
     "workers and relay_engine",
     "the user database (userdb, psql_userdb, redis_userdb), use_auth_secret and realm",
     "internal_networks, stale_nonce and TCP connection limits",
-    "the web app (web_ip, web_port, room settings)",
+    "the web app's address and its other settings (web_ip, web_port, web_plain_http,"
+    " public_host, ice_transport_policy, credential_ttl)",
     "log destinations (log_file, log_format, audit_file) and the admin API",
 )
 """What only a restart changes, in groups, for ``tsunagu reload --help`` and its answer."""
@@ -71,7 +78,8 @@ class ReloadPlan:
 
 
 def reload_plan(running: Config, new: Config) -> ReloadPlan:
-    """How a reload from ``running`` to ``new`` (both already checked) goes."""
+    """How a reload from ``running`` to ``new`` (both already checked) goes; raises
+    ConfigError when the planned configuration breaks a rule between options."""
     live = set(LIVE)
     if running.acme_domains or new.acme_domains:
         # ACME's certificate and a configured one exclude each other: moving between them
@@ -85,4 +93,14 @@ def reload_plan(running: Config, new: Config) -> ReloadPlan:
             continue
         (applied if name in live else restart_needed).append(name)
     config = dataclasses.replace(running, **{name: getattr(new, name) for name in live})
+    # The new file passed its checks with its own restart-only options; the plan has the
+    # running ones, and the rules between options must hold for it too (room access that
+    # follows from the running web address, say). The workers check it the same way.
+    try:
+        config_from_json(config_to_json(config))
+    except ConfigError as exc:
+        kept = ", ".join(restart_needed) or "none changed"
+        raise ConfigError(
+            f"{exc} (with the options only a restart changes as they run: {kept})"
+        ) from None
     return ReloadPlan(config, tuple(applied), tuple(restart_needed))

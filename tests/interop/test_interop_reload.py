@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from cryptography import x509
 
@@ -396,3 +397,78 @@ async def test_sighup_while_starting_ends_no_process(tmp_path: Path) -> None:
         assert len(process_tree(server.pid)) == server.workers
         client = await turn_allocate(server)
         await client.close()
+
+
+async def _join(
+    session: aiohttp.ClientSession, server: ServeProcess, name: str, password: str
+) -> tuple[aiohttp.ClientWebSocketResponse, dict[str, Any]]:
+    """A WebSocket that asked to join room "alpha", and the server's answer."""
+    async with asyncio.timeout(10):
+        ws = await session.ws_connect(f"http://127.0.0.1:{server.web_port}/ws")
+    join = {"type": "join", "v": 1, "room": "alpha", "name": name, "password": password}
+    await ws.send_json(join)
+    return ws, await _next(ws, {"joined", "error"})
+
+
+async def _next(ws: aiohttp.ClientWebSocketResponse, types: set[str]) -> dict[str, Any]:
+    """The next message of one of ``types`` (pings and others skipped), within 10 s."""
+    async with asyncio.timeout(10):
+        while True:
+            message: dict[str, Any] = await ws.receive_json()
+            if message.get("type") in types:
+                return message
+
+
+async def test_reload_changes_room_access_and_the_web_api_while_a_call_goes_on(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "tsunagu.toml"
+    settings: dict[str, Any] = {"room_access": "password", "room_password": "first password"}
+    write_config(config, **settings)
+    key = "k" * 32
+    origin = "https://app.example.org"
+    with run_serve(tmp_path / "serve", "-c", str(config), web=True) as server:
+        base = f"http://127.0.0.1:{server.web_port}"
+        async with aiohttp.ClientSession() as session:
+            ada, joined = await _join(session, server, "Ada", "first password")
+            assert joined["type"] == "joined" and joined["capacity"] == 8, joined
+            async with session.get(f"{base}/api/turn-credentials?key={key}") as answer:
+                assert answer.status == 404  # no API key yet: off
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await session.ws_connect(f"{base}/ws", headers={"Origin": origin})
+            assert refused.value.status == 403
+
+            settings.update(
+                room_password="second password",
+                room_capacity=3,
+                api_key=key,
+                allowed_origins=[origin],
+            )
+            write_config(config, **settings)
+            done = reload_command(server)
+            assert done.returncode == 0, done.stdout + done.stderr
+            for option in ("room_password", "room_capacity", "api_key", "allowed_origins"):
+                assert option in done.stdout, done.stdout
+            assert "second password" not in done.stdout + server.log_text()
+
+            # The next joins follow the new password and capacity...
+            refused_ws, wrong = await _join(session, server, "Bo", "first password")
+            assert wrong["type"] == "error" and wrong["code"] == "bad-password", wrong
+            await refused_ws.close()
+            bo, joined = await _join(session, server, "Bo", "second password")
+            assert joined["type"] == "joined" and joined["capacity"] == 3, joined
+            # ...and Ada, admitted before, is still in the room: she hears of Bo and
+            # reaches him.
+            arrived = await _next(ada, {"peer-joined"})
+            assert arrived["id"] == joined["id"], arrived
+            await ada.send_json({"type": "offer", "to": joined["id"], "sdp": "v=0"})
+            offer = await _next(bo, {"offer"})
+            assert offer["sdp"] == "v=0", offer
+
+            async with session.get(f"{base}/api/turn-credentials?key={key}") as answer:
+                assert answer.status == 200, await answer.text()
+                assert (await answer.json())["uris"], "credentials name the TURN server"
+            other = await session.ws_connect(f"{base}/ws", headers={"Origin": origin})
+            await other.close()
+            for ws in (ada, bo):
+                await ws.close()

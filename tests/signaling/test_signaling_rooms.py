@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 from typing import Any
 
 import pytest
 
-from tsunagu.signaling.access import TokenBucket
+from tsunagu.signaling.access import Access, TokenBucket
 from tsunagu.signaling.rooms import Action, Close, Hub, Limits, Send
 
 
@@ -674,3 +675,34 @@ def test_a_revoked_user_is_taken_out_and_told_why() -> None:
     [left] = hub.take_audit()
     assert left["event"] == "peer-left" and left["reason"] == "revoked"
     assert hub.revoke_user("nobody", 6.0) == []
+
+
+def test_new_rules_admit_the_next_joins_and_leave_people_in_rooms() -> None:
+    """A reload's room access and capacity (``Hub.set_rules``): the next joins follow them,
+    the people already in rooms stay, and a seat left by a dropped connection is resumed
+    with its own token whatever the new rule."""
+    hub = make_hub(capacity=2, resume_grace=5.0)
+    ada = joined_id(join(hub, 1, name="Ada"), 1)
+    bo = sends(join(hub, 2, name="Bo"), 2)[0]
+    assert sends(join(hub, 3), 3)[0]["code"] == "room-full"
+
+    hub.set_rules(Access("password", password_digest=hashlib.sha256(b"new").digest()), 3)
+    assert sends(join(hub, 4), 4)[0]["code"] == "password-required"
+    assert sends(join(hub, 5, password="old"), 5)[0]["code"] == "bad-password"
+    joined = sends(join(hub, 6, password="new"), 6)[0]
+    assert joined["type"] == "joined" and joined["capacity"] == 3
+    assert sends(join(hub, 7, password="new"), 7)[0]["code"] == "room-full"
+    # Ada, admitted under the old rule, still reaches Bo.
+    out = send(hub, 1, now=1.0, type="offer", to=bo["id"], sdp="v=0")
+    assert [x.conn for x in out] == [2]
+
+    # Bo's connection drops; the seat is resumed under the new rule, without its password.
+    hub.disconnect(2, 2.0, graceful=False)
+    resumed = sends(_resume(hub, 8, bo, now=3.0), 8)[0]
+    assert resumed["type"] == "joined" and resumed["resumed"] is True, resumed
+
+    # Capacity lowered below the room's people: all stay, nobody new comes in.
+    hub.set_rules(Access(), 2)
+    assert len(hub.room_peers("alpha")) == 3
+    assert sends(join(hub, 9), 9)[0]["code"] == "room-full"
+    assert [x.conn for x in send(hub, 8, now=4.0, type="offer", to=ada, sdp="v=0")] == [1]

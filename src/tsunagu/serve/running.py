@@ -82,10 +82,10 @@ class Running:
         secrets = rest_secrets(config, self.share)
         if self.turn is not None:
             self.turn.reconfigure(config, secrets)
-        if self.web is not None and not config.no_turn:
-            from ..signaling.server import set_turn_secret
+        if self.web is not None:
+            from ..signaling.server import reconfigure
 
-            set_turn_secret(self.web, secrets[0])
+            reconfigure(self.web, config, None if config.no_turn else secrets[0])
         return done
 
 

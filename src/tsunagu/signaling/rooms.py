@@ -43,6 +43,7 @@ Rules enforced here:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 from collections import Counter, deque
@@ -250,6 +251,14 @@ class Hub:
         messages)."""
 
     # --- introspection (for tests, metrics and the admin side) -----------------------------
+
+    def set_rules(self, access: Access, capacity: int) -> None:
+        """Admit joins from now on by ``access`` and ``capacity`` (a reload). People in rooms
+        stay, and so do their seats: a resume proves its seat with the seat's own token, not
+        with the rule that admitted it. A room above a lowered capacity keeps its people and
+        takes nobody new until it is below."""
+        self.access = access
+        self.limits = dataclasses.replace(self.limits, capacity=capacity)
 
     def room_names(self) -> list[str]:
         return sorted(self._rooms)

@@ -53,7 +53,14 @@ from tsunagu.signaling.ice import choose_host, ice_config, mint
 from tsunagu.signaling.rooms import Action, Close, Hub, IceIssuer, Limits, Send
 from tsunagu.signaling.tokens import JoinTokens
 
-__all__ = ["create_app", "hub_figures", "revoke_user", "run_web", "set_turn_secret", "STATIC_DIR"]
+__all__ = [
+    "create_app",
+    "hub_figures",
+    "reconfigure",
+    "revoke_user",
+    "run_web",
+    "STATIC_DIR",
+]
 
 log = logging.getLogger("tsunagu.signaling")
 audit = logging.getLogger("tsunagu.audit")
@@ -280,11 +287,16 @@ def revoke_user(runner: web.AppRunner, user_id: str) -> None:
     state.apply(state.hub.revoke_user(user_id, state.now()))
 
 
-def set_turn_secret(runner: web.AppRunner, turn_secret: str) -> None:
-    """Mint TURN credentials with ``turn_secret`` from now on (a reload rotated the secrets);
-    credentials already handed out stay valid while the TURN side accepts their secret."""
+def reconfigure(runner: web.AppRunner, config: Config, turn_secret: str | None) -> None:
+    """Serve by ``config`` from now on (a reload planned it: only its live options differ
+    from what runs): room access and capacity for the next joins, the API key and allowed
+    origins for the next requests. Credentials are minted with ``turn_secret`` (None: keep
+    the one in use); those handed out stay valid while the TURN side accepts their secret.
+    People in rooms stay."""
     state = runner.app[STATE]
-    if state.turn_secret is not None:
+    state.config = config
+    state.hub.set_rules(room_access(config), config.room_capacity)
+    if state.turn_secret is not None and turn_secret is not None:
         state.turn_secret = turn_secret
 
 
