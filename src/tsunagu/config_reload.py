@@ -41,6 +41,7 @@ LIVE: dict[str, str] = {
     "permission_lifetime": "permission lifetime (for permissions granted or refreshed from now on)",
     "channel_lifetime": "channel lifetime (for channels bound or refreshed from now on)",
     "unauth_rate": "unauthenticated answer rate (client addresses' budgets carry on)",
+    "stale_nonce": "nonce lifetime (nonces handed out from now on)",
     "room_access": "room access (joins from now on; people in rooms stay)",
     "room_password": "room access (joins from now on; people in rooms stay)",
     "join_secrets": "room access (joins from now on; people in rooms stay)",
@@ -59,7 +60,7 @@ RESTART_NEEDED = (
     "transports (no_udp, no_tcp, no_tls, stun_only, no_stun)",
     "workers and relay_engine",
     "the user database (userdb, psql_userdb, redis_userdb), use_auth_secret and realm",
-    "internal_networks, stale_nonce and TCP connection limits",
+    "internal_networks and TCP connection limits",
     "the web app's address and its other settings (web_ip, web_port, web_plain_http,"
     " public_host, ice_transport_policy, credential_ttl)",
     "log destinations (log_file, log_format, audit_file) and the admin API",

@@ -5,7 +5,17 @@ the next answer."""
 
 from __future__ import annotations
 
-from support.turn_harness import NOW, PEER, PEER2, Client, make_server, success
+from support.turn_harness import (
+    CLIENT,
+    NOW,
+    PEER,
+    PEER2,
+    Client,
+    error_code,
+    make_server,
+    success,
+    udp,
+)
 from tsunagu.stun import ChannelNumber, Lifetime, Method, XorPeerAddress
 from tsunagu.turn import TurnSettings
 
@@ -56,3 +66,23 @@ def test_a_new_unauthenticated_rate_applies_to_the_next_answer() -> None:
     # A burst of twice the rate, for an address seen before and a new one alike.
     assert answers("203.0.113.1") == [True, True, False, False]
     assert answers("203.0.113.2") == [True, True, False, False]
+
+
+def test_a_new_nonce_lifetime_applies_to_nonces_made_from_now_on() -> None:
+    server, _ = make_server(TurnSettings(nonce_lifetime=600))
+    before = Client(server)
+    assert success(before.allocate())  # its nonce expires at NOW + 600
+
+    server.reconfigure(TurnSettings(nonce_lifetime=30))
+    assert server.settings.nonce_lifetime == 30
+    after = Client(server, five_tuple=udp((CLIENT[0], CLIENT[1] + 1)))
+    assert success(after.allocate())
+    # 31 s on, the nonce made before still serves; the one made after is stale (438) and
+    # the client takes the fresh one it is given.
+    later = NOW + 31
+    kept = before.nonce
+    assert success(before.request(Method.REFRESH, [], later)) and before.nonce == kept
+    stale = after.nonce
+    attempt = after.exchange(after.build(Method.REFRESH), later)
+    assert error_code(attempt) == 438
+    assert success(after.request(Method.REFRESH, [], later)) and after.nonce != stale

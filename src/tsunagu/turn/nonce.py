@@ -42,6 +42,11 @@ class NonceManager:
             else ""
         )
 
+    def set_lifetime(self, lifetime: float) -> None:
+        """Nonces made from now on last ``lifetime`` seconds; those handed out carry their
+        own expiry and keep it."""
+        self._lifetime = lifetime
+
     def _mac(self, expiry: bytes, client_ip: str) -> bytes:
         return hmac.digest(self._secret, expiry + client_ip.encode(), "sha256")[:14]
 

@@ -206,6 +206,7 @@ class TurnServer:
         nonces = NonceManager(
             secret, settings.nonce_lifetime, security_features=settings.security_features
         )
+        self._nonces = nonces
         self._authenticator = Authenticator(credentials, nonces, settings.realm)
         self.allocations: dict[FiveTuple, Allocation] = {}
         self.quotas = resolve_quotas(
@@ -342,10 +343,10 @@ class TurnServer:
 
     def reconfigure(self, settings: TurnSettings) -> None:
         """Take from ``settings`` what a reload changes (:mod:`tsunagu.config_reload`): the
-        peer policy, quotas, bandwidth limits, alternate servers, lifetimes and the
-        unauthenticated answer rate. A new lifetime counts from the next request that sets
-        one (Allocate, Refresh, CreatePermission, ChannelBind); what is granted keeps its
-        expiry.
+        peer policy, quotas, bandwidth limits, alternate servers, lifetimes, the nonce
+        lifetime and the unauthenticated answer rate. A new lifetime counts from the next
+        request that sets one (Allocate, Refresh, CreatePermission, ChannelBind), and from
+        the next nonce made; what is granted keeps its expiry.
 
         A new per-allocation limit applies to allocations made from then on; the per-user
         and whole-server buckets are shared, so their new rate reaches live allocations
@@ -367,7 +368,9 @@ class TurnServer:
             permission_lifetime=settings.permission_lifetime,
             channel_lifetime=settings.channel_lifetime,
             unauth_rate=settings.unauth_rate,
+            nonce_lifetime=settings.nonce_lifetime,
         )
+        self._nonces.set_lifetime(settings.nonce_lifetime)
         self.unauthenticated.retune(settings.unauth_rate)
         self.set_quotas(settings.user_quota, settings.total_quota)
         self.set_max_bps(settings.max_bps)
