@@ -42,6 +42,8 @@ LIVE: dict[str, str] = {
     "channel_lifetime": "channel lifetime (for channels bound or refreshed from now on)",
     "unauth_rate": "unauthenticated answer rate (client addresses' budgets carry on)",
     "stale_nonce": "nonce lifetime (nonces handed out from now on)",
+    "max_tcp_connections": "TCP/TLS connection caps (new connections; open ones stay)",
+    "max_tcp_connections_per_ip": "TCP/TLS connection caps (new connections; open ones stay)",
     "room_access": "room access (joins from now on; people in rooms stay)",
     "room_password": "room access (joins from now on; people in rooms stay)",
     "join_secrets": "room access (joins from now on; people in rooms stay)",
@@ -60,7 +62,7 @@ RESTART_NEEDED = (
     "transports (no_udp, no_tcp, no_tls, stun_only, no_stun)",
     "workers and relay_engine",
     "the user database (userdb, psql_userdb, redis_userdb), use_auth_secret and realm",
-    "internal_networks and TCP connection limits",
+    "internal_networks and tcp_allocate_timeout",
     "the web app's address and its other settings (web_ip, web_port, web_plain_http,"
     " public_host, ice_transport_policy, credential_ttl)",
     "log destinations (log_file, log_format, audit_file) and the admin API",

@@ -472,3 +472,52 @@ async def test_reload_changes_room_access_and_the_web_api_while_a_call_goes_on(
             await other.close()
             for ws in (ada, bo):
                 await ws.close()
+
+
+def _kept_open(server: ServeProcess, held: list[socket.socket], seconds: float = 1.0) -> bool:
+    """Whether the server kept a new TCP connection to its TURN port open ``seconds`` (a
+    refused one is reset at once, sometimes before ``connect`` returns); kept ones are
+    added to ``held``."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    try:
+        sock.connect((server.host, server.port))
+        sock.settimeout(seconds)
+        kept = sock.recv(1) != b""  # nothing comes before a request: b"" is closed
+    except TimeoutError:
+        kept = True
+    except ConnectionResetError:
+        kept = False
+    if kept:
+        held.append(sock)
+    else:
+        sock.close()
+    return kept
+
+
+async def test_reload_changes_the_tcp_connection_caps_for_new_connections(tmp_path: Path) -> None:
+    config = tmp_path / "tsunagu.toml"
+    # Connections without an allocation are kept for tcp_allocate_timeout: longer than the test.
+    write_config(config, max_tcp_connections_per_ip=2, tcp_allocate_timeout=120)
+    # One worker: with more, each admits its share of the cap and the kernel picks the worker
+    # by each connection's addresses, so the count one address reaches would vary.
+    with run_serve(tmp_path / "serve", "-c", str(config), "--workers", "1") as server:
+        held: list[socket.socket] = []
+        try:
+            assert [_kept_open(server, held) for _ in range(3)] == [True, True, False]
+            write_config(config, max_tcp_connections_per_ip=3, tcp_allocate_timeout=120)
+            done = reload_command(server)
+            assert done.returncode == 0 and "max_tcp_connections_per_ip" in done.stdout, done
+            assert [_kept_open(server, held) for _ in range(2)] == [True, False]
+            # Lowered below what is open: the open ones stay, a new one is refused.
+            write_config(config, max_tcp_connections_per_ip=1, tcp_allocate_timeout=120)
+            assert reload_command(server).returncode == 0
+            assert not _kept_open(server, held)
+            assert len(held) == 3
+            for sock in held:
+                sock.settimeout(0.2)
+                with pytest.raises(TimeoutError):
+                    sock.recv(1)
+        finally:
+            for sock in held:
+                sock.close()

@@ -139,8 +139,12 @@ class TurnSide:
 
     def reconfigure(self, config: Config, secrets: tuple[str, ...]) -> None:
         """Apply a reloaded ``config``'s users, secrets, peer ranges, quotas, bandwidth
-        limits and alternate servers (:data:`~tsunagu.config_reload.LIVE`)."""
+        limits, alternate servers and TCP/TLS connection caps
+        (:data:`~tsunagu.config_reload.LIVE`)."""
         assert self.store is not None and self.users is not None
+        if self.counter is not None:
+            # For the next connections; those above a lowered cap stay until they end.
+            self.counter.limits = connection_limits(config)
         self.store.replace_static(
             static_users(config),
             secrets,
