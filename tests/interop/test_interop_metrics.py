@@ -20,6 +20,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -254,6 +255,51 @@ async def test_per_user_labels_on_request_and_readyz_while_draining(
         status, body = http_get(f"http://{HOST}:{port}/readyz")
         assert status == 503 and "stopping" in json.loads(body)["reasons"]
         await client.close()
+
+
+async def test_a_scrape_flood_on_the_web_port_is_bounded_and_serves_the_rest(
+    tmp_path: Path,
+) -> None:
+    """A hostile client asks the web port's /metrics as fast as it can, 20 requests at a
+    time, for at most 3 s (or 600 requests): the scrapes answered stay within the bound
+    (5 a second after a burst of 10), the rest get 429, and meanwhile the page, the
+    operator's metrics port and the relay serve as usual."""
+    port = free_port(udp=False)
+    with run_serve(
+        tmp_path / "serve", "-u", ":".join(BOB), "--prometheus-port", str(port), web=True
+    ) as server:
+        web = f"http://{HOST}:{server.web_port}"
+        statuses: list[int] = []
+        async with aiohttp.ClientSession() as session:
+
+            async def flood() -> None:
+                deadline = time.monotonic() + 3.0
+                while time.monotonic() < deadline and len(statuses) < 600:
+                    async with session.get(f"{web}/metrics") as answer:
+                        await answer.read()
+                        statuses.append(answer.status)
+
+            started = time.monotonic()
+            flooding = [asyncio.create_task(flood()) for _ in range(20)]
+            await asyncio.sleep(0.5)
+            client = await allocate(server)
+            async with udp_echo_server() as (_, peer):
+                assert await client.echo(b"during the flood", peer) == b"during the flood"
+            await client.close()
+            assert (await asyncio.to_thread(http_get, f"{web}/"))[0] == 200
+            for _ in range(20):
+                status, _ = await asyncio.to_thread(http_get, f"http://{HOST}:{port}/metrics")
+                assert status == 200
+            await asyncio.gather(*flooding)
+            elapsed = time.monotonic() - started
+        answered = statuses.count(200)
+        report = f"{len(statuses)} scrapes in {elapsed:.1f} s: {answered} answered"
+        sys.stdout.write(f"\nweb port /metrics flood: {report}\n")
+        assert set(statuses) == {200, 429}, report
+        assert answered <= 10 + 5 * elapsed + 1, report
+        assert len(statuses) >= 100, report  # the flood was well over the bound
+        await asyncio.sleep(1.0)  # the bucket refills
+        assert (await asyncio.to_thread(http_get, f"{web}/metrics"))[0] == 200
 
 
 # --- the dashboard, through a real Prometheus -------------------------------------------------

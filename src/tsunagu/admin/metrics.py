@@ -28,8 +28,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -37,6 +38,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from ..signaling.access import TokenBucket
 from ..transport.driver import TurnDriver, family_label
 from ..turn.quotas import user_id
 
@@ -512,12 +514,30 @@ class MetricsHttp:
             self._runner = None
 
 
-def routes(exporter: Exporter) -> dict[str, Any]:
+WEB_SCRAPES: Final = (5.0, 10.0)
+"""Scrapes a second, and the burst, that the web port's ``/metrics`` answers in all."""
+
+
+def routes(exporter: Exporter, *, scrapes: tuple[float, float] | None = None) -> dict[str, Any]:
     """aiohttp handlers of ``/metrics``, ``/healthz`` and ``/readyz`` (the web port mounts
-    them too)."""
+    them too).
+
+    ``scrapes`` (rate, burst) bounds the scrapes answered, whoever asks: the web port may
+    face the internet, and a scrape costs every worker a pass over its allocations, so
+    that anyone could otherwise turn requests into the relay's CPU. Beyond it the answer is
+    429. Prometheus asks every few seconds; the ``prometheus_port`` listener has no bound.
+    """
     from aiohttp import web
 
+    bucket = None if scrapes is None else TokenBucket(*scrapes, time.monotonic())
+
     async def metrics(request: web.Request) -> web.StreamResponse:
+        if bucket is not None and not bucket.take(time.monotonic()):
+            return web.Response(
+                status=429,
+                text="too many scrapes of this port; scrape prometheus_port instead\n",
+                headers={"Retry-After": "1"},
+            )
         body = await exporter.scrape()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 

@@ -225,14 +225,14 @@ async def serve(
         from ..signaling.server import revoke_user, run_web
 
         web_ssl = ssl_context if web_tls else None
-        from ..admin.metrics import routes
+        from ..admin.metrics import WEB_SCRAPES, routes
         from ..signaling.server import hub_figures
 
         runner = await run_web(
             config,
             None if config.no_turn else turn_secret,
             web_ssl,
-            extra_routes=None if exporter is None else routes(exporter),
+            extra_routes=None if exporter is None else routes(exporter, scrapes=WEB_SCRAPES),
         )
         running.web = runner
         if exporter is not None:
