@@ -706,3 +706,65 @@ def test_new_rules_admit_the_next_joins_and_leave_people_in_rooms() -> None:
     assert len(hub.room_peers("alpha")) == 3
     assert sends(join(hub, 9), 9)[0]["code"] == "room-full"
     assert [x.conn for x in send(hub, 8, now=4.0, type="offer", to=ada, sdp="v=0")] == [1]
+
+
+def _held(hub: Hub) -> int:
+    """What the hub keeps, counted from its peers (to check its running total)."""
+    from tsunagu.signaling.rooms import _size
+
+    return sum(
+        sum(_size(message) for _, message in peer.sent) + peer.outbox_size
+        for peer in hub._peers.values()
+    )
+
+
+def _present(hub: Hub, room: str) -> set[str]:
+    return {peer for peer, _ in hub.room_peers(room)}
+
+
+def test_what_the_hub_keeps_for_all_peers_is_bounded() -> None:
+    """Replays and away peers' messages together stay under ``Limits.held_bytes``: past it
+    the away peer with the most waiting goes (its room is told), then the largest replays;
+    the running count matches what is kept, and is 0 once everyone has left."""
+    hub = make_hub(held_bytes=30_000, replay_bytes=8_000, resume_grace=60.0, burst=1000.0)
+    ids = {conn: joined_id(join(hub, conn, room="big"), conn) for conn in range(1, 7)}
+    hub.disconnect(6, 1.0, graceful=False)  # away: what comes for it waits
+    sdp = "v=0 " + "x" * 3000
+    now = 1.0
+    left: list[dict[str, Any]] = []
+    emptied = False
+    for n in range(60):
+        now += 0.05
+        sender = 1 + n % 5
+        for conn, peer in ids.items():
+            if conn != sender and peer in _present(hub, "big"):
+                out = send(hub, sender, now=now, type="offer", to=peer, sdp=sdp)
+                left += [x for x in sends(out) if x["type"] == "peer-left"]
+                assert hub.held <= 30_000, (n, hub.held)
+                assert hub.held == _held(hub)
+                # From the second round on, every connected peer has been sent something.
+                if n >= 5:
+                    emptied |= any(not p.sent for p in hub._peers.values() if p.conn is not None)
+    # Five replays of up to 8,000 bytes would be more than the bound: some were given up.
+    assert emptied
+    # The away peer, holding the most, was dropped and its room told once each.
+    assert ids[6] not in _present(hub, "big") and len(_present(hub, "big")) == 5
+    assert {x["id"] for x in left} == {ids[6]} and len(left) == 5, left
+    # The others still talk.
+    out = send(hub, 1, now=now + 1, type="offer", to=ids[2], sdp="v=0")
+    assert [x.conn for x in out] == [2]
+    for conn in range(1, 6):
+        hub.disconnect(conn, now + 2, graceful=True)
+    assert hub.held == 0 and hub.room_names() == []
+
+
+def test_a_resume_moves_what_waited_into_the_replay_without_counting_it_twice() -> None:
+    hub = make_hub(resume_grace=5.0)
+    joined_id(join(hub, 1), 1)
+    bo = sends(join(hub, 2, name="Bo"), 2)[0]
+    hub.disconnect(2, 1.0, graceful=False)
+    send(hub, 1, now=2.0, type="offer", to=bo["id"], sdp="v=0 " + "y" * 500)
+    before = hub.held
+    assert before == _held(hub) > 500
+    _resume(hub, 3, bo, now=3.0)
+    assert hub.held == _held(hub) == before

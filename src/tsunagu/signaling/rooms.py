@@ -117,6 +117,12 @@ class Limits:
     """How many of the messages last delivered to a peer a resume can get again."""
     replay_bytes: int = 64 * 1024
     """Bound on the bytes of those messages."""
+    held_bytes: int = 64 * 1024 * 1024
+    """Bound on what the hub keeps for all peers together (replays and away peers'
+    messages): a peer's own bounds times every WebSocket the server admits would be a
+    gigabyte. Past it, the away peer with the most waiting is dropped, else the largest
+    replays are given up (their peers can still resume, without a replay), until a
+    ``replay_bytes`` below the bound."""
     attempt_rate: float = 1 / 6
     """Failed passwords or tokens forgiven per second per source address (10 a minute)."""
     attempt_burst: float = 10.0
@@ -241,6 +247,9 @@ class Hub:
         self._rooms: dict[str, _Room] = {}
         self._conns: dict[int, _Conn] = {}
         self._peers: dict[str, _Peer] = {}
+        self.held = 0
+        """Bytes of every peer's replay and outbox together (``Limits.held_bytes``)."""
+        self._releasing = False
         # Plain counts since start, read by the metrics exporter.
         self.messages = 0
         """Frames received from connections."""
@@ -487,29 +496,72 @@ class Hub:
             return self._deliver(target, out) + [Send(c.id, out)]
         out = m.chat(peer.id, peer.name, msg.text, now, private=False)
         actions: list[Action] = []
-        for other in self._rooms[peer.room].peers.values():
+        for other in list(self._rooms[peer.room].peers.values()):
             actions += self._deliver(other, out)
         return actions
 
     def _deliver(self, peer: _Peer, message: dict[str, Any]) -> list[Action]:
+        if self._peers.get(peer.id) is not peer:
+            return []  # removed while a message for the room went round
         peer.seq += 1
         message = {**message, "seq": peer.seq}
         if peer.conn is not None:
             self._keep_sent(peer, message)
-            return [Send(peer.conn, message)]
+            return [Send(peer.conn, message), *self._release_held()]
+        size = _size(message)
         peer.outbox.append(message)
-        peer.outbox_size += _size(message)
+        peer.outbox_size += size
+        self.held += size
         if peer.outbox_size > self.limits.outbox_bytes:
             return self._remove(peer, "timeout")
-        return []
+        return self._release_held()
 
     def _keep_sent(self, peer: _Peer, message: dict[str, Any]) -> None:
         sent = peer.sent
         sent.append((message["seq"], message))
-        peer.sent_size += _size(message)
+        size = _size(message)
+        peer.sent_size += size
+        self.held += size
         limits = self.limits
         while sent and (len(sent) > limits.replay_messages or peer.sent_size > limits.replay_bytes):
-            peer.sent_size -= _size(sent.popleft()[1])
+            size = _size(sent.popleft()[1])
+            peer.sent_size -= size
+            self.held -= size
+
+    def _drop_replay(self, peer: _Peer) -> None:
+        self.held -= peer.sent_size
+        peer.sent.clear()
+        peer.sent_size = 0
+
+    def _drop_outbox(self, peer: _Peer) -> None:
+        self.held -= peer.outbox_size
+        peer.outbox = []
+        peer.outbox_size = 0
+
+    def _release_held(self) -> list[Action]:
+        """Bring :attr:`held` under ``Limits.held_bytes`` (see there). One pass over the
+        peers each time, and only once the hub is a whole replay over its bound."""
+        limits = self.limits
+        if self.held <= limits.held_bytes or self._releasing:
+            return []
+        # Removing a peer tells its room, which delivers again: those deliveries leave the
+        # releasing to this loop rather than recurse.
+        self._releasing = True
+        try:
+            actions: list[Action] = []
+            target = max(0, limits.held_bytes - limits.replay_bytes)
+            while self.held > target:
+                away = [p for p in self._peers.values() if p.conn is None and p.outbox_size]
+                if away:
+                    actions += self._remove(max(away, key=lambda p: p.outbox_size), "timeout")
+                    continue
+                largest = max(self._peers.values(), key=lambda p: p.sent_size, default=None)
+                if largest is None or largest.sent_size == 0:
+                    break
+                self._drop_replay(largest)
+            return actions
+        finally:
+            self._releasing = False
 
     def _join(self, c: _Conn, msg: m.Join, now: float) -> list[Action]:
         if c.peer is not None:
@@ -604,11 +656,13 @@ class Hub:
         if seen is not None:
             # Written to the old connection, perhaps never read: again, in order.
             actions += [Send(c.id, sent) for seq, sent in peer.sent if seq > seen]
-        for queued in peer.outbox:
-            self._keep_sent(peer, queued)
-            actions.append(Send(c.id, queued))
-        peer.outbox = []
+        queued, peer.outbox = peer.outbox, []
+        self.held -= peer.outbox_size
         peer.outbox_size = 0
+        for message in queued:
+            self._keep_sent(peer, message)
+            actions.append(Send(c.id, message))
+        actions += self._release_held()
         return actions
 
     def _check(self, c: _Conn, msg: m.Join, now: float) -> list[Action]:
@@ -755,7 +809,8 @@ class Hub:
                 c.peer = None
                 c.closed = True
         peer.conn = None
-        peer.outbox = []
+        self._drop_outbox(peer)
+        self._drop_replay(peer)
         room = self._rooms.get(peer.room)
         if room is None:
             return []
