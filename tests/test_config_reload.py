@@ -11,14 +11,19 @@ import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
 
 from support.certs import make_certificate
+from support.turn_harness import make_server
 from tsunagu.config import Config, ConfigError, parse_config
 from tsunagu.config_reload import LIVE, reload_plan
+from tsunagu.serve.settings import settings_from_config
 from tsunagu.tls import ServingCertificate, TlsError, ensure_certificate
+from tsunagu.turn import TurnSettings
+from tsunagu.turn.settings import RELOADABLE
 
 
 def test_live_options_are_taken_and_the_rest_kept_and_named() -> None:
@@ -104,6 +109,58 @@ def test_a_plan_that_breaks_a_rule_with_the_running_options_is_refused() -> None
     # Choosing the access in the file makes the same move a valid reload.
     plan = reload_plan(running, parse_config({"web_ip": "127.0.0.1", "room_access": "open"}))
     assert plan.config.effective_room_access == "open" and plan.restart_needed == ("web_ip",)
+
+
+TURN_SAMPLES: dict[str, Any] = {
+    "allowed_peer_ips": ["10.1.0.0/16"],
+    "denied_peer_ips": ["192.0.2.0/24"],
+    "user_quota": 7,
+    "address_quota": 9,
+    "total_quota": 11,
+    "max_bps": 1000,
+    "user_max_bps": 2000,
+    "bps_capacity": 3000,
+    "alternate_servers": ["192.0.2.9:3478"],
+    "max_allocate_lifetime": 120,
+    "permission_lifetime": 60,
+    "channel_lifetime": 90,
+    "unauth_rate": 5.0,
+    "stale_nonce": 120,
+}
+"""A changed value of each live option the TURN core's settings follow."""
+APPLIED_ELSEWHERE = {
+    # The credential store, the log, the drain, the TLS listeners, the web app, the
+    # TCP/TLS connection counter.
+    *("users", "user_file", "static_auth_secrets", "static_auth_secret_file"),
+    *("rest_check_on_refresh", "log_level", "verbose", "drain_timeout", "cert", "pkey"),
+    *("room_access", "room_password", "join_secrets", "room_capacity", "api_key"),
+    *("allowed_origins", "max_tcp_connections", "max_tcp_connections_per_ip"),
+}
+
+
+def test_every_live_option_the_core_follows_is_one_its_reconfigure_takes() -> None:
+    # A new live option must say where it is applied: in the core's settings (then its
+    # fields must be among those reconfigure takes) or elsewhere.
+    assert set(LIVE) == set(TURN_SAMPLES) | APPLIED_ELSEWHERE
+    before = settings_from_config(Config())
+    for option, value in TURN_SAMPLES.items():
+        after = settings_from_config(parse_config({option: value}))
+        changed = {
+            f.name
+            for f in dataclasses.fields(TurnSettings)
+            if getattr(before, f.name) != getattr(after, f.name)
+        }
+        assert changed, option
+        assert changed <= set(RELOADABLE), (option, changed - set(RELOADABLE))
+
+
+def test_reconfigure_takes_every_reloadable_setting_and_no_other() -> None:
+    server, _ = make_server(TurnSettings())
+    new = settings_from_config(parse_config({**TURN_SAMPLES, "min_port": 50000}))
+    server.reconfigure(new)
+    for name in RELOADABLE:
+        assert getattr(server.settings, name) == getattr(new, name), name
+    assert server.settings.min_port == TurnSettings().min_port
 
 
 # --- the certificate -----------------------------------------------------------------------

@@ -124,7 +124,7 @@ from .refusals import (
     RefusalTally,
 )
 from .revocations import Revocation
-from .settings import TurnSettings
+from .settings import RELOADABLE, TurnSettings
 from .timers import (
     AllocationExpiry,
     ChannelExpiry,
@@ -354,21 +354,7 @@ class TurnServer:
         in effect unlimited, and gives new allocations none.
         """
         self.settings = dataclasses.replace(
-            self.settings,
-            policy=settings.policy,
-            user_quota=settings.user_quota,
-            address_quota=settings.address_quota,
-            total_quota=settings.total_quota,
-            max_bps=settings.max_bps,
-            user_max_bps=settings.user_max_bps,
-            bps_capacity=settings.bps_capacity,
-            alternate_servers=settings.alternate_servers,
-            max_lifetime=settings.max_lifetime,
-            default_lifetime=settings.default_lifetime,
-            permission_lifetime=settings.permission_lifetime,
-            channel_lifetime=settings.channel_lifetime,
-            unauth_rate=settings.unauth_rate,
-            nonce_lifetime=settings.nonce_lifetime,
+            self.settings, **{name: getattr(settings, name) for name in RELOADABLE}
         )
         self._nonces.set_lifetime(settings.nonce_lifetime)
         self.unauthenticated.retune(settings.unauth_rate)

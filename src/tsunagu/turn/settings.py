@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Final
 
 from ..stun.attributes import Address
 from .discovery import NatDiscovery
 from .policy import PeerPolicy
 
-__all__ = ["TurnSettings"]
+__all__ = ["RELOADABLE", "TurnSettings"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,3 +84,23 @@ class TurnSettings:
     strict_channel_numbers: bool = False
     """Accept only RFC 8656's 0x4000-0x4FFF instead of RFC 5766's 0x4000-0x7FFF."""
     policy: PeerPolicy = field(default_factory=PeerPolicy.create)
+
+
+RELOADABLE: Final = (
+    "policy",
+    "user_quota",
+    "address_quota",
+    "total_quota",
+    "max_bps",
+    "user_max_bps",
+    "bps_capacity",
+    "alternate_servers",
+    "max_lifetime",
+    "default_lifetime",
+    "permission_lifetime",
+    "channel_lifetime",
+    "nonce_lifetime",
+    "unauth_rate",
+)
+"""The settings a running server takes from a reload (``TurnServer.reconfigure``); the others
+keep what it started with: they name sockets and ports, or state made at start."""
