@@ -107,9 +107,16 @@ def test_readiness_names_its_reasons() -> None:
 
 def test_a_scrape_without_turn_has_this_process_and_signaling() -> None:
     exporter = Exporter(None, list)
-    exporter.hub = lambda: {"rooms": 3, "people": 5, "connections": 6, "refused": {}}
+    exporter.hub = lambda: {
+        "rooms": 3,
+        "people": 5,
+        "connections": 6,
+        "held": 4096,
+        "refused": {},
+    }
     found = samples(asyncio.run(exporter.scrape()))
     assert found[("tsunagu_signaling_rooms", ())] == 3
+    assert found[("tsunagu_signaling_held_bytes", ())] == 4096
     assert ("process_cpu_seconds_total", (("worker", "0"),)) in found
     assert not any(name.startswith("tsunagu_allocations") for name, _ in found)
 

@@ -400,6 +400,11 @@ def _hub_metrics(hub: dict[str, Any]) -> list[Metric]:
         ("tsunagu_signaling_rooms", "rooms", "Rooms with someone in them"),
         ("tsunagu_signaling_people", "people", "People holding a seat in a room"),
         ("tsunagu_signaling_connections", "connections", "Signaling WebSockets open"),
+        (
+            "tsunagu_signaling_held_bytes",
+            "held",
+            "Bytes the signaling hub keeps for resumes: replays and away peers' messages",
+        ),
     ):
         metrics.append(GaugeMetricFamily(name, text, value=float(hub.get(key, 0))))
     for name, key, text in (

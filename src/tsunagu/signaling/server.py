@@ -262,6 +262,7 @@ def hub_figures(runner: web.AppRunner) -> dict[str, Any]:
         "rooms": len(hub.room_names()),
         "people": hub.people_count,
         "connections": hub.connection_count,
+        "held": hub.held,
         "messages": hub.messages,
         "joins": hub.joined,
         "refused": refused,
