@@ -4,11 +4,13 @@ With ``workers`` > 1 the process that ``tsunagu serve`` started is worker 0; it 
 workers 1..N-1 with :func:`start_workers`. Each worker binds the same ports with
 SO_REUSEPORT, so the kernel spreads clients over them. A child reads its configuration and
 the secrets every worker must share (:class:`WorkerShare`) as one JSON line on stdin, runs
-the same serve function as worker 0, and says ``tsunagu: ready`` on stdout once its
-listeners are bound. No worker reads its UDP sockets until every worker has bound them
-(:func:`release_workers` writes ``go`` on each child's stdin): each socket that joins a
-port moves some clients' datagrams to another socket. The stdin stays open: when worker 0
-goes away, the child drains.
+the same serve function as worker 0, and says ``tsunagu: ready`` on stdout once it
+serves its listeners. Worker 0 binds every worker's listening sockets and passes each
+worker its own (``pass_fds``; :attr:`WorkerShare.udp_fds`), keeping a copy: a worker
+started again takes over the sockets of the one that died, in the same place in each
+port's SO_REUSEPORT group, so that no other worker's clients move. No worker reads its UDP
+sockets until every worker serves (:func:`release_workers` writes ``go`` on each child's
+stdin). The stdin stays open: when worker 0 goes away, the child drains.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ __all__ = [
     "DRAINED_LINE",
     "READING_LINE",
     "READY_LINE",
+    "Sockets",
     "Worker",
     "WorkerShare",
     "exit_cause",
@@ -86,8 +89,10 @@ class Worker:
     pipe: asyncio.BaseTransport
 
     @classmethod
-    async def start(cls, command: list[str]) -> Worker:
-        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    async def start(cls, command: list[str], pass_fds: tuple[int, ...] = ()) -> Worker:
+        process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=pass_fds
+        )
         output = asyncio.StreamReader()
         loop = asyncio.get_running_loop()
         pipe, _ = await loop.connect_read_pipe(
@@ -140,6 +145,10 @@ class WorkerShare:
     admin_dir: str = ""
     """The private (0700) directory where each worker k > 0 answers worker 0's admin
     requests on ``worker-<k>.sock``; empty without the admin API."""
+    udp_fds: tuple[int, ...] = ()
+    """Worker k > 0: its UDP listening sockets, which worker 0 bound (in endpoint order)."""
+    tcp_fds: tuple[int, ...] = ()
+    """Worker k > 0: its TCP (and TLS) listening sockets, likewise."""
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -162,6 +171,8 @@ def _payload(config: Config, share: WorkerShare, index: int) -> bytes:
         "nonce_secret": share.nonce_secret.hex(),
         "index": index,
         "admin_dir": share.admin_dir,
+        "udp_fds": list(share.udp_fds),
+        "tcp_fds": list(share.tcp_fds),
     }
     return json.dumps(document).encode() + b"\n"
 
@@ -173,6 +184,8 @@ def _read_payload(line: str | bytes) -> tuple[Config, WorkerShare]:
         bytes.fromhex(document["nonce_secret"]),
         document["index"],
         document.get("admin_dir", ""),
+        tuple(document.get("udp_fds", ())),
+        tuple(document.get("tcp_fds", ())),
     )
     return config_from_json(document["config"]), share
 
@@ -189,15 +202,20 @@ async def _wait_line(child: Worker, line: str) -> bool:
     return False
 
 
-async def start_workers(config: Config, share: WorkerShare) -> list[Worker]:
-    """Start workers 1..N-1 and wait (bounded) until each has bound its listeners.
+Sockets = tuple[tuple[int, ...], tuple[int, ...]]
+"""A worker's listening sockets as worker 0 holds them: UDP and TCP file descriptors."""
+
+
+async def start_workers(config: Config, share: WorkerShare, sockets: list[Sockets]) -> list[Worker]:
+    """Start workers 1..N-1, worker k on ``sockets[k]``, and wait (bounded) until each
+    serves its listeners.
 
     Returns the children; an empty list, after killing what was started, if any of them
     did not become ready.
     """
     children: list[Worker] = []
     for index in range(1, config.workers):
-        children.append(await _start_worker(config, share, index))
+        children.append(await _start_worker(config, share, index, sockets[index]))
     ready = await _wait_lines(children, READY_LINE, _START_TIMEOUT)
     if ready == len(children):
         return children
@@ -205,8 +223,10 @@ async def start_workers(config: Config, share: WorkerShare) -> list[Worker]:
     return []
 
 
-async def _start_worker(config: Config, share: WorkerShare, index: int) -> Worker:
-    child = await Worker.start([sys.executable, "-c", _CHILD])
+async def _start_worker(config: Config, share: WorkerShare, index: int, sockets: Sockets) -> Worker:
+    udp, tcp = sockets
+    child = await Worker.start([sys.executable, "-c", _CHILD], pass_fds=(*udp, *tcp))
+    share = dataclasses.replace(share, udp_fds=udp, tcp_fds=tcp)
     try:
         # Only worker 0 serves the web app.
         child.write(_payload(dataclasses.replace(config, no_web=True), share, index))
@@ -230,7 +250,9 @@ async def keep_workers(
     children: list[Worker],
     current: Callable[[], Config],
     share: WorkerShare,
+    sockets: list[Sockets],
     *,
+    given_up: Callable[[int], None] = lambda index: None,
     interval: float = 0.5,
     limit: int = RESTART_LIMIT,
     window: float = RESTART_WINDOW,
@@ -238,28 +260,32 @@ async def keep_workers(
 ) -> None:
     """While the server runs, start again a worker that exits (a crash, the OOM killer, an
     operator's kill), in its place in ``children``, with the configuration in force now
-    (``current``: reloads included) and after the others have bound its ports again.
+    (``current``: reloads included) on the same sockets (``sockets[k]``, which worker 0
+    kept).
 
-    Its allocations are gone with it; starting it again gives the server back its capacity
-    and, with two workers, the kernel's spread of clients over the sockets as it was.
-    At most ``limit`` restarts in ``window`` seconds: a worker that keeps dying is left
-    dead, and the log says so. ``restarts`` counts the restarts by worker index (for the
-    metrics). Runs until cancelled (the stop).
+    Its allocations are gone with it; starting it again gives the server back its capacity.
+    The other workers' clients notice nothing: the dead worker's sockets stayed in their
+    place in each port's group, holding what its clients sent meanwhile. At most ``limit``
+    restarts in ``window`` seconds: a worker that keeps dying is left dead, the log says
+    so, and ``given_up(k)`` is called (worker 0 closes its copies of the sockets, so that
+    the kernel hashes the dead worker's clients over the others). ``restarts`` counts the
+    restarts by worker index (for the metrics). Runs until cancelled (the stop).
     """
     recent: list[float] = []
-    given_up: set[int] = set()
+    abandoned: set[int] = set()
     while True:
         await asyncio.sleep(interval)
         for position, child in enumerate(children):
             returncode = child.process.poll()
             index = position + 1
-            if returncode is None or index in given_up:
+            if returncode is None or index in abandoned:
                 continue
             child.close()
             now = time.monotonic()
             recent = [when for when in recent if now - when < window]
             if len(recent) >= limit:
-                given_up.add(index)
+                abandoned.add(index)
+                given_up(index)
                 log.error(
                     "worker %d exited (%s); not started again: %d restarts in the last %.0f s",
                     index,
@@ -280,7 +306,7 @@ async def keep_workers(
                 extra=structured({"event": "worker", "cause": "worker exited", "worker": index}),
             )
             try:
-                replacement = await _start_worker(current(), share, index)
+                replacement = await _start_worker(current(), share, index, sockets[index])
             except OSError as exc:  # out of processes, memory or descriptors: next round
                 log.error("worker %d: cannot start it again: %s", index, exc.strerror or exc)
                 continue

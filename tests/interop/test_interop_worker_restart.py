@@ -1,11 +1,11 @@
 """A worker process that dies while ``tsunagu serve`` runs is started again.
 
-Two workers, pinned: what is tested is the restart, which needs a second worker. Worker 1 is
-killed with SIGKILL (as the OOM killer does). The log names it and the cause; a new
-process takes its place with the configuration in force (a user added by a reload
-authenticates there); an allocation worker 0 held relays on throughout, since with two
-workers the kernel spreads clients over the sockets as before once the new one has bound.
-A worker that keeps dying is started again at most 5 times a minute, and the server still
+The worker count is pinned: what is tested is the restart, which needs a second worker (and
+what more than two change, four). A worker is killed with SIGKILL (as the OOM killer does).
+The log names it and the cause; a new process takes its place, on the same sockets, with the
+configuration in force (a user added by a reload authenticates there); the other workers'
+allocations relay on throughout, through the gap. A worker that keeps dying is started
+again at most 5 times a minute, then its clients go to the others, and the server still
 serves and stops cleanly. The restarts are counted in the metrics.
 """
 
@@ -55,15 +55,15 @@ def restart_counts(port: int) -> dict[str, float]:
     }
 
 
-async def restarted(server: ServeProcess, old: int, timeout: float = 20.0) -> int:
-    """Worker 1's new pid once it answers again (bounded)."""
+async def restarted(server: ServeProcess, old: int, timeout: float = 20.0, worker: int = 1) -> int:
+    """The worker's new pid once it answers again (bounded)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         await asyncio.sleep(0.2)
-        pid = worker_pids(server).get(1)
+        pid = worker_pids(server).get(worker)
         if pid is not None and pid != old:
             return pid
-    raise AssertionError(f"worker 1 not started again:\n{server.log_text()[-3000:]}")
+    raise AssertionError(f"worker {worker} not started again:\n{server.log_text()[-3000:]}")
 
 
 async def on_worker(
@@ -145,6 +145,64 @@ async def test_a_worker_that_keeps_dying_is_left_dead_after_five_restarts(
         assert server.log_text().count("started again (pid") == 5
         status = request(server.admin_socket, {"command": "status"}, 10.0)
         assert [part["worker"] for part in status["per_worker"]] == [0]
-        # Worker 0 still serves, and the server stops cleanly (run_serve checks its exit).
-        client = await turn_allocate(server)
-        await client.close()
+        # Worker 0 serves every new client (worker 1's sockets left the ports with it: none
+        # waits on a socket nobody reads), and the server stops cleanly (run_serve checks its
+        # exit).
+        for _ in range(8):
+            client = await turn_allocate(server)
+            await client.close()
+
+
+def worker_of(server: ServeProcess, client: TurnClient) -> int:
+    port = client.mapped[1]
+    sessions = server.ask({"command": "sessions"})["sessions"]
+    (mine,) = [s for s in sessions if s["client"].endswith(f":{port}")]
+    return int(mine["worker"])
+
+
+async def test_with_four_workers_a_restart_moves_no_other_workers_clients(
+    tmp_path: Path,
+) -> None:
+    """Four workers, pinned: with more than two, a worker's socket that left a port's group
+    would have the kernel hash every client anew while it was gone, and for good the
+    clients of the worker whose socket took its place. The dead worker's sockets stay in
+    place (worker 0 holds them) and its replacement takes them over: the other workers'
+    clients relay through the gap and after it, each on the worker it had."""
+    with run_serve(tmp_path / "serve", "--workers", "4") as server:
+        async with udp_echo_server() as (_, peer):
+            on: dict[int, list[TurnClient]] = {worker: [] for worker in range(4)}
+            for _ in range(80):
+                client = await turn_allocate(server)
+                assert await client.echo(b"before", peer) == b"before"  # its channel is bound
+                on[worker_of(server, client)].append(client)
+                if all(on.values()):
+                    break
+            assert all(on.values()), {worker: len(clients) for worker, clients in on.items()}
+            others = [(worker, c) for worker in (0, 1, 3) for c in on[worker]]
+
+            old = worker_pids(server)[2]
+            os.kill(old, signal.SIGKILL)
+            began = time.monotonic()
+            echoes = 0
+            while time.monotonic() - began < 1.5:  # the keeper notices within 0.5 s
+                for _, client in others:
+                    assert await client.echo(b"gap", peer, timeout=2.0) == b"gap"
+                    echoes += 1
+            new = await restarted(server, old, worker=2)
+            for worker, client in others:
+                assert await client.echo(b"after", peer, timeout=2.0) == b"after"
+                assert worker_of(server, client) == worker
+            log.info(
+                "worker 2 answered again %.2f s after SIGKILL; %d echoes of %d allocations"
+                " on the other workers during the gap, none lost",
+                time.monotonic() - began,
+                echoes,
+                len(others),
+            )
+            assert new != old
+            for clients in on.values():
+                for client in clients:
+                    if clients is not on[2]:
+                        await client.close()
+            for client in on[2]:
+                await client.abort()

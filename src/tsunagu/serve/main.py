@@ -54,7 +54,14 @@ from .settings import (
     web_serves_https,
     with_worker_count,
 )
-from .turn_side import TurnSide, drain, start_turn_side
+from .turn_side import (
+    TurnSide,
+    WorkerSockets,
+    bind_every_worker,
+    drain,
+    start_turn_side,
+    worker_endpoints,
+)
 
 if TYPE_CHECKING:
     from ..config_reload import ReloadPlan
@@ -99,6 +106,12 @@ async def _start_udp_and_say(turn: TurnSide, loop: asyncio.AbstractEventLoop) ->
     await turn.start_udp(loop)
     with contextlib.suppress(OSError):  # worker 0 may be gone
         say(READING_LINE)
+
+
+def _close_held(held: list[WorkerSockets]) -> None:
+    """Close worker 0's copies of the workers' sockets (its own are its listeners')."""
+    for each in held[1:]:
+        each.close()
 
 
 async def _bounded(waiting: Awaitable[Any], timeout: float) -> None:
@@ -177,11 +190,28 @@ async def serve(
     admin: list[Any] = []
     admin_handler: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None
     admin_dir = ""
+    # With several workers, worker 0 binds every worker's listening sockets and keeps them
+    # (see bind_every_worker); [k] is worker k's.
+    held: list[WorkerSockets] = []
     if not config.no_turn:
+        own: WorkerSockets | None = None
+        if share.index == 0 and config.workers > 1:
+            every = bind_every_worker(
+                worker_endpoints(config, listening, ssl_context), config.workers
+            )
+            if every is None:
+                return 1
+            held = every
+            own = held[0]
+        elif share.index > 0:
+            own = WorkerSockets.from_fds(share.udp_fds, share.tcp_fds)
         turn = await start_turn_side(
-            config, share, listening, rest_secrets(config, share), ssl_context
+            config, share, listening, rest_secrets(config, share), ssl_context, own
         )
         if turn is None:
+            if own is not None:
+                own.close()
+            _close_held(held)
             return 1
         running.turn = turn
         if share.index == 0 and config.workers > 1:
@@ -189,11 +219,12 @@ async def serve(
             # scrape reach them, with or without the operator's socket (no_admin).
             admin_dir = private_directory()
             share = dataclasses.replace(share, admin_dir=admin_dir)
-            children = await start_workers(config, share)
+            children = await start_workers(config, share, [each.fds() for each in held])
             if len(children) != config.workers - 1:
                 if admin_dir:
                     shutil.rmtree(admin_dir, ignore_errors=True)
                 turn.close_listeners()
+                _close_held(held)
                 log.error("worker processes did not start")
                 return 1
             release_workers(children)
@@ -256,8 +287,20 @@ async def serve(
         restarts: collections.Counter[int] = collections.Counter()
         if exporter is not None:
             exporter.restarts = restarts
+
+        def given_up(index: int) -> None:
+            # Its clients go to the other workers rather than to sockets nobody reads.
+            held[index].close()
+
         keeper = loop.create_task(
-            keep_workers(children, lambda: running.config, share, restarts=restarts)
+            keep_workers(
+                children,
+                lambda: running.config,
+                share,
+                [each.fds() for each in held],
+                given_up=given_up,
+                restarts=restarts,
+            )
         )
 
     def on_signal() -> None:
@@ -332,6 +375,10 @@ async def serve(
     if turn is not None:
         for item in turn.servers:
             item.close()
+        for each in held[1:]:
+            # No worker is started again from now on: new TCP connections must not wait
+            # on listeners nobody will accept from.
+            each.close_tcp()
     if runner is not None:
         await runner.cleanup()
     if turn is not None:
@@ -356,6 +403,7 @@ async def serve(
     for item in admin:
         await item.close()
     await wait_exited(children, 5.0)
+    _close_held(held)
     # Open until the other workers are gone too: /readyz keeps saying 503 while any of
     # them still drains its allocations.
     for item in metrics_servers:

@@ -1,5 +1,6 @@
-"""The STUN/TURN side of one worker: the core and its driver, every listener bound, the
-multi-worker start (no UDP read until every worker has bound) and the drain."""
+"""The STUN/TURN side of one worker: the core and its driver, its listeners (with several
+workers, on sockets worker 0 bound for all of them and keeps), the multi-worker start (no UDP
+read until every worker serves) and the drain."""
 
 from __future__ import annotations
 
@@ -91,6 +92,98 @@ def _udp_socket(ip: str, port: int, *, reuse_port: bool = False) -> socket.socke
 
 
 @dataclass
+class WorkerSockets:
+    """One worker's listening sockets, in the order of its endpoints (:class:`Endpoints`):
+    UDP, then TCP (every TCP one serves TLS too)."""
+
+    udp: list[socket.socket] = field(default_factory=list)
+    tcp: list[socket.socket] = field(default_factory=list)
+
+    def fds(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return tuple(s.fileno() for s in self.udp), tuple(s.fileno() for s in self.tcp)
+
+    @classmethod
+    def from_fds(cls, udp: tuple[int, ...], tcp: tuple[int, ...]) -> WorkerSockets:
+        """The sockets worker 0 bound for this worker and passed on at its start."""
+        return cls(
+            [socket.socket(fileno=fd) for fd in udp], [socket.socket(fileno=fd) for fd in tcp]
+        )
+
+    def close_tcp(self) -> None:
+        for sock in self.tcp:
+            sock.close()
+        self.tcp.clear()
+
+    def close(self) -> None:
+        for sock in self.udp:
+            sock.close()
+        self.udp.clear()
+        self.close_tcp()
+
+
+def worker_endpoints(
+    config: Config, listening: list[str], ssl_context: ssl.SSLContext | None
+) -> Endpoints:
+    """Where each worker listens."""
+    return turn_endpoints(
+        config, listening, aux_addresses(config), tls=tls_enabled(config, ssl_context)
+    )
+
+
+def bind_sockets(endpoints: Endpoints, *, reuse_port: bool) -> WorkerSockets:
+    """Bind one worker's listening sockets; raise OSError (what was bound closed, the
+    address named in the log) if one cannot be."""
+    bound = WorkerSockets()
+    for kind, addresses in (("udp", endpoints.udp), ("tcp", endpoints.tcp)):
+        for ip, port in addresses:
+            try:
+                if kind == "udp":
+                    bound.udp.append(_udp_socket(ip, port, reuse_port=reuse_port))
+                else:
+                    bound.tcp.append(stream_socket(ip, port, reuse_port=reuse_port))
+            except OSError as exc:
+                log.error(
+                    "cannot listen on %s:%d (%s): %s", bracket(ip), port, kind, exc.strerror or exc
+                )
+                bound.close()
+                raise
+    return bound
+
+
+def bind_every_worker(endpoints: Endpoints, workers: int) -> list[WorkerSockets] | None:
+    """Worker 0 binds the sockets of every worker, in worker order, before any starts; None
+    (after logging why) if it cannot.
+
+    A port's sockets form one SO_REUSEPORT group, and the kernel picks a client's socket by
+    a hash of its addresses over the group's sockets in order. Worker 0 keeps a copy of each
+    (it passes them to the workers and never reads them): when a worker dies, its socket
+    stays in the group, in its place, and its replacement takes it over. Had the socket
+    closed with the process, the kernel would move the group's last socket into its place
+    and hash every client over one socket fewer until the replacement bound a new one: the
+    clients of every other worker sent, meanwhile, to a worker that does not know them, and
+    the last worker's clients for good.
+    """
+    for kind, addresses in (("udp", endpoints.udp), ("tcp", endpoints.tcp)):
+        for ip, port in addresses:
+            try:
+                _check_free(kind, ip, port)
+            except OSError as exc:
+                log.error(
+                    "cannot listen on %s:%d (%s): %s", bracket(ip), port, kind, exc.strerror or exc
+                )
+                return None
+    every: list[WorkerSockets] = []
+    try:
+        for _ in range(workers):
+            every.append(bind_sockets(endpoints, reuse_port=True))
+    except OSError:
+        for sockets in every:
+            sockets.close()
+        return None
+    return every
+
+
+@dataclass
 class TurnSide:
     """The running STUN/TURN side of one worker: the core's driver and its listeners."""
 
@@ -115,15 +208,14 @@ class TurnSide:
             server.close()
 
     async def start_udp(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Serve the waiting UDP sockets, dropping what arrived before every worker had
-        bound the ports.
+        """Serve the waiting UDP sockets, dropping what arrived before every worker
+        served.
 
-        The kernel spreads a port's datagrams over the workers' sockets by a hash of the
-        client's address over the sockets bound so far: each worker that joins moves some
-        clients to another socket. A client served before the last one joined would find
-        its allocation in a worker its next packets no longer reach. So no worker answers
-        until all have bound, and what queued meanwhile is dropped (at start nothing is
-        allocated; STUN clients send again within a second).
+        Every worker's sockets are bound before any worker starts (:func:`bind_every_worker`),
+        so a client reaches one worker from its first datagram; but what queued while a
+        worker was starting is old by now (at start nothing is allocated, and STUN clients
+        send again within a second), and so is what a dead worker's clients sent to it
+        before its replacement took its sockets over (their allocations died with it).
         """
         dropped = 0
         for sock in self.waiting_udp:
@@ -161,13 +253,16 @@ async def start_turn_side(
     listening: list[str],
     secrets_in_use: tuple[str, ...],
     ssl_context: ssl.SSLContext | None,
+    sockets: WorkerSockets | None = None,
 ) -> TurnSide | None:
-    """Build the core and bind every listener; None (after logging why) if that fails."""
+    """Build the core and serve every listener: on ``sockets`` (with several workers, those
+    worker 0 bound for this one, see :func:`bind_every_worker`), else on sockets bound now.
+    None (after logging why) if that fails; the caller closes ``sockets`` then."""
     loop = asyncio.get_running_loop()
     rng = random.SystemRandom()
     reuse_port = config.workers > 1
     tls = tls_enabled(config, ssl_context)
-    endpoints = turn_endpoints(config, listening, aux_addresses(config), tls=tls)
+    endpoints = worker_endpoints(config, listening, ssl_context)
     settings = dataclasses.replace(
         settings_from_config(config, tuple(listening), endpoints.aux),
         nonce_secret=share.nonce_secret,
@@ -200,37 +295,41 @@ async def start_turn_side(
         protocol = "tls" if over_tls else "tcp"
         return StreamConnection(driver, protocol, limits, release, accepted=accepted)
 
-    for kind, addresses in (("udp", endpoints.udp), ("tcp", endpoints.tcp)):
-        for ip, port in addresses:
-            try:
-                if reuse_port and share.index == 0:
-                    _check_free(kind, ip, port)
-                if kind == "udp":
-                    sock = _udp_socket(ip, port, reuse_port=reuse_port)
-                    if reuse_port:
-                        turn.waiting_udp.append(sock)
-                    else:
-                        turn.udp_listeners.append(await engine.udp_listener(driver, sock, loop))
-                else:
-                    sock = stream_socket(ip, port, reuse_port=reuse_port)
-                    turn.servers.append(
-                        StreamListener(
-                            loop,
-                            sock,
-                            stream,
-                            counter,
-                            ssl=ssl_context if tls else None,
-                            plain=not config.no_tcp,
-                            deadline=config.tcp_allocate_timeout,
-                            failures=driver.failures,
-                        )
-                    )
-            except OSError as exc:
-                log.error(
-                    "cannot listen on %s:%d (%s): %s", bracket(ip), port, kind, exc.strerror or exc
-                )
-                turn.close_listeners()
-                return None
+    if sockets is None:
+        try:
+            sockets = bind_sockets(endpoints, reuse_port=reuse_port)
+        except OSError:
+            turn.close_listeners()
+            return None
+    if len(sockets.udp) != len(endpoints.udp) or len(sockets.tcp) != len(endpoints.tcp):
+        log.error(
+            "worker %d: given %d UDP and %d TCP sockets for %d and %d addresses",
+            share.index,
+            len(sockets.udp),
+            len(sockets.tcp),
+            len(endpoints.udp),
+            len(endpoints.tcp),
+        )
+        turn.close_listeners()
+        return None
+    for sock in sockets.udp:
+        if reuse_port:
+            turn.waiting_udp.append(sock)
+        else:
+            turn.udp_listeners.append(await engine.udp_listener(driver, sock, loop))
+    for sock in sockets.tcp:
+        turn.servers.append(
+            StreamListener(
+                loop,
+                sock,
+                stream,
+                counter,
+                ssl=ssl_context if tls else None,
+                plain=not config.no_tcp,
+                deadline=config.tcp_allocate_timeout,
+                failures=driver.failures,
+            )
+        )
     turn.endpoints = endpoints
     turn.store = store
     turn.listening = tuple(listening)
