@@ -24,12 +24,12 @@ def test_the_hand_over_line_carries_config_and_share() -> None:
             "workers": 3,
         }
     )
-    share = WorkerShare("turn-secret", bytes(range(32)), 0)
+    share = WorkerShare("turn-secret", bytes(range(32)), 0, udp_fds=(7, 8), tcp_fds=(9,))
     line = workers._payload(config, share, 2)
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     got_config, got_share = workers._read_payload(line)
     assert got_config == config
-    assert got_share == WorkerShare("turn-secret", bytes(range(32)), 2)
+    assert got_share == WorkerShare("turn-secret", bytes(range(32)), 2, "", (7, 8), (9,))
 
 
 def test_worker_main_runs_serve_on_the_shared_loop_factory(

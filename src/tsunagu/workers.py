@@ -1,8 +1,9 @@
 """Worker processes: several processes serving the same TURN ports.
 
 With ``workers`` > 1 the process that ``tsunagu serve`` started is worker 0; it starts
-workers 1..N-1 with :func:`start_workers`. Each worker binds the same ports with
-SO_REUSEPORT, so the kernel spreads clients over them. A child reads its configuration and
+workers 1..N-1 with :func:`start_workers`. Every worker serves the same ports, each on
+sockets of its own in one SO_REUSEPORT group per port, so the kernel spreads clients over
+them. A child reads its configuration and
 the secrets every worker must share (:class:`WorkerShare`) as one JSON line on stdin, runs
 the same serve function as worker 0, and says ``tsunagu: ready`` on stdout once it
 serves its listeners. Worker 0 binds every worker's listening sockets and passes each
