@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -724,8 +725,9 @@ def _present(hub: Hub, room: str) -> set[str]:
 
 def test_what_the_hub_keeps_for_all_peers_is_bounded() -> None:
     """Replays and away peers' messages together stay under ``Limits.held_bytes``: past it
-    the away peer with the most waiting goes (its room is told), then the largest replays;
-    the running count matches what is kept, and is 0 once everyone has left."""
+    the largest holdings go, an away peer's waiting messages with the peer (its room is
+    told), a replay alone; the running count matches what is kept, and is 0 once everyone
+    has left."""
     hub = make_hub(held_bytes=30_000, replay_bytes=8_000, resume_grace=60.0, burst=1000.0)
     ids = {conn: joined_id(join(hub, conn, room="big"), conn) for conn in range(1, 7)}
     hub.disconnect(6, 1.0, graceful=False)  # away: what comes for it waits
@@ -747,7 +749,8 @@ def test_what_the_hub_keeps_for_all_peers_is_bounded() -> None:
                     emptied |= any(not p.sent for p in hub._peers.values() if p.conn is not None)
     # Five replays of up to 8,000 bytes would be more than the bound: some were given up.
     assert emptied
-    # The away peer, holding the most, was dropped and its room told once each.
+    # The away peer, whose waiting messages outgrew every replay, was dropped and its room
+    # told once each.
     assert ids[6] not in _present(hub, "big") and len(_present(hub, "big")) == 5
     assert {x["id"] for x in left} == {ids[6]} and len(left) == 5, left
     # The others still talk.
@@ -768,3 +771,24 @@ def test_a_resume_moves_what_waited_into_the_replay_without_counting_it_twice() 
     assert before == _held(hub) > 500
     _resume(hub, 3, bo, now=3.0)
     assert hub.held == _held(hub) == before
+
+
+def test_past_the_bound_the_largest_holdings_go_first() -> None:
+    """Many away peers each waiting for one short message cost little: a large replay is
+    given up before any of them is dropped."""
+    hub = make_hub(replay_bytes=4_000, resume_grace=60.0, burst=1000.0)
+    talkers = {conn: joined_id(join(hub, conn, room="a"), conn) for conn in range(1, 7)}
+    away = {conn: joined_id(join(hub, conn, room="b"), conn) for conn in range(10, 16)}
+    for conn in away:
+        hub.disconnect(conn, 1.0, graceful=False)
+    join(hub, 20, room="b")  # tells each away peer: one short wait
+    for conn, peer in talkers.items():  # every talker's replay well above an away wait
+        sender = 1 if conn != 1 else 2
+        send(hub, sender, now=2.0, type="offer", to=peer, sdp="v=0 " + "z" * 500)
+    for _ in range(6):  # talker 2's replay up to its own bound
+        send(hub, 1, now=2.0, type="offer", to=talkers[2], sdp="v=0 " + "z" * 900)
+    hub.limits = dataclasses.replace(hub.limits, held_bytes=hub.held + 200)
+    send(hub, 1, now=3.0, type="offer", to=talkers[3], sdp="v=0 " + "z" * 1000)
+    assert hub.held == _held(hub) <= hub.limits.held_bytes - hub.limits.replay_bytes
+    assert {peer for _, peer in away.items()} <= _present(hub, "b")  # nobody away dropped
+    assert not hub._peers[talkers[2]].sent  # the largest replay went first

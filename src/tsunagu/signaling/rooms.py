@@ -120,9 +120,9 @@ class Limits:
     held_bytes: int = 64 * 1024 * 1024
     """Bound on what the hub keeps for all peers together (replays and away peers'
     messages): a peer's own bounds times every WebSocket the server admits would be a
-    gigabyte. Past it, the away peer with the most waiting is dropped, else the largest
-    replays are given up (their peers can still resume, without a replay), until a
-    ``replay_bytes`` below the bound."""
+    gigabyte. Past it, the peers holding the most give it up, until a ``replay_bytes``
+    below the bound: a replay is dropped (its peer can still resume, without one), an
+    away peer whose waiting messages are more than its replay is dropped itself."""
     attempt_rate: float = 1 / 6
     """Failed passwords or tokens forgiven per second per source address (10 a minute)."""
     attempt_burst: float = 10.0
@@ -551,14 +551,18 @@ class Hub:
             actions: list[Action] = []
             target = max(0, limits.held_bytes - limits.replay_bytes)
             while self.held > target:
-                away = [p for p in self._peers.values() if p.conn is None and p.outbox_size]
-                if away:
-                    actions += self._remove(max(away, key=lambda p: p.outbox_size), "timeout")
-                    continue
-                largest = max(self._peers.values(), key=lambda p: p.sent_size, default=None)
-                if largest is None or largest.sent_size == 0:
+                # The largest holding first: it is at least the average, so a few steps do.
+                peer = max(
+                    self._peers.values(),
+                    key=lambda p: max(p.outbox_size, p.sent_size),
+                    default=None,
+                )
+                if peer is None or max(peer.outbox_size, peer.sent_size) == 0:
                     break
-                self._drop_replay(largest)
+                if peer.outbox_size > peer.sent_size:
+                    actions += self._remove(peer, "timeout")
+                else:
+                    self._drop_replay(peer)
             return actions
         finally:
             self._releasing = False
