@@ -35,6 +35,7 @@ from ..workers import (
     DRAINED_LINE,
     READING_LINE,
     READY_LINE,
+    Sockets,
     Worker,
     WorkerShare,
     keep_workers,
@@ -193,6 +194,7 @@ async def serve(
     # With several workers, worker 0 binds every worker's listening sockets and keeps them
     # (see bind_every_worker); [k] is worker k's.
     held: list[WorkerSockets] = []
+    held_fds: list[Sockets] = []
     if not config.no_turn:
         own: WorkerSockets | None = None
         if share.index == 0 and config.workers > 1:
@@ -202,6 +204,7 @@ async def serve(
             if every is None:
                 return 1
             held = every
+            held_fds = [each.fds() for each in held]
             own = held[0]
         elif share.index > 0:
             own = WorkerSockets.from_fds(share.udp_fds, share.tcp_fds)
@@ -219,7 +222,7 @@ async def serve(
             # scrape reach them, with or without the operator's socket (no_admin).
             admin_dir = private_directory()
             share = dataclasses.replace(share, admin_dir=admin_dir)
-            children = await start_workers(config, share, [each.fds() for each in held])
+            children = await start_workers(config, share, held_fds)
             if len(children) != config.workers - 1:
                 if admin_dir:
                     shutil.rmtree(admin_dir, ignore_errors=True)
@@ -297,7 +300,7 @@ async def serve(
                 children,
                 lambda: running.config,
                 share,
-                [each.fds() for each in held],
+                held_fds,
                 given_up=given_up,
                 restarts=restarts,
             )

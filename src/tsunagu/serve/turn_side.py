@@ -130,6 +130,10 @@ def worker_endpoints(
     )
 
 
+def _cannot_listen(kind: str, ip: str, port: int, exc: OSError) -> None:
+    log.error("cannot listen on %s:%d (%s): %s", bracket(ip), port, kind, exc.strerror or exc)
+
+
 def bind_sockets(endpoints: Endpoints, *, reuse_port: bool) -> WorkerSockets:
     """Bind one worker's listening sockets; raise OSError (what was bound closed, the
     address named in the log) if one cannot be."""
@@ -142,9 +146,7 @@ def bind_sockets(endpoints: Endpoints, *, reuse_port: bool) -> WorkerSockets:
                 else:
                     bound.tcp.append(stream_socket(ip, port, reuse_port=reuse_port))
             except OSError as exc:
-                log.error(
-                    "cannot listen on %s:%d (%s): %s", bracket(ip), port, kind, exc.strerror or exc
-                )
+                _cannot_listen(kind, ip, port, exc)
                 bound.close()
                 raise
     return bound
@@ -168,9 +170,7 @@ def bind_every_worker(endpoints: Endpoints, workers: int) -> list[WorkerSockets]
             try:
                 _check_free(kind, ip, port)
             except OSError as exc:
-                log.error(
-                    "cannot listen on %s:%d (%s): %s", bracket(ip), port, kind, exc.strerror or exc
-                )
+                _cannot_listen(kind, ip, port, exc)
                 return None
     every: list[WorkerSockets] = []
     try:
